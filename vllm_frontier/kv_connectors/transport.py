@@ -1,0 +1,383 @@
+"""KV transports: how staged chunks move from a prefill worker to a decode worker.
+
+The interface is two calls: a server that publishes a `StagingStore` on an address,
+and a blocking `pull(addr, tid, on_chunk)` on the decode side. `ZmqTransport` (TCP,
+pyzmq) is the implementation shipped here; another one (e.g. RDMA through NIXL)
+implements the same two calls and is added to `TRANSPORTS`.
+
+ZeroMQ protocol (multipart frames; the server is a ROUTER, each pull a DEALER):
+
+    C: PULL1 | client_nonce | tid
+    S: CHAL  | server_nonce | server_proof          (see auth.py)
+    C: AUTH  | client_proof
+    S: KV    | header json  | payload   (repeated, layer by layer, as produced)
+    S: END   | summary json              or   S: ERR | reason
+
+A server that cannot prove the secret, a malformed chunk, a lost connection, an
+idle gap longer than `idle_timeout_s` or a transfer longer than `timeout_s` ends the
+pull with `TransferError`; nothing blocks forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+import zmq.utils.monitor
+
+from vllm_frontier.kv_connectors import auth
+from vllm_frontier.kv_connectors.staging import StagingStore
+
+__all__ = [
+    "Counters",
+    "TransferError",
+    "AuthError",
+    "PullResult",
+    "KVServer",
+    "KVTransport",
+    "ZmqTransport",
+    "TRANSPORTS",
+    "get_transport",
+]
+
+logger = logging.getLogger(__name__)
+
+_CTRL_MAX_BYTES = 4096  # clients only send small control frames
+
+
+class TransferError(RuntimeError):
+    """A pull failed; the decode side falls back (recompute) or reports an error."""
+
+
+class AuthError(TransferError):
+    """The peer could not prove the shared secret."""
+
+
+class Counters:
+    """Thread-safe named counters; `take()` returns and resets the deltas."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._delta: dict[str, int] = {}
+        self._total: dict[str, int] = {}
+
+    def incr(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._delta[name] = self._delta.get(name, 0) + n
+            self._total[name] = self._total.get(name, 0) + n
+
+    def take(self) -> dict[str, int]:
+        with self._lock:
+            d, self._delta = self._delta, {}
+            return d
+
+    def totals(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._total)
+
+
+@dataclass(frozen=True)
+class PullResult:
+    chunks: int
+    nbytes: int
+    num_tokens: int
+    seconds: float
+
+
+# on_chunk(header dict, payload bytes-like) -> None; raising aborts the pull
+ChunkSink = Callable[[dict, memoryview], None]
+
+
+class KVServer(ABC):
+    address: str
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+
+class KVTransport(ABC):
+    name: str
+
+    @abstractmethod
+    def make_server(
+        self, store: StagingStore, host: str, port: int, secret: bytes, counters: Counters,
+        *, unknown_wait_s: float = 10.0,
+    ) -> KVServer: ...
+
+    @abstractmethod
+    def pull(
+        self, addr: str, tid: str, secret: bytes, on_chunk: ChunkSink, counters: Counters,
+        *, timeout_s: float = 30.0, idle_timeout_s: float = 10.0,
+    ) -> PullResult: ...
+
+
+# --------------------------------------------------------------------------- server
+@dataclass
+class _Session:
+    tid: str
+    client_nonce: bytes
+    server_nonce: bytes
+    started: float
+    authed: bool = False
+    next_chunk: int = 0
+    sent_bytes: int = 0
+
+
+class _ZmqServer(KVServer):
+    def __init__(self, store, host, port, secret, counters, unknown_wait_s):
+        self._store = store
+        self._secret = secret
+        self._counters = counters
+        self._unknown_wait_s = unknown_wait_s
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, _CTRL_MAX_BYTES)
+        self._sock.setsockopt(zmq.SNDHWM, 64)
+        try:
+            self._sock.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError as e:
+            self._sock.close()
+            raise RuntimeError(
+                f"frontier-pd: cannot bind the KV listener on {host}:{port} ({e}); set a "
+                "free port with FRONTIER_PD_PORT or kv_connector_extra_config.port"
+            ) from e
+        self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._sessions: dict[bytes, _Session] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="frontier-pd-kv-server", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._sock.close(linger=0)
+
+    # one thread owns the socket: receive control frames, then push ready chunks
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        last_sweep = time.monotonic()
+        while not self._stop.is_set():
+            busy = any(s.authed for s in self._sessions.values())
+            events = dict(poller.poll(1 if busy else 50))
+            if self._sock in events:
+                for _ in range(256):
+                    try:
+                        frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_message(frames)
+            for ident in list(self._sessions):
+                self._pump(ident)
+            now = time.monotonic()
+            if now - last_sweep > 1.0:
+                last_sweep = now
+                for tid in self._store.sweep():
+                    self._counters.incr("staging_expired")
+                    logger.warning("frontier-pd: staged KV for %s expired unclaimed", tid)
+                for ident, s in list(self._sessions.items()):
+                    if not s.authed and now - s.started > 10.0:
+                        self._sessions.pop(ident)  # abandoned handshake
+
+    def _send(self, ident: bytes, *frames) -> bool:
+        """False when the peer is gone or its queue is full (retry later)."""
+        try:
+            self._sock.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as e:  # EHOSTUNREACH: the client disconnected
+            if e.errno == zmq.EHOSTUNREACH:
+                s = self._sessions.pop(ident, None)
+                if s is not None:
+                    self._counters.incr("send_aborted")
+                    logger.warning("frontier-pd: puller of %s went away mid-transfer", s.tid)
+                return False
+            raise
+
+    def _reject(self, ident: bytes, counter: str, reason: str) -> None:
+        self._counters.incr(counter)
+        self._sessions.pop(ident, None)
+        logger.warning("frontier-pd: rejected KV pull: %s", reason)
+        self._send(ident, b"ERR", reason.encode())
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
+        ident, kind, rest = frames[0], frames[1], frames[2:]
+        if kind == b"PULL1" and len(rest) == 2 and len(rest[0]) == auth.NONCE_BYTES:
+            if len(self._sessions) > 1024:
+                self._reject(ident, "rejected_busy", "too many open sessions")
+                return
+            cn, tid = rest
+            sn = auth.new_nonce()
+            self._sessions[ident] = _Session(
+                tid=tid.decode(errors="replace"), client_nonce=cn, server_nonce=sn,
+                started=time.monotonic(),
+            )
+            self._send(ident, b"CHAL", sn, auth.server_proof(self._secret, cn, sn, tid))
+        elif kind == b"AUTH" and len(rest) == 1 and ident in self._sessions:
+            s = self._sessions[ident]
+            want = auth.client_proof(self._secret, s.client_nonce, s.server_nonce, s.tid.encode())
+            if s.authed or not auth.verify(want, rest[0]):
+                self._reject(ident, "rejected_auth", f"peer failed authentication for {s.tid}")
+                return
+            s.authed, s.started = True, time.monotonic()
+        else:
+            self._reject(ident, "rejected_protocol", f"unexpected frame {kind[:16]!r}")
+
+    def _pump(self, ident: bytes) -> None:
+        s = self._sessions.get(ident)
+        if s is None or not s.authed:
+            return
+        tr = self._store.get(s.tid)
+        if tr is None:
+            # the pull may arrive before the prefill request is scheduled: wait a while
+            if time.monotonic() - s.started > self._unknown_wait_s:
+                self._reject(ident, "rejected_unknown", f"unknown transfer {s.tid}")
+            return
+        if tr.error is not None:
+            self._reject(ident, "send_failed", f"transfer {s.tid} failed: {tr.error}")
+            self._store.release(s.tid)
+            return
+        chunks = tr.chunks
+        while s.next_chunk < len(chunks):
+            c = chunks[s.next_chunk]
+            if not self._send(ident, b"KV", json.dumps(c.header()).encode(), c.payload):
+                return
+            s.next_chunk += 1
+            s.sent_bytes += c.payload.nbytes
+        if tr.closed:
+            summary = {"chunks": s.next_chunk, "tokens": tr.num_tokens, "bytes": s.sent_bytes}
+            if self._send(ident, b"END", json.dumps(summary).encode()):
+                self._counters.incr("sent_transfers")
+                self._counters.incr("sent_bytes", s.sent_bytes)
+                self._sessions.pop(ident, None)
+                self._store.release(s.tid)
+
+
+# --------------------------------------------------------------------------- client
+def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) -> PullResult:
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
+    tid_b = tid.encode()
+    connected = False
+
+    def recv() -> list[bytes]:
+        nonlocal connected
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise TransferError(f"transfer {tid} from {addr} timed out after {timeout_s}s")
+            wait = min(idle_timeout_s, deadline - now)
+            events = dict(poller.poll(int(wait * 1000)))
+            if not events:
+                raise TransferError(
+                    f"transfer {tid} from {addr}: no data for {idle_timeout_s}s"
+                    + ("" if connected else " (could not connect)")
+                )
+            if monitor in events:
+                ev = zmq.utils.monitor.recv_monitor_message(monitor)
+                if ev["event"] == zmq.EVENT_CONNECTED:
+                    connected = True
+                elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                    raise TransferError(f"transfer {tid}: connection to {addr} lost")
+            if sock in events:
+                return sock.recv_multipart(copy=False)
+
+    try:
+        sock.connect(addr)
+        cn = auth.new_nonce()
+        sock.send_multipart([b"PULL1", cn, tid_b])
+        msg = recv()
+        kind = msg[0].bytes
+        if kind == b"ERR":
+            raise TransferError(f"server refused {tid}: {msg[1].bytes.decode(errors='replace')}")
+        if kind != b"CHAL" or len(msg) != 3:
+            raise TransferError(f"transfer {tid}: protocol error (expected CHAL)")
+        sn, proof = msg[1].bytes, msg[2].bytes
+        if not auth.verify(auth.server_proof(secret, cn, sn, tid_b), proof):
+            counters.incr("rejected_auth")
+            raise AuthError(
+                f"KV server {addr} failed authentication (wrong FRONTIER_PD_SECRET?); "
+                f"its KV for {tid} is rejected"
+            )
+        sock.send_multipart([b"AUTH", auth.client_proof(secret, cn, sn, tid_b)])
+        chunks = nbytes = 0
+        while True:
+            msg = recv()
+            kind = msg[0].bytes
+            if kind == b"KV" and len(msg) == 3:
+                try:
+                    header = json.loads(msg[1].bytes)
+                except ValueError as e:
+                    raise TransferError(f"transfer {tid}: bad chunk header") from e
+                payload = msg[2].buffer
+                on_chunk(header, payload)
+                chunks += 1
+                nbytes += len(payload)
+            elif kind == b"END" and len(msg) == 2:
+                summary = json.loads(msg[1].bytes)
+                if summary.get("chunks") != chunks:
+                    raise TransferError(
+                        f"transfer {tid}: got {chunks} chunks, server sent {summary.get('chunks')}"
+                    )
+                counters.incr("recv_transfers")
+                counters.incr("recv_bytes", nbytes)
+                return PullResult(chunks, nbytes, int(summary.get("tokens", 0)),
+                                  time.monotonic() - t0)
+            elif kind == b"ERR":
+                raise TransferError(
+                    f"server refused {tid}: {msg[1].bytes.decode(errors='replace')}"
+                )
+            else:
+                raise TransferError(f"transfer {tid}: protocol error ({kind[:16]!r})")
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+
+
+class ZmqTransport(KVTransport):
+    name = "zmq"
+
+    def make_server(self, store, host, port, secret, counters, *, unknown_wait_s=10.0):
+        return _ZmqServer(store, host, port, secret, counters, unknown_wait_s)
+
+    def pull(self, addr, tid, secret, on_chunk, counters, *, timeout_s=30.0,
+             idle_timeout_s=10.0):
+        return _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s)
+
+
+TRANSPORTS: dict[str, type[KVTransport]] = {"zmq": ZmqTransport}
+
+
+def get_transport(name: str) -> KVTransport:
+    if name not in TRANSPORTS:
+        raise ValueError(
+            f"unknown KV transport {name!r}; available: {sorted(TRANSPORTS)} "
+            "(set FRONTIER_PD_TRANSPORT or kv_connector_extra_config.transport)"
+        )
+    return TRANSPORTS[name]()
