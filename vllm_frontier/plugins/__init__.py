@@ -37,6 +37,18 @@ def _adapters(features: Features) -> dict[str, str]:
     return mods
 
 
+def announce(features: Features) -> None:
+    """Log the one line with the active features, once per process and feature set.
+
+    In vLLM's API process general plugins load before vLLM configures its loggers; the platform's
+    `check_and_update_config` calls this again once they are configured.
+    """
+    if features in _logged or not logging.getLogger("vllm").handlers:
+        return
+    _logged.append(features)
+    logger.info("%s", features.describe())
+
+
 def register() -> None:
     """Entry point of `vllm.general_plugins`: register the adapters of the features that are on."""
     import importlib
@@ -47,9 +59,7 @@ def register() -> None:
         # A wrong toggle ends the process with one line and exit code 2, like a wrong CLI flag.
         print(f"vllm-frontier: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if features not in _logged:
-        _logged.append(features)
-        logger.info("%s", features.describe())
+    announce(features)
     for name, module in _adapters(features).items():
         if name in _registered:
             continue

@@ -40,8 +40,7 @@ class PluginAction(argparse.Action):
         try:
             apply_plugin_value(values)
         except FeatureError as e:
-            # argparse's own error path: usage line + one-line message + exit code 2, no traceback.
-            parser.error(str(e))
+            fail(str(e))  # one line, exit code 2, no traceback
         setattr(namespace, self.dest, values)
         features = load_features()
         if features.fp4 and getattr(namespace, "quantization", None) is None:

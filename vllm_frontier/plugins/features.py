@@ -52,10 +52,8 @@ class Features:
     all: bool = False
 
     def active(self) -> list[str]:
-        names = [f for f in ("dsa", "mla", "mtp", "spec_moe", "pd") if getattr(self, f)]
-        if self.fp4:
-            names.insert(2, f"fp4={self.fp4}")
-        return names
+        """Names of the switched-on features, in FEATURES order (fp4 with its mode)."""
+        return [f"fp4={self.fp4}" if f == "fp4" else f for f in FEATURES if getattr(self, f)]
 
     @property
     def any(self) -> bool:

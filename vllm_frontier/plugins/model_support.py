@@ -62,6 +62,9 @@ def applicable(features: Features, hf_config) -> dict[str, str | None]:
 
 def update_config(features: Features, vllm_config) -> None:
     """Apply the config changes of the features that apply; log the ones that stay off and why."""
+    from . import announce
+
+    announce(features)
     model_config = vllm_config.model_config
     if model_config is None or not features.any:
         return
