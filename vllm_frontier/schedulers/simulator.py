@@ -1,0 +1,357 @@
+"""Cluster simulator (simpy): N serving instances, a P/D router, and the ratio controller in the loop.
+
+Each instance runs an engine loop (continuous batching, one simpy process): a step takes the instance's
+running decodes plus queued prefill tokens up to a token budget, and lasts ``prefill + decode`` time from
+the `InstanceProfile` cost models (one step intercept, not two, when both kinds share a step).
+
+- **Disaggregated** (roles ``prefill`` / ``decode``): a prompt is prefilled whole (no chunking) on the
+  prefill instance with the least queued work, its first token is emitted there (TTFT), its KV is shipped
+  (``prompt_len * kv_transfer_s_per_token``) to the decode instance with the most free KV, which admits it
+  when its KV reservation (prompt + output tokens) fits.
+- **Colocated** (role ``both``): vLLM-style chunked prefill: each step mixes the running decodes with up
+  to ``chunk_tokens`` prompt tokens; the request then decodes on the same instance.
+- **Re-roling** (`set_role`): new work follows the new role at once; work already queued or running on the
+  instance finishes there (the same draining rule as the live `InstancePool`).
+
+The same `RatioController` object as the live router is called every `interval_s` with a `LoadSample`
+built from the simulated measurements. Nothing is ever dropped: requests not finished by the end of
+the run count as SLO misses.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import simpy
+
+from vllm_frontier.schedulers.controller import LoadSample, RatioController
+from vllm_frontier.schedulers.cost_model import InstanceProfile
+from vllm_frontier.schedulers.traces import Request
+
+__all__ = ["SimConfig", "SimResult", "RequestRecord", "simulate", "percentile"]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulated deployment.
+
+    Attributes:
+        profile: cost models of one instance.
+        n_instances: cluster size.
+        n_prefill: initial prefill instances (the rest decode); None = colocated (every instance ``both``).
+        chunk_tokens: colocated prefill token budget per step (vLLM's ``max_num_batched_tokens``).
+        slo_ttft_s / slo_tpot_s: SLOs used for attainment.
+        interval_s: controller period (ignored without a controller).
+        drain_s: how long after the last arrival the run continues before unfinished requests count as missed.
+    """
+
+    profile: InstanceProfile
+    n_instances: int
+    n_prefill: int | None
+    slo_ttft_s: float
+    slo_tpot_s: float
+    chunk_tokens: int = 2048
+    interval_s: float = 2.0
+    drain_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.n_instances < 1:
+            raise ValueError("n_instances must be >= 1")
+        if self.n_prefill is not None and not 1 <= self.n_prefill <= self.n_instances - 1:
+            raise ValueError(
+                f"n_prefill must be in [1, n_instances - 1] = [1, {self.n_instances - 1}] for a disaggregated "
+                f"deployment (None for colocated), got {self.n_prefill}")
+        if self.chunk_tokens < 1 or self.interval_s <= 0 or self.drain_s < 0:
+            raise ValueError("chunk_tokens >= 1, interval_s > 0 and drain_s >= 0 are required")
+
+
+@dataclass
+class RequestRecord:
+    req: Request
+    first_token_s: float | None = None
+    finish_s: float | None = None
+
+    @property
+    def ttft_s(self) -> float:
+        return math.inf if self.first_token_s is None else self.first_token_s - self.req.arrival_s
+
+    @property
+    def tpot_s(self) -> float:
+        if self.finish_s is None or self.first_token_s is None:
+            return math.inf
+        if self.req.output_len <= 1:
+            return 0.0
+        return (self.finish_s - self.first_token_s) / (self.req.output_len - 1)
+
+
+@dataclass
+class SimResult:
+    records: list[RequestRecord]
+    slo_ttft_s: float
+    slo_tpot_s: float
+    # (t, n_prefill, n_decode) after every applied change, starting with the initial split.
+    ratio_timeline: list[tuple[float, int, int]] = field(default_factory=list)
+
+    def attainment(self) -> float:
+        """Fraction of requests meeting both SLOs (unfinished ones miss)."""
+        if not self.records:
+            return 1.0
+        ok = sum(1 for r in self.records if r.ttft_s <= self.slo_ttft_s and r.tpot_s <= self.slo_tpot_s)
+        return ok / len(self.records)
+
+    def finished(self) -> int:
+        return sum(1 for r in self.records if r.finish_s is not None)
+
+    def ttft_p(self, q: float) -> float:
+        return percentile([r.ttft_s for r in self.records], q)
+
+    def tpot_p(self, q: float) -> float:
+        return percentile([r.tpot_s for r in self.records], q)
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (`q` in 0..100) of `xs`; nan for an empty list."""
+    if not xs:
+        return math.nan
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
+    return s[k]
+
+
+class _Job:
+    __slots__ = ("rec", "left", "done_pref")
+
+    def __init__(self, rec: RequestRecord) -> None:
+        self.rec = rec
+        self.left = rec.req.prompt_len  # prompt tokens still to prefill
+        self.done_pref = 0
+
+
+class _Instance:
+    def __init__(self, sim: "_Sim", idx: int, role: str) -> None:
+        self.sim, self.idx, self.role = sim, idx, role
+        self.prefill_q: collections.deque[_Job] = collections.deque()
+        self.queued_tokens = 0
+        self.queued_sq = 0
+        self.admit_q: collections.deque[_Job] = collections.deque()  # waiting for KV on this instance
+        self.kv_used = 0
+        self.kv_pending = 0  # KV tokens reserved by jobs in admit_q
+        self.steps = 0
+        self.finish_heap: list[tuple[int, int, _Job]] = []  # (finish step, seq, job)
+        self.ctx = 0  # context tokens of running decodes
+        self.wake = sim.env.event()
+        self.proc = sim.env.process(self.loop())
+
+    @property
+    def running(self) -> int:
+        return len(self.finish_heap)
+
+    def kick(self) -> None:
+        if not self.wake.triggered:
+            self.wake.succeed()
+
+    def enqueue_prefill(self, job: _Job) -> None:
+        self.prefill_q.append(job)
+        self.queued_tokens += job.left
+        self.queued_sq += job.left * job.left
+        self.kick()
+
+    def enqueue_decode(self, job: _Job) -> None:
+        self.admit_q.append(job)
+        self.kv_pending += job.rec.req.prompt_len + job.rec.req.output_len
+        self.kick()
+
+    def _admit(self) -> None:
+        cap = self.sim.profile.kv_capacity_tokens
+        while self.admit_q:
+            job = self.admit_q[0]
+            need = job.rec.req.prompt_len + job.rec.req.output_len
+            if self.kv_used + need > cap and self.running > 0:
+                break
+            self.admit_q.popleft()
+            self.kv_pending -= need
+            self.kv_used += need
+            # The first output token came from prefill: output_len - 1 decode steps remain.
+            remaining = job.rec.req.output_len - 1
+            if remaining <= 0:
+                self._finish(job)
+                continue
+            self.ctx += job.rec.req.prompt_len + 1
+            heapq.heappush(self.finish_heap, (self.steps + remaining, job.rec.req.rid, job))
+
+    def _finish(self, job: _Job) -> None:
+        job.rec.finish_s = self.sim.env.now
+        self.kv_used -= job.rec.req.prompt_len + job.rec.req.output_len
+        self.sim.on_finish(job)
+
+    def loop(self):
+        env, prof = self.sim.env, self.sim.profile
+        while True:
+            self._admit()
+            if not self.prefill_q and not self.finish_heap:
+                self.wake = env.event()
+                yield self.wake
+                continue
+            # Prefill part of this step.
+            budget = self.sim.cfg.chunk_tokens if self.role == "both" else prof.max_batch_tokens
+            chunks: list[tuple[_Job, int]] = []
+            tok = sq = 0.0
+            used = 0
+            for job in self.prefill_q:
+                if used >= budget:
+                    break
+                if self.role == "both":
+                    take = min(job.left, budget - used)
+                else:
+                    take = job.left  # whole prompts; at least one per step
+                    if used and used + take > budget:
+                        break
+                s0 = job.done_pref
+                tok += take
+                sq += (s0 + take) ** 2 - s0 ** 2  # attention of the chunk over its prefix
+                used += take
+                chunks.append((job, take))
+            b = self.running
+            t_pref = prof.prefill.tokens_s(tok, sq) if chunks else 0.0
+            t_dec = prof.decode.step_s(b, self.ctx) if b else 0.0
+            if chunks and b:
+                t_dec -= min(prof.prefill.a, prof.decode.coeffs(b)[0])  # one step overhead, not two
+            yield env.timeout(t_pref + t_dec)
+            # Decode progress: every running request produced one token.
+            if b:
+                self.steps += 1
+                self.ctx += b
+                while self.finish_heap and self.finish_heap[0][0] <= self.steps:
+                    _, _, job = heapq.heappop(self.finish_heap)
+                    self.ctx -= job.rec.req.prompt_len + job.rec.req.output_len
+                    self._finish(job)
+            for job, take in chunks:
+                job.left -= take
+                job.done_pref += take
+                self.queued_tokens -= take
+            while self.prefill_q and self.prefill_q[0].left == 0:
+                job = self.prefill_q.popleft()
+                self.queued_sq -= job.rec.req.prompt_len ** 2
+                job.rec.first_token_s = env.now
+                self.sim.on_prefilled(self, job)
+            # Jobs that finished their prompt but sit behind an unfinished one are handled next step.
+
+
+class _Sim:
+    def __init__(self, cfg: SimConfig, trace: Sequence[Request], controller: RatioController | None) -> None:
+        self.cfg, self.profile, self.controller = cfg, cfg.profile, controller
+        self.env = simpy.Environment()
+        colocated = cfg.n_prefill is None
+        self.instances = [
+            _Instance(self, i, "both" if colocated else ("prefill" if i < cfg.n_prefill else "decode"))
+            for i in range(cfg.n_instances)
+        ]
+        self.records = [RequestRecord(r) for r in trace]
+        self.trace = trace
+        self.timeline: list[tuple[float, int, int]] = []
+        if not colocated:
+            self.timeline.append((0.0, cfg.n_prefill, cfg.n_instances - cfg.n_prefill))
+        # measurement window for the controller
+        self.win_prompts: list[int] = []
+        self.win_outputs: list[tuple[int, int]] = []
+        self.win_ttft: list[float] = []
+        self.win_tpot: list[float] = []
+        self.open = len(trace)
+
+    # ---- routing -------------------------------------------------------------------------------
+    def _pick_prefill(self) -> _Instance:
+        cands = [i for i in self.instances if i.role in ("prefill", "both")]
+        if self.cfg.n_prefill is None:  # colocated: balance queued prompt tokens and decode context
+            return min(cands, key=lambda i: (i.queued_tokens + 0.1 * i.ctx, i.idx))
+        return min(cands, key=lambda i: (i.queued_tokens, i.idx))
+
+    def _pick_decode(self) -> _Instance:
+        cands = [i for i in self.instances if i.role == "decode"]
+        return min(cands, key=lambda i: (i.kv_used + i.kv_pending, i.idx))
+
+    def on_prefilled(self, inst: _Instance, job: _Job) -> None:
+        if inst.role == "both" and self.cfg.n_prefill is None:
+            inst.enqueue_decode(job)
+            return
+        target = self._pick_decode()
+        delay = job.rec.req.prompt_len * self.profile.kv_transfer_s_per_token
+        self.win_ttft.append(job.rec.ttft_s)
+
+        def ship():
+            yield self.env.timeout(delay)
+            target.enqueue_decode(job)
+        self.env.process(ship())
+
+    def on_finish(self, job: _Job) -> None:
+        self.open -= 1
+        self.win_outputs.append((job.rec.req.prompt_len, job.rec.req.output_len))
+        self.win_tpot.append(job.rec.tpot_s)
+
+    # ---- processes -----------------------------------------------------------------------------
+    def arrivals(self):
+        for rec in self.records:
+            dt = rec.req.arrival_s - self.env.now
+            if dt > 0:
+                yield self.env.timeout(dt)
+            self.win_prompts.append(rec.req.prompt_len)
+            self._pick_prefill().enqueue_prefill(_Job(rec))
+
+    def control(self):
+        cfg = self.cfg
+        while True:
+            yield self.env.timeout(cfg.interval_s)
+            insts = self.instances
+            n_p = sum(1 for i in insts if i.role == "prefill")
+            n_d = sum(1 for i in insts if i.role == "decode")
+            sample = LoadSample(
+                t=self.env.now, window_s=cfg.interval_s, prompt_lens=tuple(self.win_prompts),
+                completed=tuple(self.win_outputs), n_prefill=n_p, n_decode=n_d,
+                queued_prefill_tokens=sum(i.queued_tokens for i in insts),
+                queued_prefill_sq_tokens=sum(i.queued_sq for i in insts),
+                running_decode=sum(i.running + len(i.admit_q) for i in insts),
+                ttft_p90_s=percentile(self.win_ttft, 90) if self.win_ttft else None,
+                tpot_p90_s=percentile(self.win_tpot, 90) if self.win_tpot else None,
+            )
+            self.win_prompts, self.win_outputs, self.win_ttft, self.win_tpot = [], [], [], []
+            d = self.controller.step(sample)
+            if d.changed:
+                self.apply(d.n_prefill)
+
+    def apply(self, n_prefill: int) -> None:
+        pre = [i for i in self.instances if i.role == "prefill"]
+        dec = [i for i in self.instances if i.role == "decode"]
+        if n_prefill > len(pre):  # decode -> prefill: the least busy decoders
+            for inst in sorted(dec, key=lambda i: (i.running + len(i.admit_q), i.idx))[: n_prefill - len(pre)]:
+                inst.role = "prefill"
+        elif n_prefill < len(pre):  # prefill -> decode: the least queued prefillers
+            for inst in sorted(pre, key=lambda i: (i.queued_tokens, i.idx))[: len(pre) - n_prefill]:
+                inst.role = "decode"
+        n_p = sum(1 for i in self.instances if i.role == "prefill")
+        self.timeline.append((self.env.now, n_p, len(self.instances) - n_p))
+
+    def run(self) -> SimResult:
+        self.env.process(self.arrivals())
+        if self.controller is not None and self.cfg.n_prefill is not None:
+            self.env.process(self.control())
+        end = (self.trace[-1].arrival_s if self.trace else 0.0) + self.cfg.drain_s
+        done_check = self.env.process(self._until_done())
+        self.env.run(until=simpy.AnyOf(self.env, [done_check, self.env.timeout(end)]))
+        return SimResult(self.records, self.cfg.slo_ttft_s, self.cfg.slo_tpot_s, self.timeline)
+
+    def _until_done(self):
+        while self.open > 0 or self.env.now < (self.trace[-1].arrival_s if self.trace else 0.0):
+            yield self.env.timeout(1.0)
+
+
+def simulate(cfg: SimConfig, trace: Sequence[Request], controller: RatioController | None = None) -> SimResult:
+    """Run `trace` through the deployment `cfg` (with `controller` re-roling instances, if given)."""
+    for r in trace:
+        if r.prompt_len + r.output_len > cfg.profile.max_len:
+            raise ValueError(
+                f"request {r.rid} needs {r.prompt_len + r.output_len} tokens > the profile's max_len "
+                f"{cfg.profile.max_len}: generate the trace with max_len={cfg.profile.max_len}")
+    return _Sim(cfg, trace, controller).run()
