@@ -1,0 +1,115 @@
+"""vLLM quantize methods of `frontier_fp4` (see `fp4_config`): FP4 linear layers and FP4 routed experts.
+
+Imported lazily by `FrontierFP4Config.get_quant_method`, so registering the config stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEQuantConfig
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.linear import LinearMethodBase, UnquantizedLinearMethod
+from vllm.model_executor.parameter import ModelWeightParameter
+from vllm.model_executor.utils import set_weight_attrs
+
+from .fp4_formats import GROUP_SIZE, FP4Tensor, quantize
+from .fp4_ops import fp4_fused_experts, fp4_linear
+
+logger = logging.getLogger("vllm.frontier.quantization")
+
+
+def _replace_with_fp4(layer: torch.nn.Module, name: str, q: FP4Tensor) -> None:
+    """Drop parameter `name` and register its FP4 pieces as `<stem>_packed`, `_scale`, `_global_scale`."""
+    stem = name[: -len("_weight")] if name.endswith("_weight") else name
+    delattr(layer, name)
+    for suffix, t in (("packed", q.packed), ("scale", q.scales), ("global_scale", q.global_scale)):
+        layer.register_parameter(f"{stem}_{suffix}", torch.nn.Parameter(t.contiguous(), requires_grad=False))
+
+
+def _fp4_of(layer: torch.nn.Module, stem: str, fmt: str) -> FP4Tensor:
+    return FP4Tensor(fmt, getattr(layer, f"{stem}_packed"), getattr(layer, f"{stem}_scale"),
+                     getattr(layer, f"{stem}_global_scale"))
+
+
+class FP4LinearMethod(LinearMethodBase):
+    """Weight-only FP4 linear method: bf16 weight at load, FP4 after `process_weights_after_loading`."""
+
+    def __init__(self, fmt: str, prefix: str):
+        self.fmt = fmt
+        self.prefix = prefix
+        self.fallback: UnquantizedLinearMethod | None = None
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs):
+        group = GROUP_SIZE[self.fmt]
+        if input_size_per_partition % group:
+            logger.info("frontier_fp4: %s stays %s: its input size %d is not a multiple of the %s block size %d",
+                        self.prefix, params_dtype, input_size_per_partition, self.fmt, group)
+            self.fallback = UnquantizedLinearMethod()
+            return self.fallback.create_weights(layer, input_size_per_partition, output_partition_sizes,
+                                                input_size, output_size, params_dtype, **extra_weight_attrs)
+        weight_loader = extra_weight_attrs.pop("weight_loader")
+        weight = ModelWeightParameter(
+            data=torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+            input_dim=1, output_dim=0, weight_loader=weight_loader)
+        layer.register_parameter("weight", weight)
+        set_weight_attrs(weight, extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if self.fallback is not None:
+            return self.fallback.process_weights_after_loading(layer)
+        _replace_with_fp4(layer, "weight", quantize(layer.weight.data, self.fmt))
+        layer.fp4_format = self.fmt
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fallback is not None:
+            return self.fallback.apply(layer, x, bias)
+        return fp4_linear(x, _fp4_of(layer, "weight", self.fmt), bias)
+
+
+class FP4MoEMethod(FusedMoEMethodBase):
+    """Weight-only FP4 routed experts (no modular kernel: `apply` computes the routed sum itself)."""
+
+    def __init__(self, moe: FusedMoEConfig, fmt: str):
+        super().__init__(moe)
+        self.fmt = fmt
+
+    def create_weights(self, layer: RoutedExperts, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        group = GROUP_SIZE[self.fmt]
+        if hidden_size % group or intermediate_size_per_partition % group:
+            raise ValueError(f"frontier_fp4: experts of hidden {hidden_size} / intermediate "
+                             f"{intermediate_size_per_partition} do not fit the {self.fmt} block size {group}")
+        unpadded_hidden = self.moe.hidden_dim_unpadded or hidden_size
+        unpadded_inter = self.moe.intermediate_size_per_partition_unpadded or intermediate_size_per_partition
+        w13 = torch.nn.Parameter(torch.empty(num_experts, 2 * intermediate_size_per_partition, hidden_size,
+                                             dtype=params_dtype), requires_grad=False)
+        layer.register_parameter("w13_weight", w13)
+        set_weight_attrs(w13, extra_weight_attrs)
+        w13.weight_loader_numel = num_experts * 2 * unpadded_inter * unpadded_hidden
+        w2 = torch.nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size_per_partition,
+                                            dtype=params_dtype), requires_grad=False)
+        layer.register_parameter("w2_weight", w2)
+        set_weight_attrs(w2, extra_weight_attrs)
+        w2.weight_loader_numel = num_experts * unpadded_hidden * unpadded_inter
+
+    def process_weights_after_loading(self, layer: RoutedExperts) -> None:
+        _replace_with_fp4(layer, "w13_weight", quantize(layer.w13_weight.data, self.fmt))
+        _replace_with_fp4(layer, "w2_weight", quantize(layer.w2_weight.data, self.fmt))
+        layer.fp4_format = self.fmt
+
+    def get_fused_moe_quant_config(self, layer: RoutedExperts) -> FusedMoEQuantConfig | None:
+        # Activations stay unquantized; the FP4 weights are used only by our own apply().
+        return FusedMoEQuantConfig.make()
+
+    def apply(self, layer: RoutedExperts, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts, shared_experts_input) -> torch.Tensor:
+        return fp4_fused_experts(
+            x, _fp4_of(layer, "w13", self.fmt), _fp4_of(layer, "w2", self.fmt), topk_weights, topk_ids,
+            expert_map=layer.expert_map, apply_router_weight_on_input=layer.apply_router_weight_on_input,
+            activation=layer.activation.value)

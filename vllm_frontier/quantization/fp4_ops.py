@@ -1,0 +1,139 @@
+"""Device dispatch for FP4 weight-only compute: the Triton kernels on CUDA, a torch path elsewhere (CPU).
+
+Imports torch (and triton when present), never vllm. The torch path dequantizes a weight to the activation
+dtype just before its matmul and drops it right after, so only the FP4 bytes stay resident.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .fp4_formats import FP4Tensor, dequantize
+
+__all__ = ["fp4_linear", "fp4_fused_experts", "triton_available", "ACTIVATIONS", "BACKENDS"]
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def triton_available(device: torch.device) -> bool:
+    """True when the Triton kernels can run on `device` (a CUDA device and an importable triton)."""
+    if device.type != "cuda":
+        return False
+    try:
+        from . import w4a16_gemm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} unknown; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return triton_available(device)
+    return backend == "triton"
+
+
+def fp4_linear(x: torch.Tensor, q: FP4Tensor, bias: torch.Tensor | None = None, *,
+               backend: str = "auto") -> torch.Tensor:
+    """y = x @ W^T (+ bias) with W [N, K] in FP4. x: [..., K] -> y: [..., N] in x.dtype.
+
+    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" (also under TRITON_INTERPRET=1), "torch".
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if _use_triton(backend, x.device):
+        from .w4a16_gemm import w4a16_gemm
+
+        y = w4a16_gemm(x2, q)
+    else:
+        y = F.linear(x2, dequantize(q, x.dtype))
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _expert(q: FP4Tensor, e: int) -> FP4Tensor:
+    return FP4Tensor(q.fmt, q.packed[e], q.scales[e], q.global_scale[e])
+
+
+def _act_and_mul(h: torch.Tensor, activation: str) -> torch.Tensor:
+    d = h.shape[-1] // 2
+    gate, up = h[..., :d], h[..., d:]
+    if activation == "silu":
+        a = F.silu(gate)
+    elif activation == "gelu":
+        a = F.gelu(gate)
+    elif activation == "gelu_tanh":
+        a = F.gelu(gate, approximate="tanh")
+    else:
+        raise ValueError(f"activation {activation!r} unsupported; choose one of {', '.join(ACTIVATIONS)}")
+    return a * up
+
+
+def fp4_fused_experts(x: torch.Tensor, w13: FP4Tensor, w2: FP4Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, *, expert_map: torch.Tensor | None = None,
+                      apply_router_weight_on_input: bool = False, activation: str = "silu",
+                      backend: str = "auto") -> torch.Tensor:
+    """Routed experts with FP4 weights: out[t] = sum_j w[t, j] * down_e(act(gate_e(x_t)) * up_e(x_t)), e = ids[t, j].
+
+    Args:
+        x: [T, H] activations.
+        w13: FP4Tensor [E, 2I, H]: gate rows [:I], up rows [I:] of each local expert.
+        w2: FP4Tensor [E, H, I].
+        topk_weights: [T, k] router weights; topk_ids: [T, k] global expert ids.
+        expert_map: optional int [E_global] global -> local expert id, -1 where the expert is not local
+            (those assignments contribute nothing here).
+        apply_router_weight_on_input: scale x by the router weight before the experts (and not after).
+        activation: gated activation, one of ACTIVATIONS.
+        backend: "auto" (Triton grouped GEMM on CUDA, a per-expert torch loop elsewhere), "triton", "torch".
+    Returns:
+        [T, H] in x.dtype (the routed sum only: no shared experts, no routed scaling factor).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} unsupported; choose one of {', '.join(ACTIVATIONS)}")
+    T, H = x.shape
+    E = w13.packed.shape[0]
+    k = topk_ids.shape[1]
+    ids = topk_ids.long()
+    if expert_map is not None:
+        ids = expert_map.long()[ids]
+    flat = ids.reshape(-1)
+    valid = flat >= 0
+    sort_key = torch.where(valid, flat, torch.full_like(flat, E))
+    order = torch.argsort(sort_key, stable=True)
+    counts = torch.bincount(sort_key, minlength=E + 1)[:E]
+    offsets = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
+    offsets[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    token = order // k
+    rows = x[token]
+    w_sorted = topk_weights.reshape(-1)[order].to(torch.float32)
+    if apply_router_weight_on_input:
+        rows = (rows.float() * w_sorted[:, None]).to(x.dtype)
+    if _use_triton(backend, x.device):
+        from .w4a16_gemm import w4a16_grouped_gemm
+
+        h = w4a16_grouped_gemm(rows, w13, offsets)
+        a = _act_and_mul(h, activation).contiguous()
+        o = w4a16_grouped_gemm(a, w2, offsets)
+        keep = torch.arange(flat.numel(), device=x.device) < offsets[E]
+        o = torch.where(keep[:, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
+    else:
+        o = torch.zeros((flat.numel(), H), dtype=x.dtype, device=x.device)
+        offs = offsets.tolist()
+        for e in range(E):
+            a0, b0 = offs[e], offs[e + 1]
+            if b0 == a0:
+                continue
+            h = F.linear(rows[a0:b0], dequantize(_expert(w13, e), x.dtype))
+            o[a0:b0] = F.linear(_act_and_mul(h, activation), dequantize(_expert(w2, e), x.dtype))
+    o = o.float()
+    if not apply_router_weight_on_input:
+        o = o * w_sorted[:, None]
+    out = torch.zeros((T, H), dtype=torch.float32, device=x.device)
+    out.index_add_(0, token, o)
+    return out.to(x.dtype)
