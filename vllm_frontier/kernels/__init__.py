@@ -1,0 +1,36 @@
+"""FlashMLA-equivalent Triton kernels with torch references (imports torch and triton only).
+
+Public API:
+- :mod:`.fp8`: ``quantize_fp8_e4m3``, ``dequantize_fp8_e4m3``.
+- :mod:`.latent_cache`: ``write_latent_cache``, ``read_latent_cache`` (576-float / 656-byte FP8 rows).
+- :mod:`.flash_mla_interface`: ``get_mla_metadata``, ``flash_mla_with_kvcache`` (dense / sparse decode),
+  ``flash_mla_sparse_fwd`` (sparse prefill).
+- :mod:`.indexer`: ``write_indexer_k_cache``, ``indexer_paged_logits``, ``indexer_ragged_logits``,
+  ``topk_indices``.
+- :mod:`.ref`: the torch references (``ref_*``), also the CPU execution path.
+
+Every op takes ``backend=None|"triton"|"torch"``: None runs Triton on CUDA tensors and the reference elsewhere.
+Triton on CPU tensors needs ``TRITON_INTERPRET=1`` set before this package is imported.
+"""
+
+from .flash_mla_interface import MLASchedule, flash_mla_sparse_fwd, flash_mla_with_kvcache, get_mla_metadata
+from .fp8 import dequantize_fp8_e4m3, quantize_fp8_e4m3
+from .indexer import indexer_paged_logits, indexer_ragged_logits, topk_indices, write_indexer_k_cache
+from .latent_cache import read_latent_cache, write_latent_cache
+from .mla_attention import KernelConfig
+
+__all__ = [
+    "KernelConfig",
+    "MLASchedule",
+    "dequantize_fp8_e4m3",
+    "flash_mla_sparse_fwd",
+    "flash_mla_with_kvcache",
+    "get_mla_metadata",
+    "indexer_paged_logits",
+    "indexer_ragged_logits",
+    "quantize_fp8_e4m3",
+    "read_latent_cache",
+    "topk_indices",
+    "write_indexer_k_cache",
+    "write_latent_cache",
+]
