@@ -1,0 +1,291 @@
+"""Goodput of P/D deployments in the cluster simulator: colocated, static ratios, and the ratio controller.
+
+    .venv/bin/python benchmarks/dopd.py                      # 8, 32, 128 instances (tens of minutes)
+    .venv/bin/python benchmarks/dopd.py --sizes 8 --duration 120   # quick look
+
+For each cluster size N and each policy, a binary search finds the goodput: the highest arrival rate
+(requests/s, whole cluster) at which >= 90% of requests meet both the TTFT and the TPOT SLO (DistServe's
+definition). Policies: colocated (every instance prefills and decodes, chunked prefill, best of the
+`--chunks` budgets), static P:D = 1:1, 1:2, 2:1 (rounded to N), the best static split found by search, and
+the `RatioController` starting at 1:1. Every rate tried is kept, so the JSON holds attainment vs rate
+curves. Also reported: P90 TTFT of the controller vs static 1:1 at static 1:1's goodput, and the
+controller's ratio over time against the workload mix (PNG).
+
+Instance costs: `--profile` (default: DistServe's published A100-80GB OPT-13B profile; see
+`vllm_frontier/schedulers/cost_model.py`). Workload: `--workload` from `traces.WORKLOADS` (default
+``shifting``: prefill-heavy -> decode-heavy -> prefill-heavy), Poisson or bursty arrivals.
+Writes ``--out`` (JSON) and the same path with ``.png`` (needs matplotlib; skipped with a note if absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_frontier.schedulers.controller import ControllerConfig, RatioController  # noqa: E402
+from vllm_frontier.schedulers.cost_model import PROFILES, InstanceProfile  # noqa: E402
+from vllm_frontier.schedulers.simulator import SimConfig, SimResult, simulate  # noqa: E402
+from vllm_frontier.schedulers.traces import KINDS, WORKLOADS, make_trace, mix_at  # noqa: E402
+
+GOAL = 0.9  # SLO attainment that defines goodput
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, prof: InstanceProfile) -> None:
+        self.args, self.prof = args, prof
+        self._traces: dict[float, list] = {}
+        self.sims = 0
+
+    def trace(self, rate: float):
+        key = round(rate, 6)
+        if key not in self._traces:
+            if len(self._traces) > 4:
+                self._traces.clear()
+            self._traces[key] = make_trace(self.args.workload, rate, self.args.duration, arrivals=self.args.arrivals,
+                                           max_len=self.prof.max_len, seed=self.args.seed)
+        return self._traces[key]
+
+    def controller(self) -> RatioController:
+        a = self.args
+        return RatioController(ControllerConfig(
+            slo_ttft_s=a.slo_ttft, slo_tpot_s=a.slo_tpot, prefill=self.prof.prefill, decode=self.prof.decode,
+            kv_capacity_tokens=self.prof.kv_capacity_tokens, horizon_s=a.horizon), history=100000)
+
+    def run(self, n: int, policy: dict, rate: float) -> tuple[SimResult, RatioController | None]:
+        a = self.args
+        ctrl = self.controller() if policy["kind"] == "controller" else None
+        cfg = SimConfig(self.prof, n, policy.get("n_prefill"), a.slo_ttft, a.slo_tpot,
+                        chunk_tokens=policy.get("chunk", 2048), interval_s=a.interval)
+        self.sims += 1
+        return simulate(cfg, self.trace(rate), ctrl), ctrl
+
+    def point(self, n: int, policy: dict, rate: float, curve: list) -> bool:
+        res, _ = self.run(n, policy, rate)
+        att = res.attainment()
+        curve.append({"rate": rate, "attainment": att, "ttft_p90_s": _num(res.ttft_p(90)),
+                      "tpot_p90_s": _num(res.tpot_p(90))})
+        return att >= GOAL
+
+    def goodput(self, n: int, policy: dict, curve: list, lo: float | None = None) -> float:
+        """Binary search of the highest rate with attainment >= GOAL in [lo, hi] (0 if lo already fails)."""
+        a = self.args
+        lo = a.min_rate * n if lo is None else lo
+        hi = a.max_rate * n
+        if not self.point(n, policy, lo, curve):
+            return 0.0
+        if self.point(n, policy, hi, curve):
+            return hi
+        while hi / lo - 1 > a.tol:
+            mid = math.sqrt(lo * hi)
+            if self.point(n, policy, mid, curve):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+
+def _num(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def static_split(n: int, p: int, d: int) -> int:
+    return min(n - 1, max(1, round(n * p / (p + d))))
+
+
+def bench_size(b: Bench, n: int, log) -> dict:
+    a = b.args
+    out: dict = {"n_instances": n, "policies": {}}
+
+    def record(name: str, policy: dict, lo: float | None = None) -> float:
+        curve: list = []
+        t0 = time.time()
+        g = b.goodput(n, policy, curve, lo)
+        out["policies"][name] = {"policy": policy, "goodput_rps": g, "goodput_per_instance_rps": g / n,
+                                 "curve": sorted(curve, key=lambda c: c["rate"])}
+        log(f"N={n} {name}: goodput {g:.2f} req/s ({g / n:.3f}/instance) [{time.time() - t0:.0f}s]")
+        return g
+
+    # Colocated: best chunk budget.
+    best_c, best_cg = None, -1.0
+    for chunk in a.chunks:
+        g = record(f"colocated-chunk{chunk}", {"kind": "colocated", "chunk": chunk})
+        if g > best_cg:
+            best_c, best_cg = chunk, g
+    out["policies"]["colocated"] = dict(out["policies"][f"colocated-chunk{best_c}"])
+    for name, (p, d) in {"static-1:1": (1, 1), "static-1:2": (1, 2), "static-2:1": (2, 1)}.items():
+        record(name, {"kind": "static", "n_prefill": static_split(n, p, d)})
+    # Best static split: every split for small N, a grid then its neighbourhood for large N. A split only
+    # gets a full search if it meets the goal just above the best goodput so far.
+    best_p = max(((v["policy"]["n_prefill"], v["goodput_rps"]) for k, v in out["policies"].items()
+                  if k.startswith("static-")), key=lambda t: t[1])[0]
+    best_g = max(v["goodput_rps"] for k, v in out["policies"].items() if k.startswith("static-"))
+    step = max(1, n // 16)
+    tried = {v["policy"]["n_prefill"] for k, v in out["policies"].items() if k.startswith("static-")}
+
+    def try_split(p: int) -> None:
+        nonlocal best_p, best_g
+        if p in tried or not 1 <= p <= n - 1:
+            return
+        tried.add(p)
+        curve: list = []
+        probe = best_g * (1 + a.tol)
+        if probe > 0 and not b.point(n, {"kind": "static", "n_prefill": p}, probe, curve):
+            return
+        g = b.goodput(n, {"kind": "static", "n_prefill": p}, curve, lo=probe if probe > 0 else None)
+        if g > best_g:
+            best_p, best_g = p, g
+
+    for p in range(step, n, step):
+        try_split(p)
+    for p in range(best_p - step + 1, best_p + step):
+        try_split(p)
+    log(f"N={n} best static split P{best_p}:D{n - best_p}, searched {len(tried)} splits")
+    record("static-best", {"kind": "static", "n_prefill": best_p})
+    record("controller", {"kind": "controller", "n_prefill": n // 2})
+
+    pol = out["policies"]
+    g_ctrl = pol["controller"]["goodput_rps"]
+    out["controller_vs_colocated"] = g_ctrl / pol["colocated"]["goodput_rps"] if pol["colocated"]["goodput_rps"] else None
+    out["controller_vs_best_static"] = g_ctrl / pol["static-best"]["goodput_rps"] if pol["static-best"]["goodput_rps"] else None
+    # P90 TTFT at static 1:1's goodput rate.
+    r11 = pol["static-1:1"]["goodput_rps"] or a.min_rate * n
+    s11, _ = b.run(n, {"kind": "static", "n_prefill": n // 2}, r11)
+    sc, ctrl = b.run(n, {"kind": "controller", "n_prefill": n // 2}, r11)
+    out["ttft_p90_at_static11_goodput"] = {
+        "rate_rps": r11, "static-1:1_s": _num(s11.ttft_p(90)), "controller_s": _num(sc.ttft_p(90)),
+        "reduction": (1 - sc.ttft_p(90) / s11.ttft_p(90)) if s11.ttft_p(90) > 0 else None,
+    }
+    # Ratio over time at the controller's goodput.
+    rc, ctrl = b.run(n, {"kind": "controller", "n_prefill": n // 2}, max(g_ctrl, a.min_rate * n))
+    trace = b.trace(max(g_ctrl, a.min_rate * n))
+    bins = []
+    width = a.duration / 48
+    for k in range(48):
+        t0 = k * width
+        rs = [r for r in trace if t0 <= r.arrival_s < t0 + width]
+        bins.append({"t": t0 + width / 2,
+                     "prefill_heavy_frac": sum(1 for r in rs if r.kind == "summarize") / len(rs) if rs else None,
+                     "mean_prompt": sum(r.prompt_len for r in rs) / len(rs) if rs else None,
+                     "mean_output": sum(r.output_len for r in rs) / len(rs) if rs else None})
+    out["ratio_timeline"] = {"rate_rps": max(g_ctrl, a.min_rate * n),
+                             "changes": [list(x) for x in rc.ratio_timeline], "mix": bins,
+                             "attainment": rc.attainment()}
+    return out
+
+
+def plot(result: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: PNG skipped"
+    sizes = result["sizes"]
+    fig, axes = plt.subplots(2, len(sizes), figsize=(5.5 * len(sizes), 8.5), squeeze=False)
+    for col, res in enumerate(sizes):
+        ax = axes[0][col]
+        for name in ("colocated", "static-1:1", "static-1:2", "static-2:1", "static-best", "controller"):
+            p = res["policies"][name]
+            xs = [c["rate"] for c in p["curve"]]
+            ys = [c["attainment"] for c in p["curve"]]
+            label = f"{name} ({p['goodput_rps']:.0f}/s)"
+            if name == "static-best":
+                label = f"static-best P{p['policy']['n_prefill']} ({p['goodput_rps']:.0f}/s)"
+            ax.plot(xs, ys, "o-" if name == "controller" else ".-", label=label, lw=2 if name == "controller" else 1)
+        ax.axhline(GOAL, color="grey", ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("arrival rate (req/s, cluster)")
+        ax.set_ylabel("SLO attainment (TTFT and TPOT)")
+        ax.set_title(f"N = {res['n_instances']} instances")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+        ax = axes[1][col]
+        tl = res["ratio_timeline"]
+        ch = tl["changes"]
+        end = result["config"]["duration_s"]
+        ts = [c[0] for c in ch] + [end]
+        fr = [c[1] / (c[1] + c[2]) for c in ch] + [ch[-1][1] / (ch[-1][1] + ch[-1][2])]
+        ax.step(ts, fr, where="post", label="prefill share of instances (controller)")
+        mx = [(m["t"], m["prefill_heavy_frac"]) for m in tl["mix"] if m["prefill_heavy_frac"] is not None]
+        ax.plot([m[0] for m in mx], [m[1] for m in mx], "--", label="summarisation share of arrivals")
+        ax.set_xlim(0, end)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("time (s)")
+        ax.set_title(f"ratio over time at {tl['rate_rps']:.0f} req/s")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['config']['profile']}, {result['config']['workload']} workload, "
+                 f"SLO TTFT {result['config']['slo_ttft_s']} s / TPOT {result['config']['slo_tpot_s']} s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="gpu-opt13b-a100", choices=sorted(PROFILES))
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--workload", default="shifting", choices=sorted(WORKLOADS))
+    ap.add_argument("--arrivals", default="poisson", choices=["poisson", "bursty"])
+    ap.add_argument("--duration", type=float, default=240.0, help="trace length in simulated seconds")
+    ap.add_argument("--slo-ttft", type=float, default=1.0, help="seconds")
+    ap.add_argument("--slo-tpot", type=float, default=0.1, help="seconds")
+    ap.add_argument("--interval", type=float, default=2.0, help="controller period, seconds")
+    ap.add_argument("--horizon", type=float, default=10.0, help="controller forecast look-ahead, seconds")
+    ap.add_argument("--chunks", type=int, nargs="+", default=[512, 2048, 8192],
+                    help="colocated chunked-prefill budgets to try (the best is reported)")
+    ap.add_argument("--min-rate", type=float, default=0.25, help="search floor, req/s per instance")
+    ap.add_argument("--max-rate", type=float, default=8.0, help="search ceiling, req/s per instance")
+    ap.add_argument("--tol", type=float, default=0.03, help="relative precision of the goodput search")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dopd.json"))
+    args = ap.parse_args(argv)
+    prof = PROFILES[args.profile]
+    b = Bench(args, prof)
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+
+    result = {
+        "benchmark": "dopd",
+        "host": {"python": platform.python_version(), "machine": platform.machine(), "simulated": True},
+        "config": {"profile": prof.name, "profile_source": prof.source, "workload": args.workload,
+                   "arrivals": args.arrivals, "duration_s": args.duration, "slo_ttft_s": args.slo_ttft,
+                   "slo_tpot_s": args.slo_tpot, "goal_attainment": GOAL, "interval_s": args.interval,
+                   "horizon_s": args.horizon, "seed": args.seed,
+                   "kinds": {k: {"prompt_median": p.median, "output_median": o.median} for k, (p, o) in KINDS.items()},
+                   "phases": [{"fraction": ph.duration_s, "mix": dict(ph.mix)} for ph in WORKLOADS[args.workload]]},
+        "sizes": [],
+    }
+    for n in args.sizes:
+        result["sizes"].append(bench_size(b, n, log))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    result["simulations"] = b.sims
+    result["wall_s"] = time.time() - t0
+    note = plot(result, args.out.with_suffix(".png"))
+    if note:
+        result["png"] = note
+        log(note)
+    args.out.write_text(json.dumps(result, indent=1))
+    for s in result["sizes"]:
+        pol = s["policies"]
+        log(f"N={s['n_instances']}: goodput colocated {pol['colocated']['goodput_rps']:.1f}, "
+            f"1:1 {pol['static-1:1']['goodput_rps']:.1f}, 1:2 {pol['static-1:2']['goodput_rps']:.1f}, "
+            f"2:1 {pol['static-2:1']['goodput_rps']:.1f}, best static {pol['static-best']['goodput_rps']:.1f} "
+            f"(P{pol['static-best']['policy']['n_prefill']}), controller {pol['controller']['goodput_rps']:.1f} | "
+            f"x colocated {s['controller_vs_colocated']}, x best static {s['controller_vs_best_static']}, "
+            f"P90 TTFT vs 1:1 at {s['ttft_p90_at_static11_goodput']['rate_rps']:.1f}/s: "
+            f"{s['ttft_p90_at_static11_goodput']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
