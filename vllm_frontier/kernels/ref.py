@@ -109,7 +109,7 @@ def gather_latent(cache: torch.Tensor, block_table: torch.Tensor, positions: tor
     blk = torch.gather(block_table.long(), 1, col)
     blk = torch.where(valid.reshape(B, -1), blk, torch.zeros_like(blk))
     rows = decode_latent_rows(cache[blk, flat % bs])
-    rows = rows * valid.reshape(B, -1, 1)
+    rows = torch.where(valid.reshape(B, -1, 1), rows, 0.0)  # not a multiply: unused slots may hold NaN
     return rows.reshape(*positions.shape, LATENT_DIM)
 
 
@@ -228,7 +228,8 @@ def ref_mla_sparse_prefill(
     for s0, s1 in _row_chunks(Sq, K * (LATENT_DIM + H)):
         idx = indices[s0:s1, 0].long()
         valid = (idx >= 0) & (idx < n_kv)
-        g = decode_latent_rows(rows[torch.where(valid, idx, torch.zeros_like(idx))]) * valid[..., None]
+        g = decode_latent_rows(rows[torch.where(valid, idx, torch.zeros_like(idx))])
+        g = torch.where(valid[..., None], g, 0.0)
         scores = torch.einsum("shd,skd->shk", q[s0:s1].float(), g) * sm_scale
         o, l, m = _softmax_out(scores, valid[:, None, :].expand(-1, H, -1), g[..., :d_v], "shk,skv->shv")
         out[s0:s1], lse[s0:s1], mx[s0:s1] = o.to(q.dtype), l, m
@@ -313,7 +314,7 @@ def ref_indexer_gather_k(cache: torch.Tensor, block_table: torch.Tensor, positio
     vals = flat[blk[..., None], off[..., None] * D + torch.arange(D, device=cache.device)]
     sc = flat[blk[..., None], bs * D + off[..., None] * 4 + torch.arange(4, device=cache.device)]
     k = vals.contiguous().view(torch.float8_e4m3fn).float() * sc.contiguous().view(torch.float32)
-    k = k * valid.reshape(B, -1, 1)
+    k = torch.where(valid.reshape(B, -1, 1), k, 0.0)
     return k.reshape(*positions.shape, D)
 
 
