@@ -174,3 +174,20 @@ def test_staging_ttl_and_budget():
     assert evicted == [("a", "staging budget exceeded")]
     now[0] = 7
     assert st.sweep() == ["b"] and st.nbytes == 0 and len(st) == 0
+
+
+def test_keepalive_while_prefill_is_slow(server):
+    """A pull that starts before the prefill outlives the idle timeout: the server sends WAIT."""
+    store, srv, _ = server
+
+    def produce_late():
+        time.sleep(0.3)
+        store.open("t4")
+        time.sleep(1.5)  # longer than the client's idle timeout
+        store.add("t4", _chunk("L0", 0, 3, 1))
+        store.close("t4", 3)
+
+    threading.Thread(target=produce_late).start()
+    res = get_transport("zmq").pull(srv.address, "t4", SECRET, lambda h, p: None, Counters(),
+                                    timeout_s=10, idle_timeout_s=1.0)
+    assert res.chunks == 1 and res.num_tokens == 3

@@ -282,8 +282,8 @@ class FrontierPDConnector(KVConnectorBase_V1):
         )
         self._server.start()
         logger.info(
-            "frontier-pd: KV listener %s (advertised %s), %d layers, wire=%s",
-            self._server.address, s.kv_addr(self._rank), len(self._caches), s.wire,
+            "frontier-pd: KV listener %s (advertised %s), wire=%s, layers: %s",
+            self._server.address, s.kv_addr(self._rank), s.wire, ", ".join(self._caches),
         )
 
     def _meta(self) -> FrontierPDMetadata | None:

@@ -11,6 +11,7 @@ ZeroMQ protocol (multipart frames; the server is a ROUTER, each pull a DEALER):
     S: CHAL  | server_nonce | server_proof          (see auth.py)
     C: AUTH  | client_proof
     S: KV    | header json  | payload   (repeated, layer by layer, as produced)
+    S: WAIT                              (keepalive every 0.5 s while nothing is ready)
     S: END   | summary json              or   S: ERR | reason
 
 A server that cannot prove the secret, a malformed chunk, a lost connection, an
@@ -49,6 +50,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CTRL_MAX_BYTES = 4096  # clients only send small control frames
+_KEEPALIVE_S = 0.5  # a waiting puller hears from the server this often
 
 
 class TransferError(RuntimeError):
@@ -130,6 +132,7 @@ class _Session:
     authed: bool = False
     next_chunk: int = 0
     sent_bytes: int = 0
+    last_send: float = 0.0
 
 
 class _ZmqServer(KVServer):
@@ -245,10 +248,13 @@ class _ZmqServer(KVServer):
         if s is None or not s.authed:
             return
         tr = self._store.get(s.tid)
+        now = time.monotonic()
         if tr is None:
             # the pull may arrive before the prefill request is scheduled: wait a while
-            if time.monotonic() - s.started > self._unknown_wait_s:
+            if now - s.started > self._unknown_wait_s:
                 self._reject(ident, "rejected_unknown", f"unknown transfer {s.tid}")
+            else:
+                self._keepalive(ident, s, now)
             return
         if tr.error is not None:
             self._reject(ident, "send_failed", f"transfer {s.tid} failed: {tr.error}")
@@ -261,6 +267,7 @@ class _ZmqServer(KVServer):
                 return
             s.next_chunk += 1
             s.sent_bytes += c.payload.nbytes
+            s.last_send = now
         if tr.closed:
             summary = {"chunks": s.next_chunk, "tokens": tr.num_tokens, "bytes": s.sent_bytes}
             if self._send(ident, b"END", json.dumps(summary).encode()):
@@ -268,6 +275,13 @@ class _ZmqServer(KVServer):
                 self._counters.incr("sent_bytes", s.sent_bytes)
                 self._sessions.pop(ident, None)
                 self._store.release(s.tid)
+        else:
+            self._keepalive(ident, s, now)
+
+    def _keepalive(self, ident: bytes, s: _Session, now: float) -> None:
+        """Tell a waiting puller the server is alive (the prefill is still computing)."""
+        if now - s.last_send >= _KEEPALIVE_S and self._send(ident, b"WAIT"):
+            s.last_send = now
 
 
 # --------------------------------------------------------------------------- client
@@ -338,6 +352,8 @@ def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) 
                 on_chunk(header, payload)
                 chunks += 1
                 nbytes += len(payload)
+            elif kind == b"WAIT":
+                continue  # the prefill is still running; the overall deadline still applies
             elif kind == b"END" and len(msg) == 2:
                 summary = json.loads(msg[1].bytes)
                 if summary.get("chunks") != chunks:

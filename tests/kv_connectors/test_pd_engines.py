@@ -1,0 +1,198 @@
+"""P/D on real vLLM CPU engines (tiny DeepSeek-V3, float32): one prefill and one decode instance,
+shared by every test of this module, driven directly and through `vllm-frontier router`."""
+
+import os
+import signal
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from pd_harness import (SECRET, CuttingProxy, RogueKVServer, Router, body, fresh_metrics, layer_names,
+                        metric, post, start_pair, token_ids, words)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_models):
+    model = tiny_models("deepseek_v3")
+    P, D, pport, dport = start_pair(model)
+    yield P, D, pport
+    P.stop()
+    D.stop()
+
+
+@pytest.fixture(scope="module")
+def router(pair):
+    P, D, _ = pair
+    r = Router(["--prefill", P.url, "--decode", D.url])
+    yield r
+    r.stop()
+
+
+def consume(tid, addr):
+    return {"frontier_pd": "consume", "transfer_id": tid, "remote_addr": addr, "do_remote_prefill": True}
+
+
+# prompt lengths around the 16-token block size, plus long ones
+LENGTHS = [1, 15, 16, 17, 33, 100, 250]
+
+
+def test_router_output_equals_colocated(pair, router):
+    P, D, _ = pair
+    before = fresh_metrics(D)
+    for i, n in enumerate(LENGTHS):
+        b = body(words(n, seed=i), 12)
+        want = token_ids(post(D.url, b))  # colocated: one instance does prefill and decode
+        got = token_ids(post(router.url, b))
+        assert got == want, f"prompt of {n} words"
+    after = fresh_metrics(D)
+    # every decode used transferred KV: no pull failed, one received transfer per request
+    assert metric(after, "frontier_pd_recv_transfers_total") - metric(before, "frontier_pd_recv_transfers_total") == len(LENGTHS)
+    assert metric(after, "frontier_pd_recv_failed_total") == metric(before, "frontier_pd_recv_failed_total")
+    assert metric(after, "frontier_pd_recv_bytes_total") > metric(before, "frontier_pd_recv_bytes_total")
+
+
+def test_streaming_through_router(pair, router):
+    P, D, _ = pair
+    b = body(words(40, seed=9), 8)
+    want = post(D.url, b)["choices"][0]["text"]
+    r = requests.post(router.url + "/v1/completions", json={**b, "stream": True, "logprobs": None,
+                                                            "return_tokens_as_token_ids": False}, stream=True, timeout=120)
+    text = "".join(__import__("json").loads(l[6:])["choices"][0]["text"]
+                   for l in r.iter_lines(decode_unicode=True) if l.startswith("data: {") and '"choices":[{' in l)
+    assert text == want
+
+
+def test_transferred_kv_is_really_used(pair):
+    """Garbage KV from an authenticated peer changes the output: the decode reads what it receives."""
+    P, D, _ = pair
+    b = body(words(60, seed=3), 10)
+    base = post(D.url, b)
+    n = base["usage"]["prompt_tokens"]
+    tid = uuid.uuid4().hex
+    rogue = RogueKVServer(SECRET.encode(), tid, layer_names(D), n)
+    try:
+        got = post(D.url, {**b, "kv_transfer_params": consume(tid, rogue.addr)})
+    finally:
+        rogue.stop()
+    assert rogue.counters.totals().get("sent_transfers") == 1
+    assert token_ids(got) != token_ids(base)
+
+
+def test_wrong_secret_is_rejected_and_decode_recomputes(pair):
+    P, D, pport = pair
+    b = body(words(60, seed=4), 10)
+    base = post(D.url, b)
+    before = fresh_metrics(D)
+    tid = uuid.uuid4().hex
+    rogue = RogueKVServer(b"not-the-secret", tid, layer_names(D), base["usage"]["prompt_tokens"])
+    try:
+        got = post(D.url, {**b, "kv_transfer_params": consume(tid, rogue.addr)})
+    finally:
+        rogue.stop()
+    assert token_ids(got) == token_ids(base)  # KV rejected, prompt recomputed locally
+    after = fresh_metrics(D)
+    assert metric(after, "frontier_pd_rejected_auth_total") == metric(before, "frontier_pd_rejected_auth_total") + 1
+    assert metric(after, "frontier_pd_recv_failed_total") == metric(before, "frontier_pd_recv_failed_total") + 1
+    # and a puller with the wrong secret gets nothing from the prefill instance
+    from vllm_frontier.kv_connectors.transport import AuthError, Counters, get_transport
+    p_before = fresh_metrics(P)
+    post(P.url, {**b, "max_tokens": 1, "kv_transfer_params": {"frontier_pd": "produce", "transfer_id": tid}})
+    with pytest.raises(AuthError):
+        get_transport("zmq").pull(f"tcp://127.0.0.1:{pport}", tid, b"wrong", lambda h, p: pytest.fail("got KV"),
+                                  Counters(), timeout_s=10)
+    # the real consumer still gets it
+    got2 = post(D.url, {**b, "kv_transfer_params": consume(tid, f"tcp://127.0.0.1:{pport}")})
+    assert token_ids(got2) == token_ids(base)
+    assert metric(fresh_metrics(P), "frontier_pd_sent_transfers_total") == metric(p_before, "frontier_pd_sent_transfers_total") + 1
+
+
+def test_unknown_transfer_is_rejected_and_decode_recomputes(pair):
+    P, D, pport = pair
+    b = body(words(30, seed=5), 6)
+    base = post(D.url, b)
+    before = fresh_metrics(P)
+    t0 = time.monotonic()
+    got = post(D.url, {**b, "kv_transfer_params": consume("never-produced", f"tcp://127.0.0.1:{pport}")})
+    assert token_ids(got) == token_ids(base)
+    assert time.monotonic() - t0 < 30  # bounded by FRONTIER_PD_UNKNOWN_WAIT=3 plus compute
+    assert metric(fresh_metrics(P), "frontier_pd_rejected_unknown_total") == metric(before, "frontier_pd_rejected_unknown_total") + 1
+
+
+def test_connection_killed_mid_transfer(pair):
+    P, D, pport = pair
+    b = body(words(400, seed=6), 8)
+    base = post(D.url, b)
+    assert base["usage"]["prompt_tokens"] > 300  # ~1.4 MB of KV: the cut lands mid-transfer
+    before = fresh_metrics(D)
+    tid = uuid.uuid4().hex
+    post(P.url, {**b, "max_tokens": 1, "kv_transfer_params": {"frontier_pd": "produce", "transfer_id": tid}})
+    proxy = CuttingProxy(pport, limit=65536)
+    t0 = time.monotonic()
+    got = post(D.url, {**b, "kv_transfer_params": consume(tid, f"tcp://127.0.0.1:{proxy.port}")})
+    assert proxy.cut.is_set()
+    assert token_ids(got) == token_ids(base)
+    assert time.monotonic() - t0 < 30
+    after = fresh_metrics(D)
+    assert metric(after, "frontier_pd_recv_failed_total") == metric(before, "frontier_pd_recv_failed_total") + 1
+
+
+def test_load_50_concurrent_mixed_lengths(pair, router):
+    P, D, _ = pair
+    reqs = [body(words(5 + (i * 37) % 300, seed=i), 1 + (i * 7) % 24) for i in range(50)]
+    with ThreadPoolExecutor(50) as ex:
+        want = list(ex.map(lambda b: token_ids(post(D.url, b)), reqs))
+    before = fresh_metrics(D)
+    with ThreadPoolExecutor(50) as ex:
+        got = list(ex.map(lambda b: token_ids(post(router.url, b, timeout=600)), reqs))
+    lost = [i for i, g in enumerate(got) if len(g) != reqs[i]["max_tokens"]]
+    assert lost == []
+    assert sum(g == w for g, w in zip(got, want)) == 50
+    after_d = fresh_metrics(D)
+    assert metric(after_d, "frontier_pd_recv_transfers_total") - metric(before, "frontier_pd_recv_transfers_total") == 50
+    # no leaked blocks on either side, nothing left staged on the prefill side
+    for srv in (P, D):
+        m = fresh_metrics(srv)
+        assert metric(m, "vllm:kv_cache_usage_perc") == 0.0
+        assert metric(m, "vllm:num_requests_running") == 0.0
+    assert metric(fresh_metrics(P), "frontier_pd_staging_transfers_now") == 0.0
+    rm = router.metrics()
+    assert metric(rm, "frontier_router_requests_total") >= 50
+    assert metric(rm, "frontier_router_kv_bytes_moved") > 0
+
+
+def test_staging_drains_and_no_blocks_leak_after_faults(pair):
+    """Transfers orphaned by the fault tests expire (TTL 15 s); pools are back to baseline."""
+    P, D, _ = pair
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        m = fresh_metrics(P)
+        if metric(m, "frontier_pd_staging_transfers_now") == 0:
+            break
+        time.sleep(2)
+    assert metric(m, "frontier_pd_staging_transfers_now") == 0.0
+    assert metric(m, "frontier_pd_staging_bytes_now") == 0.0
+    for srv in (P, D):
+        assert metric(fresh_metrics(srv), "vllm:kv_cache_usage_perc") == 0.0
+
+
+def test_dead_decode_instance_leaves_rotation(pair):
+    """Runs last: kills the decode instance. P also serves decode (`--both`), so requests keep working."""
+    P, D, _ = pair
+    r = Router(["--both", P.url, "--decode", D.url, "--max-retries", "1"])
+    try:
+        b = body(words(20, seed=8), 6)
+        want = token_ids(post(P.url, b))
+        os.killpg(D.proc.pid, signal.SIGKILL)
+        D.proc.wait(timeout=30)
+        for _ in range(4):  # whichever decode instance is picked, every request succeeds
+            assert token_ids(post(r.url, b)) == want
+        h = requests.get(r.url + "/health", timeout=10).json()
+        assert {i["url"]: i["healthy"] for i in h["instances"]} == {P.url: True, D.url: False}
+        assert metric(fresh_metrics(P), "vllm:kv_cache_usage_perc") == 0.0
+    finally:
+        r.stop()
