@@ -74,11 +74,26 @@ def default_model_path() -> Path:
     return cache
 
 
+def preflight(features: Features, cfg: dict) -> None:
+    """Reject, before vLLM starts, a model a switched-on feature cannot serve (one line, exit code 2)."""
+    attn = features.dsa and "index_topk" in cfg or features.mla and "kv_lora_rank" in cfg
+    if attn:
+        head = (cfg.get("kv_lora_rank") or 0) + (cfg.get("qk_rope_head_dim") or 0)
+        if head != 576:
+            fail(f"the DSA/MLA backends need kv_lora_rank + qk_rope_head_dim = 576 (DeepSeek's 512 + 64); "
+                 f"this model has {cfg.get('kv_lora_rank')} + {cfg.get('qk_rope_head_dim')}")
+    if features.dsa and "index_topk" in cfg:
+        topk = cfg["index_topk"]
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk <= 0:
+            fail(f"index_topk must be a positive integer, the model's config.json has {topk!r}")
+
+
 def plan_serve_args(features: Features, model: str, args: list[str]) -> list[str]:
     """vLLM serve arguments that switched-on features need for this model (explicit user args win)."""
     extra: list[str] = []
     cfg_path = Path(model) / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    preflight(features, cfg)
     if features.fp4 and not _has_flag(args, "--quantization") and not _has_flag(args, "-q"):
         extra += ["--quantization", "frontier_fp4"]
     if features.mtp and not _has_flag(args, "--speculative-config"):

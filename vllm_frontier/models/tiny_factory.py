@@ -216,3 +216,29 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     print(out)
     return 0
+
+
+def dense_v3_view(v32_dir, out_dir) -> Path:
+    """The same weights as a DeepSeek-V3.2 checkpoint without the indexer, as a dense `DeepseekV3ForCausalLM`.
+
+    With `index_topk` >= the context length, DSA attends to every token, so the two must agree.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(v32_dir), Path(out_dir)
+    cfg = json.loads((src / "config.json").read_text())
+    if "index_topk" not in cfg:
+        raise ValueError(f"{src} is not a DeepSeek-V3.2 checkpoint (no index_topk in config.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v for k, v in load_file(str(src / "model.safetensors")).items() if ".indexer." not in k}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for key in ("index_topk", "index_n_heads", "index_head_dim"):
+        cfg.pop(key)
+    cfg.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
+    return out

@@ -19,10 +19,6 @@ DENSE_MLA_BACKEND = "vllm_frontier.attention_backends.dense_mla.FrontierMLABacke
 DSA_BLOCK_SIZE = 64
 
 
-class ModelSupportError(ValueError):
-    """A switched-on feature cannot run with this model as configured; the message says how to fix it."""
-
-
 def attention_backend_path(features: Features, selector) -> str | None:
     """Our backend's class path for this attention layer, or None to let vLLM choose."""
     if selector.use_sparse and features.dsa:
@@ -76,7 +72,9 @@ def update_config(features: Features, vllm_config) -> None:
     topk = getattr(text, "index_topk", None)
     if features.dsa and topk is not None:
         if not isinstance(topk, int) or topk <= 0:
-            raise ModelSupportError(f"index_topk must be a positive integer, got {topk!r}: fix the model's config.json")
+            from .cli_flag import fail
+
+            fail(f"index_topk must be a positive integer, the model's config.json has {topk!r}")
         cache = vllm_config.cache_config
         if cache.block_size != DSA_BLOCK_SIZE:
             logger.info("vllm-frontier: DSA sets the KV block size to %d (was %s)", DSA_BLOCK_SIZE, cache.block_size)

@@ -1,0 +1,73 @@
+"""Dense MLA backend (`--plugin mla`): vLLM's MLA scaffolding with decode on our FlashMLA-equivalent kernels.
+
+Prefill runs vLLM's own non-absorbed (MHA) path; decode, including MTP verification steps with several
+query tokens per request, runs the absorbed (MQA) form through `flash_mla_with_kvcache`: Triton on GPUs,
+the vectorized torch reference on CPU. Any block size; bf16/fp16/fp32 or the 656-byte FP8 cache.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from vllm.model_executor.layers.attention.mla_attention import MLACommonBackend, MLACommonMetadata
+from vllm.v1.attention.backend import MultipleOf
+from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
+
+from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache
+
+from .latent_cache_io import SUPPORTED_KV_CACHE_DTYPES, check_kv_cache_dtype, is_fp8_cache, write_rows
+from .token_layout import token_rows
+
+
+class FrontierMLABackend(MLACommonBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = SUPPORTED_KV_CACHE_DTYPES
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [576]
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(1)]
+
+    @classmethod
+    def supports_block_size(cls, block_size: int | None) -> bool:
+        return block_size is None or block_size > 0
+
+    @staticmethod
+    def get_impl_cls() -> type["FrontierMLAImpl"]:
+        return FrontierMLAImpl
+
+
+class FrontierMLAImpl(CPUMLAImpl):
+    """CPU-safe attribute setup from vLLM's CPU MLA impl; decode and cache writes are ours."""
+
+    can_return_lse_for_decode: bool = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        check_kv_cache_dtype(self.kv_cache_dtype, "the vllm-frontier MLA backend")
+
+    def forward_mqa(self, q, kv_c_and_k_pe_cache: torch.Tensor, attn_metadata: MLACommonMetadata, layer):
+        decode = attn_metadata.decode
+        assert decode is not None
+        if isinstance(q, tuple):
+            q = torch.cat(q, dim=-1)
+        num_tokens = q.shape[0]
+        # Decode requests come first in the batch; each of their tokens becomes one kernel row.
+        qsl = attn_metadata.query_start_loc[: attn_metadata.num_decodes + 1]
+        req, visible = token_rows(qsl, decode.seq_lens, num_tokens)
+        out, lse = flash_mla_with_kvcache(
+            q.unsqueeze(1), kv_c_and_k_pe_cache, decode.block_table[req], visible,
+            head_dim_v=self.kv_lora_rank, softmax_scale=self.scale, is_fp8_kvcache=is_fp8_cache(self.kv_cache_dtype),
+        )
+        return out[:, 0], lse[:, :, 0]
+
+    def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale) -> None:
+        write_rows(kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype)

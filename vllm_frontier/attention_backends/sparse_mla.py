@@ -1,0 +1,156 @@
+"""Sparse MLA backend for DeepSeek-V3.2 (DSA): every query token attends to its indexer's top-k tokens only.
+
+All tokens of a step, decode and prefill alike, take the absorbed (MQA) path, as FlashMLA's sparse kernels
+do: our indexer (`indexer_op.py`) writes each token's top-k request-local positions into the shared
+`topk_indices_buffer`; `forward_mqa` hands them to `flash_mla_with_kvcache(..., indices=...)` (Triton on
+GPUs, the vectorized torch reference on CPU). Any `index_topk`, any block size, bf16/fp32 or FP8 cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.attention.sparse_mla_attention import SharedTopkIndicesBuffer
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+    MLAAttentionImpl,
+    MultipleOf,
+)
+
+from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache
+
+from .latent_cache_io import SUPPORTED_KV_CACHE_DTYPES, check_kv_cache_dtype, is_fp8_cache, write_rows
+from .token_layout import token_rows
+
+
+class FrontierSparseMLABackend(AttentionBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = SUPPORTED_KV_CACHE_DTYPES
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_metadata_cls() -> type["FrontierSparseMLAMetadata"]:
+        return FrontierSparseMLAMetadata
+
+    @staticmethod
+    def get_builder_cls() -> type["FrontierSparseMLAMetadataBuilder"]:
+        return FrontierSparseMLAMetadataBuilder
+
+    @staticmethod
+    def get_impl_cls() -> type["FrontierSparseMLAImpl"]:
+        return FrontierSparseMLAImpl
+
+    @classmethod
+    def is_mla(cls) -> bool:
+        return True
+
+    @classmethod
+    def is_sparse(cls) -> bool:
+        return True
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return [576]
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(1)]
+
+    @classmethod
+    def supports_block_size(cls, block_size: int | None) -> bool:
+        return block_size is None or block_size > 0
+
+
+@dataclass
+class FrontierSparseMLAMetadata(AttentionMetadata):
+    """One step's layout. Every token is an MQA ("decode") token: there is no separate prefill path."""
+
+    num_reqs: int
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1]
+    slot_mapping: torch.Tensor  # [num_actual_tokens]
+    block_table: torch.Tensor  # [num_reqs, max_blocks]
+    seq_lens: torch.Tensor  # [num_reqs]
+    token_req: torch.Tensor  # [num_actual_tokens] request of each token
+    token_visible: torch.Tensor  # [num_actual_tokens] causal length (position + 1) of each token
+    max_seq_len: int
+    block_size: int
+    topk_tokens: int
+    num_decodes: int = 0
+    num_decode_tokens: int = 0
+    num_prefills: int = 0
+    prefill: None = None
+    decode: None = None
+
+
+class FrontierSparseMLAMetadataBuilder(AttentionMetadataBuilder[FrontierSparseMLAMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.kv_cache_spec = kv_cache_spec
+        self.topk_tokens = vllm_config.model_config.hf_text_config.index_topk
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> FrontierSparseMLAMetadata:
+        m = common_attn_metadata
+        n = m.num_actual_tokens
+        req, visible = token_rows(m.query_start_loc, m.seq_lens, n)
+        return FrontierSparseMLAMetadata(
+            num_reqs=m.num_reqs, num_actual_tokens=n, query_start_loc=m.query_start_loc,
+            slot_mapping=m.slot_mapping[:n], block_table=m.block_table_tensor, seq_lens=m.seq_lens,
+            token_req=req, token_visible=visible, max_seq_len=m.max_seq_len,
+            block_size=self.kv_cache_spec.block_size, topk_tokens=self.topk_tokens,
+            num_decodes=m.num_reqs, num_decode_tokens=n, num_prefills=0,
+        )
+
+
+class FrontierSparseMLAImpl(MLAAttentionImpl[FrontierSparseMLAMetadata], SharedTopkIndicesBuffer):
+    is_sparse = True
+    can_return_lse_for_decode = True
+
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                 logits_soft_cap, attn_type, kv_sharing_target_layer_name, topk_indices_buffer=None,
+                 indexer=None, **mla_args) -> None:
+        if any([alibi_slopes, sliding_window, logits_soft_cap, kv_sharing_target_layer_name]):
+            raise NotImplementedError("the vllm-frontier sparse MLA backend does not support alibi, sliding "
+                                      "windows, logit soft-capping or KV sharing")
+        check_kv_cache_dtype(kv_cache_dtype, "the vllm-frontier sparse MLA backend")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_lora_rank: int = mla_args["kv_lora_rank"]
+        self.supports_quant_query_input = False
+        self.dcp_world_size = 1
+        self.init_topk_indices_buffer(indexer, topk_indices_buffer)
+
+    def record_logical_topk_ready(self) -> None:
+        """The indexer has filled the shared top-k buffer (nothing to synchronize on one stream)."""
+
+    def forward_mqa(self, q, kv_c_and_k_pe_cache: torch.Tensor, attn_metadata: FrontierSparseMLAMetadata, layer):
+        if isinstance(q, tuple):
+            q = torch.cat(q, dim=-1)
+        n = q.shape[0]
+        md = attn_metadata
+        topk = self.topk_indices_buffer[:n, : md.topk_tokens]
+        out, lse = flash_mla_with_kvcache(
+            q.unsqueeze(1), kv_c_and_k_pe_cache, md.block_table[md.token_req[:n]], md.token_visible[:n],
+            head_dim_v=self.kv_lora_rank, softmax_scale=self.scale,
+            is_fp8_kvcache=is_fp8_cache(self.kv_cache_dtype), indices=topk.unsqueeze(1),
+        )
+        return out[:, 0], lse[:, :, 0]
+
+    def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale) -> None:
+        write_rows(kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype)
