@@ -408,6 +408,7 @@ class FrontierPDConnector(KVConnectorBase_V1):
                     f"transfer {spec.tid}: peer staged {res.num_tokens} tokens, we need "
                     f"{spec.num_tokens}; incomplete layers: {missing[:3]}"
                 )
+            self._counters.incr("recv_wall_us", int(res.seconds * 1e6))
             ok = True
         except Exception as e:  # any failure -> vLLM's kv_load_failure_policy
             ok = False
