@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.mla_attention import MLACommonBackend, MLACommonMetadata
 from vllm.v1.attention.backend import MultipleOf
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
@@ -18,6 +19,8 @@ from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache
 
 from .latent_cache_io import SUPPORTED_KV_CACHE_DTYPES, check_kv_cache_dtype, is_fp8_cache, write_rows
 from .token_layout import token_rows
+
+logger = init_logger("vllm.frontier.dense_mla")
 
 
 class FrontierMLABackend(MLACommonBackend):
@@ -53,6 +56,7 @@ class FrontierMLAImpl(CPUMLAImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         check_kv_cache_dtype(self.kv_cache_dtype, "the vllm-frontier MLA backend")
+        logger.info_once("vllm-frontier: dense MLA backend (kv cache %s)", self.kv_cache_dtype)
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache: torch.Tensor, attn_metadata: MLACommonMetadata, layer):
         decode = attn_metadata.decode

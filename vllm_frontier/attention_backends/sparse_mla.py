@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.sparse_mla_attention import SharedTopkIndicesBuffer
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -28,6 +29,8 @@ from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache
 
 from .latent_cache_io import SUPPORTED_KV_CACHE_DTYPES, check_kv_cache_dtype, is_fp8_cache, write_rows
 from .token_layout import token_rows
+
+logger = init_logger("vllm.frontier.sparse_mla")
 
 
 class FrontierSparseMLABackend(AttentionBackend):
@@ -135,6 +138,7 @@ class FrontierSparseMLAImpl(MLAAttentionImpl[FrontierSparseMLAMetadata], SharedT
         self.supports_quant_query_input = False
         self.dcp_world_size = 1
         self.init_topk_indices_buffer(indexer, topk_indices_buffer)
+        logger.info_once("vllm-frontier: sparse MLA (DSA) backend (kv cache %s)", kv_cache_dtype)
 
     def record_logical_topk_ready(self) -> None:
         """The indexer has filled the shared top-k buffer (nothing to synchronize on one stream)."""
