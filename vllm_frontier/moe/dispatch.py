@@ -17,6 +17,7 @@ traffic.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -43,12 +44,14 @@ class ByteCounters:
     gather_sent: int = 0
     gather_recv: int = 0
     calls: int = 0
+    comm_seconds: float = 0.0
+    """Wall time spent inside the collectives (dispatch, meta, combine, gather, counts)."""
 
     def reset(self) -> None:
         for k in asdict(self):
             setattr(self, k, 0)
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
     @property
@@ -70,7 +73,9 @@ class AllToAll:
         """Tell every rank how many rows it will get from us; return what we get."""
         send = torch.tensor(send_counts, dtype=torch.int64)
         recv = torch.empty_like(send)
+        start = time.perf_counter()
         dist.all_to_all_single(recv, send, group=self.group)
+        self.counters.comm_seconds += time.perf_counter() - start
         off = (self.world_size - 1) * send.element_size()
         self.counters.meta_sent += off
         self.counters.meta_recv += off
@@ -87,7 +92,9 @@ class AllToAll:
         """
         rows = rows.contiguous()
         out = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
+        start = time.perf_counter()
         dist.all_to_all_single(out, rows, recv_counts, send_counts, group=self.group)
+        self.counters.comm_seconds += time.perf_counter() - start
         row_bytes = math.prod(rows.shape[1:]) * rows.element_size()
         sent = (sum(send_counts) - send_counts[self.rank]) * row_bytes
         recv = (sum(recv_counts) - recv_counts[self.rank]) * row_bytes

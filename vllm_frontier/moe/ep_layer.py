@@ -99,16 +99,24 @@ class EPMoELayer:
         self.comm.counters.calls += 1
         return combine(partials, state, self.comm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """MoE on this rank's own tokens ``x [T_r, H]`` -> ``[T_r, H]`` (x.dtype). Collective."""
+    def forward(
+        self, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """MoE on this rank's own tokens ``x [T_r, H]`` -> ``[T_r, H]`` (x.dtype). Collective.
+
+        ``routing``: optional ``(topk_weights, topk_ids)`` for these tokens (skips the router).
+        """
         if x.dim() != 2:
             raise ValueError(f"x must be [T, H], got {tuple(x.shape)}")
-        topk_w, topk_ids = self.route(x)
+        topk_w, topk_ids = self.route(x) if routing is None else routing
         routed = self.experts(x, topk_w, topk_ids)
         return finish(routed, shared_expert(x, self.shared), x.dtype)
 
     def forward_replicated(
-        self, x: torch.Tensor, token_ranks: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        token_ranks: torch.Tensor | None = None,
+        routing: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """MoE on a batch replicated on every rank. Collective.
 
@@ -117,6 +125,7 @@ class EPMoELayer:
             token_ranks: ``[T]`` int64 rank that runs each token, identical on all
                 ranks (e.g. from :func:`~vllm_frontier.moe.shuffle.plan_token_ranks`);
                 None = contiguous chunks (plain EP).
+            routing: optional replicated ``(topk_weights [T, k], topk_ids [T, k])``.
 
         Returns:
             ``[T, H]`` (x.dtype), identical on all ranks.
@@ -130,7 +139,8 @@ class EPMoELayer:
         if t and (token_ranks.min() < 0 or token_ranks.max() >= n):
             raise ValueError(f"token_ranks must lie in [0, {n})")
         own = (token_ranks == self.rank).nonzero().flatten()
-        out_own = self.forward(x[own])
+        own_routing = None if routing is None else (routing[0][own], routing[1][own])
+        out_own = self.forward(x[own], own_routing)
         per_rank = torch.bincount(token_ranks, minlength=n).tolist()
         gathered = self.comm.exchange(
             out_own.repeat(n, 1), [own.numel()] * n, per_rank, "gather"
