@@ -76,7 +76,8 @@ def _args(**kw):
     for k in ("prefill", "decode", "both"):
         if kw.get(k):
             argv += [f"--{k}", *kw[k]]
-    argv += ["--health-interval", "0.2", "--queue-timeout", str(kw.get("queue_timeout", 0.2))]
+    argv += ["--health-interval", "0.2", "--queue-timeout", str(kw.get("queue_timeout", 0.2)),
+             "--dispatch", kw.get("dispatch", "concurrent")]
     return R.parse_args(argv)
 
 
@@ -187,3 +188,15 @@ def test_cli_errors(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm_frontier.schedulers.auto_ratio", None)  # module absent
     rc = R.main(["--both", "http://127.0.0.1:1", "--auto-ratio", "--slo-ttft", "500", "--slo-tpot", "50"])
     assert rc == 2 and "--auto-ratio is unavailable" in capsys.readouterr().err
+
+
+def test_sequential_dispatch_with_dead_prefill_computes_on_decode():
+    async def fn(s, url, insts, pool):
+        P, D = insts
+        async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
+            assert r.status == 200 and (await r.json())["choices"][0]["text"] == "DD"
+        assert "kv_transfer_params" not in D.seen[0]  # no KV to pull: the prompt is computed on D
+        assert len(P.seen) == 1
+
+    asyncio.run(_with_router([FakeInstance("P", fail_completions=True), FakeInstance("D")],
+                             ["prefill", "decode"], fn, dispatch="sequential"))

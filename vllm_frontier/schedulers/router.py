@@ -199,7 +199,9 @@ class Router:
         remote = pinst.kv_addr
         prefill_task = asyncio.create_task(self._prefill(path, body, tid, pinst))
         if self.args.dispatch == "sequential":
-            await asyncio.shield(prefill_task)
+            pdata, _ = await asyncio.shield(prefill_task)
+            if pdata is None:
+                remote = None  # prefill failed: the decode instance computes the prompt
 
         tried: list[str] = []
         resp: web.StreamResponse | None = None
