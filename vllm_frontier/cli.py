@@ -88,19 +88,54 @@ def preflight(features: Features, cfg: dict) -> None:
             fail(f"index_topk must be a positive integer, the model's config.json has {topk!r}")
 
 
-def plan_serve_args(features: Features, model: str, args: list[str]) -> list[str]:
+def _drop_inapplicable_for_all(features: Features, cfg: dict, args: list[str]) -> Features:
+    """With `--plugin all`, switch off features that need a deployment the command line does not describe."""
+    import dataclasses
+
+    drop = {}
+    if features.pd and not os.environ.get("FRONTIER_PD_SECRET") and not _has_flag(args, "--kv-transfer-config"):
+        drop["pd"] = "P/D needs FRONTIER_PD_SECRET (and a router); serving colocated"
+    if features.spec_moe and not (_has_flag(args, "--enable-expert-parallel") or _has_flag(args, "-ep")):
+        drop["spec_moe"] = "speculative MoE needs expert parallelism (--enable-expert-parallel)"
+    for name, reason in drop.items():
+        print(f"vllm-frontier: {name} stays off: {reason}", file=sys.stderr)
+        os.environ[f"FRONTIER_{name.upper()}"] = "0"
+    return dataclasses.replace(features, **{name: False for name in drop})
+
+
+def plan_serve_args(features: Features, model: str, args: list[str]) -> tuple[Features, list[str]]:
     """vLLM serve arguments that switched-on features need for this model (explicit user args win)."""
     extra: list[str] = []
     cfg_path = Path(model) / "config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     preflight(features, cfg)
+    if features.all:
+        features = _drop_inapplicable_for_all(features, cfg, args)
     if features.fp4 and not _has_flag(args, "--quantization") and not _has_flag(args, "-q"):
         extra += ["--quantization", "frontier_fp4"]
     if features.mtp and not _has_flag(args, "--speculative-config"):
-        if cfg.get("num_nextn_predict_layers", 0) > 0:
-            spec = {"method": "mtp", "num_speculative_tokens": features.mtp_k}
+        spec = _speculative_config(features, cfg)
+        if spec is not None:
             extra += ["--speculative-config", json.dumps(spec)]
-    return args + extra
+    if features.pd and not _has_flag(args, "--kv-transfer-config"):
+        if not os.environ.get("FRONTIER_PD_SECRET"):
+            fail("--plugin pd needs FRONTIER_PD_SECRET (the same secret on every instance) and FRONTIER_PD_PORT")
+        from .kv_connectors import CONNECTOR_NAME
+
+        kv = {"kv_connector": CONNECTOR_NAME, "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
+        extra += ["--kv-transfer-config", json.dumps(kv)]
+    return features, args + extra
+
+
+def _speculative_config(features: Features, cfg: dict) -> dict | None:
+    """MTP drafting for models with MTP layers (the spec_decode package may refine the choice)."""
+    if cfg.get("num_nextn_predict_layers", 0) <= 0:
+        return None
+    try:
+        from .spec_decode import speculative_config
+    except ImportError:
+        return {"method": "mtp", "num_speculative_tokens": features.mtp_k}
+    return speculative_config(features, cfg)
 
 
 def serve(argv: list[str]) -> int:
@@ -117,7 +152,7 @@ def serve(argv: list[str]) -> int:
     elif not _has_flag(args, "--model"):
         args = ["--model", str(default_model_path())] + args
     model = _flag_value(args, "--model")
-    args = plan_serve_args(features, model, args)
+    features, args = plan_serve_args(features, model, args)
     print(f"vllm-frontier serve: {features.describe()}; vLLM args: {' '.join(args)}", file=sys.stderr)
     sys.argv = ["vllm-frontier serve", *args]
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_serve
