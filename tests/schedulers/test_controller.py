@@ -203,3 +203,34 @@ def test_controller_imports_neither_torch_nor_vllm():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm')]; print(bad); sys.exit(bool(bad))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_reverse_cooldown_blocks_an_immediate_reversal():
+    ctrl = RatioController(cfg(confirm=1, reverse_cooldown_s=20.0, max_step_frac=0.1))
+    n_p, n_d = 2, 14
+    d1 = ctrl.step(sample(2.0, 40, PREFILL_HEAVY, n_p, n_d))
+    assert d1.changed and d1.n_prefill > 2
+    n_p, n_d = d1.n_prefill, d1.n_decode
+    last_up = 2.0
+    reversals = []
+    for k in range(2, 30):
+        t = 2.0 * k
+        d = ctrl.step(sample(t, 40, DECODE_HEAVY, n_p, n_d))
+        if d.changed and d.n_prefill > n_p and not reversals:
+            last_up = t
+        if d.changed and d.n_prefill < n_p:
+            reversals.append(t)
+        n_p, n_d = d.n_prefill, d.n_decode
+    assert reversals, "the decode-heavy load must eventually move instances back"
+    assert reversals[0] - last_up >= 20.0, (last_up, reversals)
+
+
+def test_demand_smoothing_damps_a_one_sample_spike():
+    raw, smooth = RatioController(cfg()), RatioController(cfg(demand_smoothing=0.3))
+    for c in (raw, smooth):
+        c.step(sample(2.0, 10, PREFILL_HEAVY, 4, 4))
+    r = raw.step(sample(4.0, 10, PREFILL_HEAVY, 4, 4, queued_prefill_tokens=200_000,
+                        queued_prefill_sq_tokens=200_000 * 1500))
+    s_ = smooth.step(sample(4.0, 10, PREFILL_HEAVY, 4, 4, queued_prefill_tokens=200_000,
+                            queued_prefill_sq_tokens=200_000 * 1500))
+    assert s_.need_prefill < r.need_prefill

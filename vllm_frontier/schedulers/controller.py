@@ -59,9 +59,11 @@ class ControllerConfig:
         max_util: utilisation cap for a prefill instance.
         horizon_s: forecast look-ahead (about the time a role change takes to take effect).
         smoothing / trend_smoothing: Holt's level and trend factors for the arrival rate (0..1].
+        demand_smoothing: EWMA factor applied to the demand estimates (1 = none).
         min_gain: relative pressure drop a new split must bring to be applied.
         confirm: consecutive decisions proposing a move (same direction) before it is applied.
         cooldown_s: minimum time between two applied changes.
+        reverse_cooldown_s: minimum time before a change in the opposite direction of the last one.
         max_step_frac: at most ``max(1, ceil(max_step_frac * N))`` instances change role per decision.
         min_per_role: instances each role always keeps (>= 1).
         feedback: scale costs by measured/predicted P90 when the SLO signal disagrees with the model.
@@ -77,9 +79,11 @@ class ControllerConfig:
     horizon_s: float = 10.0
     smoothing: float = 0.3
     trend_smoothing: float = 0.1
+    demand_smoothing: float = 1.0
     min_gain: float = 0.1
     confirm: int = 2
     cooldown_s: float = 0.0
+    reverse_cooldown_s: float = 0.0
     max_step_frac: float = 0.25
     min_per_role: int = 1
     feedback: bool = True
@@ -93,8 +97,10 @@ class ControllerConfig:
             raise ValueError(f"max_util must be in (0, 1), got {self.max_util}")
         if not (0 < self.smoothing <= 1 and 0 <= self.trend_smoothing <= 1):
             raise ValueError("smoothing must be in (0, 1] and trend_smoothing in [0, 1]")
-        if self.min_gain < 0 or self.confirm < 1 or self.cooldown_s < 0 or self.horizon_s < 0:
-            raise ValueError("min_gain, cooldown_s, horizon_s must be >= 0 and confirm >= 1")
+        if not 0 < self.demand_smoothing <= 1:
+            raise ValueError(f"demand_smoothing must be in (0, 1], got {self.demand_smoothing}")
+        if min(self.min_gain, self.cooldown_s, self.reverse_cooldown_s, self.horizon_s) < 0 or self.confirm < 1:
+            raise ValueError("min_gain, cooldown_s, reverse_cooldown_s, horizon_s must be >= 0 and confirm >= 1")
         if not 0 < self.max_step_frac <= 1:
             raise ValueError(f"max_step_frac must be in (0, 1], got {self.max_step_frac}")
         if self.min_per_role < 1:
@@ -182,9 +188,12 @@ class _State:
     dec_kv: float | None = None
     prefill_scale: float = 1.0
     decode_scale: float = 1.0
+    need_p: float | None = None
+    need_d: float | None = None
     pending_dir: int = 0
     pending_count: int = 0
     last_change_t: float | None = None
+    last_dir: int = 0
     history: list[RatioDecision] = field(default_factory=list)
 
 
@@ -339,7 +348,14 @@ class RatioController:
         self._update(x)
         self._feedback(x)
         n = x.n_prefill + x.n_decode
-        need_p, need_d = self.demand(x)
+        raw_p, raw_d = self.demand(x)
+        w = cfg.demand_smoothing
+        if s.need_p is None or not (math.isfinite(s.need_p) and math.isfinite(s.need_d)):
+            s.need_p, s.need_d = raw_p, raw_d
+        else:
+            s.need_p = w * raw_p + (1 - w) * s.need_p
+            s.need_d = w * raw_d + (1 - w) * s.need_d
+        need_p, need_d = s.need_p, s.need_d
         before = split_pressure(need_p, need_d, x.n_prefill, x.n_decode)
         lam = self.forecast_rate()
 
@@ -373,11 +389,15 @@ class RatioController:
                 return keep(f"waiting for confirmation {s.pending_count}/{cfg.confirm}")
             if s.last_change_t is not None and x.t - s.last_change_t < cfg.cooldown_s:
                 return keep("cooling down")
+            if (direction == -s.last_dir and s.last_change_t is not None
+                    and x.t - s.last_change_t < cfg.reverse_cooldown_s):
+                return keep("reversal too soon after the last change")
         max_step = max(1, math.ceil(cfg.max_step_frac * n))
         target = min(max(best, x.n_prefill - max_step), x.n_prefill + max_step) if not repair else best
         target = min(max(target, lo), hi)
         s.pending_dir = s.pending_count = 0
         s.last_change_t = x.t
+        s.last_dir = 1 if target > x.n_prefill else -1
         after = split_pressure(need_p, need_d, target, n - target)
         why = "repair: a role had fewer than min_per_role instances" if repair else (
             f"pressure {before:.2f} -> {after:.2f} (need P {need_p:.2f}, D {need_d:.2f}, rate {lam:.2f}/s)")

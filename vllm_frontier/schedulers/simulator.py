@@ -11,7 +11,8 @@ the `InstanceProfile` cost models (one step intercept, not two, when both kinds 
 - **Colocated** (role ``both``): vLLM-style chunked prefill: each step mixes the running decodes with up
   to ``chunk_tokens`` prompt tokens; the request then decodes on the same instance.
 - **Re-roling** (`set_role`): new work follows the new role at once; work already queued or running on the
-  instance finishes there (the same draining rule as the live `InstancePool`).
+  instance finishes there (the same draining rule as the live `InstancePool`). Steps that mix prefill and
+  decode (a re-roled instance draining) use chunked prefill.
 
 The same `RatioController` object as the live router is called every `interval_s` with a `LoadSample`
 built from the simulated measurements. Nothing is ever dropped: requests not finished by the end of
@@ -197,14 +198,17 @@ class _Instance:
                 yield self.wake
                 continue
             # Prefill part of this step.
-            budget = self.sim.cfg.chunk_tokens if self.role == "both" else prof.max_batch_tokens
+            # Steps that carry decodes use chunked prefill (vLLM's token budget); pure prefill steps batch
+            # whole prompts up to max_batch_tokens.
+            mixed = self.role == "both" or bool(self.finish_heap)
+            budget = self.sim.cfg.chunk_tokens if mixed else prof.max_batch_tokens
             chunks: list[tuple[_Job, int]] = []
             tok = sq = 0.0
             used = 0
             for job in self.prefill_q:
                 if used >= budget:
                     break
-                if self.role == "both":
+                if mixed:
                     take = min(job.left, budget - used)
                 else:
                     take = job.left  # whole prompts; at least one per step
