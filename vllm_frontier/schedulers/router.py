@@ -7,9 +7,9 @@ Per request (``/v1/completions``, ``/v1/chat/completions``, streaming or not):
 2. send P the request with ``max_tokens=1`` and ``kv_transfer_params`` *produce*
    (P computes the prompt, stages its KV layer by layer, returns one token);
 3. send D the client's request with *consume* parameters naming P's KV listener;
-   D pulls the KV while P still computes (``--dispatch concurrent``, the default) or
-   after P answered (``--dispatch sequential``), then decodes; D's answer goes back
-   to the client unchanged.
+   D pulls the KV after P answered (``--dispatch sequential``, the default) or while P
+   still computes (``--dispatch concurrent``: P's staged layers stream as they are
+   produced), then decodes; D's answer goes back to the client unchanged.
 
 Failures: an instance that refuses connections or answers 5xx is taken out of
 rotation (a health loop puts it back). A failed prefill does not fail the request: D's
@@ -363,8 +363,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="instances that serve either stage (kv_both)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8100)
-    ap.add_argument("--dispatch", choices=("concurrent", "sequential"), default="concurrent",
-                    help="send decode together with prefill (KV streams while P computes) or after it")
+    ap.add_argument("--dispatch", choices=("sequential", "concurrent"), default="sequential",
+                    help="send the decode request after the prefill answered (default), or together "
+                         "with it so the KV streams layer by layer while the prefill computes (needs "
+                         "FRONTIER_PD_UNKNOWN_WAIT on prefill instances above their queueing delay)")
     ap.add_argument("--wire", choices=("raw", "fp8"), default=None,
                     help="KV wire encoding requested from prefill instances (default: theirs)")
     ap.add_argument("--max-retries", type=int, default=1, help="decode retries on another instance")
