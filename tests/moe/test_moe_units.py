@@ -151,3 +151,41 @@ def test_predictors_learn_a_deterministic_mapping():
     trans = TransitionPredictor(8, p).fit(ids, ids)
     acc = prediction_accuracy(trans.predict(ids), ids, p)
     assert acc["hit"] == 1.0 and acc["covered"] == 1.0
+
+
+def test_pregroup_recovers_planted_clusters_and_balances():
+    from vllm_frontier.moe.pregroup import placement_stats, pregroup
+
+    # 16 experts in 4 planted clusters of 4 (scrambled ids); each token picks 2 experts of one cluster
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(16, generator=g)
+    clusters = perm.view(4, 4)
+    which = torch.randint(0, 4, (3000,), generator=g)
+    picks = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(3000)])
+    ids = clusters[which.unsqueeze(1), picks]
+    p = pregroup(ids, 16, 4)
+    stats = placement_stats(ids, p)
+    assert stats["distinct_ranks"] == 1.0 and stats["local_all"] == 1.0
+    assert stats["load_imbalance"] <= 1.1
+    assert placement_stats(ids, ExpertPlacement.linear(16, 4))["distinct_ranks"] > 1.3
+    # one expert per rank: nothing to group, the linear placement comes back
+    assert pregroup(ids, 16, 16) == ExpertPlacement.linear(16, 16)
+    with pytest.raises(ValueError, match="evenly"):
+        pregroup(ids, 16, 3)
+
+
+def test_trace_file_roundtrip_and_synthetic_shape(tmp_path):
+    from vllm_frontier.moe.traces import RoutingTraces, load_traces, synthetic_skewed_traces
+
+    tr = synthetic_skewed_traces(num_layers=2, num_tokens=500, num_experts=32, top_k=4, seed=1)
+    assert tr.topk_ids.shape == (2, 500, 4) and tr.token_ids.shape == (500,)
+    assert all(len(set(r)) == 4 for r in tr.topk_ids[0].tolist())  # distinct experts per token
+    back = load_traces(tr.save(tmp_path / "t.pt"))
+    assert torch.equal(back.topk_ids, tr.topk_ids) and torch.equal(back.token_ids, tr.token_ids)
+    a, b = tr.split(0.4)
+    assert a.num_tokens == 200 and b.num_tokens == 300
+    with pytest.raises(ValueError, match="expert ids"):
+        RoutingTraces(torch.tensor([[[0, 40]]]), 32)
+    torch.save({"format": "x"}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="record one"):
+        load_traces(tmp_path / "bad.pt")
