@@ -68,6 +68,8 @@ def update_config(features: Features, vllm_config) -> None:
     for name, reason in applicable(features, hf_config).items():
         if reason is not None:
             logger.info("vllm-frontier: %s stays off: %s", name, reason)
+    if features.fp4 and model_config.quantization is None and vllm_config.quant_config is None:
+        _select_fp4(vllm_config)
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     topk = getattr(text, "index_topk", None)
     if features.dsa and topk is not None:
@@ -79,6 +81,17 @@ def update_config(features: Features, vllm_config) -> None:
         if cache.block_size != DSA_BLOCK_SIZE:
             logger.info("vllm-frontier: DSA sets the KV block size to %d (was %s)", DSA_BLOCK_SIZE, cache.block_size)
             cache.block_size = DSA_BLOCK_SIZE
+
+
+def _select_fp4(vllm_config) -> None:
+    """FRONTIER_FP4 without `--quantization`: quantize the unquantized checkpoint online with frontier_fp4."""
+    from vllm.config import VllmConfig
+
+    from vllm_frontier.quantization import QUANT_NAME
+
+    vllm_config.model_config.quantization = QUANT_NAME
+    vllm_config.quant_config = VllmConfig._get_quantization_config(vllm_config.model_config, vllm_config.load_config)
+    logger.info("vllm-frontier: FP4 selects --quantization %s", QUANT_NAME)
 
 
 def register_cpu_kernel_overrides(features: Features) -> None:
