@@ -334,7 +334,9 @@ def cpu_sections(args) -> int:
             agree = [sum(a == b for a, b in zip(g0, g1)) / len(g0) for g0, g1 in zip(base["greedy"], r["greedy"])]
             first_div = [next((i for i, (a, b) in enumerate(zip(g0, g1)) if a != b), len(g0))
                          for g0, g1 in zip(base["greedy"], r["greedy"])]
+            dl = [abs(a - b) for w0, w1 in zip(base["logprobs"], r["logprobs"]) for a, b in zip(w0, w1)]
             rec[mode] = {
+                "mean_abs_logprob_delta": sum(dl) / len(dl), "max_abs_logprob_delta": max(dl),
                 "perplexity": ppl, "perplexity_bf16": ppl0, "perplexity_delta_pct": 100 * (ppl / ppl0 - 1),
                 "greedy_token_agreement": sum(agree) / len(agree),
                 "greedy_mean_tokens_before_divergence": sum(first_div) / len(first_div),

@@ -1,0 +1,115 @@
+"""The vLLM-facing pieces without an engine: registration, the config's env parsing and pickling, and the
+linear method on a bare module (including the identity-matrix read MLA does on kv_b_proj)."""
+
+import logging
+import pickle
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm_frontier.quantization import QUANT_NAME, register  # noqa: E402
+from vllm_frontier.quantization.fp4_formats import dequantize, quantize  # noqa: E402
+
+
+def test_register_is_idempotent():
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    from vllm_frontier.quantization.fp4_config import FrontierFP4Config
+
+    register()
+    register()
+    assert QUANTIZATION_METHODS.count(QUANT_NAME) == 1
+    assert get_quantization_config(QUANT_NAME) is FrontierFP4Config
+
+
+@pytest.mark.parametrize("env,fmt", [(None, "nvfp4"), ("1", "nvfp4"), ("nvfp4", "nvfp4"), ("mxfp4", "mxfp4"),
+                                     ("MXFP4", "mxfp4"), ("0", "nvfp4")])
+def test_config_reads_mode_from_env(monkeypatch, env, fmt):
+    from vllm_frontier.quantization.fp4_config import FrontierFP4Config
+
+    if env is None:
+        monkeypatch.delenv("FRONTIER_FP4", raising=False)
+    else:
+        monkeypatch.setenv("FRONTIER_FP4", env)
+    cfg = FrontierFP4Config()
+    assert cfg.fmt == fmt and cfg.get_name() == QUANT_NAME
+    assert FrontierFP4Config.get_config_filenames() == []  # so vLLM builds it with no arguments
+    # built once in the API process, pickled to the engine core and workers: the mode travels with it
+    monkeypatch.setenv("FRONTIER_FP4", "nvfp4" if fmt == "mxfp4" else "mxfp4")
+    assert pickle.loads(pickle.dumps(cfg)).fmt == fmt
+
+
+def test_config_rejects_bad_mode(monkeypatch):
+    from vllm_frontier.plugins.features import FeatureError
+    from vllm_frontier.quantization.fp4_config import FrontierFP4Config
+
+    monkeypatch.setenv("FRONTIER_FP4", "int4")
+    with pytest.raises(FeatureError, match="nvfp4, mxfp4"):
+        FrontierFP4Config()
+    with pytest.raises(ValueError, match="unknown format"):
+        FrontierFP4Config("fp8")
+    assert FrontierFP4Config.from_config({"quant_method": QUANT_NAME, "fmt": "mxfp4"}).fmt == "mxfp4"
+
+
+def test_non_linear_layers_are_left_alone():
+    from vllm_frontier.quantization.fp4_config import FrontierFP4Config
+
+    assert FrontierFP4Config("nvfp4").get_quant_method(torch.nn.LayerNorm(8), "model.norm") is None
+
+
+@pytest.fixture(autouse=True)
+def _single_rank(monkeypatch):
+    """vLLM's weight parameters ask for the tensor-parallel rank; outside an engine there is no group: rank 0 of 1."""
+    import vllm.model_executor.parameter as vparam
+
+    monkeypatch.setattr(vparam, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(vparam, "get_tensor_model_parallel_world_size", lambda: 1)
+
+
+def _loaded_layer(method, out_sizes, k, w):
+    layer = torch.nn.Module()
+
+    def weight_loader(param, loaded):
+        param.data.copy_(loaded)
+
+    method.create_weights(layer, k, out_sizes, k, sum(out_sizes), torch.float32, weight_loader=weight_loader)
+    layer.weight.weight_loader(layer.weight, w)
+    layer.quant_method = method
+    layer.input_size_per_partition = k
+    return layer
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_linear_method_quantizes_after_loading_and_reads_back_through_identity(fmt):
+    from vllm.model_executor.layers.quantization.utils.quant_utils import get_and_maybe_dequant_weights
+
+    from vllm_frontier.quantization.fp4_methods import FP4LinearMethod
+
+    w = torch.randn(48, 64)
+    method = FP4LinearMethod(fmt, "model.layers.0.self_attn.kv_b_proj")
+    layer = _loaded_layer(method, [32, 16], 64, w)
+    method.process_weights_after_loading(layer)
+    assert not hasattr(layer, "weight")  # the full-precision weight is gone
+    assert layer.weight_packed.dtype == torch.uint8 and layer.weight_packed.shape == (48, 32)
+    want = dequantize(quantize(w, fmt))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(method.apply(layer, x), x @ want.T, rtol=1e-5, atol=1e-5)  # fp32, order only
+    # MLA on CPU reads kv_b_proj's weight as apply(layer, eye(K)).T
+    torch.testing.assert_close(get_and_maybe_dequant_weights(layer), want, rtol=0, atol=0)
+
+
+def test_linear_method_leaves_misfit_layer_unquantized_with_a_log_line(caplog):
+    from vllm_frontier.quantization.fp4_methods import FP4LinearMethod
+
+    w = torch.randn(8, 24)
+    method = FP4LinearMethod("nvfp4", "model.layers.0.odd_proj")
+    with caplog.at_level(logging.INFO, logger="vllm.frontier.quantization"):
+        layer = _loaded_layer(method, [8], 24, w)
+    assert method.fallback is not None
+    method.process_weights_after_loading(layer)
+    assert any("model.layers.0.odd_proj" in r.getMessage() and "block size 16" in r.getMessage()
+               for r in caplog.records)
+    x = torch.randn(2, 24)
+    torch.testing.assert_close(method.apply(layer, x), x @ w.T)
