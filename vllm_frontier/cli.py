@@ -111,6 +111,9 @@ def plan_serve_args(features: Features, model: str, args: list[str]) -> tuple[Fe
     preflight(features, cfg)
     if features.all:
         features = _drop_inapplicable_for_all(features, cfg, args)
+    if features.spec_moe:
+        fail("--plugin spec_moe: the speculative EP MoE layer is not wired into vLLM in this build yet "
+             "(vllm_frontier.moe runs standalone over torch.distributed; see benchmarks/spec_moe.py)")
     if features.fp4 and not _has_flag(args, "--quantization") and not _has_flag(args, "-q"):
         extra += ["--quantization", "frontier_fp4"]
     if features.mtp and not _has_flag(args, "--speculative-config"):

@@ -7,42 +7,21 @@ the vectorized torch reference on CPU. Any block size; bf16/fp16/fp32 or the 656
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.mla_attention import MLACommonBackend, MLACommonMetadata
-from vllm.v1.attention.backend import MultipleOf
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
 
 from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache
 
-from .latent_cache_io import SUPPORTED_KV_CACHE_DTYPES, check_kv_cache_dtype, is_fp8_cache, write_rows
+from .capabilities import LatentBackendCapabilities
+from .latent_cache_io import check_kv_cache_dtype, is_fp8_cache, write_rows
 from .token_layout import token_rows
 
 logger = init_logger("vllm.frontier.dense_mla")
 
 
-class FrontierMLABackend(MLACommonBackend):
-    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = SUPPORTED_KV_CACHE_DTYPES
-
-    @staticmethod
-    def get_name() -> str:
-        return "CUSTOM"
-
-    @classmethod
-    def get_supported_head_sizes(cls) -> list[int]:
-        return [576]
-
-    @staticmethod
-    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        return [MultipleOf(1)]
-
-    @classmethod
-    def supports_block_size(cls, block_size: int | None) -> bool:
-        return block_size is None or block_size > 0
-
+class FrontierMLABackend(LatentBackendCapabilities, MLACommonBackend):
     @staticmethod
     def get_impl_cls() -> type["FrontierMLAImpl"]:
         return FrontierMLAImpl

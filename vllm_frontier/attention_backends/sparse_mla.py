@@ -22,25 +22,18 @@ from vllm.v1.attention.backend import (
     AttentionMetadataBuilder,
     CommonAttentionMetadata,
     MLAAttentionImpl,
-    MultipleOf,
 )
 
 from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache
 
-from .latent_cache_io import SUPPORTED_KV_CACHE_DTYPES, check_kv_cache_dtype, is_fp8_cache, write_rows
+from .capabilities import LatentBackendCapabilities
+from .latent_cache_io import check_kv_cache_dtype, is_fp8_cache, write_rows
 from .token_layout import token_rows
 
 logger = init_logger("vllm.frontier.sparse_mla")
 
 
-class FrontierSparseMLABackend(AttentionBackend):
-    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = SUPPORTED_KV_CACHE_DTYPES
-
-    @staticmethod
-    def get_name() -> str:
-        return "CUSTOM"
-
+class FrontierSparseMLABackend(LatentBackendCapabilities, AttentionBackend):
     @staticmethod
     def get_metadata_cls() -> type["FrontierSparseMLAMetadata"]:
         return FrontierSparseMLAMetadata
@@ -60,18 +53,6 @@ class FrontierSparseMLABackend(AttentionBackend):
     @classmethod
     def is_sparse(cls) -> bool:
         return True
-
-    @classmethod
-    def get_supported_head_sizes(cls) -> list[int]:
-        return [576]
-
-    @staticmethod
-    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
-        return [MultipleOf(1)]
-
-    @classmethod
-    def supports_block_size(cls, block_size: int | None) -> bool:
-        return block_size is None or block_size > 0
 
 
 @dataclass

@@ -1,6 +1,5 @@
-"""`FrontierCpuPlatform`: vLLM's CPU platform plus the hooks our features need.
+"""`FrontierCpuPlatform`: vLLM's CPU platform plus the hooks our features need (see `platform_hooks`).
 
-With every toggle off it behaves exactly like `CpuPlatform`, except that the serve parser accepts `--plugin`.
 Imports of vLLM layers stay inside methods (this module loads while `current_platform` is being resolved).
 """
 
@@ -9,28 +8,11 @@ from __future__ import annotations
 from vllm.platforms.cpu import CpuPlatform
 
 from . import model_support
-from .cli_flag import add_plugin_argument
 from .features import load_features
+from .platform_hooks import FrontierPlatformHooks
 
 
-class FrontierCpuPlatform(CpuPlatform):
-    @classmethod
-    def pre_register_and_update(cls, parser=None) -> None:
-        super().pre_register_and_update(parser)
-        add_plugin_argument(parser)
-
-    @classmethod
-    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
-        path = model_support.attention_backend_path(load_features(), attn_selector_config)
-        if path is not None:
-            return path
-        return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
-
-    @classmethod
-    def check_and_update_config(cls, vllm_config) -> None:
-        super().check_and_update_config(vllm_config)
-        model_support.update_config(load_features(), vllm_config)
-
+class FrontierCpuPlatform(FrontierPlatformHooks, CpuPlatform):
     @classmethod
     def register_triton_kernel_overrides(cls) -> None:
         super().register_triton_kernel_overrides()

@@ -1,31 +1,11 @@
-"""`FrontierCudaPlatform`: vLLM's CUDA platform plus `--plugin` and our DSA/MLA backend choice.
-
-With every toggle off it behaves exactly like `CudaPlatform`, except that the serve parser accepts `--plugin`.
-"""
+"""`FrontierCudaPlatform`: vLLM's CUDA platform plus `--plugin` and our DSA/MLA backend choice."""
 
 from __future__ import annotations
 
 from vllm.platforms.cuda import CudaPlatform
 
-from . import model_support
-from .cli_flag import add_plugin_argument
-from .features import load_features
+from .platform_hooks import FrontierPlatformHooks
 
 
-class FrontierCudaPlatform(CudaPlatform):
-    @classmethod
-    def pre_register_and_update(cls, parser=None) -> None:
-        super().pre_register_and_update(parser)
-        add_plugin_argument(parser)
-
-    @classmethod
-    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
-        path = model_support.attention_backend_path(load_features(), attn_selector_config)
-        if path is not None:
-            return path
-        return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
-
-    @classmethod
-    def check_and_update_config(cls, vllm_config) -> None:
-        super().check_and_update_config(vllm_config)
-        model_support.update_config(load_features(), vllm_config)
+class FrontierCudaPlatform(FrontierPlatformHooks, CudaPlatform):
+    pass
