@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model("deepseek_v2", Path(tmp) / "m", dtype="float32")
         with VllmServer(model, args=["--dtype", "float32", "--max-num-seqs", str(max(args.batches))],
-                        env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as srv:
+                        env={"VLLM_CPU_KVCACHE_SPACE": "1"}, startup_timeout=900) as srv:
             name = srv.model_name()
             sess = requests.Session()
 

@@ -9,13 +9,13 @@ is our design in its spirit):
 
 1. **Forecast** the arrival rate with Holt's linear smoothing over the per-interval rates and look
    `horizon_s` ahead (proactive: a rising load is provisioned before it arrives); smooth ``E[L]``,
-   ``E[L^2]`` (prompt) and ``E[O]`` (output) with an EWMA.
+   ``E[L^2]`` (prompt) and the decode moments of step 3 with an EWMA.
 2. **Prefill demand** (instances, real-valued). Expected prefill time per request is convex in length,
    ``D = a + b E[L] + c E[L^2]`` (so length variance raises it). A prefill instance is a queue with
    utilisation ``rho = lam D / n``; an M/G/1-style estimate of the P90 TTFT is
    ``D + k * rho D (1 + cv^2) / (2 (1 - rho))`` with ``k = ln 10`` (P90 of an exponential wait). The
    largest ``rho`` that keeps this under the TTFT SLO gives ``n_p = lam D / rho``. Queued prefill work
-   adds ``backlog_s / horizon_s`` instances.
+   adds ``backlog_s / max(horizon_s, slo_ttft_s)`` instances.
 3. **Decode demand.** Output lengths are predicted per prompt-length bucket from completed requests
    (length-aware: a shift from long-prompt/short-output to short-prompt/long-output work is seen at
    arrival, not when the outputs finish). A step of batch ``B`` costs ``a + b B + c ctx``; one request
@@ -23,15 +23,16 @@ is our design in its spirit):
    instances takes ``t = a + lam w t / n_d``; keeping ``t`` under ``tau = tpot_headroom * SLO`` needs
    ``n_d >= lam w / (1 - a / tau)``, and KV memory ``n_d >= lam w + lam E[O (L + O)] a / kv_capacity``.
 4. **Feedback.** When the measured P90 TTFT (TPOT) exceeds the model's prediction for the current
-   split, the prefill (decode) cost is scaled up by the ratio (EWMA, clamped), so a wrong cost model
-   is corrected by the SLO signal itself.
+   split by more than 25% (or falls 20% below it), the prefill (decode) cost is scaled by
+   ``ratio ** 0.3`` (clamped to 0.5..4 x), so a wrong cost model is corrected by the measurements.
 5. **Split** the N managed instances: ``n_p`` in ``[min_per_role, N - min_per_role]`` minimising the
    pressure ``max(need_p / n_p, need_d / n_d)``.
 6. **Hysteresis.** Change only if the new split lowers the pressure by at least `min_gain` (relative),
    the same direction was proposed `confirm` times in a row (skipped when the pressure exceeds 1, i.e. an
-   SLO is at risk), `cooldown_s` passed since the last change,
-   and move at most `max_step` instances at once. Never zero instances for a role (both are in use in
-   a disaggregated deployment).
+   SLO is at risk), `cooldown_s` passed since the last change (`reverse_cooldown_s` for a reversal),
+   and move at most ``ceil(max_step_frac * N)`` instances at once. Never zero instances for a role (both
+   are in use in a disaggregated deployment): `min_per_role` >= 1 is enforced, and a split that violates
+   it (e.g. after failures) is repaired at once.
 """
 
 from __future__ import annotations

