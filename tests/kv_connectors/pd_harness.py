@@ -23,10 +23,10 @@ from serving import REPO, VllmServer, free_port, server_env
 SECRET = "pd-test-secret"
 KV_CONFIG = json.dumps({"kv_connector": "FrontierPDConnector", "kv_role": "kv_both",
                         "kv_load_failure_policy": "recompute"})
-# fault timeouts: a rejected or unknown pull falls back within seconds; the idle timeout leaves room
-# for a prefill worker starved of CPU on a shared 2-core machine
-PD_ENV = {"FRONTIER_PD": "1", "FRONTIER_PD_SECRET": SECRET, "FRONTIER_PD_IDLE_TIMEOUT": "15",
-          "FRONTIER_PD_TIMEOUT": "30", "FRONTIER_PD_UNKNOWN_WAIT": "3", "FRONTIER_PD_STAGING_TTL": "15",
+# A rejected, unknown or cut pull falls back within seconds (ERR frame, disconnect event). The idle
+# timeout and TTL are generous: on a shared 2-core machine a worker's threads can starve for seconds.
+PD_ENV = {"FRONTIER_PD": "1", "FRONTIER_PD_SECRET": SECRET, "FRONTIER_PD_IDLE_TIMEOUT": "60",
+          "FRONTIER_PD_TIMEOUT": "120", "FRONTIER_PD_UNKNOWN_WAIT": "3", "FRONTIER_PD_STAGING_TTL": "60",
           "VLLM_CPU_KVCACHE_SPACE": "1"}
 ENGINE_ARGS = ["--dtype", "float32", "--kv-transfer-config", KV_CONFIG, "--max-num-seqs", "64",
                "--enforce-eager"]

@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.frontier.pd.connector")  # under "vllm.": vLLM configures its handlers
 
 __all__ = ["FrontierPDConnector", "FrontierPDMetadata", "SaveSpec", "LoadSpec"]
 

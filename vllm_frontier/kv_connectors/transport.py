@@ -47,7 +47,8 @@ __all__ = [
     "get_transport",
 ]
 
-logger = logging.getLogger(__name__)
+# under "vllm." so that vLLM's logging configuration (VLLM_LOGGING_LEVEL) applies in its processes
+logger = logging.getLogger("vllm.frontier.pd.transport")
 
 _CTRL_MAX_BYTES = 4096  # clients only send small control frames
 _KEEPALIVE_S = 0.5  # a waiting puller hears from the server this often
@@ -202,6 +203,7 @@ class _ZmqServer(KVServer):
             self._sock.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
+            logger.debug("frontier-pd: send to %s would block (%s)", ident.hex(), frames[0])
             return False
         except zmq.ZMQError as e:  # EHOSTUNREACH: the client disconnected
             if e.errno == zmq.EHOSTUNREACH:
@@ -227,6 +229,7 @@ class _ZmqServer(KVServer):
                 self._reject(ident, "rejected_busy", "too many open sessions")
                 return
             cn, tid = rest
+            logger.debug("frontier-pd: pull of %s from peer %s", tid, ident.hex())
             sn = auth.new_nonce()
             self._sessions[ident] = _Session(
                 tid=tid.decode(errors="replace"), client_nonce=cn, server_nonce=sn,
@@ -240,6 +243,7 @@ class _ZmqServer(KVServer):
                 self._reject(ident, "rejected_auth", f"peer failed authentication for {s.tid}")
                 return
             s.authed, s.started = True, time.monotonic()
+            logger.debug("frontier-pd: peer %s authenticated for %s", ident.hex(), s.tid)
         else:
             self._reject(ident, "rejected_protocol", f"unexpected frame {kind[:16]!r}")
 
@@ -271,6 +275,7 @@ class _ZmqServer(KVServer):
         if tr.closed:
             summary = {"chunks": s.next_chunk, "tokens": tr.num_tokens, "bytes": s.sent_bytes}
             if self._send(ident, b"END", json.dumps(summary).encode()):
+                logger.debug("frontier-pd: sent %s to %s: %s", s.tid, ident.hex(), summary)
                 self._counters.incr("sent_transfers")
                 self._counters.incr("sent_bytes", s.sent_bytes)
                 self._sessions.pop(ident, None)
@@ -325,6 +330,7 @@ def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) 
         sock.connect(addr)
         cn = auth.new_nonce()
         sock.send_multipart([b"PULL1", cn, tid_b])
+        logger.debug("frontier-pd: pulling %s from %s", tid, addr)
         msg = recv()
         kind = msg[0].bytes
         if kind == b"ERR":
@@ -339,6 +345,7 @@ def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) 
                 f"its KV for {tid} is rejected"
             )
         sock.send_multipart([b"AUTH", auth.client_proof(secret, cn, sn, tid_b)])
+        logger.debug("frontier-pd: %s authenticated %s", tid, addr)
         chunks = nbytes = 0
         while True:
             msg = recv()
