@@ -1,0 +1,95 @@
+"""MTP speculative decoding with an adaptive draft length, through vLLM 0.32's own hooks (no patches).
+
+Switched on by `--plugin mtp` / `FRONTIER_MTP=1` for models with MTP layers (`num_nextn_predict_layers` > 0):
+DeepSeek-V3 views on plain vLLM, V3.2 views through the DSA backend (`--plugin dsa,mtp`).
+`FRONTIER_MTP_K` (default 3, at most 8) caps the draft length.
+
+What vLLM 0.32 offers, read in its code:
+- Drafting: `{"method": "mtp", "num_speculative_tokens": K}` loads the checkpoint's MTP layer as
+  `DeepSeekMTP` and drafts with `EagleProposer`; the single MTP module is chained for positions > 1.
+- A per-step draft length: every `SchedulerOutput` carries `num_spec_tokens_to_schedule`, which the V1
+  model runner (also the CPU one) hands to `EagleProposer.propose`, 0 included. vLLM itself sets it only
+  from a static batch-size table (`num_speculative_tokens_per_batch_size`, "dynamic SD").
+- Not usable for MTP: the `custom_class` proposer gets token ids only (no target hidden states), and
+  `enable_adaptive_verification` exists for method "dspark" only.
+
+So the draft length can vary per step inside vLLM 0.32 without patching it: `AdaptiveDraftScheduler`
+(`vllm_frontier.spec_decode.scheduler`, installed through vLLM's `--scheduler-cls`) rewrites the
+batch-size -> k table before each step from measured acceptance and step times, and trims drafts made under
+a larger k before they are verified. Verification stays vLLM's rejection sampler: the output is the target
+model's (greedy: identical token ids).
+
+The rule (details and symbols in `policy`):
+    k*(B) = smallest k in [0, K] with B E(k) / T(B, k) >= 0.99 max_j B E(j) / T(B, j)
+    E(k)  = 1 + sum_{j<=k} prod_{i<=j} a_i      a_i: acceptance of position i given 1..i-1 accepted,
+                                                 counted over the last 128 engine steps
+    T(B,k) = F + B (k+1)(1+rho) + B max(k-1,0) rho
+                                                 F: per-step fixed cost in token units, fitted online from
+                                                 decode-step wall times; rho = 1 / num_hidden_layers
+Bounds: 0 <= k <= K. B is the number of decoding requests, so k falls as the batch grows and as acceptance
+drops. A position not drafted for 128 steps returns to an optimistic prior (the estimate of the position
+before it) and is probed again: at most one probing step per window when drafts are useless.
+
+Limits: the rule needs synchronous scheduling (vLLM's CPU platform always uses it; on GPUs pass
+`--no-async-scheduling`), because with async scheduling the drafts already in flight cannot be trimmed;
+with async scheduling the plugin keeps vLLM's fixed K and says so in the log. One k per step for the whole
+batch (vLLM drafts one k for all requests).
+
+Metrics: vLLM's `vllm:spec_decode_num_drafts_total`, `..._num_draft_tokens_total`,
+`..._num_accepted_tokens_total` and `..._num_accepted_tokens_per_pos_total` still count; the scheduler adds
+per-position conditional acceptance, tokens per target forward and the k histogram (`FRONTIER_MTP_STATS`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm.frontier.spec_decode")
+
+SCHEDULER_CLS = "vllm_frontier.spec_decode.scheduler.AdaptiveDraftScheduler"
+# vLLM's own synchronous scheduler: the fixed-K baseline, and what a user passes to opt out of adaptation.
+FIXED_SCHEDULER_CLS = "vllm.v1.core.sched.scheduler.Scheduler"
+
+__all__ = ["SCHEDULER_CLS", "FIXED_SCHEDULER_CLS", "speculative_config", "update_vllm_config", "register"]
+
+
+def speculative_config(features, model_cfg: dict) -> dict | None:
+    """The `--speculative-config` dict for a model's config.json (`model_cfg`), or None without MTP layers.
+
+    `features.mtp_k` (FRONTIER_MTP_K) is the cap K: vLLM sizes its buffers for K drafts and the adaptive
+    scheduler chooses k in [0, K] per step.
+    """
+    n_mtp = model_cfg.get("num_nextn_predict_layers") or 0
+    if not isinstance(n_mtp, int) or n_mtp <= 0:
+        return None
+    k = features.mtp_k
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"FRONTIER_MTP_K must be a positive integer, got {k!r}")
+    return {"method": "mtp", "num_speculative_tokens": k}
+
+
+def update_vllm_config(vllm_config) -> bool:
+    """Install the adaptive scheduler in a vLLM config that drafts with MTP; returns whether it did.
+
+    Call from the platform's `check_and_update_config` (API process and engine core). Leaves the config
+    alone when the user chose a scheduler class (`--scheduler-cls`), when the method is not MTP, or under
+    async scheduling (logged: the draft length then stays vLLM's fixed K).
+    """
+    spec = getattr(vllm_config, "speculative_config", None)
+    sched = vllm_config.scheduler_config
+    if spec is None or spec.method != "mtp" or sched.scheduler_cls is not None:
+        return False
+    if sched.async_scheduling:
+        logger.info("vllm-frontier: MTP keeps vLLM's fixed draft length %d under async scheduling; "
+                    "pass --no-async-scheduling for the adaptive draft length", spec.num_speculative_tokens)
+        return False
+    sched.scheduler_cls = SCHEDULER_CLS
+    logger.info("vllm-frontier: MTP draft length adapts per step (k <= %d)", spec.num_speculative_tokens)
+    return True
+
+
+def register() -> None:
+    """General-plugin hook. MTP needs nothing registered in every process: vLLM's engine core imports the
+    scheduler class by its dotted path (`SCHEDULER_CLS`), and the MTP draft model is vLLM's own. Importing
+    the policy here checks, in every process, that the package's MTP code imports (fails loudly otherwise)."""
+    from . import policy  # noqa: F401

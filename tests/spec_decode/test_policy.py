@@ -1,0 +1,127 @@
+"""The adaptive draft-length rule without an engine: E(k), T(B, k), the window, the cost fit, the table."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from vllm_frontier.plugins.features import Features
+from vllm_frontier.spec_decode import speculative_config
+from vllm_frontier.spec_decode.policy import (AcceptanceWindow, CostModel, DraftLengthPolicy, PolicyConfig,
+                                              best_k, expected_tokens, step_cost)
+
+
+def test_expected_tokens_is_one_plus_prefix_products():
+    a = [0.9, 0.5, 0.2]
+    assert expected_tokens(a, 0) == 1.0
+    assert expected_tokens(a, 1) == pytest.approx(1.9)
+    assert expected_tokens(a, 3) == pytest.approx(1 + 0.9 + 0.45 + 0.09)
+    assert expected_tokens([1.0] * 4, 4) == 5.0
+
+
+def test_step_cost_counts_verified_and_drafter_tokens():
+    # B=2, k=3: F + 2*4*(1+rho) + 2*2*rho
+    assert step_cost(2, 3, 10.0, 0.5) == pytest.approx(10 + 8 * 1.5 + 4 * 0.5)
+    assert step_cost(1, 0, 0.0, 0.5) == pytest.approx(1.5)
+
+
+def test_best_k_falls_with_batch_and_with_acceptance():
+    acc = [0.9, 0.85, 0.8]
+    ks = [best_k(acc, b, fixed_cost=64.0, draft_cost=0.5, max_k=3) for b in (1, 16, 256)]
+    assert ks[0] == 3 and ks == sorted(ks, reverse=True) and ks[-1] < 3
+    assert best_k([0.0] * 3, 1, 64.0, 0.5, 3) == 0  # useless drafts are not made
+    assert best_k([0.3] * 3, 1, 64.0, 0.5, 3) < best_k([0.9] * 3, 1, 64.0, 0.5, 3)
+
+
+def test_best_k_stays_within_cap_and_ties_pick_the_smaller_k():
+    assert best_k([1.0] * 8, 1, 1e6, 0.0, 2) == 2
+    # no fixed cost, free drafts, zero acceptance: every k gives the same E/T ratio per token... k=0 is best
+    assert best_k([0.0] * 4, 4, 0.0, 0.0, 4) == 0
+
+
+def test_window_counts_reached_and_accepted_per_position():
+    w = AcceptanceWindow(max_k=3, window_steps=10)
+    w.observe(1, [(3, 0), (3, 2), (3, 3), (2, 1)])
+    # position 1 reached by all 4 (3 accepted), position 2 by 3 drafts whose pos 1 was accepted (2 accepted),
+    # position 3 by the two 3-draft requests that accepted 2 (one accepted), the 2-draft request never reaches it
+    assert w.reached == [4, 3, 2] and w.accepted == [3, 2, 1]
+    with pytest.raises(ValueError, match="within"):
+        w.observe(2, [(1, 2)])
+
+
+def test_window_expires_old_steps_and_unseen_positions_return_to_prior():
+    w = AcceptanceWindow(max_k=2, window_steps=5)
+    w.observe(1, [(2, 0)] * 10)
+    est = w.estimates(first_prior=0.5, prior_strength=2.0)
+    assert est[0] == pytest.approx(1.0 / 12) and est[1] == pytest.approx(est[0])  # pos 2 unseen: prior = pos 1
+    w.observe(6, [])  # step 1 leaves the window
+    assert w.reached == [0, 0] and w.estimates(0.5, 2.0) == [0.5, 0.5]
+
+
+def test_cost_model_recovers_fixed_cost_and_keeps_prior_without_spread():
+    cm = CostModel(prior=64.0, window=64, min_points=12)
+    for u in [10] * 20:
+        cm.observe(u, 0.1)
+    assert cm.fixed_cost() == 64.0  # all steps alike: no fit
+    rng = random.Random(0)
+    cm = CostModel(prior=64.0, window=64, min_points=12)
+    for _ in range(64):
+        u = rng.choice([2, 4, 8, 16, 32, 64])
+        cm.observe(u, (20.0 + u) * 1e-3 * (1 + rng.uniform(-0.01, 0.01)))  # F = 20 token units
+    assert cm.fixed_cost() == pytest.approx(20.0, rel=0.15)  # 1 % timing noise, 64 points
+
+
+def test_table_equals_brute_force_per_batch_size():
+    rng = random.Random(1)
+    for _ in range(30):
+        k_max = rng.randint(1, 6)
+        cfg = PolicyConfig(max_k=k_max, draft_cost=rng.choice([0.0, 0.1, 0.5, 1.0]),
+                           fixed_cost=rng.choice([0.0, 4.0, 64.0, 500.0]))
+        pol = DraftLengthPolicy(cfg)
+        pol.window.observe(1, [(k_max, rng.randint(0, k_max)) for _ in range(rng.randint(1, 20))])
+        acc = pol.acceptance()
+        table = pol.table(300)
+        brute = [best_k(acc, b, cfg.fixed_cost, cfg.draft_cost, k_max) for b in range(1, 301)]
+        assert table[1:] == brute and table[0] == table[1]
+
+
+def test_policy_converges_to_zero_on_useless_drafts_and_probes_again():
+    # small fixed cost: a draft pays only above ~27 % acceptance (T(1,1)/T(1,0) = 7/5.5)
+    pol = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.5, fixed_cost=4.0, window_steps=16))
+    assert pol.choose(1) >= 1  # optimistic prior
+    step, ks = 0, []
+    for step in range(1, 200):
+        k = pol.choose(1)
+        ks.append(k)
+        pol.window.observe(step, [(k, 0)] if k else [])
+    assert ks[-16:].count(0) >= 14  # mostly no drafting
+    assert 0 < sum(1 for k in ks[50:] if k) <= len(ks[50:]) // 8  # but a probe once per window
+
+
+def test_large_fixed_cost_makes_even_rare_acceptance_worth_one_draft():
+    # F = 64 at batch 1: one more token costs 1.5 / 65.5 = 2.3 % of the step, so 5 % acceptance pays
+    assert best_k([0.05, 0.05], 1, 64.0, 0.5, 2) == 1
+    assert best_k([0.05, 0.05], 64, 64.0, 0.5, 2) == 0
+
+
+def test_policy_with_perfect_drafts_keeps_the_cap():
+    pol = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.5))
+    for step in range(1, 50):
+        k = pol.choose(1)
+        pol.window.observe(step, [(k, k)])
+    assert pol.choose(1) == 3 and pol.acceptance()[0] > 0.95
+
+
+def test_config_rejects_bad_bounds():
+    with pytest.raises(ValueError, match="max_k"):
+        PolicyConfig(max_k=-1, draft_cost=0.5)
+    with pytest.raises(ValueError, match="draft_cost"):
+        PolicyConfig(max_k=2, draft_cost=-0.1)
+
+
+def test_speculative_config_only_for_models_with_mtp_layers():
+    assert speculative_config(Features(mtp=True), {"num_nextn_predict_layers": 0}) is None
+    assert speculative_config(Features(mtp=True), {}) is None
+    assert speculative_config(Features(mtp=True, mtp_k=2), {"num_nextn_predict_layers": 1}) == {
+        "method": "mtp", "num_speculative_tokens": 2}

@@ -1,0 +1,219 @@
+"""The adaptive draft-length rule, in plain Python (no torch, no vLLM): unit tests run it without an engine.
+
+Notation: K = the cap (`FRONTIER_MTP_K`, vLLM's `num_speculative_tokens`), k = the draft length chosen for a
+step, B = the number of requests decoding in that step, a_i = the conditional acceptance of draft position i
+(the fraction of drafts at position i that the target accepted, among steps whose positions 1..i-1 were all
+accepted).
+
+Expected tokens a request gains from one target forward with k drafts (greedy or rejection sampling, each
+position accepted only if every earlier one was):
+
+    E(k) = 1 + sum_{j=1..k} prod_{i=1..j} a_i
+
+Cost of one engine step, in units of "one token through the target model":
+
+    T(B, k) = F + B (k + 1) (1 + rho) + B max(k - 1, 0) rho
+
+- F: the per-step cost that does not grow with tokens (weight reads on a GPU, Python and scheduling
+  overhead on CPU), in token units. Fitted online by least squares on measured decode-step wall times
+  (`CostModel`); a prior is used until the measurements spread enough to fit.
+- rho: cost of one token through the MTP module relative to the target (about one decoder layer out of
+  `num_hidden_layers`). The drafter's first pass runs over all B (k + 1) verified tokens, each further draft
+  position is one more pass over B tokens.
+
+The rule: k*(B) = the smallest k in [0, K] whose throughput B E(k) / T(B, k) is within `tie_margin` (1 %)
+of the best. Larger batches make each extra position cost more (the B terms grow while F does not), so k*
+falls with B; lower acceptance lowers E(k) and so k*.
+
+Estimates: a_i is counted over the last `window_steps` engine steps. Each position carries a Beta prior of
+`prior_strength` pseudo-observations centred on the estimate of the position before it (position 1: on
+`first_prior`), so a position that has not been drafted recently is assumed as good as the one before it.
+That is the only exploration: when k* stays below a position long enough for its observations to leave the
+window, the estimate returns to the optimistic prior and the position is drafted again to be re-measured
+(at most one probing step per window when the drafts are useless).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """Bounds and priors of the rule (see the module docstring for the symbols)."""
+
+    max_k: int
+    draft_cost: float
+    fixed_cost: float = 64.0
+    window_steps: int = 128
+    prior_strength: float = 2.0
+    first_prior: float = 0.5
+    tie_margin: float = 0.01
+    cost_window: int = 64
+    min_cost_points: int = 12
+
+    def __post_init__(self):
+        if not isinstance(self.max_k, int) or self.max_k < 0:
+            raise ValueError(f"max_k must be a non-negative integer (the MTP draft cap), got {self.max_k!r}")
+        if not 0.0 <= self.draft_cost:
+            raise ValueError(f"draft_cost must be >= 0 (MTP cost per token / target cost), got {self.draft_cost!r}")
+        if not 0.0 <= self.fixed_cost:
+            raise ValueError(f"fixed_cost must be >= 0 (token units), got {self.fixed_cost!r}")
+        if self.window_steps < 1 or self.cost_window < 2:
+            raise ValueError("window_steps must be >= 1 and cost_window >= 2")
+        if not 0.0 <= self.first_prior <= 1.0 or self.prior_strength <= 0:
+            raise ValueError("first_prior must be in [0, 1] and prior_strength > 0")
+
+
+def expected_tokens(acceptance: list[float], k: int) -> float:
+    """E(k) = 1 + sum_{j<=k} prod_{i<=j} a_i: tokens per target forward with k drafts, a = conditional rates."""
+    total, run = 1.0, 1.0
+    for a in acceptance[:k]:
+        run *= a
+        total += run
+    return total
+
+
+def step_cost(batch: int, k: int, fixed_cost: float, draft_cost: float) -> float:
+    """T(B, k) in target-token units (module docstring)."""
+    return fixed_cost + batch * (k + 1) * (1.0 + draft_cost) + batch * max(k - 1, 0) * draft_cost
+
+
+def best_k(acceptance: list[float], batch: int, fixed_cost: float, draft_cost: float, max_k: int,
+           tie_margin: float = 0.01) -> int:
+    """The smallest k in [0, max_k] whose B E(k) / T(B, k) is within tie_margin of the best."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    rates = [expected_tokens(acceptance, k) / step_cost(batch, k, fixed_cost, draft_cost) for k in range(max_k + 1)]
+    best = max(rates)
+    return next(k for k, r in enumerate(rates) if r >= best * (1.0 - tie_margin))
+
+
+class AcceptanceWindow:
+    """Per-position draft outcomes of the last `window_steps` steps (one entry per step with drafts)."""
+
+    def __init__(self, max_k: int, window_steps: int):
+        self.max_k = max_k
+        self.window_steps = window_steps
+        self._steps: collections.deque[tuple[int, list[int], list[int]]] = collections.deque()
+        self.reached = [0] * max_k
+        self.accepted = [0] * max_k
+
+    def observe(self, step: int, outcomes: list[tuple[int, int]]) -> None:
+        """Record one step: outcomes = [(num_drafted, num_accepted)] per request (num_accepted <= num_drafted)."""
+        reached, accepted = [0] * self.max_k, [0] * self.max_k
+        for drafted, acc in outcomes:
+            drafted = min(drafted, self.max_k)
+            if not 0 <= acc <= drafted:
+                raise ValueError(f"accepted {acc} drafts out of {drafted}: must be within [0, drafted]")
+            for i in range(min(acc + 1, drafted)):
+                reached[i] += 1
+            for i in range(acc):
+                accepted[i] += 1
+        if any(reached):
+            self._steps.append((step, reached, accepted))
+            for i in range(self.max_k):
+                self.reached[i] += reached[i]
+                self.accepted[i] += accepted[i]
+        self.expire(step)
+
+    def expire(self, step: int) -> None:
+        while self._steps and self._steps[0][0] <= step - self.window_steps:
+            _, reached, accepted = self._steps.popleft()
+            for i in range(self.max_k):
+                self.reached[i] -= reached[i]
+                self.accepted[i] -= accepted[i]
+
+    def estimates(self, first_prior: float, prior_strength: float) -> list[float]:
+        """Posterior means of a_1..a_K, each position's prior centred on the estimate of the one before."""
+        out, prior = [], first_prior
+        for n, s in zip(self.reached, self.accepted):
+            est = (s + prior_strength * prior) / (n + prior_strength)
+            out.append(est)
+            prior = est
+        return out
+
+
+class CostModel:
+    """Least-squares fit of decode-step wall time = alpha + beta * U, U = T(B, k) - F in token units.
+
+    `fixed_cost()` is F = alpha / beta once the last `cost_window` points spread enough (coefficient of
+    variation of U >= 5 %, at least `min_points`), with beta > 0; otherwise the prior. Clipped to [0, 4096].
+    """
+
+    def __init__(self, prior: float, window: int, min_points: int):
+        self.prior = prior
+        self.min_points = min_points
+        self._points: collections.deque[tuple[float, float]] = collections.deque(maxlen=window)
+
+    def observe(self, units: float, seconds: float) -> None:
+        if units > 0 and seconds > 0 and math.isfinite(seconds):
+            self._points.append((units, seconds))
+
+    def fixed_cost(self) -> float:
+        pts = self._points
+        if len(pts) < self.min_points:
+            return self.prior
+        n = len(pts)
+        mu = sum(u for u, _ in pts) / n
+        mt = sum(t for _, t in pts) / n
+        var = sum((u - mu) ** 2 for u, _ in pts) / n
+        if var <= (0.05 * mu) ** 2:
+            return self.prior
+        beta = sum((u - mu) * (t - mt) for u, t in pts) / (n * var)
+        alpha = mt - beta * mu
+        if beta <= 0:
+            return self.prior
+        return min(max(alpha / beta, 0.0), 4096.0)
+
+
+class DraftLengthPolicy:
+    """Measured acceptance + measured step cost -> k per batch size. One instance per scheduler."""
+
+    def __init__(self, config: PolicyConfig):
+        self.config = config
+        self.window = AcceptanceWindow(config.max_k, config.window_steps)
+        self.cost = CostModel(config.fixed_cost, config.cost_window, config.min_cost_points)
+
+    def acceptance(self) -> list[float]:
+        return self.window.estimates(self.config.first_prior, self.config.prior_strength)
+
+    def units(self, batch: int, k: int) -> float:
+        """T(B, k) - F: the token-proportional part of a step's cost."""
+        return step_cost(batch, k, 0.0, self.config.draft_cost)
+
+    def choose(self, batch: int) -> int:
+        c = self.config
+        return best_k(self.acceptance(), max(batch, 1), self.cost.fixed_cost(), c.draft_cost, c.max_k, c.tie_margin)
+
+    def table(self, max_batch: int) -> list[int]:
+        """[k*(B) for B in 0..max_batch]; entry 0 (no decode requests) repeats entry 1.
+
+        k*(B) is non-increasing in B under this cost model, so the table is filled by bisection on the
+        breakpoints (O(K log max_batch) evaluations instead of max_batch).
+        """
+        c = self.config
+        acc, fixed = self.acceptance(), self.cost.fixed_cost()
+
+        def k_of(b: int) -> int:
+            return best_k(acc, b, fixed, c.draft_cost, c.max_k, c.tie_margin)
+
+        table = [0] * (max_batch + 1)
+        lo = 1
+        while lo <= max_batch:
+            k = k_of(lo)
+            # largest hi >= lo with k_of(hi) == k
+            a, b = lo, max_batch
+            while a < b:
+                mid = (a + b + 1) // 2
+                if k_of(mid) == k:
+                    a = mid
+                else:
+                    b = mid - 1
+            for i in range(lo, a + 1):
+                table[i] = k
+            lo = a + 1
+        table[0] = table[1] if max_batch >= 1 else 0
+        return table

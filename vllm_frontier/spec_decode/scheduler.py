@@ -1,0 +1,179 @@
+"""`AdaptiveDraftScheduler`: vLLM's V1 scheduler with the draft length chosen per step (see `policy`).
+
+vLLM 0.32 already carries a per-step draft length from the scheduler to the drafter: the scheduler puts
+`num_spec_tokens_to_schedule` into every `SchedulerOutput` (from its `dynamic_sd_lookup` table, indexed by
+the step's batch size; vLLM fills it from the static `num_speculative_tokens_per_batch_size` option), and the
+V1 model runner passes it to `EagleProposer.propose(num_speculative_tokens=...)`, which drafts that many
+tokens (0 included). This subclass, installed with vLLM's `--scheduler-cls` option, rewrites that table
+before every step from the measured acceptance and step times, and trims drafts made under a larger k
+before they are verified. It changes nothing else: verification is vLLM's rejection sampler, so outputs
+are those of the target model (greedy: identical token ids).
+
+Counters (cumulative, for benchmarks): `stats()`; with `FRONTIER_MTP_STATS=/path.json` they are also written
+to that file (atomically) whenever the scheduler becomes idle and at most every 2 s while busy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from .policy import DraftLengthPolicy, PolicyConfig
+
+logger = logging.getLogger("vllm.frontier.spec_decode")
+
+STATS_ENV = "FRONTIER_MTP_STATS"
+
+
+def draft_cost_ratio(hf_config) -> float:
+    """rho: one MTP module (one decoder layer) per `num_hidden_layers` target layers."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    layers = getattr(text, "num_hidden_layers", None) or 1
+    return 1.0 / layers
+
+
+class AdaptiveDraftScheduler(Scheduler):
+    """Scheduler whose per-step draft length follows `DraftLengthPolicy` (MTP only; else plain vLLM)."""
+
+    # Steps between table refreshes (the table is cheap but not free; 1 = every step).
+    refresh_every = 1
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        spec = self.vllm_config.speculative_config
+        self._policy: DraftLengthPolicy | None = None
+        if spec is None or spec.method != "mtp" or self.num_spec_tokens <= 0:
+            logger.info("vllm-frontier: adaptive draft length inactive (speculative method %s)",
+                        None if spec is None else spec.method)
+            return
+        rho = draft_cost_ratio(self.vllm_config.model_config.hf_config)
+        self._policy = DraftLengthPolicy(self.policy_config(self.num_spec_tokens, rho))
+        self.dynamic_sd_lookup = self._policy.table(self.max_num_running_reqs)
+        self._step = 0
+        self._pending: tuple[float, float | None] | None = None
+        self._stats_path = os.environ.get(STATS_ENV) or None
+        self._last_write = 0.0
+        self._counts = {
+            "steps": 0, "decode_request_steps": 0, "decode_tokens": 0,
+            "reached_per_pos": [0] * self.num_spec_tokens, "accepted_per_pos": [0] * self.num_spec_tokens,
+            "k_histogram": [0] * (self.num_spec_tokens + 1), "draft_tokens_verified": 0,
+        }
+        logger.info("vllm-frontier: adaptive MTP draft length, k in [0, %d], rho %.3f", self.num_spec_tokens, rho)
+
+    def policy_config(self, max_k: int, rho: float) -> PolicyConfig:
+        """The rule's parameters (a subclass may override)."""
+        return PolicyConfig(max_k=max_k, draft_cost=rho)
+
+    def choose_table(self) -> list[int]:
+        """k per batch size for the coming step (a subclass may override, e.g. tests forcing a pattern)."""
+        assert self._policy is not None
+        return self._policy.table(self.max_num_running_reqs)
+
+    # -- vLLM hooks ---------------------------------------------------------------------------------------
+
+    def schedule(self, *args, **kwargs):
+        if self._policy is None:
+            return super().schedule(*args, **kwargs)
+        self._step += 1
+        if self._step % self.refresh_every == 0 or self._step == 1:
+            self.dynamic_sd_lookup = self.choose_table()
+        batch = min(max(len(self.running), 1), len(self.dynamic_sd_lookup) - 1)
+        k_now = self.dynamic_sd_lookup[batch]
+        # Drafts made under a larger k: verify only the first k_now (the rest would cost target compute at
+        # an acceptance the policy judged not worth it).
+        for req in self.running:
+            if len(req.spec_token_ids) > k_now:
+                req.spec_token_ids = req.spec_token_ids[:k_now]
+        out = super().schedule(*args, **kwargs)
+        units = self._decode_units(out)
+        self._pending = (time.perf_counter(), units)
+        if out.num_scheduled_tokens:
+            self._counts["k_histogram"][min(out.num_spec_tokens_to_schedule, self.num_spec_tokens)] += 1
+        return out
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        if self._policy is None:
+            return super().update_from_output(scheduler_output, model_runner_output)
+        if self._pending is not None:
+            t0, units = self._pending
+            if units is not None:
+                self._policy.cost.observe(units, time.perf_counter() - t0)
+            self._pending = None
+        self._observe(scheduler_output, model_runner_output)
+        result = super().update_from_output(scheduler_output, model_runner_output)
+        idle = not self.running and not self.waiting
+        if self._stats_path and (idle or time.monotonic() - self._last_write > 2.0):
+            self._write_stats()
+        return result
+
+    # -- measurements -------------------------------------------------------------------------------------
+
+    def _decode_units(self, out) -> float | None:
+        """T(B, k) - F for a step made only of decode requests (the cost fit uses those only), else None."""
+        if not out.num_scheduled_tokens:
+            return None
+        for req_id, n in out.num_scheduled_tokens.items():
+            req = self.requests.get(req_id)
+            drafts = len(out.scheduled_spec_decode_tokens.get(req_id, ()))
+            if req is None or n != 1 + drafts or req.num_output_tokens == 0:
+                return None
+        rho = self._policy.config.draft_cost
+        batch = len(out.num_scheduled_tokens)
+        k = out.num_spec_tokens_to_schedule
+        return (1.0 + rho) * out.total_num_scheduled_tokens + rho * batch * max(k - 1, 0)
+
+    def _observe(self, scheduler_output, model_runner_output) -> None:
+        c = self._counts
+        c["steps"] += 1
+        outcomes = []
+        index = model_runner_output.req_id_to_index
+        sampled = model_runner_output.sampled_token_ids
+        for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
+            i = index.get(req_id)
+            if i is None or i >= len(sampled) or not sampled[i]:
+                continue
+            req = self.requests.get(req_id)
+            drafts = [t for t in scheduler_output.scheduled_spec_decode_tokens.get(req_id, ()) if t >= 0]
+            if req is None or n_sched != 1 + len(scheduler_output.scheduled_spec_decode_tokens.get(req_id, ())):
+                continue  # a prefill chunk, or the first token after the prompt
+            if req.num_output_tokens == 0:
+                continue
+            accepted = len(sampled[i]) - 1
+            c["decode_request_steps"] += 1
+            c["decode_tokens"] += len(sampled[i])
+            if drafts:
+                accepted = min(max(accepted, 0), len(drafts))
+                outcomes.append((len(drafts), accepted))
+                c["draft_tokens_verified"] += len(drafts)
+                for p in range(min(accepted + 1, len(drafts))):
+                    c["reached_per_pos"][p] += 1
+                for p in range(accepted):
+                    c["accepted_per_pos"][p] += 1
+        self._policy.window.observe(self._step, outcomes)
+
+    def stats(self) -> dict:
+        """Cumulative counters plus the current estimates (JSON-ready)."""
+        c = dict(self._counts)
+        c["tokens_per_target_forward"] = (c["decode_tokens"] / c["decode_request_steps"]
+                                          if c["decode_request_steps"] else None)
+        c["conditional_acceptance_per_pos"] = [a / r if r else None
+                                               for a, r in zip(c["accepted_per_pos"], c["reached_per_pos"])]
+        c["window_acceptance_estimate"] = self._policy.acceptance()
+        c["fixed_cost_estimate"] = self._policy.cost.fixed_cost()
+        c["k_table_head"] = self.dynamic_sd_lookup[:33]
+        return c
+
+    def _write_stats(self) -> None:
+        self._last_write = time.monotonic()
+        path = Path(self._stats_path)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(self.stats()))
+            os.replace(tmp, path)
+        except OSError as e:
+            logger.warning("vllm-frontier: cannot write MTP stats to %s: %s", path, e)
