@@ -25,6 +25,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -297,7 +298,12 @@ def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) 
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
-    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+    # a unique monitor endpoint: pyzmq's default name reuses the socket's fd number, so a new
+    # socket could receive the close events of an earlier one
+    mon_addr = f"inproc://frontier-pd-monitor-{uuid.uuid4().hex}"
+    sock.monitor(mon_addr, zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+    monitor = ctx.socket(zmq.PAIR)
+    monitor.connect(mon_addr)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(monitor, zmq.POLLIN)
@@ -378,7 +384,7 @@ def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) 
             else:
                 raise TransferError(f"transfer {tid}: protocol error ({kind[:16]!r})")
     finally:
-        sock.disable_monitor()
+        sock.monitor(None, 0)
         monitor.close(linger=0)
         sock.close(linger=0)
 
