@@ -202,9 +202,9 @@ def plot(result: dict, path: Path) -> str | None:
             p = res["policies"][name]
             xs = [c["rate"] for c in p["curve"]]
             ys = [c["attainment"] for c in p["curve"]]
-            label = f"{name} ({p['goodput_rps']:.0f}/s)"
+            label = f"{name} ({p['goodput_rps']:.1f}/s)"
             if name == "static-best":
-                label = f"static-best P{p['policy']['n_prefill']} ({p['goodput_rps']:.0f}/s)"
+                label = f"static-best P{p['policy']['n_prefill']} ({p['goodput_rps']:.1f}/s)"
             ax.plot(xs, ys, "o-" if name == "controller" else ".-", label=label, lw=2 if name == "controller" else 1)
         ax.axhline(GOAL, color="grey", ls=":")
         ax.set_xscale("log")
@@ -252,7 +252,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tol", type=float, default=0.03, help="relative precision of the goodput search")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dopd.json"))
+    ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        result = json.loads(args.out.read_text())
+        note = plot(result, args.out.with_suffix(".png"))
+        print(note or f"wrote {args.out.with_suffix('.png')}")
+        return result
     prof = PROFILES[args.profile]
     b = Bench(args, prof)
     t0 = time.time()
