@@ -184,7 +184,10 @@ def _logits_kernel(
         b_k = e4m3_bits_to(b_k, DT)  # [BLOCK_N, DP]
     else:
         b_k = b_k.to(DT)
-    b_s = tl.dot(b_q, tl.trans(b_k))  # [HP, BLOCK_N] fp32
+    if DT == tl.float32:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")  # [HP, BLOCK_N] fp32
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_k))
     b_s = tl.maximum(b_s, 0.0) * b_w[:, None]
     b_logit = tl.sum(b_s, axis=0) * b_ks
     tl.store(p_out, tl.where(m_n, b_logit, float("-inf")), mask=o_n < L)

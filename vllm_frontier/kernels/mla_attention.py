@@ -36,7 +36,7 @@ class KernelConfig:
     """Tile sizes and launch options of the attention kernel (BLOCK_M, BLOCK_N multiples of 16)."""
 
     block_m: int = 64
-    block_n: int = 64
+    block_n: int = 32
     num_warps: int = 8
     num_stages: int = 1
 
@@ -45,6 +45,15 @@ class KernelConfig:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # fp32 operands: exact fp32 products instead of TF32 on GPUs (tests compare fp32 at 2e-5)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -77,6 +86,7 @@ def _mla_attn_fwd_kernel(
     FP8: tl.constexpr,
     WRITE_MAX: tl.constexpr,
     DT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     i_bm = tl.program_id(0)
     i_split = tl.program_id(1)
@@ -155,17 +165,17 @@ def _mla_attn_fwd_kernel(
             b_kr = bf16_bits_to_f32(
                 tl.load(KV16 + o_row[:, None] // 2 + 264 + o_r[None, :], mask=m_n[:, None], other=0)
             ).to(DT)  # [BLOCK_N, 64]
-            b_s = tl.dot(b_q0, tl.trans(b_k0)) * b_sc0[None, :]
-            b_s += tl.dot(b_q1, tl.trans(b_k1)) * b_sc1[None, :]
-            b_s += tl.dot(b_q2, tl.trans(b_k2)) * b_sc2[None, :]
-            b_s += tl.dot(b_q3, tl.trans(b_k3)) * b_sc3[None, :]
+            b_s = _dot(b_q0, tl.trans(b_k0), None, IEEE) * b_sc0[None, :]
+            b_s += _dot(b_q1, tl.trans(b_k1), None, IEEE) * b_sc1[None, :]
+            b_s += _dot(b_q2, tl.trans(b_k2), None, IEEE) * b_sc2[None, :]
+            b_s += _dot(b_q3, tl.trans(b_k3), None, IEEE) * b_sc3[None, :]
         else:
             b_kr = tl.load(KV + o_row[:, None] + 512 + o_r[None, :], mask=m_n[:, None], other=0).to(DT)
-            b_s = tl.dot(b_q0, tl.trans(b_k0))
-            b_s = tl.dot(b_q1, tl.trans(b_k1), b_s)
-            b_s = tl.dot(b_q2, tl.trans(b_k2), b_s)
-            b_s = tl.dot(b_q3, tl.trans(b_k3), b_s)
-        b_s = tl.dot(b_qr, tl.trans(b_kr), b_s)  # [BLOCK_M, BLOCK_N] fp32
+            b_s = _dot(b_q0, tl.trans(b_k0), None, IEEE)
+            b_s = _dot(b_q1, tl.trans(b_k1), b_s, IEEE)
+            b_s = _dot(b_q2, tl.trans(b_k2), b_s, IEEE)
+            b_s = _dot(b_q3, tl.trans(b_k3), b_s, IEEE)
+        b_s = _dot(b_qr, tl.trans(b_kr), b_s, IEEE)  # [BLOCK_M, BLOCK_N] fp32
         b_s = b_s * qk_scale
         m_s = m_n[None, :] & m_m[:, None]
         if CAUSAL:
@@ -178,16 +188,16 @@ def _mla_attn_fwd_kernel(
         b_p = tl.exp2(b_s - b_m_safe[:, None])  # [BLOCK_M, BLOCK_N]
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
         if FP8:
-            b_o0 = b_o0 * b_alpha[:, None] + tl.dot((b_p * b_sc0[None, :]).to(DT), b_k0)
-            b_o1 = b_o1 * b_alpha[:, None] + tl.dot((b_p * b_sc1[None, :]).to(DT), b_k1)
-            b_o2 = b_o2 * b_alpha[:, None] + tl.dot((b_p * b_sc2[None, :]).to(DT), b_k2)
-            b_o3 = b_o3 * b_alpha[:, None] + tl.dot((b_p * b_sc3[None, :]).to(DT), b_k3)
+            b_o0 = _dot((b_p * b_sc0[None, :]).to(DT), b_k0, b_o0 * b_alpha[:, None], IEEE)
+            b_o1 = _dot((b_p * b_sc1[None, :]).to(DT), b_k1, b_o1 * b_alpha[:, None], IEEE)
+            b_o2 = _dot((b_p * b_sc2[None, :]).to(DT), b_k2, b_o2 * b_alpha[:, None], IEEE)
+            b_o3 = _dot((b_p * b_sc3[None, :]).to(DT), b_k3, b_o3 * b_alpha[:, None], IEEE)
         else:
             b_pd = b_p.to(DT)
-            b_o0 = tl.dot(b_pd, b_k0, b_o0 * b_alpha[:, None])
-            b_o1 = tl.dot(b_pd, b_k1, b_o1 * b_alpha[:, None])
-            b_o2 = tl.dot(b_pd, b_k2, b_o2 * b_alpha[:, None])
-            b_o3 = tl.dot(b_pd, b_k3, b_o3 * b_alpha[:, None])
+            b_o0 = _dot(b_pd, b_k0, b_o0 * b_alpha[:, None], IEEE)
+            b_o1 = _dot(b_pd, b_k1, b_o1 * b_alpha[:, None], IEEE)
+            b_o2 = _dot(b_pd, b_k2, b_o2 * b_alpha[:, None], IEEE)
+            b_o3 = _dot(b_pd, b_k3, b_o3 * b_alpha[:, None], IEEE)
         b_m = b_m_new
 
     # finalize: empty rows (no valid key) give a zero output and lse = -inf
@@ -251,7 +261,7 @@ _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 def default_config(device: torch.device, num_rows: int) -> KernelConfig:
     """Tile sizes: on GPUs the sm_90-oriented defaults; under the interpreter few, large programs."""
     if device.type == "cuda":
-        return KernelConfig(block_m=64, block_n=64, num_warps=8, num_stages=1)
+        return KernelConfig(block_m=64, block_n=32, num_warps=8, num_stages=1)
     return KernelConfig(block_m=max(16, min(64, next_pow2(num_rows))), block_n=64, num_warps=4, num_stages=1)
 
 
@@ -313,7 +323,7 @@ def mla_attention_fwd(
         float(sm_scale), H, S_Q, topk, cache.shape[1],
         NUM_SPLITS=num_splits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         SPARSE=sparse, CAUSAL=bool(causal) and not sparse, FP8=fp8, WRITE_MAX=write_max,
-        DT=_DT[q.dtype], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DT=_DT[q.dtype], IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
         _combine_kernel[(B * S_Q * H,)](
