@@ -192,6 +192,7 @@ def plot(result: dict, path: Path) -> str | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return "matplotlib not installed: PNG skipped"
     sizes = result["sizes"]
@@ -208,6 +209,7 @@ def plot(result: dict, path: Path) -> str | None:
             ax.plot(xs, ys, "o-" if name == "controller" else ".-", label=label, lw=2 if name == "controller" else 1)
         ax.axhline(GOAL, color="grey", ls=":")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("arrival rate (req/s, cluster)")
         ax.set_ylabel("SLO attainment (TTFT and TPOT)")
         ax.set_title(f"N = {res['n_instances']} instances")
