@@ -52,7 +52,7 @@ class PolicyConfig:
     first_prior: float = 0.5
     tie_margin: float = 0.01
     cost_window: int = 64
-    min_cost_points: int = 12
+    min_cost_points: int = 24
 
     def __post_init__(self):
         if not isinstance(self.max_k, int) or self.max_k < 0:

@@ -9,6 +9,10 @@ before every step from the measured acceptance and step times, and trims drafts 
 before they are verified. It changes nothing else: verification is vLLM's rejection sampler, so outputs
 are those of the target model (greedy: identical token ids).
 
+`PinnedDraftScheduler` (benchmarks, tests, operators): k follows a small text file named by
+`FRONTIER_MTP_PIN_FILE`, re-read every step: `adaptive`, a fixed `k`, or a cycle `3,0,1,2` (one entry per
+step). One MTP engine then serves adaptive and fixed-k runs side by side.
+
 Counters (cumulative, for benchmarks): `stats()`; with `FRONTIER_MTP_STATS=/path.json` they are also written
 to that file (atomically) whenever the scheduler becomes idle and at most every 2 s while busy.
 """
@@ -28,6 +32,7 @@ from .policy import DraftLengthPolicy, PolicyConfig
 logger = logging.getLogger("vllm.frontier.spec_decode")
 
 STATS_ENV = "FRONTIER_MTP_STATS"
+PIN_ENV = "FRONTIER_MTP_PIN_FILE"
 
 
 def draft_cost_ratio(hf_config) -> float:
@@ -177,3 +182,38 @@ class AdaptiveDraftScheduler(Scheduler):
             os.replace(tmp, path)
         except OSError as e:
             logger.warning("vllm-frontier: cannot write MTP stats to %s: %s", path, e)
+
+
+class PinnedDraftScheduler(AdaptiveDraftScheduler):
+    """`AdaptiveDraftScheduler` whose k can be pinned at run time through the file named by `PIN_ENV`.
+
+    File contents: `adaptive` (or no file / empty file): the policy; `k`: fixed k (clipped to [0, K]);
+    `k1,k2,...`: one entry per step, cycling. An unreadable or malformed file raises ValueError naming it.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pin_path = os.environ.get(PIN_ENV) or None
+
+    def pinned(self) -> list[int] | None:
+        if not self._pin_path:
+            return None
+        try:
+            text = Path(self._pin_path).read_text().strip()
+        except FileNotFoundError:
+            return None
+        if text in ("", "adaptive"):
+            return None
+        try:
+            ks = [int(x) for x in text.split(",")]
+        except ValueError:
+            raise ValueError(f"{PIN_ENV} file {self._pin_path} holds {text!r}; write 'adaptive', a draft "
+                             "length k, or a comma-separated cycle such as 3,0,1,2") from None
+        return [min(max(k, 0), self.num_spec_tokens) for k in ks]
+
+    def choose_table(self) -> list[int]:
+        ks = self.pinned()
+        if ks is None:
+            return super().choose_table()
+        k = ks[self._step % len(ks)]
+        return [k] * (self.max_num_running_reqs + 1)
