@@ -34,8 +34,8 @@ def test_k_cache_write_layout(scale_fmt):
     keep = slots >= 0
     s = slots[keep].long()
     blk = a.view(nb, -1)
-    vals = blk[s // BS][torch.arange(s.numel())[:, None], (s % BS)[:, None] * D + torch.arange(D, device=DEVICE)]
-    scl = blk[s // BS][torch.arange(s.numel())[:, None], BS * D + (s % BS)[:, None] * 4 + torch.arange(4, device=DEVICE)]
+    vals = blk[s // BS][torch.arange(s.numel(), device=DEVICE)[:, None], (s % BS)[:, None] * D + torch.arange(D, device=DEVICE)]
+    scl = blk[s // BS][torch.arange(s.numel(), device=DEVICE)[:, None], BS * D + (s % BS)[:, None] * 4 + torch.arange(4, device=DEVICE)]
     want_v, want_s = quantize_fp8_e4m3(k[keep], D, scale_fmt)
     assert torch.equal(vals, want_v.view(torch.uint8))
     assert torch.equal(scl.contiguous().view(torch.float32), want_s)
