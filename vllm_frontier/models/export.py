@@ -60,6 +60,8 @@ def export_views(model: DeepseekReference, hf_config: dict, tokenizer_dir: Path,
     idx = {k: _to_storage(k, v, dtype) for k, v in sd.items() if ".self_attn.indexer." in k}
     save_file(main, str(v32 / "model.safetensors"), metadata={"format": "pt"})
     save_file(idx, str(v32 / "indexer.safetensors"), metadata={"format": "pt"})
+    for name in ("model.safetensors", "indexer.safetensors"):
+        os.chmod(v32 / name, 0o644)   # safetensors writes 0600; package data must be world-readable
     cfg = dict(hf_config, torch_dtype=str(dtype).removeprefix("torch."))
     (v32 / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (v32 / "generation_config.json").write_text(
