@@ -53,6 +53,7 @@ logger = logging.getLogger("vllm.frontier.pd.transport")
 
 _CTRL_MAX_BYTES = 4096  # clients only send small control frames
 _KEEPALIVE_S = 0.5  # a waiting puller hears from the server this often
+_HANDSHAKE_S = 120.0  # an unfinished challenge is dropped after this
 
 
 class TransferError(RuntimeError):
@@ -149,6 +150,7 @@ class _ZmqServer(KVServer):
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.MAXMSGSIZE, _CTRL_MAX_BYTES)
         self._sock.setsockopt(zmq.SNDHWM, 64)
+        self._sock.setsockopt(zmq.HANDSHAKE_IVL, 0)  # a CPU-starved peer may greet late
         try:
             self._sock.bind(f"tcp://{host}:{port}")
         except zmq.ZMQError as e:
@@ -195,7 +197,7 @@ class _ZmqServer(KVServer):
                     self._counters.incr("staging_expired")
                     logger.warning("frontier-pd: staged KV for %s expired unclaimed", tid)
                 for ident, s in list(self._sessions.items()):
-                    if not s.authed and now - s.started > 10.0:
+                    if not s.authed and now - s.started > _HANDSHAKE_S:
                         self._sessions.pop(ident)  # abandoned handshake
 
     def _send(self, ident: bytes, *frames) -> bool:
@@ -298,6 +300,7 @@ def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) 
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, 0)
     # a unique monitor endpoint: pyzmq's default name reuses the socket's fd number, so a new
     # socket could receive the close events of an earlier one
     mon_addr = f"inproc://frontier-pd-monitor-{uuid.uuid4().hex}"
