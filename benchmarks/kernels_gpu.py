@@ -89,8 +89,8 @@ else:
              copy_bytes=1 << 30)
     # BLOCK_M = 64 keeps one Hopper wgmma tile of heads per program (ptxas for sm_90a, Triton 3.9: the first
     # config spills least, ~380 bytes/thread); the sweep keeps the fastest config that agrees.
-    CONFIGS = [KernelConfig(64, 32, 8, 1), KernelConfig(64, 64, 8, 1), KernelConfig(64, 32, 16, 1),
-               KernelConfig(64, 64, 16, 1), KernelConfig(64, 32, 8, 2)]
+    # Each config is one more Triton compile (~5-15 s for this kernel), so the sweep stays short.
+    CONFIGS = [KernelConfig(64, 32, 8, 1), KernelConfig(64, 64, 8, 1), KernelConfig(64, 32, 16, 1)]
 
 # bf16 tolerance: p and the output are rounded to bf16 (2^-8 relative) on unit-variance values
 ATOL = 3e-2 if DT == torch.bfloat16 else 3e-3
@@ -133,8 +133,12 @@ def best_of(rec, name, run, check, configs, flops=None, nbytes=None):
     """Check each kernel config against the reference, time the agreeing ones, keep the fastest."""
     rec[name] = []
     best = None
-    for cfg in configs:
+    for i, cfg in enumerate(configs):
         e = {"config": vars(cfg) if hasattr(cfg, "__dict__") else str(cfg)}
+        if i > 0 and not ARGS.smoke and REPORT is not None and REPORT.elapsed() > ARGS.budget_s:
+            e["skipped"] = f"time budget {ARGS.budget_s}s spent"
+            rec[name].append(e)
+            continue
         try:
             out = run(cfg)
             e["agree"] = check(out)
@@ -154,8 +158,12 @@ def best_of(rec, name, run, check, configs, flops=None, nbytes=None):
     return best
 
 
+REPORT = None
+
+
 def main():
-    rep = harness.Report(ARGS.out, meta={"smoke": ARGS.smoke, "shapes": S, "dtype": str(DT),
+    global REPORT
+    rep = REPORT = harness.Report(ARGS.out, meta={"smoke": ARGS.smoke, "shapes": S, "dtype": str(DT),
                                          "command": " ".join([Path(sys.executable).name] + sys.argv)})
     h, blk = S["h"], S["block"]
 
@@ -287,7 +295,6 @@ def main():
         rec["torch_reference"] = {**t, "tflops": flops / (t["ms_median"] * 1e-3) / 1e12}
 
     timed("sparse_decode_bf16", lambda rec: sparse(rec, False))
-    timed("sparse_decode_fp8", lambda rec: sparse(rec, True))
 
     def sparse_prefill(rec):
         sq, n_kv, topk = S["pre_sq"], S["pre_kv"], S["pre_topk"]
@@ -300,9 +307,8 @@ def main():
         flops = 2 * sq * h * topk * (576 + 512)
         rec.update(shape={"s_q": sq, "h": h, "s_kv": n_kv, "topk": topk}, flops=flops)
         best_of(rec, "triton", lambda cfg: flash_mla_sparse_fwd(q, kv, idx, 576**-0.5, config=cfg)[0],
-                lambda o: harness.compare(o, ref, ATOL), CONFIGS, flops)
+                lambda o: harness.compare(o, ref, ATOL), CONFIGS[:1], flops)
 
-    timed("sparse_prefill_bf16", sparse_prefill)
 
     def indexer(rec):
         b, k = S["b_idx"], S["topk"]
@@ -333,6 +339,8 @@ def main():
             rec[f"ctx_{ctx}"] = e
 
     timed("indexer_decode", indexer)
+    timed("sparse_decode_fp8", lambda rec: sparse(rec, True))
+    timed("sparse_prefill_bf16", sparse_prefill)
 
     def indexer_prefill(rec):
         T, Skv = S["pre_sq"], S["pre_kv"]
