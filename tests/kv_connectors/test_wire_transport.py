@@ -119,7 +119,7 @@ def test_dead_server_fails_fast_not_hang():
     with pytest.raises(TransferError):
         get_transport("zmq").pull(f"tcp://127.0.0.1:{_free_port()}", "x", SECRET, lambda h, p: None,
                                   Counters(), timeout_s=3, idle_timeout_s=1)
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 3 + 0.5  # bounded by timeout_s (retries included)
 
 
 def test_connection_killed_mid_transfer(server):
@@ -160,7 +160,7 @@ def test_connection_killed_mid_transfer(server):
     with pytest.raises(TransferError):
         get_transport("zmq").pull(f"tcp://127.0.0.1:{proxy_port}", "t3", SECRET, lambda h, p: got.append(h),
                                   Counters(), timeout_s=10, idle_timeout_s=2)
-    assert len(got) < 8 and time.monotonic() - t0 < 5
+    assert len(got) < 8 and time.monotonic() - t0 < 10  # retried, then failed within timeout_s
 
 
 def test_staging_ttl_and_budget():

@@ -26,6 +26,7 @@ COUNTERS = {
     "recv_transfers": "transfers fully received",
     "recv_bytes": "KV bytes received",
     "recv_wall_us": "wall time of successful pulls, microseconds (includes waiting for the prefill)",
+    "pull_retries": "pull attempts restarted on a new connection (challenge unanswered, connection lost)",
     "recv_failed": "pulls that failed (rejected, lost, timed out, malformed) and fell back",
     "rejected_auth": "peers rejected for failing the HMAC challenge",
     "rejected_unknown": "pulls rejected for an unknown transfer id",

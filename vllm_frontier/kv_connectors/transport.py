@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -54,6 +55,7 @@ logger = logging.getLogger("vllm.frontier.pd.transport")
 _CTRL_MAX_BYTES = 4096  # clients only send small control frames
 _KEEPALIVE_S = 0.5  # a waiting puller hears from the server this often
 _HANDSHAKE_S = 120.0  # an unfinished challenge is dropped after this
+_MAX_ATTEMPTS = 3  # a pull whose connection was lost is retried on a new one
 
 
 class TransferError(RuntimeError):
@@ -125,6 +127,24 @@ class KVTransport(ABC):
     ) -> PullResult: ...
 
 
+_CTX: zmq.Context | None = None
+_CTX_PID: int | None = None
+_CTX_LOCK = threading.Lock()
+
+
+def _context() -> zmq.Context:
+    """This module's own ZeroMQ context (not shared with vLLM's sockets), one per process."""
+    global _CTX, _CTX_PID
+    with _CTX_LOCK:
+        if _CTX is None or _CTX_PID != os.getpid():
+            _CTX, _CTX_PID = zmq.Context(io_threads=1), os.getpid()
+        return _CTX
+
+
+class _Retry(TransferError):
+    """The attempt was lost in transit (no answer to the challenge, connection dropped)."""
+
+
 # --------------------------------------------------------------------------- server
 @dataclass
 class _Session:
@@ -144,7 +164,7 @@ class _ZmqServer(KVServer):
         self._secret = secret
         self._counters = counters
         self._unknown_wait_s = unknown_wait_s
-        self._ctx = zmq.Context.instance()
+        self._ctx = _context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -293,10 +313,9 @@ class _ZmqServer(KVServer):
 
 
 # --------------------------------------------------------------------------- client
-def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) -> PullResult:
-    t0 = time.monotonic()
-    deadline = t0 + timeout_s
-    ctx = zmq.Context.instance()
+def _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s, idle_timeout_s,
+                 handshake_s) -> PullResult:
+    ctx = _context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
@@ -313,17 +332,17 @@ def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) 
     tid_b = tid.encode()
     connected = False
 
-    def recv() -> list[bytes]:
+    def recv(idle: float = idle_timeout_s) -> list[bytes]:
         nonlocal connected
         while True:
             now = time.monotonic()
             if now >= deadline:
                 raise TransferError(f"transfer {tid} from {addr} timed out after {timeout_s}s")
-            wait = min(idle_timeout_s, deadline - now)
+            wait = min(idle, deadline - now)
             events = dict(poller.poll(int(wait * 1000)))
             if not events:
                 raise TransferError(
-                    f"transfer {tid} from {addr}: no data for {idle_timeout_s}s"
+                    f"transfer {tid} from {addr}: no data for {idle}s"
                     + ("" if connected else " (could not connect)")
                 )
             if monitor in events:
@@ -331,7 +350,7 @@ def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) 
                 if ev["event"] == zmq.EVENT_CONNECTED:
                     connected = True
                 elif ev["event"] == zmq.EVENT_DISCONNECTED:
-                    raise TransferError(f"transfer {tid}: connection to {addr} lost")
+                    raise _Retry(f"transfer {tid}: connection to {addr} lost")
             if sock in events:
                 return sock.recv_multipart(copy=False)
 
@@ -340,7 +359,10 @@ def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) 
         cn = auth.new_nonce()
         sock.send_multipart([b"PULL1", cn, tid_b])
         logger.debug("frontier-pd: pulling %s from %s", tid, addr)
-        msg = recv()
+        try:
+            msg = recv(handshake_s)
+        except TransferError as e:
+            raise _Retry(str(e)) from None
         kind = msg[0].bytes
         if kind == b"ERR":
             raise TransferError(f"server refused {tid}: {msg[1].bytes.decode(errors='replace')}")
@@ -390,6 +412,26 @@ def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) 
         sock.monitor(None, 0)
         monitor.close(linger=0)
         sock.close(linger=0)
+
+
+def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) -> PullResult:
+    """Pull with retries: an attempt whose challenge goes unanswered or whose connection drops is
+    started again on a fresh connection (rows are rewritten idempotently) until `timeout_s`."""
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    handshake_s = min(idle_timeout_s, 5.0)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s,
+                                idle_timeout_s, handshake_s)
+        except _Retry as e:
+            if attempt >= _MAX_ATTEMPTS or time.monotonic() >= deadline:
+                raise TransferError(f"{e} (after {attempt} attempts)") from None
+            counters.incr("pull_retries")
+            logger.warning("frontier-pd: %s; retrying on a new connection", e)
+            handshake_s = min(handshake_s * 2, idle_timeout_s)
 
 
 class ZmqTransport(KVTransport):
