@@ -61,7 +61,7 @@ def default_model_path() -> Path:
     try:
         from .models.embedded import embedded_model_path
 
-        path = embedded_model_path("v3")
+        path = embedded_model_path("v32")
         if (path / "config.json").is_file():
             return path
     except (ImportError, FileNotFoundError):
