@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
         async def _start_controller(app: web.Application) -> None:
-            start_auto_ratio(pool, args)
+            start_auto_ratio(pool, args, registry=router.metrics.registry)
 
         app.on_startup.append(_start_controller)
     web.run_app(app, host=args.host, port=args.port, print=None)
