@@ -107,15 +107,30 @@ def prefill(srv, prompt, kv_params) -> float:
     return time.perf_counter()
 
 
-def start_pair(model, dtype, kv_cfg, env):
+def start_pair(model, dtype, kv_cfg, env, tries=3):
+    """Start P then D; a KV port taken by another process meanwhile is retried with a new one."""
+    for attempt in range(tries):
+        try:
+            return _start_pair(model, dtype, kv_cfg, env)
+        except Exception as e:  # ServerError
+            if "cannot bind the KV listener" not in str(e) or attempt == tries - 1:
+                raise
+
+
+def _start_pair(model, dtype, kv_cfg, env):
     ports = [free_port(), free_port()]
     srvs = []
     for p in ports:
         e = {**env, "FRONTIER_PD_PORT": str(p), "VLLM_CPU_KVCACHE_SPACE": "1"}
         srvs.append(VllmServer(model, args=["--dtype", dtype, "--kv-transfer-config", json.dumps(kv_cfg), *COMMON],
                                env=e))
-    for s in srvs:  # one after the other: two starts at once crowd the 2 cores
-        s.start()
+    try:
+        for s in srvs:  # one after the other: two starts at once crowd the 2 cores
+            s.start()
+    except Exception:
+        for s in srvs:
+            s.stop()
+        raise
     return srvs[0], srvs[1], ports[0]
 
 

@@ -1,0 +1,39 @@
+"""P/D with a DeepSeek-V3.2 (DSA) model: the latent rows and the indexer K cache both move.
+
+Needs the DSA backend (FRONTIER_DSA=1) on both instances; tiny V3.2 model, float32."""
+
+import pytest
+
+from pd_harness import Router, body, fresh_metrics, layer_names, metric, post, start_pair, token_ids, words
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pair_v32(tiny_models):
+    model = tiny_models("deepseek_v32")
+    P, D, _, _ = start_pair(model, extra_env={"FRONTIER_DSA": "1"})
+    r = Router(["--prefill", P.url, "--decode", D.url])
+    yield P, D, r
+    r.stop()
+    P.stop()
+    D.stop()
+
+
+def test_v32_router_output_equals_colocated(pair_v32):
+    P, D, r = pair_v32
+    names = layer_names(D)
+    indexer = [n for n in names if "indexer" in n]
+    assert indexer, f"no indexer K cache among the transferred layers: {names}"
+    before = fresh_metrics(D)
+    tokens = 0
+    for i, n in enumerate([9, 70, 200]):
+        b = body(words(n, seed=20 + i), 10)
+        base = post(D.url, b)
+        tokens += base["usage"]["prompt_tokens"]
+        assert token_ids(post(r.url, b)) == token_ids(base), f"prompt of {n} words"
+    after = fresh_metrics(D)
+    assert metric(after, "frontier_pd_recv_failed_total") == metric(before, "frontier_pd_recv_failed_total")
+    moved = metric(after, "frontier_pd_recv_bytes_total") - metric(before, "frontier_pd_recv_bytes_total")
+    mla_layers = len(names) - len(indexer)
+    assert moved > tokens * mla_layers * 576 * 4  # latent rows plus the indexer K rows
