@@ -1,6 +1,7 @@
 """P/D on real vLLM CPU engines (tiny DeepSeek-V3, float32): one prefill and one decode instance,
 shared by every test of this module, driven directly and through `vllm-frontier router`."""
 
+import json
 import os
 import signal
 import time
@@ -62,8 +63,8 @@ def test_streaming_through_router(pair, router):
     want = post(D.url, b)["choices"][0]["text"]
     r = requests.post(router.url + "/v1/completions", json={**b, "stream": True, "logprobs": None,
                                                             "return_tokens_as_token_ids": False}, stream=True, timeout=120)
-    text = "".join(__import__("json").loads(l[6:])["choices"][0]["text"]
-                   for l in r.iter_lines(decode_unicode=True) if l.startswith("data: {") and '"choices":[{' in l)
+    chunks = [json.loads(l[6:]) for l in r.iter_lines(decode_unicode=True) if l.startswith("data: {")]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
     assert text == want
 
 
@@ -136,7 +137,8 @@ def test_connection_killed_mid_transfer(pair):
     got = post(D.url, {**b, "kv_transfer_params": consume(tid, f"tcp://127.0.0.1:{proxy.port}")})
     assert proxy.cut.is_set()
     assert token_ids(got) == token_ids(base)
-    assert time.monotonic() - t0 < 30
+    # never hangs: bounded by FRONTIER_PD_TIMEOUT (120 s here), retries on a new connection included
+    assert time.monotonic() - t0 < 120
     after = fresh_metrics(D)
     assert metric(after, "frontier_pd_recv_failed_total") == metric(before, "frontier_pd_recv_failed_total") + 1
 
@@ -145,10 +147,10 @@ def test_load_50_concurrent_mixed_lengths(pair, router):
     P, D, _ = pair
     reqs = [body(words(5 + (i * 37) % 300, seed=i), 1 + (i * 7) % 24) for i in range(50)]
     with ThreadPoolExecutor(50) as ex:
-        want = list(ex.map(lambda b: token_ids(post(D.url, b)), reqs))
+        want = list(ex.map(lambda b: token_ids(post(D.url, b, timeout=1200)), reqs))
     before = fresh_metrics(D)
     with ThreadPoolExecutor(50) as ex:
-        got = list(ex.map(lambda b: token_ids(post(router.url, b, timeout=600)), reqs))
+        got = list(ex.map(lambda b: token_ids(post(router.url, b, timeout=1200)), reqs))
     lost = [i for i, g in enumerate(got) if len(g) != reqs[i]["max_tokens"]]
     assert lost == []
     assert sum(g == w for g, w in zip(got, want)) == 50
