@@ -15,8 +15,9 @@ Cost of one engine step, in units of "one token through the target model":
     T(B, k) = F + B (k + 1) (1 + rho) + B max(k - 1, 0) rho
 
 - F: the per-step cost that does not grow with tokens (weight reads on a GPU, Python and scheduling
-  overhead on CPU), in token units. Fitted online by least squares on measured decode-step wall times
-  (`CostModel`); a prior is used until the measurements spread enough to fit.
+  overhead on CPU), in token units. Fitted online by least squares on the wall times of the last 512
+  decode-only steps (`CostModel`; the spread comes from batch sizes and k changing over that history); the
+  prior (64) is used until the measurements spread enough to fit.
 - rho: cost of one token through the MTP module relative to the target (about one decoder layer out of
   `num_hidden_layers`). The drafter's first pass runs over all B (k + 1) verified tokens, each further draft
   position is one more pass over B tokens.
@@ -51,7 +52,7 @@ class PolicyConfig:
     prior_strength: float = 2.0
     first_prior: float = 0.5
     tie_margin: float = 0.01
-    cost_window: int = 64
+    cost_window: int = 512
     min_cost_points: int = 24
 
     def __post_init__(self):
