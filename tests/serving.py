@@ -53,7 +53,7 @@ class VllmServer:
     """A `vllm-frontier serve` subprocess. Use as a context manager; `url`, `complete`, `log_text`."""
 
     def __init__(self, model: str | os.PathLike | None, args: list[str] | None = None,
-                 env: dict[str, str] | None = None, startup_timeout: float = 420.0,
+                 env: dict[str, str] | None = None, startup_timeout: float = 900.0,
                  command: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
