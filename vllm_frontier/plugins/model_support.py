@@ -81,6 +81,10 @@ def update_config(features: Features, vllm_config) -> None:
         if cache.block_size != DSA_BLOCK_SIZE:
             logger.info("vllm-frontier: DSA sets the KV block size to %d (was %s)", DSA_BLOCK_SIZE, cache.block_size)
             cache.block_size = DSA_BLOCK_SIZE
+    if features.mtp:
+        from vllm_frontier.spec_decode import update_vllm_config
+
+        update_vllm_config(vllm_config)
 
 
 def _select_fp4(vllm_config) -> None:
