@@ -118,3 +118,45 @@ class VllmServer:
 
     def metrics(self) -> str:
         return requests.get(self.url + "/metrics", timeout=10).text
+
+
+class RouterProcess:
+    """`vllm-frontier router` as a subprocess on a free 127.0.0.1 port; waits for /health, log in a file."""
+
+    def __init__(self, args: list[str], health_interval: float = 1, startup_timeout: float = 120,
+                 stop_timeout: float = 20, log_prefix: str = "router-"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stop_timeout = stop_timeout
+        fd, path = tempfile.mkstemp(prefix=log_prefix, suffix=".log")
+        os.close(fd)
+        self.log_path = Path(path)
+        self.proc = subprocess.Popen(
+            frontier_cli() + ["router", "--port", str(self.port), "--health-interval", str(health_interval), *args],
+            stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, cwd=str(REPO), env=server_env(),
+            start_new_session=True)
+        deadline = time.monotonic() + startup_timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log()[-3000:]
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("router not healthy:\n" + self.log()[-3000:])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=self.stop_timeout)
+
+    def metrics(self) -> str:
+        return requests.get(self.url + "/metrics", timeout=20).text
+
+    def roles(self) -> dict[str, str]:
+        return {i["url"]: i["role"] for i in requests.get(self.url + "/health", timeout=10).json()["instances"]}

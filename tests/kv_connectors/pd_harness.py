@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import requests
 import torch
 
-from serving import REPO, VllmServer, free_port, server_env
+from serving import RouterProcess, VllmServer, free_port
 
 SECRET = "pd-test-secret"
 KV_CONFIG = json.dumps({"kv_connector": "FrontierPDConnector", "kv_role": "kv_both",
@@ -91,39 +84,9 @@ def words(n: int, seed: int = 0) -> str:
     return " ".join(vocab[(i * 7 + seed * 3 + i // 5) % len(vocab)] for i in range(n))
 
 
-class Router:
-    """`vllm-frontier router` as a subprocess on a free port."""
-
-    def __init__(self, args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        fd, path = tempfile.mkstemp(prefix="router-", suffix=".log")
-        os.close(fd)
-        self.log_path = Path(path)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_frontier.cli", "router", "--port", str(self.port),
-             "--health-interval", "1", *args],
-            stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, cwd=str(REPO),
-            env=server_env(), start_new_session=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("router not healthy:\n" + self.log_path.read_text()[-3000:])
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-
-    def metrics(self) -> str:
-        return requests.get(self.url + "/metrics", timeout=20).text
+def Router(args) -> RouterProcess:
+    """The router under test: health checks every second."""
+    return RouterProcess(args, health_interval=1)
 
 
 class RogueKVServer:

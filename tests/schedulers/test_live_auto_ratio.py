@@ -6,21 +6,15 @@ with every request answered in full. Heavy: three engines plus the router on the
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
 
-from serving import REPO, VllmServer, free_port, server_env
+from serving import RouterProcess, VllmServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -37,40 +31,10 @@ def words(n: int, seed: int) -> str:
     return " ".join(VOCAB[(i * 7 + seed * 3 + i // 5) % len(VOCAB)] for i in range(n))
 
 
-class RouterProc:
-    def __init__(self, args: list[str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        fd, path = tempfile.mkstemp(prefix="router-auto-ratio-", suffix=".log")
-        os.close(fd)
-        self.log_path = Path(path)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_frontier.cli", "router", "--port", str(self.port),
-             "--health-interval", "2", *args],
-            stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, cwd=str(REPO), env=server_env(),
-            start_new_session=True)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log()[-3000:]
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("router not healthy:\n" + self.log()[-3000:])
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def roles(self) -> dict[str, str]:
-        return {i["url"]: i["role"] for i in requests.get(self.url + "/health", timeout=10).json()["instances"]}
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
+def RouterProc(args: list[str]) -> RouterProcess:
+    """The auto-ratio router: health checks every 2 s, up to 3 minutes to start on a loaded machine."""
+    return RouterProcess(args, health_interval=2, startup_timeout=180, stop_timeout=30,
+                         log_prefix="router-auto-ratio-")
 
 
 @pytest.fixture(scope="module")
