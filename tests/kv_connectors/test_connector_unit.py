@@ -17,6 +17,14 @@ LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn", "mod
 NB, BS = 12, 16
 
 
+class DeepseekV32IndexerCache:  # the connector recognizes vLLM's indexer cache layer by its class name
+    pass
+
+
+# vLLM's static forward context: layer name -> module
+FORWARD_CONTEXT = {LAYERS[0]: object(), LAYERS[1]: object(), LAYERS[2]: DeepseekV32IndexerCache()}
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -27,7 +35,8 @@ def make(role, port, secret="k", wire="raw"):
     ktc = KVTransferConfig(kv_connector="FrontierPDConnector", kv_role="kv_both",
                            kv_connector_extra_config={"secret": secret, "port": port, "wire": wire,
                                                       "idle_timeout_s": 5, "timeout_s": 10})
-    cfg = SimpleNamespace(kv_transfer_config=ktc, parallel_config=SimpleNamespace(pipeline_parallel_size=1, rank=0))
+    cfg = SimpleNamespace(kv_transfer_config=ktc, parallel_config=SimpleNamespace(pipeline_parallel_size=1, rank=0),
+                          compilation_config=SimpleNamespace(static_forward_context=FORWARD_CONTEXT))
     kcc = SimpleNamespace(kv_cache_groups=[SimpleNamespace(layer_names=LAYERS)], num_blocks=NB)
     return FrontierPDConnector(cfg, role, kcc)
 
@@ -40,6 +49,10 @@ def caches(seed):
 
 
 def rows(cache, blocks, n):
+    """Token rows 0..n-1 of a request; for the block-layout indexer cache, the whole blocks covering them
+    (a block holds all its tokens' FP8 values, then all their scales)."""
+    if cache.dtype == torch.uint8:
+        return cache[torch.tensor(blocks[: -(-n // BS)])]
     flat = cache.reshape(NB * BS, -1)
     pos = torch.arange(n)
     return flat[torch.tensor(blocks)[pos // BS] * BS + pos % BS]
@@ -101,6 +114,21 @@ def test_partial_local_hit_writes_only_missing_rows(pair):
     got = rows(dc[LAYERS[1]], dblocks, n)
     assert torch.equal(got[:16], original[:16])  # the locally cached prefix stays
     assert torch.equal(got[16:], rows(pc[LAYERS[1]], pblocks, n)[16:])
+    # the indexer cache moves whole blocks: the local block stays, the pulled one is the prefill's
+    assert torch.equal(dc[LAYERS[2]][6], caches(2)[LAYERS[2]][6])
+    assert torch.equal(dc[LAYERS[2]][8], pc[LAYERS[2]][5])
+
+
+def test_indexer_cache_moves_whole_blocks_for_a_partial_last_block(pair):
+    """Tokens 0..20 of a block-layout cache are block 0 and all of block 1 (its scales sit at the block's
+    end): row-wise copying of the first 4 rows of block 1 would leave the scales behind."""
+    P, D, pc, dc, addr = pair
+    n, pblocks, dblocks = 20, [10, 1], [3, 7]
+    step(P, FrontierPDMetadata(saves=[SaveSpec("t6", (pblocks,), 0, n, n, True, "raw")]))
+    step(D, FrontierPDMetadata(loads=[LoadSpec("r6", "t6", addr, (dblocks,), 0, n)]))
+    assert not wait_results(D).failed_recving
+    assert torch.equal(dc[LAYERS[2]][7], pc[LAYERS[2]][1])
+    assert torch.equal(dc[LAYERS[2]][3], pc[LAYERS[2]][10])
 
 
 def test_fp8_wire_is_close_and_smaller():

@@ -122,12 +122,10 @@ def test_unknown_transfer_is_rejected_and_decode_recomputes(pair):
     t0 = time.monotonic()
     got = post(D.url, {**b, "kv_transfer_params": consume("never-produced", f"tcp://127.0.0.1:{pport}")})
     assert token_ids(got) == token_ids(base)
-    assert time.monotonic() - t0 < 30  # bounded by FRONTIER_PD_UNKNOWN_WAIT=3 plus compute
+    assert time.monotonic() - t0 < 60  # bounded by FRONTIER_PD_UNKNOWN_WAIT=20 plus compute
     assert metric(fresh_metrics(P), "frontier_pd_rejected_unknown_total") == metric(before, "frontier_pd_rejected_unknown_total") + 1
 
 
-@pytest.mark.xfail(strict=False, reason="on a 2-core machine at load ~30 the proxy did not see 64 KiB before the "
-                   "transfer ended (cut not set); passed in an earlier run. Unverified since.")
 def test_connection_killed_mid_transfer(pair):
     P, D, pport = pair
     b = body(words(400, seed=6), 8)
@@ -147,9 +145,6 @@ def test_connection_killed_mid_transfer(pair):
     assert metric(after, "frontier_pd_recv_failed_total") == metric(before, "frontier_pd_recv_failed_total") + 1
 
 
-@pytest.mark.xfail(strict=False, reason="last run (2-core machine at load ~30): 0 lost and 46/50 token-identical, "
-                   "but the decode side counted 21 received transfers, not 50 (recomputes or counters read "
-                   "before the engine stepped); not diagnosed")
 def test_load_50_concurrent_mixed_lengths(pair, router):
     P, D, _ = pair
     reqs = [body(words(5 + (i * 37) % 300, seed=i), 1 + (i * 7) % 24) for i in range(50)]
@@ -168,7 +163,10 @@ def test_load_50_concurrent_mixed_lengths(pair, router):
     print(f"50 concurrent requests through the router: {same}/50 token-identical to the colocated run")
     assert same >= 40
     after_d = fresh_metrics(D)
-    assert metric(after_d, "frontier_pd_recv_transfers_total") - metric(before, "frontier_pd_recv_transfers_total") == 50
+    pm = fresh_metrics(P)
+    why = {k: metric(pm, f"frontier_pd_{k}_total") for k in ("rejected_unknown", "staging_expired", "send_failed")}
+    why["decode_recv_failed"] = metric(after_d, "frontier_pd_recv_failed_total") - metric(before, "frontier_pd_recv_failed_total")
+    assert metric(after_d, "frontier_pd_recv_transfers_total") - metric(before, "frontier_pd_recv_transfers_total") == 50, why
     # no leaked blocks on either side, nothing left staged on the prefill side
     for srv in (P, D):
         m = fresh_metrics(srv)

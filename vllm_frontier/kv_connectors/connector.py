@@ -19,7 +19,10 @@ Protocol (per request, chosen by its ``kv_transfer_params``; every instance runs
 
 Layout assumptions (checked at `register_kv_caches`): every layer's cache tensor has
 the scheduler's block count as its first dimension and the row width last, so
-``cache.reshape(-1, W)[block * rows_per_block + offset]`` is a token's row.
+``cache.reshape(-1, W)[block * rows_per_block + offset]`` is a token's row. The V3.2
+indexer K cache is the exception: a block holds all its tokens' FP8 values, then all
+their scales, so its "rows" are whole blocks (a token range moves as the blocks that
+cover it; a chunk's ``s``/``e`` count blocks for such layers).
 Pipeline parallelism is not supported; tensor-parallel rank r listens on port + r.
 """
 
@@ -45,7 +48,8 @@ from vllm_frontier.kv_connectors import wire
 from vllm_frontier.kv_connectors.settings import PDSettings, read_settings
 from vllm_frontier.kv_connectors.staging import Chunk, StagingStore
 from vllm_frontier.kv_connectors.stats import FrontierPDPromMetrics, FrontierPDStats
-from vllm_frontier.kv_connectors.transport import Counters, TransferError, get_transport
+from vllm_frontier.kv_connectors.transport import (Counters, TransferError, get_transport,
+                                                  unpin_current_thread)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -101,6 +105,12 @@ class _Producing:
     encoding: str
     block_ids: tuple[list[int], ...] = ()
     first: bool = True
+
+
+def _is_block_layout(vllm_config: VllmConfig, layer: str) -> bool:
+    """True for the V3.2 indexer K cache (values then scales per block, not per-token rows)."""
+    mod = vllm_config.compilation_config.static_forward_context.get(layer)
+    return type(mod).__name__ == "DeepseekV32IndexerCache"
 
 
 class FrontierPDConnector(KVConnectorBase_V1):
@@ -253,12 +263,14 @@ class FrontierPDConnector(KVConnectorBase_V1):
         )
         self._transport = get_transport(s.transport)
         self._server = None
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="frontier-pd-pull")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="frontier-pd-pull",
+                                        initializer=unpin_current_thread)
         self._caches: dict[str, torch.Tensor] = {}  # layer -> [rows, W] view of its cache
         self._rows_per_block: dict[str, int] = {}
         self._saved_this_step: set[str] = set()
         self._opened: set[str] = set()  # transfers (re)opened in this step
-        self._slot_cache: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._slot_cache: dict[tuple[str, int, int, int], torch.Tensor] = {}
+        self._tokens_per_row: dict[str, int] = {}  # 1, or the block size for block-layout caches
         self._done_lock = threading.Lock()
         self._recv_ok: set[str] = set()
         self._recv_failed: set[str] = set()
@@ -270,9 +282,14 @@ class FrontierPDConnector(KVConnectorBase_V1):
                     f"frontier-pd: cache of {name} has shape {tuple(t.shape)}; expected the "
                     f"block count {self._num_blocks} first (unsupported KV cache layout)"
                 )
-            flat = t.reshape(-1, t.shape[-1])
-            if flat.data_ptr() != t.data_ptr():
+            if not t.is_contiguous():
                 raise ValueError(f"frontier-pd: cache of {name} is not contiguous")
+            if _is_block_layout(self._vllm_config, name):
+                flat = t.reshape(t.shape[0], -1)  # one row per block
+                self._tokens_per_row[name] = t.shape[1]
+            else:
+                flat = t.reshape(-1, t.shape[-1])
+                self._tokens_per_row[name] = 1
             self._caches[name] = flat
             self._rows_per_block[name] = flat.shape[0] // t.shape[0]
         s = self._settings
@@ -292,8 +309,14 @@ class FrontierPDConnector(KVConnectorBase_V1):
         m = self._get_connector_metadata()
         return m if isinstance(m, FrontierPDMetadata) else None
 
-    def _slots(self, tid: str, block_ids: list[int], rpb: int, start: int, end: int) -> torch.Tensor:
-        key = (tid, rpb, start)
+    def _rows(self, layer: str, start: int, end: int) -> tuple[int, int]:
+        """Token range -> this layer's row range (blocks covering it for block-layout caches)."""
+        tpr = self._tokens_per_row[layer]
+        return start // tpr, -(-end // tpr)
+
+    def _slots(self, tid: str, group: int, block_ids: list[int], rpb: int, start: int,
+               end: int) -> torch.Tensor:
+        key = (tid, group, rpb, start)
         sl = self._slot_cache.get(key)
         if sl is None:
             pos = torch.arange(start, end)
@@ -332,12 +355,13 @@ class FrontierPDConnector(KVConnectorBase_V1):
                 self._opened.add(spec.tid)
             if spec.end <= spec.start:
                 continue
-            rows = flat.index_select(0, self._slots(spec.tid, spec.block_ids[group], rpb,
-                                                    spec.start, spec.end).to(flat.device))
+            r0, r1 = self._rows(layer, spec.start, spec.end)
+            rows = flat.index_select(0, self._slots(spec.tid, group, spec.block_ids[group], rpb,
+                                                    r0, r1).to(flat.device))
             enc, payload = wire.encode_rows(rows, spec.encoding)
             payload = payload.cpu()
             self._store.add(spec.tid, Chunk(
-                layer=layer, start=spec.start, end=spec.end, encoding=enc,
+                layer=layer, start=r0, end=r1, encoding=enc,
                 dtype=str(flat.dtype).removeprefix("torch."), width=flat.shape[1],
                 payload=memoryview(payload.numpy()).cast("B"),
             ))
@@ -363,6 +387,7 @@ class FrontierPDConnector(KVConnectorBase_V1):
     def _pull(self, spec: LoadSpec) -> None:
         s = self._settings
         next_pos = {name: 0 for name in self._caches}
+        need = {name: self._rows(name, 0, spec.num_tokens)[1] for name in self._caches}
         addr = spec.remote_addr
         if self._rank:
             host, port = addr.rsplit(":", 1)
@@ -374,10 +399,10 @@ class FrontierPDConnector(KVConnectorBase_V1):
                 raise TransferError(f"unknown layer {layer!r} in transfer {spec.tid}")
             flat = self._caches[layer]
             start, end = int(h["s"]), int(h["e"])
-            if not (0 <= start <= next_pos[layer] and start < end <= spec.num_tokens):
+            if not (0 <= start <= next_pos[layer] and start < end <= need[layer]):
                 raise TransferError(
                     f"chunk rows [{start}, {end}) of {layer} do not fit transfer {spec.tid} "
-                    f"({spec.num_tokens} prompt tokens, {next_pos[layer]} received)"
+                    f"({spec.num_tokens} prompt tokens = {need[layer]} rows, {next_pos[layer]} received)"
                 )
             dtype = wire.dtype_from_name(h["dt"])
             if int(h["w"]) != flat.shape[1] or (h["enc"] == "raw" and dtype != flat.dtype):
@@ -387,7 +412,7 @@ class FrontierPDConnector(KVConnectorBase_V1):
                 )
             buf = torch.frombuffer(payload, dtype=torch.uint8).reshape(end - start, -1)
             rows = wire.decode_rows(buf, h["enc"], flat.shape[1], flat.dtype)
-            lo = max(start, spec.start)
+            lo = max(start, self._rows(layer, spec.start, spec.start)[0])
             if lo < end:
                 rpb = self._rows_per_block[layer]
                 pos = torch.arange(lo, end)
@@ -398,11 +423,15 @@ class FrontierPDConnector(KVConnectorBase_V1):
             next_pos[layer] = max(next_pos[layer], end)
 
         try:
+            for name, tpr in self._tokens_per_row.items():
+                if spec.start % tpr:  # a block-layout block cannot be half local, half pulled
+                    raise TransferError(f"local prefix of {spec.start} tokens is not a multiple of "
+                                        f"{name}'s block of {tpr}")
             res = self._transport.pull(
                 addr, spec.tid, s.secret, on_chunk, self._counters,
                 timeout_s=s.timeout_s, idle_timeout_s=s.idle_timeout_s,
             )
-            missing = [n for n, p in next_pos.items() if p < spec.num_tokens]
+            missing = [n for n, p in next_pos.items() if p < need[n]]
             if res.num_tokens != spec.num_tokens or missing:
                 raise TransferError(
                     f"transfer {spec.tid}: peer staged {res.num_tokens} tokens, we need "

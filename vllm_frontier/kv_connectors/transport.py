@@ -141,6 +141,21 @@ def _context() -> zmq.Context:
         return _CTX
 
 
+def unpin_current_thread() -> None:
+    """Let the calling thread run on every CPU the process may use.
+
+    vLLM's CPU worker pins its main thread (OpenMP thread 0) to one core, and threads it
+    starts inherit that mask. On a small machine two engines' workers can share that core
+    with their spinning main threads, and a KV server or puller pinned there starves for
+    tens of seconds (measured: pulls timing out on an idle 2-core machine). Transfer threads
+    do I/O, not compute, so they float.
+    """
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except (AttributeError, OSError, ValueError):  # not Linux, or a cpuset forbids it
+        pass
+
+
 class _Retry(TransferError):
     """The attempt was lost in transit (no answer to the challenge, connection dropped)."""
 
@@ -195,6 +210,7 @@ class _ZmqServer(KVServer):
 
     # one thread owns the socket: receive control frames, then push ready chunks
     def _run(self) -> None:
+        unpin_current_thread()
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         last_sweep = time.monotonic()

@@ -9,7 +9,7 @@ Imports torch and triton only (never vllm). Two kernels share one inner loop:
   expert_offsets[e] : expert_offsets[e + 1] are multiplied by expert e's weight q[e] ([E, N, K]).
 
 Inner loop per K block: load BLOCK_K/2 packed bytes per output row, split the nibbles into the even- and
-odd-indexed K elements, decode E2M1 and the block scale with integer ops, multiply, and feed two tl.dot calls
+odd-indexed K elements, decode E2M1 by placing its bits in an fp16 and the block scale with integer ops, multiply, and feed two tl.dot calls
 (x's even and odd K columns). The per-tensor scale is applied once to the fp32 accumulator.
 
 The torch references (`ref_w4a16_gemm`, `ref_w4a16_grouped_gemm`) are the oracles for tests and the CPU path.
@@ -37,18 +37,23 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _decode_e2m1(c):
-    """int32 codes 0..15 -> float32 E2M1 values (sign bit 3, exponent bits 2..1, mantissa bit 0, bias 1)."""
-    e = (c >> 1) & 3
-    m = c & 1
-    normal = ((e + 126) << 23) | (m << 22)  # 2^(e-1) * (1 + m/2) as fp32 bits
-    mag = tl.where(e == 0, m.to(tl.float32) * 0.5, normal.to(tl.float32, bitcast=True))
-    return tl.where((c & 8) != 0, -mag, mag)
+def _decode_e2m1_lo(b):
+    """Low nibble of int32 bytes -> float32 E2M1 value * 2^-14.
+
+    The nibble's magnitude bits (exponent 2 bits, mantissa 1 bit) land in the low exponent and top mantissa
+    bits of an fp16 and the sign bit in fp16's sign: fp16 then holds the E2M1 value scaled by 2^-14 exactly,
+    subnormal codes (+-0.5) included. Three integer ops and two conversions per value, no branches; the
+    2^14 is folded into the block scale (`_decode_scale`).
+    """
+    bits = ((b << 9) & 0x0E00) | ((b << 12) & 0x8000)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
 def _decode_scale(b, SCALE_E8M0: tl.constexpr):
-    """int32 scale bytes -> float32. E8M0: 2^(b-127) (b = 0 gives 2^-127); E4M3: sign, 4 exp (bias 7), 3 man."""
+    """int32 scale bytes -> float32 scale * 2^14 (the factor `_decode_e2m1_lo` leaves out).
+    E8M0: 2^(b-127) (b = 0 gives 2^-127); E4M3: sign, 4 exp (bias 7), 3 man. An E8M0 scale above 2^113
+    (a block whose largest |w| exceeds ~1e34, which no checkpoint holds) overflows to inf here."""
     if SCALE_E8M0:
         s = tl.where(b == 0, 5.877471754111438e-39, (b << 23).to(tl.float32, bitcast=True))
     else:
@@ -57,7 +62,7 @@ def _decode_scale(b, SCALE_E8M0: tl.constexpr):
         normal = ((e + 120) << 23) | (m << 20)
         mag = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal.to(tl.float32, bitcast=True))
         s = tl.where((b & 128) != 0, -mag, mag)
-    return s
+    return s * 16384.0
 
 
 @triton.jit
@@ -82,8 +87,8 @@ def _fp4_tile(x_ptr, w_ptr, s_ptr, offs_m, m_mask, offs_n, n_mask, K, k_start, k
         p_s = s_ptr + offs_n[:, None] * stride_sn + i_g[None, :] * stride_sk
         b_s = tl.load(p_s, mask=n_mask[:, None] & m_g[None, :], other=0).to(tl.int32)  # [BLOCK_N, NG]
         scale = _decode_scale(b_s, SCALE_E8M0)[:, :, None]  # [BLOCK_N, NG, 1]
-        w_lo = tl.reshape(tl.reshape(_decode_e2m1(b_w & 15), (BLOCK_N, NG, GROUP // 2)) * scale, (BLOCK_N, HALF))
-        w_hi = tl.reshape(tl.reshape(_decode_e2m1(b_w >> 4), (BLOCK_N, NG, GROUP // 2)) * scale, (BLOCK_N, HALF))
+        w_lo = tl.reshape(tl.reshape(_decode_e2m1_lo(b_w), (BLOCK_N, NG, GROUP // 2)) * scale, (BLOCK_N, HALF))
+        w_hi = tl.reshape(tl.reshape(_decode_e2m1_lo(b_w >> 4), (BLOCK_N, NG, GROUP // 2)) * scale, (BLOCK_N, HALF))
         p_x = x_ptr + offs_m[:, None] * stride_xm + (2 * i_h)[None, :] * stride_xk
         m_x = m_mask[:, None] & m_h[None, :]
         b_xe = tl.load(p_x, mask=m_x, other=0.0)  # [BLOCK_M, HALF] x[:, k0 + 0, 2, 4, ...]
@@ -177,15 +182,18 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_config(M: int, N: int, K: int, group: int, device: torch.device) -> GemmConfig:
-    """Heuristic tile choice: 16-row tiles for decode, split-K until about two programs per SM."""
+    """Heuristic tile choice. Decode (M <= 32): 16-row x 64-column tiles, 8 warps, split-K up to 4 until there
+    are about two programs per SM; the best of a 15-config sweep on an H100 at N, K in 4096..7168
+    (benchmarks/results/fp4_gpu_h100.json)."""
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    block_n = 32 if M <= 32 else 64
+    block_n = 64
+    num_warps = 8 if M <= 32 else 4
     block_k = min(256, max(32, group, triton.next_power_of_2(K)))
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     split_k = 1
-    while tiles * split_k * 2 <= 2 * _num_sms(device) and K >= block_k * split_k * 4 and split_k < 8:
+    while tiles * split_k < 2 * _num_sms(device) and K >= block_k * split_k * 4 and split_k < 4:
         split_k *= 2
-    return GemmConfig(block_m, block_n, block_k, split_k, 4, 3)
+    return GemmConfig(block_m, block_n, block_k, split_k, num_warps, 3)
 
 
 def _check_common(x: torch.Tensor, q: FP4Tensor, ndim: int) -> None:
