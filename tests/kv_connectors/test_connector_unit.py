@@ -45,7 +45,7 @@ def caches(seed):
     g = torch.Generator().manual_seed(seed)
     return {LAYERS[0]: torch.randn(NB, 1, BS, 576, generator=g),
             LAYERS[1]: torch.randn(NB, BS, 576, generator=g),
-            LAYERS[2]: torch.randint(0, 255, (NB, BS, 132), dtype=torch.uint8, generator=g)}
+            LAYERS[2]: torch.randint(0, 255, (NB, 1, BS, 132), dtype=torch.uint8, generator=g)}  # as vLLM CPU has it
 
 
 def rows(cache, blocks, n):

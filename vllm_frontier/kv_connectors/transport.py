@@ -157,7 +157,12 @@ def unpin_current_thread() -> None:
 
 
 class _Retry(TransferError):
-    """The attempt was lost in transit (no answer to the challenge, connection dropped)."""
+    """The attempt was lost in transit (no answer to the challenge, connection dropped).
+    `server_slow`: the connection stood but the challenge came late (a busy prefill instance)."""
+
+    def __init__(self, msg: str, server_slow: bool = False):
+        super().__init__(msg)
+        self.server_slow = server_slow
 
 
 # --------------------------------------------------------------------------- server
@@ -378,7 +383,7 @@ def _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s,
         try:
             msg = recv(handshake_s)
         except TransferError as e:
-            raise _Retry(str(e)) from None
+            raise _Retry(str(e), server_slow=connected) from None
         kind = msg[0].bytes
         if kind == b"ERR":
             raise TransferError(f"server refused {tid}: {msg[1].bytes.decode(errors='replace')}")
@@ -432,18 +437,21 @@ def _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s,
 
 def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) -> PullResult:
     """Pull with retries: an attempt whose challenge goes unanswered or whose connection drops is
-    started again on a fresh connection (rows are rewritten idempotently) until `timeout_s`."""
+    started again on a fresh connection (rows are rewritten idempotently) until `timeout_s`. At most
+    `_MAX_ATTEMPTS` lost connections; a server that is connected but slow to answer (its worker busy
+    with prefills on a saturated machine) is waited for until the deadline."""
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     handshake_s = min(idle_timeout_s, 5.0)
-    attempt = 0
+    attempt = lost = 0
     while True:
         attempt += 1
         try:
             return _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s,
                                 idle_timeout_s, handshake_s)
         except _Retry as e:
-            if attempt >= _MAX_ATTEMPTS or time.monotonic() >= deadline:
+            lost += not e.server_slow
+            if lost >= _MAX_ATTEMPTS or time.monotonic() >= deadline:
                 raise TransferError(f"{e} (after {attempt} attempts)") from None
             counters.incr("pull_retries")
             logger.warning("frontier-pd: %s; retrying on a new connection", e)
