@@ -16,12 +16,10 @@ from serving import RouterProcess, VllmServer, free_port
 SECRET = "pd-test-secret"
 KV_CONFIG = json.dumps({"kv_connector": "FrontierPDConnector", "kv_role": "kv_both",
                         "kv_load_failure_policy": "recompute"})
-# A rejected or cut pull falls back within seconds (ERR frame, disconnect event). The idle timeout, TTL and
-# unknown-transfer wait are generous: the router sends the decode request together with the prefill, and
-# with 50 concurrent requests on 2 cores a prefill can wait in the queue for well over 3 s before the prefill
-# instance knows its transfer id (a pull rejected as unknown then recomputes on the decode side).
+# A rejected, unknown or cut pull falls back within seconds (ERR frame, disconnect event). The idle
+# timeout and TTL are generous: on a shared 2-core machine a worker's threads can starve for seconds.
 PD_ENV = {"FRONTIER_PD": "1", "FRONTIER_PD_SECRET": SECRET, "FRONTIER_PD_IDLE_TIMEOUT": "60",
-          "FRONTIER_PD_TIMEOUT": "120", "FRONTIER_PD_UNKNOWN_WAIT": "20", "FRONTIER_PD_STAGING_TTL": "60",
+          "FRONTIER_PD_TIMEOUT": "120", "FRONTIER_PD_UNKNOWN_WAIT": "3", "FRONTIER_PD_STAGING_TTL": "60",
           "VLLM_CPU_KVCACHE_SPACE": "1"}
 ENGINE_ARGS = ["--dtype", "float32", "--kv-transfer-config", KV_CONFIG, "--max-num-seqs", "64",
                "--enforce-eager"]
