@@ -4,9 +4,9 @@ Needs the DSA backend (FRONTIER_DSA=1) on both instances; tiny V3.2 model, float
 
 `index_topk` is set above the longest prompt, so the DSA path runs in full (the indexer writes its FP8 K
 cache, which moves, and scores every token) while the selection is all tokens. With a smaller top-k, greedy
-outputs through P/D and colocated can differ: the decode instance recomputes the last prompt token alone,
-and in that one-row batch its indexer query rounds differently to FP8 than inside the full prompt, which
-can flip near-tied top-k picks (measured on the embedded model: first-token logprob deltas up to 0.05, 2
+outputs through P/D and colocated can differ: the decode instance recomputes the last prompt token alone;
+the likely cause (not proven) is that in that one-row batch its indexer query rounds differently to FP8 than
+inside the full prompt and flips near-tied top-k picks (measured on the embedded model: first-token logprob deltas up to 0.05, 2
 of 5 prompts changed their greedy continuation; on this tiny model, per-block checksums of the indexer cache
 were equal on both sides while the output differed).
 Byte-exact transfer of the block-layout indexer cache is checked in test_connector_unit.py."""

@@ -263,9 +263,9 @@ class FrontierPDConnector(KVConnectorBase_V1):
         )
         self._transport = get_transport(s.transport)
         self._server = None
-        # One thread per request the engine can hold: a pull waits (WAIT keepalives) until its prefill has
-        # run, so a small pool queues later pulls behind waiting ones until their staged KV expires on the
-        # prefill side (measured: 4 threads lost 4 of 50 concurrent transfers that way).
+        # One thread per request the engine can hold: a pull holds its thread while it waits (WAIT keepalives)
+        # for its prefill, so a small pool would queue later pulls behind waiting ones. (Raising it from 4 did
+        # not remove the fallbacks of the 50-request test; those were staged KV expiring before its pull.)
         max_seqs = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None) or 4
         workers = max(4, min(64, int(max_seqs)))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="frontier-pd-pull",
@@ -419,7 +419,7 @@ class FrontierPDConnector(KVConnectorBase_V1):
                 )
             buf = torch.frombuffer(payload, dtype=torch.uint8).reshape(end - start, -1)
             rows = wire.decode_rows(buf, h["enc"], flat.shape[1], flat.dtype)
-            lo = max(start, self._rows(layer, spec.start, spec.start)[0])
+            lo = max(start, spec.start // self._tokens_per_row[layer])  # spec.start is block-aligned (checked)
             if lo < end:
                 rpb = self._rows_per_block[layer]
                 pos = torch.arange(lo, end)

@@ -9,8 +9,8 @@ Imports torch and triton only (never vllm). Two kernels share one inner loop:
   expert_offsets[e] : expert_offsets[e + 1] are multiplied by expert e's weight q[e] ([E, N, K]).
 
 Inner loop per K block: load BLOCK_K/2 packed bytes per output row, split the nibbles into the even- and
-odd-indexed K elements, decode E2M1 by placing its bits in an fp16 and the block scale with integer ops, multiply, and feed two tl.dot calls
-(x's even and odd K columns). The per-tensor scale is applied once to the fp32 accumulator.
+odd-indexed K elements, decode E2M1 by placing its bits in an fp16 and the block scale with integer ops,
+multiply, and feed two tl.dot calls (x's even and odd K columns). The per-tensor scale is applied once to the fp32 accumulator.
 
 The torch references (`ref_w4a16_gemm`, `ref_w4a16_grouped_gemm`) are the oracles for tests and the CPU path.
 """
