@@ -4,12 +4,20 @@ For each routing-trace source (recorded from a model with ``--traces FILE``, and
 skewed trace), the first ``--train-fraction`` of tokens fits the offline pieces (expert
 pre-grouping, the token-id -> rank predictor) and the rest is evaluated, in batches of
 ``--batch`` tokens (the tokens of one forward step, replicated over the EP ranks as after a
-tensor-parallel attention all-reduce).  Four variants:
+tensor-parallel attention all-reduce).  Variants:
 
 * ``plain``: linear expert placement, tokens run on contiguous chunks (vLLM's layout);
 * ``pregroup``: pre-grouped placement, contiguous chunks;
-* ``shuffle``: linear placement, tokens placed by the predictor;
-* ``spec``: pre-grouped placement + predicted token placement (Speculative MoE).
+* ``shuffle[P]``: linear placement, tokens placed by predictor P;
+* ``spec[P]``: pre-grouped placement + tokens placed by predictor P (Speculative MoE).
+
+Predictors P (``vllm_frontier.moe.shuffle``): ``token_table`` (token id), ``prev_layer`` (previous
+layer's experts; no prediction at the first MoE layer), ``lookahead`` (the layer's gate on its
+pre-attention input, recorded in the trace file), ``chain`` (token_table, else prev_layer, else
+lookahead; this order was picked on the validation split below) and ``oracle`` (the real routing:
+not realisable, the bound the capacity plan leaves).  Tokens are placed by ``plan_from_scores``
+(``--planner first`` for the first-choice planner).  At the measured sizes a validation split
+(fit on the first half of the fit tokens, score the second half) is reported too.
 
 At ``--ranks-measured`` sizes the EP layer really runs on that many gloo processes: bytes come
 from its counters, time from the collectives' wall clock, and the outputs are checked
@@ -19,8 +27,10 @@ analytically (checked against the measured counters where both exist).
 
 Bytes per remote (token, rank) pair: dispatch ``H * elem`` + meta ``k * 8`` + combine ``H * elem``.
 
-    python benchmarks/spec_moe.py --json benchmarks/results/spec_moe.json [--traces FILE]
-    python benchmarks/spec_moe.py --record-traces MODEL_DIR --traces-out traces.pt
+    python benchmarks/spec_moe.py --record-traces vllm_frontier/models/embedded/v3 --record-tokens 51200 \
+        --traces-out benchmarks/results/spec_moe_traces_v3.pt
+    python benchmarks/spec_moe.py --traces benchmarks/results/spec_moe_traces_v3.pt --measured-layers 2 \
+        --json benchmarks/results/spec_moe.json
 """
 
 from __future__ import annotations
@@ -46,42 +56,97 @@ from vllm_frontier.moe.reference import reference_moe  # noqa: E402
 from vllm_frontier.moe.routing import RouterConfig  # noqa: E402
 from vllm_frontier.moe.shuffle import (  # noqa: E402
     NO_PREDICTION,
+    LookaheadPredictor,
     TokenTablePredictor,
+    TransitionPredictor,
+    chain_scores,
     contiguous_ranks,
+    plan_from_scores,
     plan_token_ranks,
     prediction_accuracy,
+    rank_presence,
 )
 from vllm_frontier.moe.traces import RoutingTraces, load_traces, synthetic_skewed_traces  # noqa: E402
 
-VARIANTS = ("plain", "pregroup", "shuffle", "spec")
+PREDICTORS = ("token_table", "prev_layer", "lookahead", "chain", "oracle")
+"""Token-placement predictors (see vllm_frontier.moe.shuffle); ``oracle`` places every token by its real
+routing, which no deployment can do before the gate: it is the bound the capacity plan allows."""
+MEASURED_PREDICTORS = ("token_table", "prev_layer", "lookahead", "chain")
 
 
-# ---------------------------------------------------------------- offline fit (placement, predictor)
+def variants_for(traces: RoutingTraces, predictors=PREDICTORS) -> list[str]:
+    """``plain``, ``pregroup``, then ``shuffle[p]`` / ``spec[p]`` for every predictor the traces support."""
+    out = ["plain", "pregroup"]
+    for p in predictors:
+        if p == "token_table" and traces.token_ids is None:
+            continue
+        if p == "prev_layer" and traces.num_layers < 2:
+            continue
+        if p == "lookahead" and traces.predicted_topk_ids is None:
+            continue
+        out += [f"shuffle[{p}]", f"spec[{p}]"]
+    return out
+
+
+def parse_variant(variant: str) -> tuple[str, str | None]:
+    """``(placement name, predictor or None)``: ``spec[chain]`` -> ``("grouped", "chain")``."""
+    if variant == "plain":
+        return "linear", None
+    if variant == "pregroup":
+        return "grouped", None
+    kind, pred = variant.rstrip("]").split("[")
+    return ("linear" if kind == "shuffle" else "grouped"), pred
+
+
+# ---------------------------------------------------------------- offline fit (placement, predictors)
 def fit_layer(train: RoutingTraces, layer: int, n: int, max_imbalance: float):
-    """Pre-grouped placement and token-table predictors (for linear and pre-grouped placements)."""
+    """Linear and pre-grouped placements and, per placement, the predictors fitted on ``train``."""
     e = train.num_experts
     linear = ExpertPlacement.linear(e, n)
     grouped = pregroup(train.topk_ids[layer], e, n, max_imbalance=max_imbalance)
     preds = {}
     for name, p in (("linear", linear), ("grouped", grouped)):
-        if train.token_ids is None:
-            preds[name] = None
-        else:
+        d = {"placement": p, "token_table": None, "prev_layer": None, "lookahead": LookaheadPredictor(p)}
+        if train.token_ids is not None:
             vocab = int(train.token_ids.max()) + 1
-            preds[name] = TokenTablePredictor(vocab, p).fit(train.token_ids, train.topk_ids[layer])
+            d["token_table"] = TokenTablePredictor(vocab, p).fit(train.token_ids, train.topk_ids[layer])
+        if layer > 0:
+            d["prev_layer"] = TransitionPredictor(e, p).fit(train.topk_ids[layer - 1], train.topk_ids[layer])
+        preds[name] = d
     return linear, grouped, preds
 
 
-def token_ranks_for(variant: str, batch_tokens, n: int, preds, capacity: float) -> torch.Tensor:
-    t = batch_tokens.shape[0] if batch_tokens is not None else None
-    if variant in ("plain", "pregroup"):
-        return contiguous_ranks(t, n)
-    pred = preds["linear" if variant == "shuffle" else "grouped"]
-    guess = pred.predict(batch_tokens) if pred is not None else torch.full((t,), NO_PREDICTION)
-    # tokens without a prediction keep their contiguous chunk (as plain) unless it is full
+def batch_scores(pred: str, layer: int, b: RoutingTraces, d: dict) -> torch.Tensor:
+    """``[T, N]`` rank scores of predictor ``pred`` for the batch ``b`` at ``layer`` (zero rows = none)."""
+    p = d["placement"]
+    zeros = torch.zeros((b.num_tokens, p.num_ranks), dtype=torch.float64)
+    if pred == "oracle":
+        return rank_presence(b.topk_ids[layer], p)
+    parts = []
+    if pred in ("token_table", "chain") and d["token_table"] is not None and b.token_ids is not None:
+        parts.append(d["token_table"].scores(b.token_ids))
+    if pred in ("prev_layer", "chain") and d["prev_layer"] is not None:
+        parts.append(d["prev_layer"].scores(b.topk_ids[layer - 1]))
+    if pred in ("lookahead", "chain") and b.predicted_topk_ids is not None:
+        parts.append(d["lookahead"].scores(b.predicted_topk_ids[layer]))
+    return chain_scores(*parts) if parts else zeros
+
+
+def token_ranks_for(variant: str, layer: int, b: RoutingTraces, n: int, preds: dict, capacity: float,
+                    planner: str = "scores") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(token ranks [T], raw predicted ranks [T] or None)`` for one batch."""
+    t = b.num_tokens
     home = contiguous_ranks(t, n)
-    guess = torch.where(guess == NO_PREDICTION, home, guess)
-    return plan_token_ranks(guess, n, capacity)
+    place, pred = parse_variant(variant)
+    if pred is None:
+        return home, None
+    scores = batch_scores(pred, layer, b, preds[place])
+    raw = scores.argmax(dim=1)
+    raw = torch.where(scores.sum(dim=1) > 0, raw, torch.full_like(raw, NO_PREDICTION))
+    if planner == "first":
+        # tokens without a prediction keep their contiguous chunk (as plain) unless it is full
+        return plan_token_ranks(torch.where(raw == NO_PREDICTION, home, raw), n, capacity), raw
+    return plan_from_scores(scores, capacity, home=home), raw
 
 
 def remote_pairs(topk_ids: torch.Tensor, placement: ExpertPlacement, token_ranks: torch.Tensor) -> int:
@@ -93,12 +158,17 @@ def remote_pairs(topk_ids: torch.Tensor, placement: ExpertPlacement, token_ranks
     return int(present.sum())
 
 
-def evaluate(test: RoutingTraces, fits, n: int, batch: int, capacity: float, hidden: int, elem: int):
-    """Analytic pair counts and bytes for every variant, plus prediction accuracy."""
+def evaluate(test: RoutingTraces, fits, n: int, batch: int, capacity: float, hidden: int, elem: int,
+             variants: list[str], planner: str = "scores"):
+    """Analytic pair counts and bytes for every variant, plus prediction accuracy.
+
+    ``prediction_accuracy[variant]``: ``raw`` = the predictor's own first choice (before the capacity
+    plan; tokens without a prediction count as misses), ``planned`` = the rank the plan gave the token.
+    """
     k = test.top_k
     pair_bytes = 2 * hidden * elem + 8 * k
-    out = {v: {"remote_pairs": 0} for v in VARIANTS}
-    acc = {"linear": [], "grouped": []}
+    out = {v: {"remote_pairs": 0, "remote_pairs_per_layer": [0] * len(fits)} for v in variants}
+    acc = {v: {"raw": [], "planned": []} for v in variants if parse_variant(v)[1] is not None}
     stats = {"linear": [], "grouped": []}
     tokens = 0
     for layer, (linear, grouped, preds) in enumerate(fits):
@@ -106,27 +176,33 @@ def evaluate(test: RoutingTraces, fits, n: int, batch: int, capacity: float, hid
         stats["linear"].append(placement_stats(ids_all, linear))
         stats["grouped"].append(placement_stats(ids_all, grouped))
         for start in range(0, test.num_tokens - batch + 1, batch):
-            ids = ids_all[start:start + batch]
-            tok = None if test.token_ids is None else test.token_ids[start:start + batch]
+            b = test.slice(start, start + batch)
+            ids = b.topk_ids[layer]
             tokens += batch
-            for v in VARIANTS:
-                placement = linear if v in ("plain", "shuffle") else grouped
-                tr = token_ranks_for(v, tok, n, preds, capacity)
-                out[v]["remote_pairs"] += remote_pairs(ids, placement, tr)
-                if v in ("shuffle", "spec"):
-                    acc["linear" if v == "shuffle" else "grouped"].append(prediction_accuracy(tr, ids, placement))
-    for v in VARIANTS:
+            for v in variants:
+                placement = linear if parse_variant(v)[0] == "linear" else grouped
+                tr, raw = token_ranks_for(v, layer, b, n, preds, capacity, planner)
+                pairs = remote_pairs(ids, placement, tr)
+                out[v]["remote_pairs"] += pairs
+                out[v]["remote_pairs_per_layer"][layer] += pairs
+                if raw is not None:
+                    acc[v]["raw"].append(prediction_accuracy(raw, ids, placement))
+                    acc[v]["planned"].append(prediction_accuracy(tr, ids, placement))
+    base = out["plain"]["remote_pairs"]
+    for v in variants:
         out[v]["bytes"] = out[v]["remote_pairs"] * pair_bytes
         out[v]["pairs_per_token"] = out[v]["remote_pairs"] / max(tokens, 1)
-    base = out["plain"]["bytes"]
-    for v in VARIANTS:
-        out[v]["reduction_vs_plain"] = 1 - out[v]["bytes"] / base if base else 0.0
+        out[v]["reduction_vs_plain"] = 1 - out[v]["remote_pairs"] / base if base else 0.0
+        out[v]["reduction_vs_plain_per_layer"] = [
+            1 - a / b if b else 0.0
+            for a, b in zip(out[v]["remote_pairs_per_layer"], out["plain"]["remote_pairs_per_layer"])]
 
     def mean(rows, key):
         return sum(r[key] for r in rows) / len(rows) if rows else None
 
     out["prediction_accuracy"] = {
-        name: {key: mean(rows, key) for key in ("best", "hit", "covered")} for name, rows in acc.items()
+        v: {stage: {key: mean(rows, key) for key in ("best", "hit", "covered")} for stage, rows in d.items()}
+        for v, d in acc.items()
     }
     out["placement"] = {
         name: {key: mean(rows, key) for key in ("distinct_ranks", "local_all", "load_imbalance")}
@@ -137,12 +213,12 @@ def evaluate(test: RoutingTraces, fits, n: int, batch: int, capacity: float, hid
 
 
 # ---------------------------------------------------------------- measured runs (real gloo ranks)
-def _measure_worker(rank, n, test, fits, batch, capacity, hidden, inter, steps):
+def _measure_worker(rank, n, test, fits, batch, capacity, hidden, inter, steps, variants, planner):
     torch.manual_seed(0)
     e = test.num_experts
     weights = MoEWeights.random(e, hidden, inter, shared_intermediate_size=inter, seed=1)
     cfg = RouterConfig(top_k=test.top_k)
-    res = {v: {"bytes": 0, "dispatch_sent": 0, "comm_seconds": 0.0, "step_seconds": 0.0} for v in VARIANTS}
+    res = {v: {"bytes": 0, "dispatch_sent": 0, "comm_seconds": 0.0, "step_seconds": 0.0} for v in variants}
     max_diff = 0.0
     lossless = True
     for layer, (linear, grouped, preds) in enumerate(fits):
@@ -150,14 +226,14 @@ def _measure_worker(rank, n, test, fits, batch, capacity, hidden, inter, steps):
                   "grouped": EPMoELayer(weights, cfg, grouped, counters=ByteCounters())}
         for step in range(steps):
             start = step * batch
-            ids = test.topk_ids[layer, start:start + batch]
-            tok = None if test.token_ids is None else test.token_ids[start:start + batch]
+            b = test.slice(start, start + batch)
+            ids = b.topk_ids[layer]
             x = torch.randn(batch, hidden, generator=torch.Generator().manual_seed(step))
             routing = (torch.full(ids.shape, 1.0 / ids.shape[1]), ids)
             outs = {}
-            for v in VARIANTS:
-                layer_obj = layers["linear" if v in ("plain", "shuffle") else "grouped"]
-                tr = token_ranks_for(v, tok, n, preds, capacity)
+            for v in variants:
+                layer_obj = layers[parse_variant(v)[0]]
+                tr, _ = token_ranks_for(v, layer, b, n, preds, capacity, planner)
                 layer_obj.counters.reset()
                 t0 = time.perf_counter()
                 outs[v] = layer_obj.forward_replicated(x, tr, routing)
@@ -167,45 +243,57 @@ def _measure_worker(rank, n, test, fits, batch, capacity, hidden, inter, steps):
                 res[v]["dispatch_sent"] += c.dispatch_sent
                 res[v]["comm_seconds"] += c.comm_seconds
             # lossless: speculation never changes the result for a given placement
-            lossless &= torch.equal(outs["shuffle"], outs["plain"]) and torch.equal(outs["spec"], outs["pregroup"])
+            for v in variants:
+                same = "plain" if parse_variant(v)[0] == "linear" else "pregroup"
+                lossless &= torch.equal(outs[v], outs[same])
             if rank == 0:
                 ref = reference_moe(x, weights, cfg, grouped, routing=routing)
-                lossless &= torch.equal(outs["spec"], ref)
-                max_diff = max(max_diff, (outs["spec"] - outs["plain"]).abs().max().item())
+                lossless &= torch.equal(outs["pregroup"], ref)
+                for v in variants:
+                    max_diff = max(max_diff, (outs[v] - outs["plain"]).abs().max().item())
     return {"variants": res, "lossless": lossless, "max_abs_diff_spec_vs_plain": max_diff}
 
 
 def measure(test, fits, n, args):
     steps = min(args.steps, test.num_tokens // args.batch)
     t0 = time.perf_counter()
+    variants = variants_for(test, MEASURED_PREDICTORS)
     per_rank = run_distributed(_measure_worker, n, test, fits, args.batch, args.capacity, args.hidden,
-                               args.inter, steps)
+                               args.inter, steps, variants, args.planner)
     out = {"ranks": n, "steps_per_layer": steps, "batch": args.batch, "wall_seconds": time.perf_counter() - t0,
            "lossless_all_ranks": all(r["lossless"] for r in per_rank),
-           "max_abs_diff_spec_vs_plain": per_rank[0]["max_abs_diff_spec_vs_plain"]}
-    for v in VARIANTS:
+           "max_abs_diff_any_vs_plain": per_rank[0]["max_abs_diff_spec_vs_plain"], "variants": variants}
+    for v in variants:
         out[v] = {
             "bytes_sent_total": sum(r["variants"][v]["bytes"] for r in per_rank),
             "comm_seconds_max_rank": max(r["variants"][v]["comm_seconds"] for r in per_rank),
             "step_seconds_max_rank": max(r["variants"][v]["step_seconds"] for r in per_rank),
         }
     base = out["plain"]["bytes_sent_total"]
-    for v in VARIANTS:
+    for v in variants:
         out[v]["reduction_vs_plain"] = 1 - out[v]["bytes_sent_total"] / base if base else 0.0
     # the analytic count must agree with what the layer really sent (counts metadata aside)
-    sub = RoutingTraces(test.topk_ids[:, : steps * args.batch], test.num_experts,
-                        None if test.token_ids is None else test.token_ids[: steps * args.batch])
-    analytic = evaluate(sub, fits, n, args.batch, args.capacity, args.hidden, 4)
+    sub = RoutingTraces(test.topk_ids[:len(fits), : steps * args.batch], test.num_experts,
+                        None if test.token_ids is None else test.token_ids[: steps * args.batch], test.meta,
+                        None if test.predicted_topk_ids is None
+                        else test.predicted_topk_ids[:len(fits), : steps * args.batch])
+    analytic = evaluate(sub, fits, n, args.batch, args.capacity, args.hidden, 4, variants, args.planner)
     counts_meta = n * (n - 1) * 8 * steps * len(fits)
     out["analytic_matches_measured"] = all(
-        analytic[v]["bytes"] + counts_meta == out[v]["bytes_sent_total"] for v in VARIANTS
+        analytic[v]["bytes"] + counts_meta == out[v]["bytes_sent_total"] for v in variants
     )
     return out
 
 
 # ---------------------------------------------------------------- trace recording (trained model)
 def record_traces(model_dir: str, max_tokens: int, seq_len: int) -> RoutingTraces:
-    """Run the project's torch reference model on held-out corpus text and keep its routing."""
+    """Run the project's torch reference model on held-out corpus text and keep its routing.
+
+    Also records the lookahead prediction of every main MoE layer (its gate, bias and top-k rule via
+    the layer's own ``mlp.route``, applied to ``post_attention_layernorm`` of the layer's *input*
+    residual stream, i.e. before its attention; see ``LookaheadPredictor``).  Deterministic: the
+    held-out files in listing order, cut into ``seq_len`` windows, at most ``max_tokens`` tokens.
+    """
     from tokenizers import Tokenizer
 
     from vllm_frontier.models.corpus import read_split
@@ -218,30 +306,49 @@ def record_traces(model_dir: str, max_tokens: int, seq_len: int) -> RoutingTrace
         ids.extend(tok.encode(text).ids)
         if len(ids) >= max_tokens:
             break
-    ids = ids[: max_tokens - max_tokens % seq_len]
+    ids = ids[:max_tokens]
+    ids = ids[: len(ids) - len(ids) % seq_len]
     seqs = torch.tensor(ids).view(-1, seq_len)
+    moe_layers = [layer for layer in model.main_layers if model.cfg.is_moe_layer(layer.layer_idx)]
+    lookahead: dict[int, list[torch.Tensor]] = {layer.layer_idx: [] for layer in moe_layers}
+
+    def predict_before_attention(mod, args):
+        h = args[0]  # the layer's input residual stream [B, T, H]
+        _, pred_ids, _ = mod.mlp.route(mod.post_attention_layernorm(h).reshape(-1, h.shape[-1]))
+        lookahead[mod.layer_idx].append(pred_ids)
+
+    hooks = [layer.register_forward_pre_hook(predict_before_attention) for layer in moe_layers]
     per_layer: list[list[torch.Tensor]] = []
-    with torch.no_grad():
-        for s in seqs:
-            o = model(s.unsqueeze(0), mtp=False)
-            main = [r for r, layer in zip(o.routing, o.routing_layers) if layer < model.cfg.num_hidden_layers]
-            if not per_layer:
-                per_layer = [[] for _ in main]
-            for acc, r in zip(per_layer, main):
-                acc.append(r[0])
+    try:
+        with torch.no_grad():
+            for s in seqs:
+                o = model(s.unsqueeze(0), mtp=False)
+                main = [r for r, layer in zip(o.routing, o.routing_layers)
+                        if layer < model.cfg.num_hidden_layers]
+                if not per_layer:
+                    per_layer = [[] for _ in main]
+                for acc, r in zip(per_layer, main):
+                    acc.append(r[0])
+    finally:
+        for hk in hooks:
+            hk.remove()
     topk = torch.stack([torch.cat(rows) for rows in per_layer])
+    pred = torch.stack([torch.cat(lookahead[layer.layer_idx]) for layer in moe_layers])
     return RoutingTraces(topk, model.cfg.n_routed_experts, seqs.flatten(),
                          {"source": "reference model", "model_dir": str(model_dir), "corpus": "heldout",
-                          "seq_len": seq_len})
+                          "seq_len": seq_len, "max_tokens": max_tokens,
+                          "predicted_topk_ids": "lookahead: layer L gate on post_attention_layernorm(input of L)"},
+                         pred)
 
 
 # ---------------------------------------------------------------- main
 def run_source(name, traces, args):
     train, test = traces.split(args.train_fraction)
     e = traces.num_experts
+    variants = variants_for(traces)
     result = {"num_experts": e, "top_k": traces.top_k, "layers": traces.num_layers,
               "tokens_train": train.num_tokens, "tokens_test": test.num_tokens, "meta": traces.meta,
-              "computed": {}, "measured": {}, "skipped": {}}
+              "variants": variants, "computed": {}, "measured": {}, "validation": {}, "skipped": {}}
     for n in sorted(set(args.ranks_measured) | set(args.ranks_computed)):
         if n > e or e % n:
             result["skipped"][n] = f"{e} experts cannot be split evenly over {n} ranks"
@@ -249,17 +356,26 @@ def run_source(name, traces, args):
         t0 = time.perf_counter()
         fits = [fit_layer(train, layer, n, args.max_imbalance) for layer in range(traces.num_layers)]
         fit_s = time.perf_counter() - t0
-        result["computed"][n] = evaluate(test, fits, n, args.batch, args.capacity, args.hidden, 4)
-        result["computed"][n]["fit_seconds"] = fit_s
-        print(f"[{name}] N={n}: spec {result['computed'][n]['spec']['reduction_vs_plain']:.1%} less traffic "
-              f"(pregroup {result['computed'][n]['pregroup']['reduction_vs_plain']:.1%}, shuffle "
-              f"{result['computed'][n]['shuffle']['reduction_vs_plain']:.1%})", flush=True)
+        c = result["computed"][n] = evaluate(test, fits, n, args.batch, args.capacity, args.hidden, 4,
+                                             variants, args.planner)
+        c["fit_seconds"] = fit_s
+        print(f"[{name}] N={n}: " + ", ".join(
+            f"{v} {c[v]['reduction_vs_plain']:.1%}" for v in variants if v != "plain"), flush=True)
         if n in args.ranks_measured:
+            if args.validate:
+                # predictor choice is made here: fit on the first half of the fit tokens, score the second
+                fit_a, fit_b = train.split(0.5)
+                vfits = [fit_layer(fit_a, layer, n, args.max_imbalance) for layer in range(traces.num_layers)]
+                val = evaluate(fit_b, vfits, n, args.batch, args.capacity, args.hidden, 4, variants, args.planner)
+                result["validation"][n] = {v: {"reduction_vs_plain": val[v]["reduction_vs_plain"],
+                                               "reduction_vs_plain_per_layer": val[v]["reduction_vs_plain_per_layer"]}
+                                           for v in variants}
             mfits = fits[: args.measured_layers]
-            result["measured"][n] = measure(test, mfits, n, args)
-            m = result["measured"][n]
-            print(f"[{name}] N={n} measured: spec {m['spec']['reduction_vs_plain']:.1%} less, lossless="
-                  f"{m['lossless_all_ranks']}, analytic==measured {m['analytic_matches_measured']}", flush=True)
+            m = result["measured"][n] = measure(test, mfits, n, args)
+            print(f"[{name}] N={n} measured: " + ", ".join(
+                f"{v} {m[v]['reduction_vs_plain']:.1%}" for v in m["variants"] if v != "plain")
+                + f"; lossless={m['lossless_all_ranks']}, analytic==measured {m['analytic_matches_measured']}",
+                flush=True)
         if args.write_placement and n == args.placement_ranks and name == args.placement_source:
             save_placements(args.write_placement, {layer: f[1] for layer, f in enumerate(fits)},
                             {"source": name, "max_imbalance": args.max_imbalance, "train_tokens": train.num_tokens})
@@ -291,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-placement", help="write the pre-grouped placement file for --placement-ranks")
     ap.add_argument("--placement-ranks", type=int, default=8)
     ap.add_argument("--placement-source", default="trained")
+    ap.add_argument("--planner", choices=("scores", "first"), default="scores",
+                    help="scores: next-best rank when the first choice is full (plan_from_scores); "
+                         "first: first choice or any free rank (plan_token_ranks)")
+    ap.add_argument("--no-validate", dest="validate", action="store_false",
+                    help="skip the validation split (fit on the first half of the fit tokens, score the rest)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

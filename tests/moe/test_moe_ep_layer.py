@@ -18,7 +18,9 @@ from vllm_frontier.moe.reference import reference_moe
 from vllm_frontier.moe.routing import RouterConfig, route
 from vllm_frontier.moe.shuffle import (
     best_ranks,
+    plan_from_scores,
     plan_token_ranks,
+    rank_presence,
     worst_ranks,
 )
 
@@ -104,7 +106,7 @@ def test_dp_style_equals_reference(n):
         assert sum(c["combine_sent"] for *_, c in per_rank) == sent, case
 
 
-MODES = ("plain", "oracle", "all-wrong", "skewed")
+MODES = ("plain", "oracle", "all-wrong", "skewed", "scored")
 
 
 def _replicated_worker(rank, n):
@@ -132,6 +134,9 @@ def _replicated_case(rank, n, cfg_name, mode):
         assert (token_ranks != best).all()  # no token lands on its target rank
     elif mode == "skewed":  # everything predicted on rank 0: the capacity spills it over
         token_ranks = plan_token_ranks(torch.zeros_like(best), n, capacity_factor=1.0)
+    elif mode == "scored":  # noisy rank scores through the score planner at the exact capacity
+        noise = torch.rand(topk_ids.shape[0], n, generator=torch.Generator().manual_seed(11))
+        token_ranks = plan_from_scores(rank_presence(topk_ids, placement) + noise, 1.0)
     layer = EPMoELayer(w, cfg, placement, counters=ByteCounters())
     out = layer.forward_replicated(x, token_ranks)
     ref = reference_moe(x, w, cfg, placement)
@@ -160,3 +165,7 @@ def test_speculative_shuffle_is_lossless(n):
         # the skewed prediction respected the exact capacity (capacity_factor 1.0)
         ranks = by_mode["skewed"][0][3]
         assert torch.bincount(ranks, minlength=n).max().item() == -(-37 // n)
+        scored = by_mode["scored"][0][3]
+        assert torch.bincount(scored, minlength=n).max().item() <= -(-37 // n)
+        assert all(torch.equal(r[3], scored) for r in by_mode["scored"])  # every rank planned the same
+        assert traffic["scored"] < traffic["all-wrong"], (cfg_name, traffic)

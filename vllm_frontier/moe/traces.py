@@ -2,10 +2,16 @@
 
 File format (``torch.save`` of a dict, read by :func:`load_traces`)::
 
-    {"format": "vllm-frontier/routing-traces", "version": 1,
-     "topk_ids": int64 [L, T, k],      # expert ids per MoE layer, best slot first
-     "token_ids": int64 [T] or None,   # the token at each position (for token-table prediction)
+    {"format": "vllm-frontier/routing-traces", "version": 2,
+     "topk_ids": int [L, T, k],        # expert ids per MoE layer, best slot first
+     "token_ids": int [T] or None,     # the token at each position (for token-table prediction)
+     "predicted_topk_ids": int [L, T, k] or None,
+                                       # lookahead gate: layer L's gate on layer L's input
+                                       # (see shuffle.LookaheadPredictor)
      "num_experts": E, "meta": {...}}
+
+Integer tensors are stored in the narrowest of int16 / int32 / int64 that holds them and
+read back as int64.  Version-1 files (no ``predicted_topk_ids``) still load.
 
 Tokens are positions of a flattened stream (sequences concatenated).
 """
@@ -18,7 +24,24 @@ from dataclasses import dataclass, field
 import torch
 
 FORMAT = "vllm-frontier/routing-traces"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+def _compact(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The narrowest of int16 / int32 / int64 holding ``t`` (smaller files)."""
+    if t is None or t.numel() == 0:
+        return t
+    lo, hi = int(t.min()), int(t.max())
+    for dtype in (torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return t.to(dtype)
+    return t.long()
+
+
+def _long(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.long()
 
 
 @dataclass
@@ -30,12 +53,15 @@ class RoutingTraces:
         num_experts: E.
         token_ids: ``[T]`` int64, or None when unknown.
         meta: provenance (model, corpus, generator parameters).
+        predicted_topk_ids: ``[L, T, k]`` int64 expert ids predicted by the lookahead gate
+            (:class:`~vllm_frontier.moe.shuffle.LookaheadPredictor`), or None.
     """
 
     topk_ids: torch.Tensor
     num_experts: int
     token_ids: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
+    predicted_topk_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.topk_ids.dim() != 3:
@@ -44,6 +70,12 @@ class RoutingTraces:
             raise ValueError(f"expert ids must lie in [0, {self.num_experts})")
         if self.token_ids is not None and self.token_ids.shape != (self.topk_ids.shape[1],):
             raise ValueError("token_ids must be [T] with T = topk_ids.shape[1]")
+        pred = self.predicted_topk_ids
+        if pred is not None:
+            if pred.shape != self.topk_ids.shape:
+                raise ValueError(f"predicted_topk_ids must be {tuple(self.topk_ids.shape)}, got {tuple(pred.shape)}")
+            if pred.numel() and (pred.min() < 0 or pred.max() >= self.num_experts):
+                raise ValueError(f"predicted expert ids must lie in [0, {self.num_experts})")
 
     @property
     def num_layers(self) -> int:
@@ -60,16 +92,20 @@ class RoutingTraces:
     def split(self, fraction: float) -> tuple["RoutingTraces", "RoutingTraces"]:
         """``(first fraction of tokens, the rest)``: fit predictors/placements on one, evaluate on the other."""
         cut = int(self.num_tokens * fraction)
-        tok = self.token_ids
-        return (
-            RoutingTraces(self.topk_ids[:, :cut], self.num_experts, None if tok is None else tok[:cut], self.meta),
-            RoutingTraces(self.topk_ids[:, cut:], self.num_experts, None if tok is None else tok[cut:], self.meta),
-        )
+        return self.slice(0, cut), self.slice(cut, self.num_tokens)
+
+    def slice(self, start: int, stop: int) -> "RoutingTraces":
+        """Tokens ``[start, stop)`` of the stream (all fields)."""
+        tok, pred = self.token_ids, self.predicted_topk_ids
+        return RoutingTraces(self.topk_ids[:, start:stop], self.num_experts,
+                             None if tok is None else tok[start:stop], self.meta,
+                             None if pred is None else pred[:, start:stop])
 
     def save(self, path: str | pathlib.Path) -> pathlib.Path:
         path = pathlib.Path(path)
         torch.save(
-            {"format": FORMAT, "version": VERSION, "topk_ids": self.topk_ids, "token_ids": self.token_ids,
+            {"format": FORMAT, "version": VERSION, "topk_ids": _compact(self.topk_ids),
+             "token_ids": _compact(self.token_ids), "predicted_topk_ids": _compact(self.predicted_topk_ids),
              "num_experts": self.num_experts, "meta": self.meta},
             path,
         )
@@ -79,13 +115,13 @@ class RoutingTraces:
 def load_traces(path: str | pathlib.Path) -> RoutingTraces:
     """Read a trace file written by :meth:`RoutingTraces.save`."""
     doc = torch.load(path, weights_only=False)
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") not in READABLE_VERSIONS:
         raise ValueError(
-            f"{path} is not a version-{VERSION} {FORMAT} file; record one with "
+            f"{path} is not a version-{'/'.join(map(str, READABLE_VERSIONS))} {FORMAT} file; record one with "
             "`python benchmarks/spec_moe.py --record-traces MODEL_DIR --traces-out FILE`"
         )
-    return RoutingTraces(doc["topk_ids"].long(), int(doc["num_experts"]),
-                         None if doc["token_ids"] is None else doc["token_ids"].long(), doc.get("meta", {}))
+    return RoutingTraces(doc["topk_ids"].long(), int(doc["num_experts"]), _long(doc["token_ids"]),
+                         doc.get("meta", {}), _long(doc.get("predicted_topk_ids")))
 
 
 def synthetic_skewed_traces(
