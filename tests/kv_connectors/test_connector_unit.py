@@ -11,6 +11,7 @@ import torch
 from vllm.config.kv_transfer import KVTransferConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
+from vllm_frontier.kv_connectors import nixl_plane
 from vllm_frontier.kv_connectors.connector import FrontierPDConnector, FrontierPDMetadata, LoadSpec, SaveSpec
 
 LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn", "model.layers.0.indexer.k_cache"]
@@ -31,10 +32,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def make(role, port, secret="k", wire="raw"):
+def make(role, port, secret="k", wire="raw", transport="zmq"):
     ktc = KVTransferConfig(kv_connector="FrontierPDConnector", kv_role="kv_both",
                            kv_connector_extra_config={"secret": secret, "port": port, "wire": wire,
-                                                      "idle_timeout_s": 5, "timeout_s": 10})
+                                                      "idle_timeout_s": 5, "timeout_s": 10,
+                                                      "transport": transport})
     cfg = SimpleNamespace(kv_transfer_config=ktc, parallel_config=SimpleNamespace(pipeline_parallel_size=1, rank=0),
                           compilation_config=SimpleNamespace(static_forward_context=FORWARD_CONTEXT))
     kcc = SimpleNamespace(kv_cache_groups=[SimpleNamespace(layer_names=LAYERS)], num_blocks=NB)
@@ -77,10 +79,13 @@ def wait_results(conn, timeout=20):
     raise AssertionError("no transfer result")
 
 
-@pytest.fixture
-def pair():
+@pytest.fixture(params=["zmq", "nixl"])
+def pair(request):
+    """Two worker-side connectors (prefill, decode) over each transport."""
+    if request.param == "nixl" and (why := nixl_plane.import_error()):
+        pytest.skip(f"NIXL cannot be imported here: {why}")
     pp, dp = _free_port(), _free_port()
-    P, D = make(KVConnectorRole.WORKER, pp), make(KVConnectorRole.WORKER, dp)
+    P, D = (make(KVConnectorRole.WORKER, p, transport=request.param) for p in (pp, dp))
     pc, dc = caches(1), caches(2)
     P.register_kv_caches(pc)
     D.register_kv_caches(dc)
@@ -232,4 +237,15 @@ def test_missing_secret_is_a_clear_error(monkeypatch):
     ktc = KVTransferConfig(kv_connector="FrontierPDConnector", kv_role="kv_both")
     cfg = SimpleNamespace(kv_transfer_config=ktc, parallel_config=SimpleNamespace(pipeline_parallel_size=1, rank=0))
     with pytest.raises(ValueError, match="FRONTIER_PD_SECRET"):
+        FrontierPDConnector(cfg, KVConnectorRole.SCHEDULER, SimpleNamespace(kv_cache_groups=[], num_blocks=1))
+
+
+@pytest.mark.parametrize("key,value,match", [("transport", "rdma", "transport must be one of"),
+                                             ("wire", "fp4", "wire must be one of"),
+                                             ("timeout_s", "soon", "timeout_s must be a number")])
+def test_bad_settings_are_clear_errors(key, value, match):
+    ktc = KVTransferConfig(kv_connector="FrontierPDConnector", kv_role="kv_both",
+                           kv_connector_extra_config={"secret": "k", key: value})
+    cfg = SimpleNamespace(kv_transfer_config=ktc, parallel_config=SimpleNamespace(pipeline_parallel_size=1, rank=0))
+    with pytest.raises(ValueError, match=match):
         FrontierPDConnector(cfg, KVConnectorRole.SCHEDULER, SimpleNamespace(kv_cache_groups=[], num_blocks=1))

@@ -9,9 +9,16 @@ the likely cause (not proven) is that in that one-row batch its indexer query ro
 inside the full prompt and flips near-tied top-k picks (measured on the embedded model: first-token logprob deltas up to 0.05, 2
 of 5 prompts changed their greedy continuation; on this tiny model, per-block checksums of the indexer cache
 were equal on both sides while the output differed).
-Byte-exact transfer of the block-layout indexer cache is checked in test_connector_unit.py."""
+Byte-exact transfer of the block-layout indexer cache is checked in test_connector_unit.py.
+
+These two instances use the NIXL transport where NIXL can be imported (`make setup` installs it), so the
+payloads move by NIXL READ between the two engines; the V3 module covers the ZeroMQ transport."""
+
+import re
 
 import pytest
+
+from vllm_frontier.kv_connectors import nixl_plane
 
 from pd_harness import Router, body, fresh_metrics, layer_names, metric, post, start_pair, token_ids, words
 
@@ -21,7 +28,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pair_v32(tiny_models):
     model = tiny_models("deepseek_v32", index_topk=1024)
-    P, D, _, _ = start_pair(model, extra_env={"FRONTIER_DSA": "1"})
+    P, D, _, _ = start_pair(model, extra_env={"FRONTIER_DSA": "1", "FRONTIER_PD_TRANSPORT": "auto"})
     r = Router(["--prefill", P.url, "--decode", D.url])
     yield P, D, r
     r.stop()
@@ -34,6 +41,9 @@ def test_v32_router_output_equals_colocated(pair_v32):
     names = layer_names(D)
     indexer = [n for n in names if "indexer" in n]
     assert indexer, f"no indexer K cache among the transferred layers: {names}"
+    want_transport = "nixl" if nixl_plane.available() else "zmq"
+    for srv in (P, D):
+        assert re.search(rf"KV listener .* transport={want_transport},", srv.log_text()), want_transport
     before = fresh_metrics(D)
     tokens = 0
     for i, n in enumerate([9, 70, 200]):

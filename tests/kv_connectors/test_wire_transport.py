@@ -1,4 +1,7 @@
-"""vLLM-free core of the P/D connector: wire encodings, staging, ZeroMQ transport."""
+"""vLLM-free core of the P/D connector: wire encodings, staging, the ZeroMQ and NIXL transports.
+
+The transport tests run for both transports; the NIXL ones need the `nixl` package (installed by
+`make setup`) and are skipped, with the import error as the reason, where it cannot be imported."""
 
 import socket
 import threading
@@ -7,7 +10,7 @@ import time
 import pytest
 import torch
 
-from vllm_frontier.kv_connectors import wire
+from vllm_frontier.kv_connectors import nixl_plane, wire
 from vllm_frontier.kv_connectors.staging import Chunk, StagingStore
 from vllm_frontier.kv_connectors.transport import AuthError, Counters, TransferError, get_transport
 
@@ -47,13 +50,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server():
+def _need(name):
+    if name == "nixl" and (why := nixl_plane.import_error()):
+        pytest.skip(f"NIXL cannot be imported here: {why}")
+    return get_transport(name)
+
+
+@pytest.fixture(params=["zmq", "nixl"])
+def server(request):
+    """(store, server, server counters, transport) for each transport."""
+    tr = _need(request.param)
     store = StagingStore(ttl_s=60)
     counters = Counters()
-    srv = get_transport("zmq").make_server(store, "127.0.0.1", _free_port(), SECRET, counters, unknown_wait_s=0.5)
+    srv = tr.make_server(store, "127.0.0.1", _free_port(), SECRET, counters, unknown_wait_s=0.5)
     srv.start()
-    yield store, srv, counters
+    yield store, srv, counters, tr
     srv.stop()
 
 
@@ -64,7 +75,7 @@ def _chunk(layer, start, end, fill):
 
 
 def test_streams_layers_as_they_are_produced(server):
-    store, srv, _ = server
+    store, srv, counters, tr = server
     store.open("t1")
     store.add("t1", _chunk("L0", 0, 5, 1))
     got, client = [], Counters()
@@ -75,32 +86,38 @@ def test_streams_layers_as_they_are_produced(server):
         store.close("t1", 5)
 
     threading.Thread(target=produce_rest).start()
-    res = get_transport("zmq").pull(srv.address, "t1", SECRET,
-                                    lambda h, p: got.append((h["l"], bytes(p))), client, timeout_s=10)
+    res = tr.pull(srv.address, "t1", SECRET, lambda h, p: got.append((h["l"], bytes(p))), client, timeout_s=10)
     assert [g[0] for g in got] == ["L0", "L1"] and res.chunks == 2 and res.num_tokens == 5
     assert wire.decode_rows(torch.frombuffer(bytearray(got[1][1]), dtype=torch.uint8).reshape(5, -1),
                             "raw", 576, torch.float32).eq(2).all()
     assert client.totals()["recv_bytes"] == 2 * 5 * 576 * 4
-    assert len(store) == 0  # released after the last chunk went out
+    # released after the last chunk went out (NIXL: once the puller said DONE)
+    deadline = time.monotonic() + 5
+    while len(store) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(store) == 0
+    assert counters.totals()["sent_bytes"] == 2 * 5 * 576 * 4
+    if tr.name == "nixl":
+        assert srv._nixl.registered_transfers() == 0  # buffers deregistered
 
 
 def test_wrong_secret_rejected_both_ways(server):
-    store, srv, counters = server
+    store, srv, counters, tr = server
     store.open("t2"); store.add("t2", _chunk("L0", 0, 2, 1)); store.close("t2", 2)
     client = Counters()
     # the server cannot prove the client's secret: the client rejects its KV
     with pytest.raises(AuthError):
-        get_transport("zmq").pull(srv.address, "t2", b"other", lambda h, p: pytest.fail("KV accepted"),
-                                  client, timeout_s=5)
+        tr.pull(srv.address, "t2", b"other", lambda h, p: pytest.fail("KV accepted"), client, timeout_s=5)
     assert client.totals()["rejected_auth"] == 1
     # a client that cannot prove the secret is refused by the server
     import zmq
     from vllm_frontier.kv_connectors import auth
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(srv.address)
-    sock.send_multipart([b"PULL1", auth.new_nonce(), b"t2"])
+    sock.send_multipart([b"PULLN" if tr.name == "nixl" else b"PULL1", auth.new_nonce(), b"t2"])
     assert sock.poll(5000) and sock.recv_multipart()[0] == b"CHAL"
     sock.send_multipart([b"AUTH", b"x" * 32])
+    # no NIXL metadata or buffer address reaches a peer that failed the challenge
     assert sock.poll(5000) and sock.recv_multipart() == [b"ERR", b"peer failed authentication for t2"]
     sock.close(linger=0)
     assert counters.totals().get("rejected_auth") == 1
@@ -108,9 +125,9 @@ def test_wrong_secret_rejected_both_ways(server):
 
 
 def test_unknown_transfer_rejected_and_counted(server):
-    _, srv, counters = server
+    _, srv, counters, tr = server
     with pytest.raises(TransferError, match="unknown transfer"):
-        get_transport("zmq").pull(srv.address, "nope", SECRET, lambda h, p: None, Counters(), timeout_s=5)
+        tr.pull(srv.address, "nope", SECRET, lambda h, p: None, Counters(), timeout_s=5)
     assert counters.totals()["rejected_unknown"] == 1
 
 
@@ -122,9 +139,10 @@ def test_dead_server_fails_fast_not_hang():
     assert time.monotonic() - t0 < 3 + 0.5  # bounded by timeout_s (retries included)
 
 
+@pytest.mark.parametrize("server", ["zmq"], indirect=True)  # NIXL: see the control-channel cut test below
 def test_connection_killed_mid_transfer(server):
     """A TCP proxy forwards the first 64 KiB of KV, then cuts both sides."""
-    store, srv, _ = server
+    store, srv, _, tr = server
     store.open("t3")
     for i in range(8):
         store.add("t3", _chunk(f"L{i}", 0, 64, i))  # 8 x 147 KiB
@@ -158,8 +176,8 @@ def test_connection_killed_mid_transfer(server):
     got = []
     t0 = time.monotonic()
     with pytest.raises(TransferError):
-        get_transport("zmq").pull(f"tcp://127.0.0.1:{proxy_port}", "t3", SECRET, lambda h, p: got.append(h),
-                                  Counters(), timeout_s=10, idle_timeout_s=2)
+        tr.pull(f"tcp://127.0.0.1:{proxy_port}", "t3", SECRET, lambda h, p: got.append(h),
+                Counters(), timeout_s=10, idle_timeout_s=2)
     assert len(got) < 8 and time.monotonic() - t0 < 10  # retried, then failed within timeout_s
 
 
@@ -176,9 +194,24 @@ def test_staging_ttl_and_budget():
     assert st.sweep() == ["b"] and st.nbytes == 0 and len(st) == 0
 
 
+def test_staging_ttl_counts_from_the_last_chunk_and_spares_transfers_being_pulled():
+    now = [0.0]
+    st = StagingStore(ttl_s=5, clock=lambda: now[0])
+    st.open("long"); st.add("long", _chunk("L0", 0, 2, 0))
+    now[0] = 4
+    st.close("long", 2)  # a long prefill: the TTL starts when its KV is complete
+    st.open("busy"); st.add("busy", _chunk("L0", 0, 2, 0)); st.close("busy", 2)
+    now[0] = 8
+    assert st.sweep() == [] and len(st) == 2
+    now[0] = 9.5
+    assert st.sweep(pulling={"busy"}) == ["long"]  # "busy" is being pulled right now
+    now[0] = 100
+    assert st.sweep() == ["busy"] and len(st) == 0
+
+
 def test_keepalive_while_prefill_is_slow(server):
     """A pull that starts before the prefill outlives the idle timeout: the server sends WAIT."""
-    store, srv, _ = server
+    store, srv, _, tr = server
 
     def produce_late():
         time.sleep(0.3)
@@ -188,6 +221,109 @@ def test_keepalive_while_prefill_is_slow(server):
         store.close("t4", 3)
 
     threading.Thread(target=produce_late).start()
-    res = get_transport("zmq").pull(srv.address, "t4", SECRET, lambda h, p: None, Counters(),
-                                    timeout_s=10, idle_timeout_s=1.0)
+    res = tr.pull(srv.address, "t4", SECRET, lambda h, p: None, Counters(), timeout_s=10, idle_timeout_s=1.0)
     assert res.chunks == 1 and res.num_tokens == 3
+
+
+def _serve_in_child(transport, port, ready, stop):
+    """Child process: a KV server of `transport` with one staged transfer of two layers."""
+    store = StagingStore(ttl_s=60)
+    srv = get_transport(transport).make_server(store, "127.0.0.1", port, SECRET, Counters(), unknown_wait_s=2)
+    store.open("x1")
+    for i in range(2):
+        store.add("x1", _chunk(f"L{i}", 0, 300, i + 7))  # 300 x 2304 B per layer
+    store.close("x1", 300)
+    srv.start()
+    ready.set()
+    stop.wait(60)
+    srv.stop()
+
+
+def test_nixl_pull_from_another_process():
+    """The bytes cross a process boundary by NIXL READ (the server's memory, not a copy in a frame)."""
+    import multiprocessing as mp
+    tr = _need("nixl")
+    ctx = mp.get_context("spawn")
+    ready, stop, port = ctx.Event(), ctx.Event(), _free_port()
+    child = ctx.Process(target=_serve_in_child, args=("nixl", port, ready, stop), daemon=True)
+    child.start()
+    try:
+        assert ready.wait(60), "child KV server did not start"
+        got, client = {}, Counters()
+        res = tr.pull(f"tcp://127.0.0.1:{port}", "x1", SECRET,
+                      lambda h, p: got.__setitem__(h["l"], bytes(p)), client, timeout_s=30)
+        assert res.chunks == 2 and res.num_tokens == 300
+        for i in range(2):
+            rows = wire.decode_rows(torch.frombuffer(bytearray(got[f"L{i}"]), dtype=torch.uint8).reshape(300, -1),
+                                    "raw", 576, torch.float32)
+            assert rows.eq(i + 7).all()
+        assert client.totals()["recv_bytes"] == 2 * 300 * 576 * 4
+    finally:
+        stop.set()
+        child.join(30)
+
+
+def test_zmq_puller_is_served_by_a_nixl_server():
+    """Mixed deployments: a NIXL-capable server still answers plain ZeroMQ pulls."""
+    nixl = _need("nixl")
+    store, counters = StagingStore(ttl_s=60), Counters()
+    srv = nixl.make_server(store, "127.0.0.1", _free_port(), SECRET, counters, unknown_wait_s=0.5)
+    srv.start()
+    try:
+        store.open("m1"); store.add("m1", _chunk("L0", 0, 4, 3)); store.close("m1", 4)
+        got = []
+        res = get_transport("zmq").pull(srv.address, "m1", SECRET, lambda h, p: got.append(bytes(p)),
+                                        Counters(), timeout_s=10)
+        assert res.chunks == 1 and len(got[0]) == 4 * 576 * 4
+        assert srv._nixl.registered_transfers() == 0  # nothing was registered for an inline pull
+    finally:
+        srv.stop()
+
+
+def test_nixl_puller_refused_by_a_zmq_only_server_with_a_clear_error():
+    nixl = _need("nixl")
+    store, counters = StagingStore(ttl_s=60), Counters()
+    srv = get_transport("zmq").make_server(store, "127.0.0.1", _free_port(), SECRET, counters)
+    srv.start()
+    try:
+        store.open("m2"); store.add("m2", _chunk("L0", 0, 4, 3)); store.close("m2", 4)
+        with pytest.raises(TransferError, match="no NIXL plane"):
+            nixl.pull(srv.address, "m2", SECRET, lambda h, p: None, Counters(), timeout_s=10)
+        assert counters.totals()["rejected_protocol"] == 1
+        assert store.get("m2") is not None
+    finally:
+        srv.stop()
+
+
+def test_nixl_control_channel_cut_fails_the_pull_and_frees_registrations():
+    """The control connection drops after the first descriptor: the pull fails within its timeout
+    and the server deregisters what it had registered for that puller."""
+    nixl = _need("nixl")
+    store, counters = StagingStore(ttl_s=60), Counters()
+    srv = nixl.make_server(store, "127.0.0.1", _free_port(), SECRET, counters, unknown_wait_s=0.5)
+    srv.start()
+    try:
+        store.open("c1"); store.add("c1", _chunk("L0", 0, 8, 1))  # never closed: the pull waits
+        got = []
+
+        def on_chunk(h, p):
+            got.append(h)
+            raise RuntimeError("puller dies after the first chunk")
+
+        with pytest.raises(RuntimeError, match="puller dies"):
+            nixl.pull(srv.address, "c1", SECRET, on_chunk, Counters(), timeout_s=10)
+        assert len(got) == 1
+        store.add("c1", _chunk("L1", 0, 8, 2))  # the server notices the puller is gone when it sends
+        deadline = time.monotonic() + 10
+        while srv._nixl.registered_transfers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv._nixl.registered_transfers() == 0
+        assert store.get("c1") is not None  # staged KV stays for a retry
+    finally:
+        srv.stop()
+
+
+def test_transport_names():
+    assert get_transport("auto").name == ("nixl" if nixl_plane.available() else "zmq")
+    with pytest.raises(ValueError, match="unknown KV transport 'rdma'"):
+        get_transport("rdma")

@@ -304,8 +304,8 @@ class FrontierPDConnector(KVConnectorBase_V1):
         )
         self._server.start()
         logger.info(
-            "frontier-pd: KV listener %s (advertised %s), wire=%s, layers: %s",
-            self._server.address, s.kv_addr(self._rank), s.wire, ", ".join(self._caches),
+            "frontier-pd: KV listener %s (advertised %s), transport=%s, wire=%s, layers: %s",
+            self._server.address, s.kv_addr(self._rank), self._transport.name, s.wire, ", ".join(self._caches),
         )
         logger.debug("frontier-pd: cache shapes %s, groups %s, tokens per row %s",
                      {n: tuple(t.shape) for n, t in kv_caches.items()}, self._groups, self._tokens_per_row)

@@ -10,11 +10,11 @@ the default (the KV port falls back to ``kv_transfer_config.kv_port``):
 | port               | FRONTIER_PD_PORT             | kv_port 14579 | KV listener port of TP rank 0 (rank r: port + r) |
 | secret             | FRONTIER_PD_SECRET           | (required)    | shared secret for the HMAC challenge |
 | wire               | FRONTIER_PD_WIRE             | raw           | raw (exact) or fp8 (656 B/token/layer for MLA) |
-| transport          | FRONTIER_PD_TRANSPORT        | zmq           | KV transport (see transport.TRANSPORTS) |
+| transport          | FRONTIER_PD_TRANSPORT        | zmq           | zmq, nixl (payloads by NIXL READ) or auto (nixl when importable) |
 | timeout_s          | FRONTIER_PD_TIMEOUT          | 30            | longest a pull may take before recompute |
 | idle_timeout_s     | FRONTIER_PD_IDLE_TIMEOUT     | 10            | longest silence inside a pull |
 | unknown_wait_s     | FRONTIER_PD_UNKNOWN_WAIT     | 10            | how long a server waits for a transfer id it does not know yet |
-| staging_ttl_s      | FRONTIER_PD_STAGING_TTL      | 120           | unclaimed staged KV is dropped after this |
+| staging_ttl_s      | FRONTIER_PD_STAGING_TTL      | 480           | staged KV nobody pulls is dropped this long after its prefill |
 | staging_max_bytes  | FRONTIER_PD_STAGING_MAX_BYTES| 4 GiB         | staged KV budget; oldest transfers go first |
 
 Prefer the environment for the secret: vLLM logs its config, extra_config included.
@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_frontier.kv_connectors.wire import ENCODINGS
+
+# kept here (not imported from transport.py) so that reading settings needs no pyzmq
+TRANSPORT_NAMES = ("zmq", "nixl", "auto")
 
 __all__ = ["PDSettings", "read_settings"]
 
@@ -83,20 +86,23 @@ def read_settings(extra: dict[str, Any] | None, kv_port: int = 14579) -> PDSetti
     wire = str(_pick(extra, "wire", "FRONTIER_PD_WIRE", "raw"))
     if wire not in ENCODINGS:
         raise ValueError(f"frontier-pd: wire must be one of {ENCODINGS}, got {wire!r}")
+    transport = str(_pick(extra, "transport", "FRONTIER_PD_TRANSPORT", "zmq"))
+    if transport not in TRANSPORT_NAMES:
+        raise ValueError(f"frontier-pd: transport must be one of {TRANSPORT_NAMES}, got {transport!r}")
     return PDSettings(
         host=host,
         advertise_host=str(adv),
         port=_num("port", _pick(extra, "port", "FRONTIER_PD_PORT", kv_port), int, 1),
         secret=str(secret).encode(),
         wire=wire,
-        transport=str(_pick(extra, "transport", "FRONTIER_PD_TRANSPORT", "zmq")),
+        transport=transport,
         timeout_s=_num("timeout_s", _pick(extra, "timeout_s", "FRONTIER_PD_TIMEOUT", 30), float, 0.1),
         idle_timeout_s=_num("idle_timeout_s",
                             _pick(extra, "idle_timeout_s", "FRONTIER_PD_IDLE_TIMEOUT", 10), float, 0.1),
         unknown_wait_s=_num("unknown_wait_s",
                             _pick(extra, "unknown_wait_s", "FRONTIER_PD_UNKNOWN_WAIT", 10), float, 0),
         staging_ttl_s=_num("staging_ttl_s",
-                           _pick(extra, "staging_ttl_s", "FRONTIER_PD_STAGING_TTL", 120), float, 1),
+                           _pick(extra, "staging_ttl_s", "FRONTIER_PD_STAGING_TTL", 480), float, 1),
         staging_max_bytes=_num("staging_max_bytes",
                                _pick(extra, "staging_max_bytes", "FRONTIER_PD_STAGING_MAX_BYTES", 4 << 30),
                                int, 1),

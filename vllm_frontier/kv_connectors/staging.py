@@ -4,7 +4,9 @@ The producer (the prefill worker) copies each layer's rows out of the paged cach
 into a `Transfer` as soon as the layer is computed, so the engine frees its blocks
 when the request finishes, whatever happens to the transfer. A KV server streams
 the chunks of a transfer as they appear (layer-wise overlap) and releases the
-transfer when its last chunk is sent. Unclaimed transfers expire after `ttl_s`.
+transfer when its last chunk is sent. A transfer nobody is pulling expires `ttl_s` after
+its last chunk came in (after it was opened, while the prefill still runs); the byte budget
+evicts oldest first when staged KV outgrows it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Chunk:
 @dataclass
 class Transfer:
     tid: str
-    created: float
+    created: float  # opened, then: last chunk in (the TTL counts from here)
     chunks: list[Chunk] = field(default_factory=list)
     nbytes: int = 0
     closed: bool = False  # all chunks are in
@@ -93,6 +95,7 @@ class StagingStore:
             tr = self._items.get(tid)
             if tr is not None:
                 tr.closed, tr.num_tokens = True, num_tokens
+                tr.created = self._clock()
                 self._cv.notify_all()
 
     def fail(self, tid: str, reason: str) -> None:
@@ -116,11 +119,12 @@ class StagingStore:
         with self._cv:
             return len(self._items)
 
-    def sweep(self) -> list[str]:
-        """Drop transfers older than the TTL; returns their ids."""
+    def sweep(self, pulling: frozenset[str] | set[str] = frozenset()) -> list[str]:
+        """Drop transfers older than the TTL, except those in `pulling` (a puller is on them
+        now); returns their ids."""
         with self._cv:
             horizon = self._clock() - self._ttl_s
-            dead = [t for t, tr in self._items.items() if tr.created < horizon]
+            dead = [t for t, tr in self._items.items() if tr.created < horizon and t not in pulling]
             for t in dead:
                 self.nbytes -= self._items.pop(t).nbytes
         for t in dead:

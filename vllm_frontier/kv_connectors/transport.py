@@ -2,8 +2,9 @@
 
 The interface is two calls: a server that publishes a `StagingStore` on an address,
 and a blocking `pull(addr, tid, on_chunk)` on the decode side. `ZmqTransport` (TCP,
-pyzmq) is the implementation shipped here; another one (e.g. RDMA through NIXL)
-implements the same two calls and is added to `TRANSPORTS`.
+pyzmq) moves everything over ZeroMQ; `NixlTransport` keeps the same authenticated
+ZeroMQ control channel and moves the payload bytes by NIXL READ (`nixl_plane.py`).
+A NIXL-capable server also answers plain ZeroMQ pulls, so mixed deployments work.
 
 ZeroMQ protocol (multipart frames; the server is a ROUTER, each pull a DEALER):
 
@@ -13,6 +14,11 @@ ZeroMQ protocol (multipart frames; the server is a ROUTER, each pull a DEALER):
     S: KV    | header json  | payload   (repeated, layer by layer, as produced)
     S: WAIT                              (keepalive every 0.5 s while nothing is ready)
     S: END   | summary json              or   S: ERR | reason
+
+NIXL pulls open with PULLN instead of PULL1; after AUTH the server sends
+``NIXL | agent metadata`` and each chunk as ``KVN | header json`` whose header also holds
+the staged buffer's address and length; the puller READs it and, after END, answers
+``DONE`` so the server can deregister the buffers (it also does so after a timeout).
 
 A server that cannot prove the secret, a malformed chunk, a lost connection, an
 idle gap longer than `idle_timeout_s` or a transfer longer than `timeout_s` ends the
@@ -34,7 +40,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.utils.monitor
 
-from vllm_frontier.kv_connectors import auth
+from vllm_frontier.kv_connectors import auth, nixl_plane
 from vllm_frontier.kv_connectors.staging import StagingStore
 
 __all__ = [
@@ -45,6 +51,7 @@ __all__ = [
     "KVServer",
     "KVTransport",
     "ZmqTransport",
+    "NixlTransport",
     "TRANSPORTS",
     "get_transport",
 ]
@@ -173,13 +180,17 @@ class _Session:
     server_nonce: bytes
     started: float
     authed: bool = False
+    nixl: bool = False  # payloads by NIXL READ (PULLN) instead of inline frames
+    done_wait: bool = False  # NIXL: END sent, waiting for the puller's DONE
+    pending: tuple | None = None  # NIXL: (header, metadata) of the next chunk, registered, not sent
     next_chunk: int = 0
     sent_bytes: int = 0
     last_send: float = 0.0
 
 
 class _ZmqServer(KVServer):
-    def __init__(self, store, host, port, secret, counters, unknown_wait_s):
+    def __init__(self, store, host, port, secret, counters, unknown_wait_s, nixl: bool = False):
+        self._nixl = nixl_plane.NixlServerPlane() if nixl else None
         self._store = store
         self._secret = secret
         self._counters = counters
@@ -212,6 +223,8 @@ class _ZmqServer(KVServer):
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self._sock.close(linger=0)
+        if self._nixl is not None:
+            self._nixl.close()
 
     # one thread owns the socket: receive control frames, then push ready chunks
     def _run(self) -> None:
@@ -220,7 +233,9 @@ class _ZmqServer(KVServer):
         poller.register(self._sock, zmq.POLLIN)
         last_sweep = time.monotonic()
         while not self._stop.is_set():
-            busy = any(s.authed for s in self._sessions.values())
+            # NIXL sessions stay busy while waiting for DONE: the puller is reading and the
+            # target's agent has to make progress for it
+            busy = any(s.authed and (s.nixl or not s.done_wait) for s in self._sessions.values())
             events = dict(poller.poll(1 if busy else 50))
             if self._sock in events:
                 for _ in range(256):
@@ -231,15 +246,17 @@ class _ZmqServer(KVServer):
                     self._on_message(frames)
             for ident in list(self._sessions):
                 self._pump(ident)
+            if self._nixl is not None and busy:
+                self._nixl.progress()
             now = time.monotonic()
             if now - last_sweep > 1.0:
                 last_sweep = now
-                for tid in self._store.sweep():
+                for tid in self._store.sweep({x.tid for x in self._sessions.values() if x.authed}):
                     self._counters.incr("staging_expired")
                     logger.warning("frontier-pd: staged KV for %s expired unclaimed", tid)
                 for ident, s in list(self._sessions.items()):
-                    if not s.authed and now - s.started > _HANDSHAKE_S:
-                        self._sessions.pop(ident)  # abandoned handshake
+                    if (not s.authed or s.done_wait) and now - s.started > _HANDSHAKE_S:
+                        self._drop(ident)  # abandoned handshake, or a NIXL puller that never said DONE
 
     def _send(self, ident: bytes, *frames) -> bool:
         """False when the peer is gone or its queue is full (retry later)."""
@@ -251,16 +268,23 @@ class _ZmqServer(KVServer):
             return False
         except zmq.ZMQError as e:  # EHOSTUNREACH: the client disconnected
             if e.errno == zmq.EHOSTUNREACH:
-                s = self._sessions.pop(ident, None)
+                s = self._drop(ident)
                 if s is not None:
                     self._counters.incr("send_aborted")
                     logger.warning("frontier-pd: puller of %s went away mid-transfer", s.tid)
                 return False
             raise
 
+    def _drop(self, ident: bytes) -> _Session | None:
+        """Forget a session (the staged transfer stays for a retry) and its NIXL registrations."""
+        s = self._sessions.pop(ident, None)
+        if s is not None and s.nixl:
+            self._nixl.release(ident)
+        return s
+
     def _reject(self, ident: bytes, counter: str, reason: str) -> None:
         self._counters.incr(counter)
-        self._sessions.pop(ident, None)
+        self._drop(ident)
         logger.warning("frontier-pd: rejected KV pull: %s", reason)
         self._send(ident, b"ERR", reason.encode())
 
@@ -268,7 +292,11 @@ class _ZmqServer(KVServer):
         if len(frames) < 2:
             return
         ident, kind, rest = frames[0], frames[1], frames[2:]
-        if kind == b"PULL1" and len(rest) == 2 and len(rest[0]) == auth.NONCE_BYTES:
+        if kind in (b"PULL1", b"PULLN") and len(rest) == 2 and len(rest[0]) == auth.NONCE_BYTES:
+            if kind == b"PULLN" and self._nixl is None:
+                self._reject(ident, "rejected_protocol",
+                             "this KV server has no NIXL plane (set the transport to nixl on both sides)")
+                return
             if len(self._sessions) > 1024:
                 self._reject(ident, "rejected_busy", "too many open sessions")
                 return
@@ -277,7 +305,7 @@ class _ZmqServer(KVServer):
             sn = auth.new_nonce()
             self._sessions[ident] = _Session(
                 tid=tid.decode(errors="replace"), client_nonce=cn, server_nonce=sn,
-                started=time.monotonic(),
+                started=time.monotonic(), nixl=kind == b"PULLN",
             )
             self._send(ident, b"CHAL", sn, auth.server_proof(self._secret, cn, sn, tid))
         elif kind == b"AUTH" and len(rest) == 1 and ident in self._sessions:
@@ -288,12 +316,19 @@ class _ZmqServer(KVServer):
                 return
             s.authed, s.started = True, time.monotonic()
             logger.debug("frontier-pd: peer %s authenticated for %s", ident.hex(), s.tid)
+            if s.nixl:
+                self._send(ident, b"NIXL", self._nixl.metadata)
+        elif kind == b"DONE" and not rest and ident in self._sessions and self._sessions[ident].done_wait:
+            s = self._drop(ident)
+            self._counters.incr("sent_transfers")
+            self._counters.incr("sent_bytes", s.sent_bytes)
+            self._store.release(s.tid)
         else:
             self._reject(ident, "rejected_protocol", f"unexpected frame {kind[:16]!r}")
 
     def _pump(self, ident: bytes) -> None:
         s = self._sessions.get(ident)
-        if s is None or not s.authed:
+        if s is None or not s.authed or s.done_wait:
             return
         tr = self._store.get(s.tid)
         now = time.monotonic()
@@ -311,7 +346,16 @@ class _ZmqServer(KVServer):
         chunks = tr.chunks
         while s.next_chunk < len(chunks):
             c = chunks[s.next_chunk]
-            if not self._send(ident, b"KV", json.dumps(c.header()).encode(), c.payload):
+            if s.nixl:  # register once, even when the send has to wait for the next round
+                if s.pending is None:
+                    desc, meta = self._nixl.descriptor(ident, c.payload)
+                    s.pending = (json.dumps({**c.header(), **desc}).encode(), meta)
+                sent = self._send(ident, b"KVN", *s.pending)
+                if sent:
+                    s.pending = None
+            else:
+                sent = self._send(ident, b"KV", json.dumps(c.header()).encode(), c.payload)
+            if not sent:
                 return
             s.next_chunk += 1
             s.sent_bytes += c.payload.nbytes
@@ -320,6 +364,9 @@ class _ZmqServer(KVServer):
             summary = {"chunks": s.next_chunk, "tokens": tr.num_tokens, "bytes": s.sent_bytes}
             if self._send(ident, b"END", json.dumps(summary).encode()):
                 logger.debug("frontier-pd: sent %s to %s: %s", s.tid, ident.hex(), summary)
+                if s.nixl:  # the puller may still be reading: release on its DONE
+                    s.done_wait, s.started = True, now
+                    return
                 self._counters.incr("sent_transfers")
                 self._counters.incr("sent_bytes", s.sent_bytes)
                 self._sessions.pop(ident, None)
@@ -335,7 +382,7 @@ class _ZmqServer(KVServer):
 
 # --------------------------------------------------------------------------- client
 def _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s, idle_timeout_s,
-                 handshake_s) -> PullResult:
+                 handshake_s, plane: nixl_plane.NixlClientPlane | None = None) -> PullResult:
     ctx = _context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -352,6 +399,8 @@ def _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s,
     poller.register(monitor, zmq.POLLIN)
     tid_b = tid.encode()
     connected = False
+    linger_ms = 0
+    remote = None  # NIXL agent of the server, once it has sent its metadata
 
     def recv(idle: float = idle_timeout_s) -> list[bytes]:
         nonlocal connected
@@ -378,7 +427,7 @@ def _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s,
     try:
         sock.connect(addr)
         cn = auth.new_nonce()
-        sock.send_multipart([b"PULL1", cn, tid_b])
+        sock.send_multipart([b"PULLN" if plane else b"PULL1", cn, tid_b])
         logger.debug("frontier-pd: pulling %s from %s", tid, addr)
         try:
             msg = recv(handshake_s)
@@ -411,6 +460,24 @@ def _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s,
                 on_chunk(header, payload)
                 chunks += 1
                 nbytes += len(payload)
+            elif kind == b"NIXL" and plane is not None and len(msg) == 2 and remote is None:
+                remote = plane.connect(msg[1].bytes)
+            elif kind == b"KVN" and remote is not None and len(msg) == 3:
+                try:
+                    header = json.loads(msg[1].bytes)
+                    addr_n = int(header["addr"]), int(header["n"])
+                    plane.load(msg[2].bytes)
+                except Exception as e:  # malformed header, or metadata NIXL refuses
+                    raise TransferError(f"transfer {tid}: bad chunk descriptor ({e})") from e
+                try:
+                    payload = plane.read(remote, *addr_n, deadline)
+                except TimeoutError:
+                    raise TransferError(f"transfer {tid} from {addr} timed out after {timeout_s}s") from None
+                except RuntimeError as e:
+                    raise TransferError(f"transfer {tid}: {e}") from None
+                on_chunk(header, payload)
+                chunks += 1
+                nbytes += len(payload)
             elif kind == b"WAIT":
                 continue  # the prefill is still running; the overall deadline still applies
             elif kind == b"END" and len(msg) == 2:
@@ -419,6 +486,9 @@ def _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s,
                     raise TransferError(
                         f"transfer {tid}: got {chunks} chunks, server sent {summary.get('chunks')}"
                     )
+                if plane is not None:  # the server keeps the buffers registered until this
+                    sock.send_multipart([b"DONE"])
+                    linger_ms = 1000
                 counters.incr("recv_transfers")
                 counters.incr("recv_bytes", nbytes)
                 return PullResult(chunks, nbytes, int(summary.get("tokens", 0)),
@@ -430,12 +500,15 @@ def _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s,
             else:
                 raise TransferError(f"transfer {tid}: protocol error ({kind[:16]!r})")
     finally:
+        if remote is not None:
+            plane.disconnect(remote)
         sock.monitor(None, 0)
         monitor.close(linger=0)
-        sock.close(linger=0)
+        sock.close(linger=linger_ms)
 
 
-def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) -> PullResult:
+def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s,
+              plane: nixl_plane.NixlClientPlane | None = None) -> PullResult:
     """Pull with retries: an attempt whose challenge goes unanswered or whose connection drops is
     started again on a fresh connection (rows are rewritten idempotently) until `timeout_s`. At most
     `_MAX_ATTEMPTS` lost connections; a server that is connected but slow to answer (its worker busy
@@ -448,7 +521,7 @@ def _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s) 
         attempt += 1
         try:
             return _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s,
-                                idle_timeout_s, handshake_s)
+                                idle_timeout_s, handshake_s, plane)
         except _Retry as e:
             lost += not e.server_slow
             if lost >= _MAX_ATTEMPTS or time.monotonic() >= deadline:
@@ -469,13 +542,36 @@ class ZmqTransport(KVTransport):
         return _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s)
 
 
-TRANSPORTS: dict[str, type[KVTransport]] = {"zmq": ZmqTransport}
+class NixlTransport(ZmqTransport):
+    """ZeroMQ control channel (same handshake), payloads by NIXL READ."""
+
+    name = "nixl"
+
+    def make_server(self, store, host, port, secret, counters, *, unknown_wait_s=10.0):
+        return _ZmqServer(store, host, port, secret, counters, unknown_wait_s, nixl=True)
+
+    def pull(self, addr, tid, secret, on_chunk, counters, *, timeout_s=30.0,
+             idle_timeout_s=10.0):
+        return _zmq_pull(addr, tid, secret, on_chunk, counters, timeout_s, idle_timeout_s,
+                         plane=nixl_plane.client_plane())
+
+
+TRANSPORTS: dict[str, type[KVTransport]] = {"zmq": ZmqTransport, "nixl": NixlTransport}
 
 
 def get_transport(name: str) -> KVTransport:
+    """`name` is a key of `TRANSPORTS`, or "auto" (NIXL when it can be imported, else ZeroMQ)."""
+    if name == "auto":
+        name = "nixl" if nixl_plane.available() else "zmq"
     if name not in TRANSPORTS:
         raise ValueError(
-            f"unknown KV transport {name!r}; available: {sorted(TRANSPORTS)} "
+            f"unknown KV transport {name!r}; available: {sorted(TRANSPORTS)} or 'auto' "
             "(set FRONTIER_PD_TRANSPORT or kv_connector_extra_config.transport)"
+        )
+    if name == "nixl" and (why := nixl_plane.import_error()) is not None:
+        raise ValueError(
+            f"KV transport 'nixl' needs the NIXL Python package, which cannot be imported here ({why}); "
+            "install it (`pip install nixl`, on a CPU-only machine `pip install --no-deps nixl nixl-cu12`) "
+            "or set FRONTIER_PD_TRANSPORT=zmq"
         )
     return TRANSPORTS[name]()
