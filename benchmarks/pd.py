@@ -18,7 +18,9 @@ prompts, in the same run. Per request (one at a time, unique prompts so nothing 
   KV B/s    = prompt KV bytes / handoff, with prompt KV bytes = tokens x layers x raw row bytes
   ours only: transfer B/s = frontier_pd_recv_bytes / frontier_pd_recv_wall (pulls alone)
 
-The two connectors run one after the other on this machine (two engines at a time); the load average
+Each instance's compute threads get their own half of the machine's cores (VLLM_CPU_OMP_THREADS_BIND), as
+prefill and decode instances would have their own machines; vLLM's automatic binding would put both workers
+on the same core. The two connectors run one after the other on this machine (two engines at a time); the load average
 is recorded around each timed phase because other work on a shared machine moves absolute times.
 Before timing, each connector's decode output is checked against a colocated run (greedy token ids).
 Wire bytes: the same prompts sent with wire "raw" and "fp8"; bytes per token per layer from the decode
@@ -117,11 +119,24 @@ def start_pair(model, dtype, kv_cfg, env, tries=3):
                 raise
 
 
+def core_binding() -> list[str] | None:
+    """OpenMP cores of (prefill, decode): one half of this machine's cores each, as P and D would have
+    their own machines. vLLM's automatic binding would put both workers' threads on the same cores."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    half = len(cpus) // 2
+    return [",".join(map(str, cpus[:half])), ",".join(map(str, cpus[half: 2 * half]))]
+
+
 def _start_pair(model, dtype, kv_cfg, env):
     ports = [free_port(), free_port()]
     srvs = []
-    for p in ports:
+    binding = core_binding()
+    for i, p in enumerate(ports):
         e = {**env, "FRONTIER_PD_PORT": str(p), "VLLM_CPU_KVCACHE_SPACE": "1"}
+        if binding:
+            e["VLLM_CPU_OMP_THREADS_BIND"] = binding[i]
         srvs.append(VllmServer(model, args=["--dtype", dtype, "--kv-transfer-config", json.dumps(kv_cfg), *COMMON],
                                env=e))
     try:
@@ -175,7 +190,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pd.json"))
     args = ap.parse_args(argv)
 
-    rep = Report(args.out, meta=vars(args))
+    rep = Report(args.out, meta={**vars(args), "omp_cores_prefill_decode": core_binding()})
     tmp = Path(tempfile.mkdtemp(prefix="pd-bench-"))
     model = make_tiny_model("deepseek_v3", tmp / "model", dtype=args.dtype)
     cfg = json.loads((model / "config.json").read_text())
