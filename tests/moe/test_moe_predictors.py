@@ -28,14 +28,6 @@ TRACE_FILE = ROOT / "benchmarks" / "results" / "spec_moe_traces_v3.pt"
 MODEL_DIR = ROOT / "vllm_frontier" / "models" / "embedded" / "v3"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_rank_presence_and_table_votes_every_rank_holding_an_expert():
     p = ExpertPlacement.linear(8, 4)  # rank r holds 2r, 2r+1
     ids = torch.tensor([[0, 7], [0, 1], [3, 2]])

@@ -21,14 +21,6 @@ from vllm_frontier.moe.shuffle import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("h,i", [(48, 40), (60, 100), (7, 3)], ids=lambda v: str(v))
 def test_expert_math_is_batch_invariant(h, i, dtype):
