@@ -4,8 +4,8 @@ The producer (the prefill worker) copies each layer's rows out of the paged cach
 into a `Transfer` as soon as the layer is computed, so the engine frees its blocks
 when the request finishes, whatever happens to the transfer. A KV server streams
 the chunks of a transfer as they appear (layer-wise overlap) and releases the
-transfer when its last chunk is sent. A transfer nobody is pulling expires `ttl_s` after
-its last chunk came in (after it was opened, while the prefill still runs); the byte budget
+transfer when its last chunk is sent. A transfer no puller is connected for expires `ttl_s`
+after its last chunk came in (after it was opened, while the prefill still runs); the byte budget
 evicts oldest first when staged KV outgrows it.
 """
 

@@ -62,6 +62,7 @@ logger = logging.getLogger("vllm.frontier.pd.transport")
 _CTRL_MAX_BYTES = 4096  # clients only send small control frames
 _KEEPALIVE_S = 0.5  # a waiting puller hears from the server this often
 _HANDSHAKE_S = 120.0  # an unfinished challenge is dropped after this
+_HANDSHAKE_HOLD_S = 30.0  # staged KV does not expire while a challenge for it is younger than this
 _MAX_ATTEMPTS = 3  # a pull whose connection was lost is retried on a new one
 
 
@@ -251,7 +252,11 @@ class _ZmqServer(KVServer):
             now = time.monotonic()
             if now - last_sweep > 1.0:
                 last_sweep = now
-                for tid in self._store.sweep({x.tid for x in self._sessions.values() if x.authed}):
+                # a transfer with a puller on it does not expire, nor one whose puller is in a recent
+                # handshake (a busy server answers challenges late); abandoned handshakes stop counting
+                pulling = {x.tid for x in self._sessions.values()
+                           if x.authed or now - x.started < _HANDSHAKE_HOLD_S}
+                for tid in self._store.sweep(pulling):
                     self._counters.incr("staging_expired")
                     logger.warning("frontier-pd: staged KV for %s expired unclaimed", tid)
                 for ident, s in list(self._sessions.items()):
