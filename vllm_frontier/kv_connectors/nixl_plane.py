@@ -53,7 +53,7 @@ def _new_agent(role: str):
     # No progress thread: NIXL's spins a whole core even when idle (measured: 2.0 s of CPU in
     # 2 s idle), which an engine beside its own compute threads cannot spare. Progress is
     # driven instead by the puller polling its READ and by the server's loop (`progress`).
-    return nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"])), name
+    return nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
 
 
 def _address(buf: memoryview) -> tuple[np.ndarray, int]:
@@ -75,7 +75,7 @@ class NixlServerPlane:
     """
 
     def __init__(self) -> None:
-        self._agent, self.agent_name = _new_agent("srv")
+        self._agent = _new_agent("srv")
         self.metadata: bytes = self._agent.get_agent_metadata()
         self._regs: dict[object, list[_Registered]] = {}  # session key -> its registrations
 
@@ -101,8 +101,8 @@ class NixlServerPlane:
         return len(self._regs)
 
     def close(self) -> None:
-        for tid in list(self._regs):
-            self.release(tid)
+        for key in list(self._regs):
+            self.release(key)
 
 
 class NixlClientPlane:
@@ -110,7 +110,7 @@ class NixlClientPlane:
     around the agent; the pull pool's threads share it)."""
 
     def __init__(self) -> None:
-        self._agent, self.agent_name = _new_agent("cli")
+        self._agent = _new_agent("cli")
         self._lock = threading.Lock()
         self._users: dict[str, int] = {}  # remote agent name -> pulls using it now
         self._abandoned: list = []

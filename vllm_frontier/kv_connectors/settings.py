@@ -14,7 +14,7 @@ the default (the KV port falls back to ``kv_transfer_config.kv_port``):
 | timeout_s          | FRONTIER_PD_TIMEOUT          | 30            | longest a pull may take before recompute |
 | idle_timeout_s     | FRONTIER_PD_IDLE_TIMEOUT     | 10            | longest silence inside a pull |
 | unknown_wait_s     | FRONTIER_PD_UNKNOWN_WAIT     | 10            | how long a server waits for a transfer id it does not know yet |
-| staging_ttl_s      | FRONTIER_PD_STAGING_TTL      | 480           | staged KV nobody pulls is dropped this long after its prefill |
+| staging_ttl_s      | FRONTIER_PD_STAGING_TTL      | 480           | staged KV no puller is on is dropped this long after its last chunk |
 | staging_max_bytes  | FRONTIER_PD_STAGING_MAX_BYTES| 4 GiB         | staged KV budget; oldest transfers go first |
 
 Prefer the environment for the secret: vLLM logs its config, extra_config included.
@@ -27,10 +27,10 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_frontier.kv_connectors.transport import TRANSPORTS
 from vllm_frontier.kv_connectors.wire import ENCODINGS
 
-# kept here (not imported from transport.py) so that reading settings needs no pyzmq
-TRANSPORT_NAMES = ("zmq", "nixl", "auto")
+TRANSPORT_NAMES = (*TRANSPORTS, "auto")
 
 __all__ = ["PDSettings", "read_settings"]
 

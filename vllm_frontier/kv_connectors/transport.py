@@ -234,9 +234,9 @@ class _ZmqServer(KVServer):
         poller.register(self._sock, zmq.POLLIN)
         last_sweep = time.monotonic()
         while not self._stop.is_set():
-            # NIXL sessions stay busy while waiting for DONE: the puller is reading and the
-            # target's agent has to make progress for it
-            busy = any(s.authed and (s.nixl or not s.done_wait) for s in self._sessions.values())
+            # authed sessions keep the loop busy, NIXL ones waiting for DONE included: the puller
+            # is reading and the target's agent has to make progress for it
+            busy = any(s.authed for s in self._sessions.values())
             events = dict(poller.poll(1 if busy else 50))
             if self._sock in events:
                 for _ in range(256):
@@ -287,6 +287,13 @@ class _ZmqServer(KVServer):
             self._nixl.release(ident)
         return s
 
+    def _finish(self, ident: bytes) -> None:
+        """The puller has the whole transfer: count it and release the staged KV."""
+        s = self._drop(ident)
+        self._counters.incr("sent_transfers")
+        self._counters.incr("sent_bytes", s.sent_bytes)
+        self._store.release(s.tid)
+
     def _reject(self, ident: bytes, counter: str, reason: str) -> None:
         self._counters.incr(counter)
         self._drop(ident)
@@ -324,10 +331,7 @@ class _ZmqServer(KVServer):
             if s.nixl:
                 self._send(ident, b"NIXL", self._nixl.metadata)
         elif kind == b"DONE" and not rest and ident in self._sessions and self._sessions[ident].done_wait:
-            s = self._drop(ident)
-            self._counters.incr("sent_transfers")
-            self._counters.incr("sent_bytes", s.sent_bytes)
-            self._store.release(s.tid)
+            self._finish(ident)
         else:
             self._reject(ident, "rejected_protocol", f"unexpected frame {kind[:16]!r}")
 
@@ -372,10 +376,7 @@ class _ZmqServer(KVServer):
                 if s.nixl:  # the puller may still be reading: release on its DONE
                     s.done_wait, s.started = True, now
                     return
-                self._counters.incr("sent_transfers")
-                self._counters.incr("sent_bytes", s.sent_bytes)
-                self._sessions.pop(ident, None)
-                self._store.release(s.tid)
+                self._finish(ident)
         else:
             self._keepalive(ident, s, now)
 
@@ -456,33 +457,31 @@ def _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s,
         while True:
             msg = recv()
             kind = msg[0].bytes
-            if kind == b"KV" and len(msg) == 3:
-                try:
-                    header = json.loads(msg[1].bytes)
-                except ValueError as e:
-                    raise TransferError(f"transfer {tid}: bad chunk header") from e
-                payload = msg[2].buffer
+            if kind in (b"KV", b"KVN") and len(msg) == 3 and (kind == b"KV" or remote is not None):
+                if kind == b"KV":  # payload inline
+                    try:
+                        header = json.loads(msg[1].bytes)
+                    except ValueError as e:
+                        raise TransferError(f"transfer {tid}: bad chunk header") from e
+                    payload = msg[2].buffer
+                else:  # descriptor + partial metadata: READ the payload from the server's memory
+                    try:
+                        header = json.loads(msg[1].bytes)
+                        addr_n = int(header["addr"]), int(header["n"])
+                        plane.load(msg[2].bytes)
+                    except Exception as e:  # malformed header, or metadata NIXL refuses
+                        raise TransferError(f"transfer {tid}: bad chunk descriptor ({e})") from e
+                    try:
+                        payload = plane.read(remote, *addr_n, deadline)
+                    except TimeoutError:
+                        raise TransferError(f"transfer {tid} from {addr} timed out after {timeout_s}s") from None
+                    except RuntimeError as e:
+                        raise TransferError(f"transfer {tid}: {e}") from None
                 on_chunk(header, payload)
                 chunks += 1
                 nbytes += len(payload)
             elif kind == b"NIXL" and plane is not None and len(msg) == 2 and remote is None:
                 remote = plane.connect(msg[1].bytes)
-            elif kind == b"KVN" and remote is not None and len(msg) == 3:
-                try:
-                    header = json.loads(msg[1].bytes)
-                    addr_n = int(header["addr"]), int(header["n"])
-                    plane.load(msg[2].bytes)
-                except Exception as e:  # malformed header, or metadata NIXL refuses
-                    raise TransferError(f"transfer {tid}: bad chunk descriptor ({e})") from e
-                try:
-                    payload = plane.read(remote, *addr_n, deadline)
-                except TimeoutError:
-                    raise TransferError(f"transfer {tid} from {addr} timed out after {timeout_s}s") from None
-                except RuntimeError as e:
-                    raise TransferError(f"transfer {tid}: {e}") from None
-                on_chunk(header, payload)
-                chunks += 1
-                nbytes += len(payload)
             elif kind == b"WAIT":
                 continue  # the prefill is still running; the overall deadline still applies
             elif kind == b"END" and len(msg) == 2:
