@@ -7,10 +7,14 @@ output tokens/s of the adaptive draft length vs no speculation and vs fixed k = 
 
 Two engines, one after the other, each in a fresh subprocess (`vllm.LLM`, float32, eager, greedy):
 1. plain: no speculation;
-2. MTP with cap K = 3 and `PinnedDraftScheduler`: a pin file switches between `adaptive` and fixed k = 1, 2, 3
-   between runs inside the one engine (fixed k = the vLLM per-step draft length held constant; for k = 3
-   that is exactly vLLM's fixed `num_speculative_tokens=3`).
-Every (mode, batch) run generates `--tokens` tokens per prompt (`ignore_eos`), `--rounds` times, modes
+2. MTP with cap K = 3 and `PinnedDraftScheduler`: a pin file switches between `adaptive` and fixed k = 0, 1,
+   2, 3 between runs inside the one engine (fixed k = the vLLM per-step draft length held constant; for k = 3
+   that is exactly vLLM's fixed `num_speculative_tokens=3`; k = 0 is the floor of what the adaptive rule
+   can reach inside vLLM 0.32, whose MTP proposer still runs its first pass when asked for no drafts, to
+   keep the drafter's KV cache in sync). The adaptive rule keeps its measurements across runs (as a
+   serving engine would), so later rounds see the cost points of earlier ones.
+Every (mode, batch) run generates `--tokens` tokens per prompt (`ignore_eos`; batch 1: `--batch1-prompts`
+prompts one after the other, times summed), `--rounds` times, modes
 interleaved so machine-load drift hits them alike; the median is reported. Agree first: every MTP run's
 token ids must equal the plain engine's (greedy, float32), recorded as `lossless`.
 
@@ -40,7 +44,7 @@ PROMPTS = ["def main(argv):\n", "import os\n\nclass Config:\n", "for i in range(
            "with open(path) as f:\n", "try:\n    import json\n", "def __init__(self, name):\n", "return [x for x in",
            "class Node:\n    def __init__(self", "if __name__ == '__main__':\n", "    def __repr__(self):\n",
            "from collections import", "raise ValueError(", "def test_", "    for key, value in", "import sys\n"]
-FIXED = (1, 2, 3)
+FIXED = (0, 1, 2, 3)   # 0: the MTP engine drafting nothing (vLLM still runs the drafter's first pass)
 PINNED_CLS = "vllm_frontier.spec_decode.scheduler.PinnedDraftScheduler"
 
 
@@ -65,14 +69,18 @@ def _worker(spec_path: str, out_path: str) -> None:
     for rnd in range(spec["rounds"]):
         for batch in spec["batches"]:
             prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
+            # batch 1: several prompts one after the other (one prompt alone measures one continuation)
+            groups = [[p] for p in PROMPTS[:spec["batch1_prompts"]]] if batch == 1 else [prompts]
             for mode in spec["modes"]:
                 if spec["mtp"]:
                     pin.write_text(mode)
                 before = read_stats()
-                t = time.perf_counter()
-                outs = llm.generate(prompts, params, use_tqdm=False)
-                dt = time.perf_counter() - t
-                ids = [list(o.outputs[0].token_ids) for o in outs]
+                ids, dt = [], 0.0
+                for group in groups:
+                    t = time.perf_counter()
+                    outs = llm.generate(group, params, use_tqdm=False)
+                    dt += time.perf_counter() - t
+                    ids += [list(o.outputs[0].token_ids) for o in outs]
                 runs.append({"round": rnd, "batch": batch, "mode": mode, "seconds": dt,
                              "tokens": sum(len(x) for x in ids), "token_ids": ids,
                              "stats_before": before, "stats_after": read_stats()})
@@ -82,6 +90,7 @@ def _worker(spec_path: str, out_path: str) -> None:
 def run_engine(model: str, mtp: bool, args, env_extra: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"model": model, "mtp": mtp, "tokens": args.tokens, "rounds": args.rounds,
+                "batch1_prompts": args.batch1_prompts,
                 "batches": args.batches, "modes": ["adaptive", *map(str, FIXED)] if mtp else ["none"],
                 "pin": f"{tmp}/pin", "stats": f"{tmp}/stats.json"}
         Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
@@ -149,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch1-prompts", type=int, default=4,
+                   help="batch 1 runs this many prompts one after the other (default 4)")
     p.add_argument("--timeout", type=float, default=3000.0)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
@@ -158,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.tokens < 2 or args.rounds < 1 or not args.batches or min(args.batches) < 1:
         p.error("--tokens >= 2, --rounds >= 1 and batch sizes >= 1 are required")
+    if not 1 <= args.batch1_prompts <= len(PROMPTS):
+        p.error(f"--batch1-prompts must be in [1, {len(PROMPTS)}]")
     from harness import Report
 
     if args.model:
@@ -172,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {"FRONTIER_DSA": "1"} if "index_topk" in cfg else {}
     report = Report(args.json, meta={"model": model, "view": args.view if not args.model else None,
                                      "tokens": args.tokens, "batches": args.batches, "rounds": args.rounds,
+                                     "batch1_prompts": args.batch1_prompts,
                                      "cap_K": max(FIXED), "dtype": "float32", "env": env,
                                      "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()})
     with report.section("mtp") as rec:

@@ -3,6 +3,7 @@
     vllm-frontier serve [MODEL] [vLLM serve args] [--plugin dsa,fp4,...]   vLLM's OpenAI server with our plugin
     vllm-frontier tiny-model --arch ... --out DIR                          random-weight tiny checkpoint
     vllm-frontier train-tiny ...                                           train the embedded default model
+    vllm-frontier distill-mtp ...                                          self-distill its MTP drafter
     vllm-frontier router --prefill URL... --decode URL...                  P/D router
     vllm-frontier features                                                 print the active feature toggles
 
@@ -188,13 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         from .models.train import main as train_main
 
         return train_main(rest)
+    if cmd == "distill-mtp":
+        from .models.distill_mtp import main as distill_main
+
+        return distill_main(rest)
     if cmd == "router":
         from .schedulers.router import main as router_main
 
         return router_main(rest)
     if cmd == "features":
         return _features_cmd(rest)
-    fail(f"unknown command {cmd!r}; valid commands: serve, tiny-model, train-tiny, router, features")
+    fail(f"unknown command {cmd!r}; valid commands: serve, tiny-model, train-tiny, distill-mtp, router, features")
 
 
 if __name__ == "__main__":

@@ -89,3 +89,83 @@ def test_indexer_kl_is_zero_only_for_the_target():
 def test_cli_rejects_bad_arguments(argv, tmp_path):
     with pytest.raises(SystemExit):
         train_mod.main(argv + ["--out", str(tmp_path)])
+
+
+# -- MTP self-distillation (`vllm-frontier distill-mtp`) ---------------------------------------------------
+
+def _torch_greedy(v3_dir, prompts, total_len):
+    """The distillation's generator without vLLM: greedy continuations by the reference model."""
+    model = DeepseekReference.from_pretrained(v3_dir)
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            while ids.shape[1] < total_len:
+                nxt = model(ids, sparse=False, mtp=False).logits[0, -1].argmax()
+                ids = torch.cat([ids, nxt.view(1, 1)], 1)
+            out.append(ids[0].tolist())
+    return out
+
+
+def test_distillation_changes_only_the_mtp_module(quick_run, tmp_path):
+    from vllm_frontier.models import distill_mtp
+
+    threads = torch.get_num_threads()
+    dc = distill_mtp.DistillConfig(steps=3, batch=2, seq_len=64, gen_sequences=4, eval_sequences=2,
+                                   indexer_steps=2, eval_windows=2, train_files=20)
+    try:
+        rep = distill_mtp.run(quick_run, tmp_path, dc, log=lambda *_: None, generate=_torch_greedy)
+    finally:
+        torch.set_num_threads(threads)
+    before = DeepseekReference.from_pretrained(quick_run / "v32").hf_state_dict()
+    after = DeepseekReference.from_pretrained(tmp_path / "v32").hf_state_dict()
+    assert set(before) == set(after)
+    mtp = "model.layers.2."
+    for k in before:
+        if not k.startswith(mtp):
+            assert torch.equal(before[k], after[k]), k      # the served model's own weights, bit for bit
+    changed = {k for k in before if k.startswith(mtp) and not torch.equal(before[k], after[k])}
+    assert f"{mtp}eh_proj.weight" in changed and f"{mtp}self_attn.indexer.wk.weight" in changed
+    assert not [k for k in changed if ".shared_head.head." in k or "embed_tokens" in k]   # shared, frozen
+    assert len(rep["history"]["distill"]) == 3 and len(rep["history"]["indexer"]) == 2
+    for which in ("before", "after"):
+        for v in rep["mtp_main_top1_agreement"][which].values():
+            assert 0.0 <= v <= 1.0
+    assert json.loads((tmp_path / "train_report.json").read_text())["mtp_distill"]["final"] == rep["final"]
+
+
+def test_distillation_teaches_the_mtp_module_the_main_models_next_token():
+    from vllm_frontier.models import distill_mtp
+    from vllm_frontier.models.reference import ModelConfig
+    from vllm_frontier.models.tiny_factory import tiny_config
+
+    torch.manual_seed(0)
+    model = DeepseekReference(ModelConfig.from_hf(tiny_config("deepseek_v3", mtp_layers=1, vocab_size=64)))
+    train_mod.init_weights(model, seed=0)
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, 64, (8, 24), generator=g)
+    corpus = data.reshape(-1)
+    dc = distill_mtp.DistillConfig(steps=60, batch=4, seq_len=24, lr=3e-3, warmup=5)
+    agree0 = distill_mtp.mtp_agreement(model, data)
+    with torch.no_grad():
+        o = model(data, sparse=False)
+        loss0 = distill_mtp.distill_loss(o.logits, o.mtp_logits, dc.hard_weight).item()
+    main_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("model.layers.2.")}
+    hist = distill_mtp.distill(model, corpus, data, dc, log=lambda *_: None)
+    with torch.no_grad():
+        o = model(data, sparse=False)
+        loss1 = distill_mtp.distill_loss(o.logits, o.mtp_logits, dc.hard_weight).item()
+    assert loss1 < 0.8 * loss0, (loss0, loss1)
+    for k, v in main_before.items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert distill_mtp.mtp_agreement(model, data) > agree0 + 0.1
+    assert len(hist) == 60
+
+
+def test_distill_cli_rejects_bad_arguments(tmp_path):
+    from vllm_frontier.models import distill_mtp
+
+    with pytest.raises(SystemExit):
+        distill_mtp.main(["--steps", "0", "--model", str(tmp_path)])
+    with pytest.raises(SystemExit):          # no v32/ view there
+        distill_mtp.main(["--model", str(tmp_path)])

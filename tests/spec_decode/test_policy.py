@@ -72,6 +72,85 @@ def test_cost_model_recovers_fixed_cost_and_keeps_prior_without_spread():
     assert cm.fixed_cost() == pytest.approx(20.0, rel=0.15)  # 1 % timing noise, 64 points
 
 
+def test_cost_model_separates_the_drafting_cost_at_one_batch_size():
+    # vLLM CPU's shape: a step that drafts costs a fixed extra D on top of its tokens. All steps at one
+    # batch size (no spread: F + D stays the prior), k = 1 steps and k = 0 probes: F and D come out so that
+    # the two measured step times are reproduced exactly at that batch size.
+    beta, F, D, B, rho = 1e-3, 30.0, 90.0, 16, 0.5
+    cm = CostModel(prior=64.0, window=64, min_points=12)
+    u1, u0 = step_cost(B, 1, 0.0, rho), step_cost(B, 0, 0.0, rho)
+    t1, t0 = beta * (F + D + u1), beta * (F + u0)
+    for _ in range(40):
+        cm.observe(u1, t1, drafted=True)
+    assert cm.costs() == (64.0, 0.0)  # no plain step measured yet: no drafting cost
+    for _ in range(6):
+        cm.observe(u0, t0, drafted=False)
+    fixed, drafting = cm.costs()
+    assert fixed + drafting == 64.0 and drafting > 0
+    ratio = step_cost(B, 1, fixed, rho, drafting) / step_cost(B, 0, fixed, rho, drafting)
+    assert ratio == pytest.approx(t1 / t0, rel=1e-9)
+    # with spread (batch sizes vary), F and D are both recovered
+    rng = random.Random(3)
+    cm = CostModel(prior=64.0, window=256, min_points=12)
+    for _ in range(200):
+        b, k = rng.choice([1, 2, 4, 8, 16]), rng.choice([0, 1, 2, 3])
+        u = step_cost(b, k, 0.0, rho)
+        cm.observe(u, beta * (F + (D if k else 0.0) + u) * (1 + rng.uniform(-0.01, 0.01)), drafted=k > 0)
+    fixed, drafting = cm.costs()
+    assert fixed + drafting == pytest.approx(F + D, rel=0.1)
+    assert drafting == pytest.approx(D, rel=0.15)
+
+
+def test_a_large_drafting_cost_turns_speculation_off_even_at_full_acceptance():
+    # every draft accepted, but a drafting step costs 2.5x a plain one (measured at batch 1 on vLLM CPU)
+    assert best_k([1.0, 1.0, 1.0], 1, 10.0, 0.5, 3) == 3
+    assert best_k([1.0, 1.0, 1.0], 1, 10.0, 0.5, 3, drafting_cost=30.0) == 0
+    assert best_k([1.0, 1.0, 1.0], 1, 10.0, 0.5, 3, drafting_cost=5.0) == 3
+
+
+def test_probes_measure_the_class_the_rule_does_not_run():
+    pol = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.5, probe_every=64, probe_min_points=4))
+    # drafting, no plain step measured: a k = 0 probe every 8 steps, then every 64 once 4 are measured
+    probes = [s for s in range(1, 65) if pol.probe(s, 2) is not None]
+    assert probes == list(range(8, 65, 8)) and all(pol.probe(s, 2) == 0 for s in probes)
+    for _ in range(4):
+        pol.cost.observe(10.0, 0.01, drafted=False)
+    assert [s for s in range(1, 129) if pol.probe(s, 2) is not None] == [64, 128]
+    # not drafting: k = 1 on two consecutive steps (one drafts, the next verifies)
+    pol2 = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.5, probe_every=64, probe_min_points=4))
+    for _ in range(4):
+        pol2.cost.observe(10.0, 0.01, drafted=True)
+    got = [(s, pol2.probe(s, 0)) for s in range(1, 140) if pol2.probe(s, 0) is not None]
+    assert got == [(64, 1), (65, 1), (128, 1), (129, 1)]
+
+
+def test_table_with_drafting_cost_equals_brute_force():
+    pol = DraftLengthPolicy(PolicyConfig(max_k=2, draft_cost=0.0))
+    pol.window.observe(1, [(2, 1)] * 200)   # a_1 ~ 1, a_2 ~ 0
+    for b in (1, 2, 4, 8, 16, 32, 64) * 4:   # F = 10, D = 30, at several batch sizes
+        for k in (0, 1):
+            u = step_cost(b, k, 0.0, 0.0)
+            pol.cost.observe(u, 1e-3 * (10.0 + (30.0 if k else 0.0) + u), drafted=k > 0)
+    fixed, drafting = pol.cost.costs()
+    assert fixed == pytest.approx(10.0, rel=0.05) and drafting == pytest.approx(30.0, rel=0.05)
+    table = pol.table(64)
+    brute = [best_k(pol.acceptance(), b, fixed, 0.0, 2, 0.01, drafting) for b in range(1, 65)]
+    assert table[1:] == brute and table == [0] * 65   # D > F: one draft never pays, even when accepted
+    rng = random.Random(5)
+    for _ in range(40):   # random F, D, rho, acceptance: bisection equals evaluating every batch size
+        k_max = rng.randint(1, 4)
+        pol = DraftLengthPolicy(PolicyConfig(max_k=k_max, draft_cost=rng.choice([0.0, 0.1, 0.5])))
+        pol.window.observe(1, [(k_max, rng.randint(0, k_max)) for _ in range(rng.randint(1, 30))])
+        F, D = rng.choice([0.0, 5.0, 64.0, 400.0]), rng.choice([0.0, 3.0, 30.0, 300.0])
+        for b in (1, 3, 9, 27, 81) * 6:
+            for k in (0, 1):
+                u = pol.units(b, k)
+                pol.cost.observe(u, 1e-4 * (F + (D if k else 0.0) + u), drafted=k > 0)
+        f, d = pol.cost.costs()
+        brute = [best_k(pol.acceptance(), b, f, pol.config.draft_cost, k_max, 0.01, d) for b in range(1, 301)]
+        assert pol.table(300)[1:] == brute
+
+
 def test_table_equals_brute_force_per_batch_size():
     rng = random.Random(1)
     for _ in range(30):

@@ -136,9 +136,14 @@ def lr_at(step: int, total: int, base: float, warmup: int, min_frac: float) -> f
 
 
 @torch.no_grad()
-def update_router_bias(model: DeepseekReference, routing: list[torch.Tensor], rate: float) -> None:
-    """DeepSeek-V3 aux-loss-free balancing: raise the bias of under-loaded experts, lower overloaded ones."""
-    moe_layers = [layer for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+def update_router_bias(model: DeepseekReference, routing: list[torch.Tensor], rate: float,
+                       layers: list | None = None) -> None:
+    """DeepSeek-V3 aux-loss-free balancing: raise the bias of under-loaded experts, lower overloaded ones.
+
+    routing: the expert ids of each MoE layer of ``layers`` (default: every layer), in order.
+    """
+    layers = model.model.layers if layers is None else layers
+    moe_layers = [layer for layer in layers if hasattr(layer.mlp, "gate")]
     for layer, ids in zip(moe_layers, routing):
         E = layer.mlp.gate.weight.shape[0]
         load = torch.bincount(ids.reshape(-1), minlength=E).float()
@@ -178,12 +183,17 @@ def pretrain(model: DeepseekReference, stream: torch.Tensor, tc: TrainConfig, lo
     return history
 
 
-def warmup_indexer(model: DeepseekReference, stream: torch.Tensor, tc: TrainConfig, log) -> list[dict]:
+def warmup_indexer(model: DeepseekReference, stream: torch.Tensor, tc: TrainConfig, log,
+                   only: tuple[str, ...] | None = None) -> list[dict]:
+    """The dense warm-up stage of the indexers; ``only``: train just the indexers under these name prefixes."""
     from tqdm import tqdm
 
-    params = [p for n, p in model.named_parameters() if ".indexer." in n]
+    def trained(name: str) -> bool:
+        return ".indexer." in name and (only is None or name.startswith(only))
+
+    params = [p for n, p in model.named_parameters() if trained(n)]
     for n, p in model.named_parameters():
-        p.requires_grad_(".indexer." in n)
+        p.requires_grad_(trained(n))
     opt = torch.optim.AdamW(params, lr=tc.indexer_lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(tc.seed + 2)
     history = []

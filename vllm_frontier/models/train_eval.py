@@ -94,13 +94,15 @@ PARITY_CUSTOM_OPS = ["-rotary_embedding"]   # vLLM CPU's rotary op is wrong for 
 
 def run_vllm(model_dir, windows: list[list[int]], *, dtype: str = "float32", engine_args: dict | None = None,
              env: dict | None = None, mtp_prompts: list[list[int]] | None = None, mtp_max_tokens: int = 64,
+             gen_prompts: list[list[int]] | None = None, gen_total_len: int = 256,
              timeout: float = 900.0) -> dict:
     """Score ``windows`` (token-id lists) with vLLM's prompt logprobs in a fresh subprocess.
 
     Returns ``{"logprobs": [[float]*(T-1)], "ranks": [[int]*(T-1)]}`` (entry i: token i+1 given tokens
     <= i; rank 1 = vLLM's top-1). With ``mtp_prompts`` the engine instead runs MTP speculative decoding
     (one draft token, greedy, ``mtp_max_tokens`` each) and returns ``{"drafts", "accepted",
-    "acceptance"}`` from vLLM's spec-decode counters.
+    "acceptance"}`` from vLLM's spec-decode counters. With ``gen_prompts`` it returns ``{"generated":
+    [[int]]}``: greedy continuations (EOS ignored) that fill each prompt up to ``gen_total_len`` tokens.
     """
     import json as _json
     import os
@@ -109,7 +111,8 @@ def run_vllm(model_dir, windows: list[list[int]], *, dtype: str = "float32", eng
     import tempfile
 
     req = {"model": str(model_dir), "windows": windows, "dtype": dtype, "engine_args": engine_args or {},
-           "mtp_prompts": mtp_prompts, "mtp_max_tokens": mtp_max_tokens}
+           "mtp_prompts": mtp_prompts, "mtp_max_tokens": mtp_max_tokens,
+           "gen_prompts": gen_prompts, "gen_total_len": gen_total_len}
     with tempfile.TemporaryDirectory(prefix="frontier-quality-") as td:
         rq, rs, lg = (os.path.join(td, n) for n in ("request.json", "result.json", "engine.log"))
         with open(rq, "w") as f:
@@ -139,6 +142,8 @@ def _worker(request_path: str, result_path: str) -> None:
     if req["mtp_prompts"]:
         kw["speculative_config"] = {"method": "mtp", "num_speculative_tokens": 1}
         kw["disable_log_stats"] = False
+    if req.get("gen_prompts"):
+        kw["max_num_seqs"] = 64
     kw.update(req["engine_args"])
     llm = LLM(**kw)
     if req["mtp_prompts"]:
@@ -151,6 +156,12 @@ def _worker(request_path: str, result_path: str) -> None:
             elif m.name == "vllm:spec_decode_num_accepted_tokens":
                 accepted += m.value
         res = {"drafts": drafts, "accepted": accepted, "acceptance": accepted / drafts if drafts else None}
+    elif req.get("gen_prompts"):
+        prompts = req["gen_prompts"]
+        sps = [SamplingParams(temperature=0.0, max_tokens=req["gen_total_len"] - len(p), ignore_eos=True)
+               for p in prompts]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sps, use_tqdm=False)
+        res = {"generated": [list(o.outputs[0].token_ids) for o in outs]}
     else:
         sp = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
         outs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in req["windows"]], sp, use_tqdm=False)

@@ -12,15 +12,30 @@ position accepted only if every earlier one was):
 
 Cost of one engine step, in units of "one token through the target model":
 
-    T(B, k) = F + B (k + 1) (1 + rho) + B max(k - 1, 0) rho
+    T(B, k) = F + D [k > 0] + B (k + 1) (1 + rho) + B max(k - 1, 0) rho
 
 - F: the per-step cost that does not grow with tokens (weight reads on a GPU, Python and scheduling
-  overhead on CPU), in token units. Fitted online by least squares on the wall times of the last 512
-  decode-only steps (`CostModel`; the spread comes from batch sizes and k changing over that history); the
-  prior (64) is used until the measurements spread enough to fit.
+  overhead on CPU), in token units.
+- D: the extra per-step cost of a step that runs the drafter at all (the drafter's own forward launch,
+  input preparation and metadata of the MTP pass, the draft sampling), in token units. On vLLM CPU this is
+  the dominant cost of speculation (measured: a k = 1 step of the embedded model takes 2-2.5x a plain step
+  at batch 1 and 16), and without it the rule keeps drafting where no drafting is fastest.
 - rho: cost of one token through the MTP module relative to the target (about one decoder layer out of
   `num_hidden_layers`). The drafter's first pass runs over all B (k + 1) verified tokens, each further draft
   position is one more pass over B tokens.
+
+F and D are fitted online (`CostModel`) from the wall times of recent decode-only steps, kept in two
+windows: steps that drafted (k > 0) and steps that did not (k = 0). F + D: least squares of
+time = beta (F + D + U) over the drafting steps (U = the token-proportional part), when their U spreads
+enough (batch sizes and k vary); else the prior (64). F: time / beta - U averaged over the non-drafting
+steps (beta from that fit, or from the drafting steps' mean time under the prior), clipped to [0, F + D];
+so at a batch size where both classes ran, the rule compares their measured times exactly. D is 0 until
+non-drafting steps are measured.
+
+Probing: a rule that stops drafting never measures drafting again (and vice versa), so every `probe_every`
+steps (every `probe_every // 8` while the other class has fewer than `probe_min_points` points) the policy
+runs the other class: one step at k = 0 while drafting, two steps at k = 1 while not (the first step drafts,
+the second verifies those drafts, which also re-measures acceptance).
 
 The rule: k*(B) = the smallest k in [0, K] whose throughput B E(k) / T(B, k) is within `tie_margin` (1 %)
 of the best. Larger batches make each extra position cost more (the B terms grow while F does not), so k*
@@ -29,9 +44,8 @@ falls with B; lower acceptance lowers E(k) and so k*.
 Estimates: a_i is counted over the last `window_steps` engine steps. Each position carries a Beta prior of
 `prior_strength` pseudo-observations centred on the estimate of the position before it (position 1: on
 `first_prior`), so a position that has not been drafted recently is assumed as good as the one before it.
-That is the only exploration: when k* stays below a position long enough for its observations to leave the
-window, the estimate returns to the optimistic prior and the position is drafted again to be re-measured
-(at most one probing step per window when the drafts are useless).
+When k* stays below a position long enough for its observations to leave the window, the estimate returns
+to the optimistic prior and the position is drafted again to be re-measured.
 """
 
 from __future__ import annotations
@@ -54,6 +68,8 @@ class PolicyConfig:
     tie_margin: float = 0.01
     cost_window: int = 512
     min_cost_points: int = 24
+    probe_every: int = 64
+    probe_min_points: int = 4
 
     def __post_init__(self):
         if not isinstance(self.max_k, int) or self.max_k < 0:
@@ -64,6 +80,8 @@ class PolicyConfig:
             raise ValueError(f"fixed_cost must be >= 0 (token units), got {self.fixed_cost!r}")
         if self.window_steps < 1 or self.cost_window < 2:
             raise ValueError("window_steps must be >= 1 and cost_window >= 2")
+        if self.probe_every < 8 or self.probe_min_points < 1:
+            raise ValueError("probe_every must be >= 8 and probe_min_points >= 1")
         if not 0.0 <= self.first_prior <= 1.0 or self.prior_strength <= 0:
             raise ValueError("first_prior must be in [0, 1] and prior_strength > 0")
 
@@ -77,17 +95,19 @@ def expected_tokens(acceptance: list[float], k: int) -> float:
     return total
 
 
-def step_cost(batch: int, k: int, fixed_cost: float, draft_cost: float) -> float:
+def step_cost(batch: int, k: int, fixed_cost: float, draft_cost: float, drafting_cost: float = 0.0) -> float:
     """T(B, k) in target-token units (module docstring)."""
-    return fixed_cost + batch * (k + 1) * (1.0 + draft_cost) + batch * max(k - 1, 0) * draft_cost
+    return (fixed_cost + (drafting_cost if k > 0 else 0.0) + batch * (k + 1) * (1.0 + draft_cost)
+            + batch * max(k - 1, 0) * draft_cost)
 
 
 def best_k(acceptance: list[float], batch: int, fixed_cost: float, draft_cost: float, max_k: int,
-           tie_margin: float = 0.01) -> int:
+           tie_margin: float = 0.01, drafting_cost: float = 0.0) -> int:
     """The smallest k in [0, max_k] whose B E(k) / T(B, k) is within tie_margin of the best."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    rates = [expected_tokens(acceptance, k) / step_cost(batch, k, fixed_cost, draft_cost) for k in range(max_k + 1)]
+    rates = [expected_tokens(acceptance, k) / step_cost(batch, k, fixed_cost, draft_cost, drafting_cost)
+             for k in range(max_k + 1)]
     best = max(rates)
     return next(k for k, r in enumerate(rates) if r >= best * (1.0 - tie_margin))
 
@@ -138,36 +158,57 @@ class AcceptanceWindow:
 
 
 class CostModel:
-    """Least-squares fit of decode-step wall time = alpha + beta * U, U = T(B, k) - F in token units.
+    """Fits F and D of T(B, k) from measured step times (module docstring).
 
-    `fixed_cost()` is F = alpha / beta once the last `cost_window` points spread enough (coefficient of
-    variation of U >= 5 %, at least `min_points`), with beta > 0; otherwise the prior. Clipped to [0, 4096].
+    Points are (U, seconds) with U = T(B, k) - F - D [k > 0], in two windows: drafting steps (k > 0, up to
+    `window` points) and non-drafting steps (k = 0, up to `window // 4`). F + D is clipped to [0, 4096].
     """
 
     def __init__(self, prior: float, window: int, min_points: int):
         self.prior = prior
         self.min_points = min_points
         self._points: collections.deque[tuple[float, float]] = collections.deque(maxlen=window)
+        self._plain: collections.deque[tuple[float, float]] = collections.deque(maxlen=max(window // 4, 2))
 
-    def observe(self, units: float, seconds: float) -> None:
+    def observe(self, units: float, seconds: float, drafted: bool = True) -> None:
         if units > 0 and seconds > 0 and math.isfinite(seconds):
-            self._points.append((units, seconds))
+            (self._points if drafted else self._plain).append((units, seconds))
 
-    def fixed_cost(self) -> float:
+    def count(self, drafted: bool) -> int:
+        """Points in the window of drafting (True) or non-drafting (False) steps."""
+        return len(self._points if drafted else self._plain)
+
+    def _fit(self) -> tuple[float, float | None]:
+        """(F, beta): beta = seconds per token unit, None without drafting points."""
         pts = self._points
-        if len(pts) < self.min_points:
-            return self.prior
+        if not pts:
+            return self.prior, None
         n = len(pts)
         mu = sum(u for u, _ in pts) / n
         mt = sum(t for _, t in pts) / n
         var = sum((u - mu) ** 2 for u, _ in pts) / n
-        if var <= (0.05 * mu) ** 2:
-            return self.prior
-        beta = sum((u - mu) * (t - mt) for u, t in pts) / (n * var)
-        alpha = mt - beta * mu
-        if beta <= 0:
-            return self.prior
-        return min(max(alpha / beta, 0.0), 4096.0)
+        if n >= self.min_points and var > (0.05 * mu) ** 2:
+            beta = sum((u - mu) * (t - mt) for u, t in pts) / (n * var)
+            if beta > 0:
+                return min(max((mt - beta * mu) / beta, 0.0), 4096.0), beta
+        # No usable spread: keep the prior F and scale it to the measured times.
+        return self.prior, mt / (self.prior + mu)
+
+    def fixed_cost(self) -> float:
+        """F + D: the fixed cost of a drafting step (the fit over drafting steps alone)."""
+        return self._fit()[0]
+
+    def costs(self) -> tuple[float, float]:
+        """(F, D) in token units: F of a non-drafting step, D the extra of a drafting one.
+
+        The drafting steps' fit gives F + D; the non-drafting steps' mean of time / beta - U gives F.
+        """
+        with_drafting, beta = self._fit()
+        if beta is None or not self._plain:
+            return with_drafting, 0.0
+        plain = sum(t / beta - u for u, t in self._plain) / len(self._plain)
+        plain = min(max(plain, 0.0), with_drafting)
+        return plain, with_drafting - plain
 
 
 class DraftLengthPolicy:
@@ -182,24 +223,43 @@ class DraftLengthPolicy:
         return self.window.estimates(self.config.first_prior, self.config.prior_strength)
 
     def units(self, batch: int, k: int) -> float:
-        """T(B, k) - F: the token-proportional part of a step's cost."""
+        """T(B, k) - F - D [k > 0]: the token-proportional part of a step's cost."""
         return step_cost(batch, k, 0.0, self.config.draft_cost)
 
     def choose(self, batch: int) -> int:
         c = self.config
-        return best_k(self.acceptance(), max(batch, 1), self.cost.fixed_cost(), c.draft_cost, c.max_k, c.tie_margin)
+        fixed, drafting = self.cost.costs()
+        return best_k(self.acceptance(), max(batch, 1), fixed, c.draft_cost, c.max_k, c.tie_margin, drafting)
+
+    def probe(self, step: int, chosen_k: int) -> int | None:
+        """The k of an exploration step at engine step ``step``, or None (module docstring, Probing).
+
+        chosen_k: what the rule picked for this step. A drafting rule gets one k = 0 step; a non-drafting
+        rule gets k = 1 on two consecutive steps (drafts are made in one step and verified in the next).
+        """
+        c = self.config
+        drafting = chosen_k > 0
+        few = self.cost.count(not drafting) < c.probe_min_points
+        every = max(c.probe_every // 8, 4) if few else c.probe_every
+        if drafting:
+            return 0 if step % every == 0 else None
+        return 1 if step >= every and step % every in (0, 1) else None
 
     def table(self, max_batch: int) -> list[int]:
         """[k*(B) for B in 0..max_batch]; entry 0 (no decode requests) repeats entry 1.
 
-        k*(B) is non-increasing in B under this cost model, so the table is filled by bisection on the
-        breakpoints (O(K log max_batch) evaluations instead of max_batch).
+        k*(B) is non-increasing in B: for k > j the throughput ratio of k over j is a linear-fractional
+        function of B (monotone) whose limit for large B, E(k) (j + 1) / (E(j) (k + 1)) at most, is <= 1,
+        so k beats j on an initial range of batch sizes only (with or without D). The table is filled by
+        bisection on the breakpoints (O(K log max_batch) evaluations instead of max_batch).
         """
         c = self.config
-        acc, fixed = self.acceptance(), self.cost.fixed_cost()
+        acc = self.acceptance()
+        fixed, drafting = self.cost.costs()
 
         def k_of(b: int) -> int:
-            return best_k(acc, b, fixed, c.draft_cost, c.max_k, c.tie_margin)
+            return best_k(acc, b, fixed, c.draft_cost, c.max_k, c.tie_margin, drafting)
+
 
         table = [0] * (max_batch + 1)
         lo = 1

@@ -60,7 +60,7 @@ class AdaptiveDraftScheduler(Scheduler):
         self._policy = DraftLengthPolicy(self.policy_config(self.num_spec_tokens, rho))
         self.dynamic_sd_lookup = self._policy.table(self.max_num_running_reqs)
         self._step = 0
-        self._pending: tuple[float, float | None] | None = None
+        self._pending: tuple[float, float | None, bool] | None = None
         self._stats_path = os.environ.get(STATS_ENV) or None
         self._last_write = 0.0
         self._counts = {
@@ -79,6 +79,11 @@ class AdaptiveDraftScheduler(Scheduler):
         assert self._policy is not None
         return self._policy.table(self.max_num_running_reqs)
 
+    def probe_k(self, k_now: int) -> int | None:
+        """An exploration step's k instead of the rule's ``k_now``, or None (`DraftLengthPolicy.probe`)."""
+        assert self._policy is not None
+        return self._policy.probe(self._step, k_now)
+
     # -- vLLM hooks ---------------------------------------------------------------------------------------
 
     def schedule(self, *args, **kwargs):
@@ -89,6 +94,10 @@ class AdaptiveDraftScheduler(Scheduler):
             self.dynamic_sd_lookup = self.choose_table()
         batch = min(max(len(self.running), 1), len(self.dynamic_sd_lookup) - 1)
         k_now = self.dynamic_sd_lookup[batch]
+        probe = self.probe_k(k_now)
+        if probe is not None and probe != k_now:
+            k_now = probe
+            self.dynamic_sd_lookup = [probe] * len(self.dynamic_sd_lookup)
         # Drafts made under a larger k: verify only the first k_now (the rest would cost target compute at
         # an acceptance the policy judged not worth it).
         for req in self.running:
@@ -96,7 +105,7 @@ class AdaptiveDraftScheduler(Scheduler):
                 req.spec_token_ids = req.spec_token_ids[:k_now]
         out = super().schedule(*args, **kwargs)
         units = self._decode_units(out)
-        self._pending = (time.perf_counter(), units)
+        self._pending = (time.perf_counter(), units, out.num_spec_tokens_to_schedule > 0)
         if out.num_scheduled_tokens:
             self._counts["k_histogram"][min(out.num_spec_tokens_to_schedule, self.num_spec_tokens)] += 1
         return out
@@ -105,9 +114,9 @@ class AdaptiveDraftScheduler(Scheduler):
         if self._policy is None:
             return super().update_from_output(scheduler_output, model_runner_output)
         if self._pending is not None:
-            t0, units = self._pending
+            t0, units, drafted = self._pending
             if units is not None:
-                self._policy.cost.observe(units, time.perf_counter() - t0)
+                self._policy.cost.observe(units, time.perf_counter() - t0, drafted)
             self._pending = None
         self._observe(scheduler_output, model_runner_output)
         result = super().update_from_output(scheduler_output, model_runner_output)
@@ -169,7 +178,7 @@ class AdaptiveDraftScheduler(Scheduler):
         c["conditional_acceptance_per_pos"] = [a / r if r else None
                                                for a, r in zip(c["accepted_per_pos"], c["reached_per_pos"])]
         c["window_acceptance_estimate"] = self._policy.acceptance()
-        c["fixed_cost_estimate"] = self._policy.cost.fixed_cost()
+        c["fixed_cost_estimate"], c["drafting_cost_estimate"] = self._policy.cost.costs()
         c["k_table_head"] = self.dynamic_sd_lookup[:33]
         return c
 
@@ -213,7 +222,11 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
 
     def choose_table(self) -> list[int]:
         ks = self.pinned()
+        self._is_pinned = ks is not None
         if ks is None:
             return super().choose_table()
         k = ks[self._step % len(ks)]
         return [k] * (self.max_num_running_reqs + 1)
+
+    def probe_k(self, k_now: int) -> int | None:
+        return None if getattr(self, "_is_pinned", False) else super().probe_k(k_now)
