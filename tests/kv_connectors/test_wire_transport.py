@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from pd_harness import CuttingProxy
 from vllm_frontier.kv_connectors import nixl_plane, wire
 from vllm_frontier.kv_connectors.staging import Chunk, StagingStore
 from vllm_frontier.kv_connectors.transport import AuthError, Counters, TransferError, get_transport
@@ -147,36 +148,11 @@ def test_connection_killed_mid_transfer(server):
     for i in range(8):
         store.add("t3", _chunk(f"L{i}", 0, 64, i))  # 8 x 147 KiB
     store.close("t3", 64)
-    port = int(srv.address.rsplit(":", 1)[1])
-    lsock = socket.create_server(("127.0.0.1", 0))
-    proxy_port = lsock.getsockname()[1]
-
-    def proxy():
-        c, _ = lsock.accept()
-        u = socket.create_connection(("127.0.0.1", port))
-        passed = 0
-
-        def up():
-            try:
-                while (d := c.recv(65536)):
-                    u.sendall(d)
-            except OSError:
-                pass
-        threading.Thread(target=up, daemon=True).start()
-        while passed < 65536:
-            d = u.recv(65536)
-            if not d:
-                break
-            c.sendall(d); passed += len(d)
-        for s in (c, u):
-            s.shutdown(socket.SHUT_RDWR); s.close()
-        lsock.close()
-
-    threading.Thread(target=proxy, daemon=True).start()
+    proxy = CuttingProxy(int(srv.address.rsplit(":", 1)[1]), limit=65536)
     got = []
     t0 = time.monotonic()
     with pytest.raises(TransferError):
-        tr.pull(f"tcp://127.0.0.1:{proxy_port}", "t3", SECRET, lambda h, p: got.append(h),
+        tr.pull(f"tcp://127.0.0.1:{proxy.port}", "t3", SECRET, lambda h, p: got.append(h),
                 Counters(), timeout_s=10, idle_timeout_s=2)
     assert len(got) < 8 and time.monotonic() - t0 < 10  # retried, then failed within timeout_s
 
