@@ -131,7 +131,9 @@ def test_distillation_changes_only_the_mtp_module(quick_run, tmp_path):
     for which in ("before", "after"):
         for v in rep["mtp_main_top1_agreement"][which].values():
             assert 0.0 <= v <= 1.0
-    assert json.loads((tmp_path / "train_report.json").read_text())["mtp_distill"]["final"] == rep["final"]
+    written = json.loads((tmp_path / "train_report.json").read_text())
+    assert written["mtp_distill"]["final"] == rep["final"]
+    assert written["history"] == json.loads((quick_run / "train_report.json").read_text())["history"]  # kept
 
 
 def test_distillation_teaches_the_mtp_module_the_main_models_next_token():

@@ -246,8 +246,10 @@ def run(root: Path, out: Path, dc: DistillConfig, log=print, generate=generate_c
 
     t4 = time.time()
     metrics = evaluate_reference(shipped, eval_windows(held_stream, dc.eval_windows, REPORT_WINDOW_TOKENS))
+    # the source's report (pre-training) carries over, with this stage added
+    src_rep = root / "train_report.json"
+    report = json.loads(src_rep.read_text()) if src_rep.exists() else {}
     rep_path = out / "train_report.json"
-    report = json.loads(rep_path.read_text()) if rep_path.exists() else {}
     report["mtp_distill"] = {
         "distill_config": asdict(dc),
         "seconds": {"generate": t1 - t0, "distill": t2 - t1, "indexer": t3 - t2, "eval": time.time() - t4,
