@@ -65,9 +65,14 @@ class DistillConfig:
     train_files: int | None = None
 
 
+def mtp_prefixes(model: DeepseekReference, sub: str = "") -> tuple[str, ...]:
+    """Checkpoint-name prefixes of the MTP layers (``sub`` appended, e.g. ``"self_attn.indexer."``)."""
+    return tuple(f"model.layers.{layer.layer_idx}.{sub}" for layer in model.mtp_layers)
+
+
 def mtp_parameter_names(model: DeepseekReference) -> list[str]:
     """Names of the parameters the distillation trains: the MTP layers minus indexer, embedding and head."""
-    prefixes = tuple(f"model.layers.{layer.layer_idx}." for layer in model.mtp_layers)
+    prefixes = mtp_prefixes(model)
     frozen = (".self_attn.indexer.", ".embed_tokens.", ".shared_head.head.")
     return [n for n, _ in model.named_parameters() if n.startswith(prefixes) and not any(f in n for f in frozen)]
 
@@ -85,6 +90,11 @@ def distill_loss(logits: torch.Tensor, mtp_logits: torch.Tensor, hard_weight: fl
     return loss
 
 
+def top1_hits(logits: torch.Tensor, mtp_logits: torch.Tensor) -> torch.Tensor:
+    """Per MTP position, whether its top-1 equals the main model's top-1 for the same token: [B, T-1] bool."""
+    return mtp_logits.argmax(-1) == logits[:, 1:].argmax(-1)
+
+
 @torch.no_grad()
 def mtp_agreement(model: DeepseekReference, windows: torch.Tensor, *, sparse: bool = False) -> float:
     """Fraction of positions where the MTP module's top-1 equals the main model's top-1 for the same token.
@@ -95,8 +105,9 @@ def mtp_agreement(model: DeepseekReference, windows: torch.Tensor, *, sparse: bo
     hit = n = 0
     for w in windows:
         o = model(w[None], sparse=sparse, run_indexer=sparse)
-        hit += (o.mtp_logits[0].argmax(-1) == o.logits[0, 1:].argmax(-1)).sum().item()
-        n += o.mtp_logits.shape[1]
+        h = top1_hits(o.logits, o.mtp_logits)
+        hit += h.sum().item()
+        n += h.numel()
     return hit / n
 
 
@@ -165,7 +176,7 @@ def distill(model: DeepseekReference, corpus: torch.Tensor, generated: torch.Ten
         # the main layers' router biases are main-model weights: only the MTP layers' move
         update_router_bias(model, mtp_routing, dc.bias_rate, layers=model.mtp_layers)
         with torch.no_grad():
-            agree = (out.mtp_logits.argmax(-1) == out.logits[:, 1:].argmax(-1)).float().mean().item()
+            agree = top1_hits(out.logits, out.mtp_logits).float().mean().item()
         rec = {"step": step, "lr": lr, "loss": loss.item(), "batch_agreement": agree}
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", agree=f"{agree:.3f}")
@@ -177,7 +188,7 @@ def distill(model: DeepseekReference, corpus: torch.Tensor, generated: torch.Ten
 
 
 def _main_weights_unchanged(before: dict[str, torch.Tensor], model: DeepseekReference) -> list[str]:
-    prefixes = tuple(f"model.layers.{layer.layer_idx}." for layer in model.mtp_layers)
+    prefixes = mtp_prefixes(model)
     after = model.hf_state_dict()
     return [k for k, v in before.items() if not k.startswith(prefixes) and not torch.equal(v, after[k])]
 
@@ -226,7 +237,7 @@ def run(root: Path, out: Path, dc: DistillConfig, log=print, generate=generate_c
     t2 = time.time()
     idx_hist = []
     if dc.indexer_steps and model.cfg.has_indexer:
-        mtp_prefix = tuple(f"model.layers.{layer.layer_idx}.self_attn.indexer." for layer in model.mtp_layers)
+        mtp_prefix = mtp_prefixes(model, "self_attn.indexer.")
         tc = TrainConfig(seed=dc.seed, indexer_steps=dc.indexer_steps, seq_len=dc.seq_len,
                          tokens_per_step=dc.batch * dc.seq_len)
         idx_hist = warmup_indexer(model, train_stream, tc, log, only=mtp_prefix)
@@ -284,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(seed=a.seed, threads=a.threads, steps=a.steps, batch=a.batch, seq_len=a.seq_len,
               gen_sequences=a.gen_sequences, indexer_steps=a.indexer_steps, train_files=a.train_files)
     if a.quick:
-        kw.update(steps=3, batch=2, seq_len=64, gen_sequences=4, indexer_steps=2, train_files=20)
+        kw.update(steps=3, batch=2, seq_len=64, gen_sequences=4, indexer_steps=2, train_files=20,
+                  eval_sequences=2, eval_windows=2)
     for name in ("steps", "batch", "seq_len", "threads", "gen_sequences"):
         if kw[name] <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
@@ -293,8 +305,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--seq-len must exceed the longest prompt ({dc.prompt_tokens[1]} tokens)")
     if not (a.model / "v32" / "config.json").exists():
         p.error(f"{a.model} does not hold a v32/ view (config.json missing)")
-    if a.quick:
-        dc = DistillConfig(**{**asdict(dc), "eval_sequences": 2, "eval_windows": 2})
     run(a.model, a.out or a.model, dc)
     return 0
 

@@ -142,7 +142,7 @@ def _worker(request_path: str, result_path: str) -> None:
     if req["mtp_prompts"]:
         kw["speculative_config"] = {"method": "mtp", "num_speculative_tokens": 1}
         kw["disable_log_stats"] = False
-    if req.get("gen_prompts"):
+    if req["gen_prompts"]:
         kw["max_num_seqs"] = 64
     kw.update(req["engine_args"])
     llm = LLM(**kw)
@@ -156,7 +156,7 @@ def _worker(request_path: str, result_path: str) -> None:
             elif m.name == "vllm:spec_decode_num_accepted_tokens":
                 accepted += m.value
         res = {"drafts": drafts, "accepted": accepted, "acceptance": accepted / drafts if drafts else None}
-    elif req.get("gen_prompts"):
+    elif req["gen_prompts"]:
         prompts = req["gen_prompts"]
         sps = [SamplingParams(temperature=0.0, max_tokens=req["gen_total_len"] - len(p), ignore_eos=True)
                for p in prompts]

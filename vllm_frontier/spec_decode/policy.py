@@ -260,7 +260,6 @@ class DraftLengthPolicy:
         def k_of(b: int) -> int:
             return best_k(acc, b, fixed, c.draft_cost, c.max_k, c.tie_margin, drafting)
 
-
         table = [0] * (max_batch + 1)
         lo = 1
         while lo <= max_batch:

@@ -58,7 +58,8 @@ class AdaptiveDraftScheduler(Scheduler):
             return
         rho = draft_cost_ratio(self.vllm_config.model_config.hf_config)
         self._policy = DraftLengthPolicy(self.policy_config(self.num_spec_tokens, rho))
-        self.dynamic_sd_lookup = self._policy.table(self.max_num_running_reqs)
+        self._table = self._policy.table(self.max_num_running_reqs)   # the rule's k per batch size
+        self.dynamic_sd_lookup = self._table
         self._step = 0
         self._pending: tuple[float, float | None, bool] | None = None
         self._stats_path = os.environ.get(STATS_ENV) or None
@@ -91,13 +92,16 @@ class AdaptiveDraftScheduler(Scheduler):
             return super().schedule(*args, **kwargs)
         self._step += 1
         if self._step % self.refresh_every == 0 or self._step == 1:
-            self.dynamic_sd_lookup = self.choose_table()
-        batch = min(max(len(self.running), 1), len(self.dynamic_sd_lookup) - 1)
-        k_now = self.dynamic_sd_lookup[batch]
+            self._table = self.choose_table()
+        batch = min(max(len(self.running), 1), len(self._table) - 1)
+        k_now = self._table[batch]
         probe = self.probe_k(k_now)
+        # vLLM reads this step's k from dynamic_sd_lookup; an exploration step replaces it for this step only
         if probe is not None and probe != k_now:
             k_now = probe
-            self.dynamic_sd_lookup = [probe] * len(self.dynamic_sd_lookup)
+            self.dynamic_sd_lookup = [probe] * len(self._table)
+        else:
+            self.dynamic_sd_lookup = self._table
         # Drafts made under a larger k: verify only the first k_now (the rest would cost target compute at
         # an acceptance the policy judged not worth it).
         for req in self.running:
@@ -179,7 +183,7 @@ class AdaptiveDraftScheduler(Scheduler):
                                                for a, r in zip(c["accepted_per_pos"], c["reached_per_pos"])]
         c["window_acceptance_estimate"] = self._policy.acceptance()
         c["fixed_cost_estimate"], c["drafting_cost_estimate"] = self._policy.cost.costs()
-        c["k_table_head"] = self.dynamic_sd_lookup[:33]
+        c["k_table_head"] = self._table[:33]
         return c
 
     def _write_stats(self) -> None:
@@ -203,6 +207,7 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._pin_path = os.environ.get(PIN_ENV) or None
+        self._is_pinned = False   # whether the last table came from the pin file (no exploration then)
 
     def pinned(self) -> list[int] | None:
         if not self._pin_path:
@@ -229,4 +234,4 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
         return [k] * (self.max_num_running_reqs + 1)
 
     def probe_k(self, k_now: int) -> int | None:
-        return None if getattr(self, "_is_pinned", False) else super().probe_k(k_now)
+        return None if self._is_pinned else super().probe_k(k_now)
