@@ -4,6 +4,7 @@
     vllm-frontier tiny-model --arch ... --out DIR                          random-weight tiny checkpoint
     vllm-frontier train-tiny ...                                           train the embedded default model
     vllm-frontier distill-mtp ...                                          self-distill its MTP drafter
+    vllm-frontier spec-moe-placement --traces F --ranks N --out P          pre-grouped expert placement file
     vllm-frontier router --prefill URL... --decode URL...                  P/D router
     vllm-frontier features                                                 print the active feature toggles
 
@@ -104,6 +105,19 @@ def _drop_inapplicable_for_all(features: Features, cfg: dict, args: list[str]) -
     return dataclasses.replace(features, **{name: False for name in drop})
 
 
+def _check_spec_moe(args: list[str]) -> None:
+    """The speculative EP MoE needs expert parallelism and valid FRONTIER_SPEC_MOE_* settings."""
+    from .moe.settings import SpecMoESettingsError, read_settings
+
+    if not (_has_flag(args, "--enable-expert-parallel") or _has_flag(args, "-ep")):
+        fail("--plugin spec_moe needs expert parallelism: add --enable-expert-parallel and "
+             "--tensor-parallel-size N or --data-parallel-size N")
+    try:
+        read_settings()
+    except SpecMoESettingsError as e:
+        fail(str(e))
+
+
 def plan_serve_args(features: Features, model: str, args: list[str]) -> tuple[Features, list[str]]:
     """vLLM serve arguments that switched-on features need for this model (explicit user args win)."""
     extra: list[str] = []
@@ -113,8 +127,7 @@ def plan_serve_args(features: Features, model: str, args: list[str]) -> tuple[Fe
     if features.all:
         features = _drop_inapplicable_for_all(features, cfg, args)
     if features.spec_moe:
-        fail("--plugin spec_moe: the speculative EP MoE layer is not wired into vLLM in this build yet "
-             "(vllm_frontier.moe runs standalone over torch.distributed; see benchmarks/spec_moe.py)")
+        _check_spec_moe(args)
     if features.fp4 and not _has_flag(args, "--quantization") and not _has_flag(args, "-q"):
         extra += ["--quantization", "frontier_fp4"]
     if features.mtp and not _has_flag(args, "--speculative-config"):
@@ -142,6 +155,44 @@ def _speculative_config(features: Features, cfg: dict) -> dict | None:
     return speculative_config(features, cfg)
 
 
+def _parallel_size(args: list[str], *flags: str) -> int:
+    for flag in flags:
+        value = _flag_value(args, flag)
+        if value is not None:
+            try:
+                return max(1, int(value))
+            except ValueError:
+                return 1  # vLLM reports the bad value itself
+    return 1
+
+
+def cpu_worker_binding(args: list[str], cores: list[int], numa_nodes: int) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for a multi-worker CPU engine on fewer NUMA nodes than workers, else None.
+
+    vLLM CPU's default (`auto`) binds one worker per NUMA node and refuses to start when there are more
+    workers (TP x DP x PP) than nodes; here the allowed cores are split into one contiguous group per worker.
+    """
+    workers = (_parallel_size(args, "--tensor-parallel-size", "-tp")
+               * _parallel_size(args, "--data-parallel-size", "-dp")
+               * _parallel_size(args, "--pipeline-parallel-size", "-pp"))
+    if workers <= 1 or workers <= numa_nodes or len(cores) < workers:
+        return None
+    per = len(cores) // workers
+    groups = [cores[i * per:(i + 1) * per] for i in range(workers)]
+    return "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
+
+
+def _maybe_bind_cpu_workers(args: list[str]) -> None:
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") or Path("/dev/nvidia0").exists():
+        return
+    nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
+    binding = cpu_worker_binding(args, sorted(os.sched_getaffinity(0)), nodes)
+    if binding is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+        print(f"vllm-frontier serve: VLLM_CPU_OMP_THREADS_BIND={binding} (one core group per CPU worker; "
+              "set it yourself to choose)", file=sys.stderr)
+
+
 def serve(argv: list[str]) -> int:
     args, plugin_values = _split_plugin_flag(argv)
     try:
@@ -158,6 +209,7 @@ def serve(argv: list[str]) -> int:
     model = _flag_value(args, "--model")
     features, args = plan_serve_args(features, model, args)
     print(f"vllm-frontier serve: {features.describe()}; vLLM args: {' '.join(args)}", file=sys.stderr)
+    _maybe_bind_cpu_workers(args)
     sys.argv = ["vllm-frontier serve", *args]
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_serve
 
@@ -193,13 +245,18 @@ def main(argv: list[str] | None = None) -> int:
         from .models.distill_mtp import main as distill_main
 
         return distill_main(rest)
+    if cmd == "spec-moe-placement":
+        from .moe.pregroup import main as placement_main
+
+        return placement_main(rest)
     if cmd == "router":
         from .schedulers.router import main as router_main
 
         return router_main(rest)
     if cmd == "features":
         return _features_cmd(rest)
-    fail(f"unknown command {cmd!r}; valid commands: serve, tiny-model, train-tiny, distill-mtp, router, features")
+    fail(f"unknown command {cmd!r}; valid commands: serve, tiny-model, train-tiny, distill-mtp, spec-moe-placement, "
+         "router, features")
 
 
 if __name__ == "__main__":

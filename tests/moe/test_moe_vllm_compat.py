@@ -33,7 +33,7 @@ def test_moe_core_imports_no_vllm():
 
     root = pathlib.Path(pkg.__file__).parent
     for name in ("ep_layer", "dispatch", "shuffle", "placement", "pregroup", "experts", "routing",
-                 "reference", "traces", "launch"):
+                 "reference", "traces", "launch", "relocate", "settings"):
         tree = ast.parse((root / f"{name}.py").read_text())
         for node in ast.walk(tree):
             mods = []
@@ -44,8 +44,11 @@ def test_moe_core_imports_no_vllm():
             assert not any(m == "vllm" or m.startswith("vllm.") for m in mods), (name, mods)
 
 
-def test_register_refuses_until_the_adapter_exists():
-    import vllm_frontier.moe as moe
+def test_check_reports_a_changed_behaviour(monkeypatch):
+    pytest.importorskip("vllm")
+    import vllm_frontier.moe.compat as compat
 
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
-        moe.register()
+    module, qualname, _ = compat.PINNED_SOURCE[0]
+    monkeypatch.setattr(compat, "PINNED", [])
+    monkeypatch.setattr(compat, "PINNED_SOURCE", [(module, qualname, "text that is not there")])
+    assert "no longer contains" in compat.check_vllm_moe_api()[0]

@@ -1,7 +1,7 @@
 """The vLLM 0.32 MoE pieces the speculative-MoE adapter relies on, pinned.
 
-Some are private (``_init_moe_kernel``, ``FusedMoEKernel``'s constructor); all are
-checked by :func:`check_vllm_moe_api` (run by ``tests/moe/test_moe_vllm_compat.py``), so a
+Some are private (the runner's ``do_naive_dispatch_combine`` rule, the method's
+``supports_internal_mk``); all are checked by :func:`check_vllm_moe_api` (run by ``tests/moe/test_moe_vllm_compat.py``), so a
 vLLM upgrade that changes them fails loudly instead of silently mis-routing tokens.
 Imports vLLM only inside the functions.
 """
@@ -16,13 +16,13 @@ PINNED_VLLM = "0.32"
 PINNED: list[tuple[str, str, tuple[str, ...] | None]] = [
     (
         "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method",
-        "UnquantizedFusedMoEMethod._init_moe_kernel",
-        ("self", "layer"),
+        "UnquantizedFusedMoEMethod.apply",
+        ("self", "layer", "x", "topk_weights", "topk_ids", "shared_experts", "shared_experts_input"),
     ),
     (
         "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method",
-        "UnquantizedFusedMoEMethod.apply",
-        ("self", "layer", "x", "topk_weights", "topk_ids", "shared_experts", "shared_experts_input"),
+        "UnquantizedFusedMoEMethod.process_weights_after_loading",
+        ("self", "layer"),
     ),
     (
         "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method",
@@ -30,25 +30,13 @@ PINNED: list[tuple[str, str, tuple[str, ...] | None]] = [
         None,
     ),
     (
-        "vllm.model_executor.layers.fused_moe.modular_kernel",
-        "FusedMoEKernel.__init__",
-        ("self", "prepare_finalize", "fused_experts"),
-    ),
-    (
-        "vllm.model_executor.layers.fused_moe.modular_kernel",
-        "FusedMoEPrepareAndFinalizeModular.prepare",
-        ("self", "a1", "topk_weights", "topk_ids", "num_experts", "expert_map",
-         "apply_router_weight_on_input", "quant_config", "defer_input_quant"),
-    ),
-    (
-        "vllm.model_executor.layers.fused_moe.modular_kernel",
-        "FusedMoEPrepareAndFinalizeModular.finalize",
-        ("self", "output", "fused_expert_output", "topk_weights", "topk_ids",
-         "apply_router_weight_on_input", "weight_and_reduce_impl"),
+        "vllm.model_executor.layers.fused_moe.fused_moe_method_base",
+        "FusedMoEMethodBase.supports_internal_mk",
+        None,
     ),
     (
         "vllm.model_executor.layers.fused_moe.fused_moe_method_base",
-        "FusedMoEMethodBase.supports_internal_mk",
+        "FusedMoEMethodBase.is_monolithic",
         None,
     ),
     (
@@ -56,6 +44,24 @@ PINNED: list[tuple[str, str, tuple[str, ...] | None]] = [
         "MoERunner.do_naive_dispatch_combine",
         None,
     ),
+    (
+        "vllm.model_executor.layers.fused_moe.routed_experts",
+        "RoutedExperts.expert_map",
+        None,
+    ),
+]
+
+# Behaviour the adapter relies on, checked in the source of these functions: the runner skips its naive
+# all-gather dispatch (which raises on gloo) when the method says it supports the internal modular kernel,
+# and all-reduces the MoE output over the TP group when EP is on (which re-replicates our TP rows).
+PINNED_SOURCE: list[tuple[str, str, str]] = [
+    ("vllm.model_executor.layers.fused_moe.runner.moe_runner", "MoERunner.do_naive_dispatch_combine",
+     "not self._quant_method.supports_internal_mk"),
+    ("vllm.model_executor.layers.fused_moe.runner.moe_runner", "MoERunner._maybe_reduce_final_output",
+     "tensor_model_parallel_all_reduce(states)"),
+    ("vllm.model_executor.layers.fused_moe.routed_experts", "RoutedExperts.forward_modular",
+     "self.quant_method.apply("),
+    ("vllm.distributed.parallel_state", "GroupCoordinator.__init__", "self.cpu_group = "),
 ]
 
 
@@ -83,4 +89,13 @@ def check_vllm_moe_api() -> list[str]:
         got = tuple(inspect.signature(fn).parameters)
         if got != params:
             problems.append(f"{module}.{qualname}: parameters {got}, pinned {params}")
+    for module, qualname, needle in PINNED_SOURCE:
+        try:
+            obj = _resolve(module, qualname)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{module}.{qualname}: missing ({exc})")
+            continue
+        fn = obj.fget if isinstance(obj, property) else obj
+        if needle not in inspect.getsource(fn):
+            problems.append(f"{module}.{qualname}: no longer contains {needle!r}")
     return problems

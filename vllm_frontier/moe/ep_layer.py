@@ -29,6 +29,33 @@ from vllm_frontier.moe.routing import RouterConfig, route
 from vllm_frontier.moe.shuffle import contiguous_ranks
 
 
+def ep_routed_experts(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    placement: ExpertPlacement,
+    comm: AllToAll,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """Routed experts of this rank's tokens over the EP group. Collective.
+
+    Args:
+        x: ``[T, H]`` this rank's tokens; topk_weights ``[T, k]``; topk_ids ``[T, k]`` global ids.
+        placement: expert -> rank map of the group.
+        w13: ``[E_l, 2*I, H]`` / w2: ``[E_l, H, I]``: this rank's experts, ascending global id.
+
+    Returns:
+        ``[T, H]`` float32: dispatch to the ranks holding the experts, compute, combine.
+    """
+    recv_x, recv_slots, recv_w, state = dispatch(
+        x, topk_weights.float(), topk_ids.long(), placement, comm
+    )
+    partials = expert_partials(recv_x, recv_slots, recv_w, w13, w2)
+    comm.counters.calls += 1
+    return combine(partials, state, comm)
+
+
 class EPMoELayer:
     """One MoE layer sharded over an EP process group.
 
@@ -92,12 +119,9 @@ class EPMoELayer:
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
         """Routed experts only, for given routing: ``[T, H]`` float32 (dispatch, compute, combine)."""
-        recv_x, recv_slots, recv_w, state = dispatch(
-            x, topk_weights, topk_ids, self.placement, self.comm
+        return ep_routed_experts(
+            x, topk_weights, topk_ids, self.placement, self.comm, self.w13, self.w2
         )
-        partials = expert_partials(recv_x, recv_slots, recv_w, self.w13, self.w2)
-        self.comm.counters.calls += 1
-        return combine(partials, state, self.comm)
 
     def forward(
         self, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None = None

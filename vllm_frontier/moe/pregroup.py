@@ -127,3 +127,50 @@ def pregroup(
         rank_load[rf] += load[e] - load[f]
         rank_of[e], rank_of[f] = rf, re
     return ExpertPlacement(tuple(rank_of.tolist()), num_ranks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``vllm-frontier spec-moe-placement``: write a pre-grouped placement file from routing traces."""
+    import argparse
+    import sys
+
+    from vllm_frontier.moe.placement import save_placements
+    from vllm_frontier.moe.traces import load_traces
+
+    ap = argparse.ArgumentParser(
+        prog="vllm-frontier spec-moe-placement",
+        description="Pre-group co-activated experts per MoE layer from recorded routing traces "
+        "(python benchmarks/spec_moe.py --record-traces MODEL_DIR) and write the placement file "
+        "that FRONTIER_SPEC_MOE_PLACEMENT loads.",
+    )
+    ap.add_argument("--traces", required=True, help="routing-trace file")
+    ap.add_argument("--ranks", type=int, required=True, help="EP size the placement is for")
+    ap.add_argument("--out", required=True, help="placement file to write (JSON)")
+    ap.add_argument("--max-imbalance", type=float, default=1.1,
+                    help="cap on a rank's routed load as a multiple of the mean (>= 1)")
+    ap.add_argument("--first-moe-layer", type=int, default=0,
+                    help="decoder index of the first MoE layer (the model's first_k_dense_replace)")
+    args = ap.parse_args(argv)
+    try:
+        traces = load_traces(args.traces)
+    except (OSError, ValueError) as e:
+        print(f"vllm-frontier spec-moe-placement: error: {e}", file=sys.stderr)
+        return 2
+    if args.ranks < 1 or traces.num_experts % args.ranks:
+        ap.error(f"--ranks must divide the {traces.num_experts} experts of the traces")
+    if not args.max_imbalance >= 1.0:
+        ap.error("--max-imbalance must be >= 1")
+    if args.first_moe_layer < 0:
+        ap.error("--first-moe-layer must be >= 0")
+    placements = {}
+    for layer in range(traces.num_layers):
+        ids = traces.topk_ids[layer]
+        p = pregroup(ids, traces.num_experts, args.ranks, max_imbalance=args.max_imbalance)
+        stats = placement_stats(ids, p)
+        base = placement_stats(ids, ExpertPlacement.linear(traces.num_experts, args.ranks))
+        placements[args.first_moe_layer + layer] = p
+        print(f"layer {args.first_moe_layer + layer}: {stats} (linear placement: {base})")
+    path = save_placements(args.out, placements, {
+        "traces": str(args.traces), "trace_tokens": traces.num_tokens, "max_imbalance": args.max_imbalance})
+    print(f"wrote {path}")
+    return 0

@@ -1,21 +1,253 @@
-"""vLLM side of the speculative EP MoE: NOT IMPLEMENTED YET.
+"""vLLM side of the speculative EP MoE: our dispatch and combine inside vLLM's MoE layers.
 
-The planned integration (see the report in the issue and ``compat.py`` for the pinned
-pieces): an ``UnquantizedFusedMoEMethod.register_oot`` subclass whose ``apply`` runs
-:func:`vllm_frontier.moe.dispatch.dispatch` / ``combine`` over the EP group's gloo/NCCL
-group with the layer's local expert weights, and whose ``moe_kernel`` is set (through the
-pinned ``_init_moe_kernel`` / ``FusedMoEKernel``) so vLLM's runner skips its naive
-all-gather dispatch (which raises on CPU).  Until that exists and is tested end to end,
-switching the feature on fails loudly instead of running stock vLLM's broken CPU EP path.
+``register()`` installs :class:`FrontierEPMoEMethod` with
+``UnquantizedFusedMoEMethod.register_oot``, so every unquantized MoE layer vLLM
+builds (in every worker) uses it.  With expert parallelism on, it replaces what
+stock vLLM 0.32 does on CPU (DP+EP: the naive all-gather dispatch, which raises
+on gloo; TP+EP: the CPU experts kernel, which ignores ``expert_map``):
+
+* **DP+EP** (each rank has its own tokens): tokens go to the ranks holding their
+  experts with ``all_to_all_single`` over the EP group and come back the same
+  way (:func:`~vllm_frontier.moe.ep_layer.ep_routed_experts`).  Tokens cannot
+  move between DP ranks (their KV cache is there), so speculation here is the
+  pre-grouped expert placement only.
+* **TP+EP** (every rank has the same tokens): each token is run by one rank
+  (plain: contiguous chunks; speculative: the rank holding most of its experts,
+  capacity-capped; worst: a rank holding the fewest), dispatched and combined
+  the same way; each rank returns its tokens' rows and zeros elsewhere, and
+  vLLM's existing all-reduce after the MoE (which also sums the TP-sharded
+  shared expert) re-replicates them.  After the gate every TP rank holds the
+  real routing, so the shuffle uses it instead of a guess: the prediction is
+  exact by construction, and a wrong one would cost only correcting pairs
+  (``worst`` mode measures that).
+
+Expert weights load in vLLM's own placement and, when a placement file gives
+another one for a layer, move once after loading (:mod:`.relocate`).  Outputs
+do not depend on the token placement (the experts' math and the per-token sum
+order are fixed), so every mode gives the same tokens.
+
+The byte counters of this worker's MoE layers are :data:`COUNTERS` (read them
+with ``LLM.collective_rpc(vllm_frontier.moe.vllm_adapter.worker_counters)``),
+and ``FRONTIER_SPEC_MOE_LOG_EVERY=N`` logs them every N forwards.
+
+Private vLLM pieces relied on (pinned in :mod:`.compat`, tested): the runner
+skips its naive dispatch when the method's ``supports_internal_mk`` is true;
+``UnquantizedFusedMoEMethod.apply``'s signature; ``RoutedExperts.expert_map``;
+the EP group's ``cpu_group``.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+
+from vllm_frontier.moe.dispatch import AllToAll, ByteCounters
+from vllm_frontier.moe.ep_layer import ep_routed_experts
+from vllm_frontier.moe.placement import ExpertPlacement, load_placements
+from vllm_frontier.moe.relocate import gather_held, relocate_experts
+from vllm_frontier.moe.settings import SpecMoESettings, read_settings
+from vllm_frontier.moe.shuffle import best_ranks, contiguous_ranks, plan_token_ranks, worst_ranks
+
+logger = logging.getLogger("vllm.frontier.spec_moe")
+
+COUNTERS = ByteCounters()
+"""Cross-rank bytes of every MoE layer in this worker process."""
+
+TOKEN_STATS = {"tokens": 0, "tokens_all_local": 0}
+"""Tokens through the MoE layers of this worker, and those whose experts all sat on the rank running them."""
+
+
+def worker_counters(_worker=None) -> dict[str, float]:
+    """This worker's counters (for ``LLM.collective_rpc``; the worker argument is unused)."""
+    return {**COUNTERS.as_dict(), **TOKEN_STATS}
+
+
+def reset_worker_counters(_worker=None) -> None:
+    COUNTERS.reset()
+    for k in TOKEN_STATS:
+        TOKEN_STATS[k] = 0
+
+
+def decoder_layer_index(layer_name: str) -> int | None:
+    """``model.layers.7.mlp.experts`` -> 7 (the key of a placement file); None if there is no index."""
+    m = re.search(r"(?:^|\.)layers\.(\d+)\.", layer_name)
+    return int(m.group(1)) if m else None
+
+
+def held_experts(expert_map: torch.Tensor | None, num_experts: int) -> list[int]:
+    """Global ids a rank holds, in local index order, from vLLM's global->local ``expert_map`` (-1 = not here)."""
+    if expert_map is None:
+        return list(range(num_experts))
+    local = expert_map.tolist()
+    held = sorted((loc, e) for e, loc in enumerate(local) if loc >= 0)
+    return [e for _, e in held]
+
+
+def token_ranks(mode: str, topk_ids: torch.Tensor, placement: ExpertPlacement, capacity: float) -> torch.Tensor:
+    """Rank that runs each token of a replicated (TP) batch; identical on every rank."""
+    t, n = topk_ids.shape[0], placement.num_ranks
+    if mode == "plain" or t == 0:
+        return contiguous_ranks(t, n)
+    if mode == "worst":
+        return worst_ranks(topk_ids, placement)
+    return plan_token_ranks(best_ranks(topk_ids, placement), n, capacity)
+
+
+@dataclass
+class _EPState:
+    """What one MoE layer needs at run time, set after its weights are loaded."""
+
+    placement: ExpertPlacement
+    comm: AllToAll
+    w13: torch.Tensor
+    w2: torch.Tensor
+    replicated: bool
+    settings: SpecMoESettings
+
+
+def _ep_groups():
+    """(EP group coordinator, attention-TP world size, DP world size) of this worker."""
+    from vllm.distributed.parallel_state import get_dp_group, get_ep_group, get_tp_group
+
+    return get_ep_group(), get_tp_group().world_size, get_dp_group().world_size
+
+
+def _method_class():
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    class FrontierEPMoEMethod(UnquantizedFusedMoEMethod):
+        """Unquantized MoE whose expert-parallel dispatch and combine are ours (see module doc)."""
+
+        def __init__(self, moe):
+            super().__init__(moe)
+            self._ep: _EPState | None = None
+            self._settings = read_settings()
+
+        @property
+        def _use_ours(self) -> bool:
+            return self.moe.moe_parallel_config.use_ep
+
+        # The runner asks these before dispatching: with ours on, it must not all-gather the tokens.
+        @property
+        def supports_internal_mk(self) -> bool:
+            return True if self._use_ours else super().supports_internal_mk
+
+        @property
+        def is_monolithic(self) -> bool:
+            return False if self._use_ours else super().is_monolithic
+
+        @property
+        def supports_eplb(self) -> bool:
+            return False
+
+        def process_weights_after_loading(self, layer) -> None:
+            if not self._use_ours:
+                super().process_weights_after_loading(layer)
+                return
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_cpu():
+                raise RuntimeError(
+                    "FRONTIER_SPEC_MOE: the vLLM integration of the speculative EP MoE runs on CPU "
+                    "(gloo) in this build; on GPUs serve without the toggle"
+                )
+            group, tp, dp = _ep_groups()
+            if tp > 1 and dp > 1:
+                raise RuntimeError(
+                    "FRONTIER_SPEC_MOE: expert parallelism with both tensor-parallel and data-parallel "
+                    f"attention (TP={tp}, DP={dp}) is not supported; use one of them"
+                )
+            if getattr(layer, "has_bias", False) or self.moe.has_bias:
+                raise RuntimeError("FRONTIER_SPEC_MOE: MoE layers with expert biases are not supported")
+            cpu_group = group.cpu_group
+            n = group.world_size
+            e = layer.global_num_experts
+            held_all = gather_held(held_experts(layer.expert_map, e), cpu_group)
+            current = ExpertPlacement(tuple(_rank_of(held_all, x) for x in range(e)), n)
+            target = self._target_placement(layer, current)
+            w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+            if target != current:
+                w13, w2 = relocate_experts([w13, w2], held_all, target, cpu_group)
+            else:  # rows of the current placement in ascending global id
+                order = sorted(range(len(held_all[group.rank_in_group])),
+                               key=lambda i: held_all[group.rank_in_group][i])
+                w13, w2 = w13[order].contiguous(), w2[order].contiguous()
+            self._ep = _EPState(target, AllToAll(cpu_group, COUNTERS), w13, w2,
+                                replicated=tp > 1, settings=self._settings)
+
+        def _target_placement(self, layer, current: ExpertPlacement) -> ExpertPlacement:
+            s = self._settings
+            if s.placement_path is None:
+                return current
+            placements = load_placements(s.placement_path)
+            idx = decoder_layer_index(layer.layer_name)
+            p = placements.get(idx) if idx is not None else None
+            if p is None:
+                return current
+            if p.num_ranks != current.num_ranks or p.num_experts != current.num_experts:
+                raise RuntimeError(
+                    f"FRONTIER_SPEC_MOE_PLACEMENT={s.placement_path}: layer {idx} is placed for "
+                    f"{p.num_experts} experts on {p.num_ranks} ranks; this engine has "
+                    f"{current.num_experts} experts on {current.num_ranks} EP ranks"
+                )
+            return p
+
+        def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
+            ep = self._ep
+            if ep is None:
+                return super().apply(layer, x, topk_weights, topk_ids, shared_experts,
+                                     shared_experts_input)
+            ids = topk_ids.long()
+            if not ep.replicated:
+                routed = ep_routed_experts(x, topk_weights, ids, ep.placement, ep.comm, ep.w13, ep.w2)
+                _count_tokens(ids, ep.placement, torch.full((x.shape[0],), ep.comm.rank),
+                              ep.settings.log_every)
+                return routed.to(x.dtype)
+            ranks = token_ranks(ep.settings.dispatch, ids, ep.placement, ep.settings.capacity)
+            own = (ranks == ep.comm.rank).nonzero().flatten()
+            routed = ep_routed_experts(x[own], topk_weights[own], ids[own], ep.placement, ep.comm,
+                                       ep.w13, ep.w2)
+            _count_tokens(ids[own], ep.placement, ranks[own], ep.settings.log_every)
+            out = torch.zeros_like(x)
+            out[own] = routed.to(x.dtype)
+            return out
+
+    return FrontierEPMoEMethod
+
+
+def _rank_of(held_all: list[list[int]], expert: int) -> int:
+    for r, held in enumerate(held_all):
+        if expert in held:
+            return r
+    raise ValueError(f"no EP rank holds expert {expert}")
+
+
+def _count_tokens(ids: torch.Tensor, placement: ExpertPlacement, ranks: torch.Tensor, log_every: int) -> None:
+    TOKEN_STATS["tokens"] += ids.shape[0]
+    if ids.shape[0]:
+        local = (placement.rank_of(ids) == ranks.unsqueeze(1)).all(dim=1)
+        TOKEN_STATS["tokens_all_local"] += int(local.sum())
+    if log_every and COUNTERS.calls % log_every == 0:
+        logger.info("vllm-frontier spec_moe: %s", worker_counters())
+
+
+_REGISTERED = False
+
 
 def register() -> None:
-    """Refuse to enable FRONTIER_SPEC_MOE inside vLLM (the adapter is not built yet)."""
-    raise NotImplementedError(
-        "FRONTIER_SPEC_MOE / --plugin spec_moe: the vLLM integration of the speculative EP MoE "
-        "is not implemented yet. Unset the toggle; the standalone EP layer "
-        "(vllm_frontier.moe.ep_layer) and benchmarks/spec_moe.py work without vLLM."
+    """Install :class:`FrontierEPMoEMethod` for vLLM's unquantized MoE layers (once per process)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    read_settings()  # a bad variable fails here, in every process, with its message
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
     )
+
+    UnquantizedFusedMoEMethod.register_oot(_method_class())
+    _REGISTERED = True

@@ -65,7 +65,11 @@ def register() -> None:
             continue
         mod = importlib.import_module(module)
         if hasattr(mod, "register"):
-            mod.register()
+            try:
+                mod.register()
+            except FeatureError as e:  # a feature's own settings (e.g. FRONTIER_SPEC_MOE_*) are wrong
+                print(f"vllm-frontier: error: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
             _registered.add(name)
         else:
             logger.warning("vllm-frontier: feature %s has no vLLM adapter in this build yet; it stays off", name)
