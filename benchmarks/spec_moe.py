@@ -15,7 +15,9 @@ Predictors P (``vllm_frontier.moe.shuffle``): ``token_table`` (token id), ``prev
 layer's experts; no prediction at the first MoE layer), ``lookahead`` (the layer's gate on its
 pre-attention input, recorded in the trace file), ``chain`` (token_table, else prev_layer, else
 lookahead; this order was picked on the validation split below) and ``oracle`` (the real routing:
-not realisable, the bound the capacity plan leaves).  Tokens are placed by ``plan_from_scores``
+the bound the capacity plan leaves; not available where tokens are placed before the gate runs, but inside
+vLLM's TP attention layout every rank holds the gate's output before dispatch, and the vLLM adapter places
+tokens by it).  Tokens are placed by ``plan_from_scores``
 (``--planner first`` for the first-choice planner).  At the measured sizes a validation split
 (fit on the first half of the fit tokens, score the second half) is reported too.
 
@@ -71,7 +73,7 @@ from vllm_frontier.moe.traces import RoutingTraces, load_traces, synthetic_skewe
 PREDICTORS = ("token_table", "prev_layer", "lookahead", "chain", "oracle")
 """Token-placement predictors (see vllm_frontier.moe.shuffle); ``oracle`` places every token by its real
 routing, which no deployment can do before the gate: it is the bound the capacity plan allows."""
-MEASURED_PREDICTORS = ("token_table", "prev_layer", "lookahead", "chain")
+MEASURED_PREDICTORS = ("token_table", "prev_layer", "lookahead", "chain", "oracle")
 
 
 def variants_for(traces: RoutingTraces, predictors=PREDICTORS) -> list[str]:

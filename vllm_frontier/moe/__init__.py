@@ -11,6 +11,8 @@ vLLM-free core (torch / torch.distributed only):
 * :mod:`.shuffle`    speculative token shuffling (predictors, capacity plan)
 * :mod:`.ep_layer`   the EP layer over a process group
 * :mod:`.traces`     routing-trace files and synthetic skewed traces
+* :mod:`.relocate`   move expert weights between ranks to realise a placement
+* :mod:`.settings`   the FRONTIER_SPEC_MOE_* settings
 
 vLLM side: :mod:`.vllm_adapter` (+ pinned private pieces in :mod:`.compat`),
 loaded only by :func:`register`.
