@@ -99,6 +99,8 @@ def _drop_inapplicable_for_all(features: Features, cfg: dict, args: list[str]) -
         drop["pd"] = "P/D needs FRONTIER_PD_SECRET (and a router); serving colocated"
     if features.spec_moe and not (_has_flag(args, "--enable-expert-parallel") or _has_flag(args, "-ep")):
         drop["spec_moe"] = "speculative MoE needs expert parallelism (--enable-expert-parallel)"
+    elif features.spec_moe and features.fp4:
+        drop["spec_moe"] = "speculative MoE runs unquantized experts; fp4 quantizes them"
     for name, reason in drop.items():
         print(f"vllm-frontier: {name} stays off: {reason}", file=sys.stderr)
         os.environ[f"FRONTIER_{name.upper()}"] = "0"
@@ -128,6 +130,9 @@ def plan_serve_args(features: Features, model: str, args: list[str]) -> tuple[Fe
         features = _drop_inapplicable_for_all(features, cfg, args)
     if features.spec_moe:
         _check_spec_moe(args)
+        if features.fp4:
+            fail("--plugin spec_moe does not combine with fp4: the speculative EP dispatch runs unquantized "
+                 "experts (FP4 experts keep their own method); choose one")
     if features.fp4 and not _has_flag(args, "--quantization") and not _has_flag(args, "-q"):
         extra += ["--quantization", "frontier_fp4"]
     if features.mtp and not _has_flag(args, "--speculative-config"):

@@ -142,3 +142,22 @@ def test_cpu_worker_binding_for_multi_worker_engines():
     assert cpu_worker_binding([], [0, 1], 1) is None  # one worker: vLLM's default binding works
     assert cpu_worker_binding(["-tp", "2"], [0, 1, 2, 3], 2) is None  # a NUMA node per worker
     assert cpu_worker_binding(["-tp", "4"], [0, 1], 1) is None  # fewer cores than workers: vLLM says so
+
+
+def test_serve_spec_moe_with_fp4_is_refused_and_all_keeps_fp4():
+    base = [sys.executable, "-m", "vllm_frontier.cli", "serve", "--enable-expert-parallel", "-tp", "2"]
+    r = subprocess.run(base + ["--plugin", "spec_moe,fp4"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode != 0 and "does not combine with fp4" in r.stderr and "Traceback" not in r.stderr
+    from vllm_frontier.cli import _drop_inapplicable_for_all
+    from vllm_frontier.plugins.features import Features
+
+    env_before = os.environ.get("FRONTIER_SPEC_MOE")
+    try:
+        kept = _drop_inapplicable_for_all(Features(spec_moe=True, fp4="nvfp4", all=True), {},
+                                          ["--enable-expert-parallel"])
+    finally:
+        if env_before is None:
+            os.environ.pop("FRONTIER_SPEC_MOE", None)
+        else:
+            os.environ["FRONTIER_SPEC_MOE"] = env_before
+    assert not kept.spec_moe and kept.fp4 == "nvfp4"
