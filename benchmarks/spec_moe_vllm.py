@@ -20,8 +20,6 @@ share the cores with the API server, so tokens/s compares configurations, not ha
 from __future__ import annotations
 
 import argparse
-import ast
-import re
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from harness import Report  # noqa: E402
 from serving import VllmServer  # noqa: E402
+
+from vllm_frontier.moe.vllm_adapter import counters_from_log  # noqa: E402
 
 MODEL = ROOT / "vllm_frontier" / "models" / "embedded" / "v3"
 TRACES = ROOT / "benchmarks" / "results" / "spec_moe_traces_v3.pt"
@@ -72,13 +72,6 @@ def heldout_prompts(n: int, chars: int = 120) -> list[str]:
             if len(prompts) == n:
                 return prompts
     return prompts
-
-
-def counters(log: str) -> dict[str, dict]:
-    last = {}
-    for m in re.finditer(r"\((\w+) pid=(\d+)\).*vllm-frontier spec_moe: (\{.*\})", log):
-        last[m.group(2)] = ast.literal_eval(m.group(3))
-    return last
 
 
 def delta(before: dict, after: dict) -> dict[str, float]:
@@ -127,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             env = {**env, "FRONTIER_SPEC_MOE_LOG_EVERY": "1"} if env else {}
             with report.section(name) as rec, VllmServer(MODEL, args=COMMON + extra, env=env) as srv:
                 run_round(srv, prompts[: args.concurrency], args.max_tokens, args.concurrency)  # warm-up
-                before = counters(srv.log_text())
+                before = counters_from_log(srv.log_text())
                 seconds, toks = run_round(srv, prompts, args.max_tokens, args.concurrency)
                 time.sleep(1)  # the last log lines reach the file
-                after = counters(srv.log_text())
+                after = counters_from_log(srv.log_text())
                 n_out = sum(len(t) for t in toks)
                 rec.update(seconds=round(seconds, 3), output_tokens=n_out, tokens_per_s=round(n_out / seconds, 2))
                 if name == "single":

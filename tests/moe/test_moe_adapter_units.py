@@ -161,3 +161,13 @@ def test_serve_spec_moe_with_fp4_is_refused_and_all_keeps_fp4():
         else:
             os.environ["FRONTIER_SPEC_MOE"] = env_before
     assert not kept.spec_moe and kept.fp4 == "nvfp4"
+
+
+def test_counters_from_log_keeps_each_workers_last_line():
+    from vllm_frontier.moe.vllm_adapter import counters_from_log
+
+    log = ("(Worker_TP0 pid=11) INFO x vllm-frontier spec_moe: {'calls': 1, 'tokens': 3}\n"
+           "(Worker_TP1 pid=12) INFO x vllm-frontier spec_moe: {'calls': 1, 'tokens': 4}\n"
+           "(Worker_TP0 pid=11) INFO x vllm-frontier spec_moe: {'calls': 2, 'tokens': 9}\n"
+           "(APIServer pid=10) INFO unrelated line\n")
+    assert counters_from_log(log) == {"11": {"calls": 2, "tokens": 9}, "12": {"calls": 1, "tokens": 4}}

@@ -14,14 +14,14 @@ TP=1 on this model that way: float32 sums in a different order.
 
 from __future__ import annotations
 
-import ast
-import re
 import subprocess
 import sys
 
 import pytest
 
 from serving import REPO, VllmServer
+
+from vllm_frontier.moe.vllm_adapter import counters_from_log
 
 pytestmark = pytest.mark.slow
 
@@ -68,14 +68,6 @@ def compare(ref: list[dict], got: list[dict]) -> tuple[int, list[str]]:
     return exact, problems
 
 
-def worker_counters(log: str) -> dict[str, dict]:
-    """The last byte-counter line each worker logged (FRONTIER_SPEC_MOE_LOG_EVERY)."""
-    last = {}
-    for m in re.finditer(r"\((\w+) pid=(\d+)\).*vllm-frontier spec_moe: (\{.*\})", log):
-        last[m.group(2)] = ast.literal_eval(m.group(3))
-    return last
-
-
 @pytest.fixture(scope="module")
 def reference():
     with VllmServer(MODEL, args=COMMON) as srv:
@@ -100,7 +92,7 @@ def run_ep(parallel: list[str], dispatch: str, placement=None) -> tuple[list[dic
         got = greedy(srv)
         log = srv.log_text()
     assert "vllm-frontier features: spec_moe" in log
-    return got, worker_counters(log)
+    return got, counters_from_log(log)
 
 
 RESULTS: dict[str, tuple[list[dict], dict]] = {}

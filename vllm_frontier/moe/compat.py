@@ -74,28 +74,25 @@ def _resolve(module: str, qualname: str):
     return obj
 
 
-def check_vllm_moe_api() -> list[str]:
-    """Compare the installed vLLM with :data:`PINNED`; return one line per mismatch (empty = OK)."""
-    problems = []
-    for module, qualname, params in PINNED:
-        try:
-            obj = _resolve(module, qualname)
-        except (ImportError, AttributeError) as exc:
-            problems.append(f"{module}.{qualname}: missing ({exc})")
-            continue
-        if params is None:
-            continue
+def _check_one(module: str, qualname: str, params: tuple[str, ...] | None, needle: str | None) -> str | None:
+    """One pin: the object exists, has these parameters (if given), its source has ``needle`` (if given)."""
+    try:
+        obj = _resolve(module, qualname)
+    except (ImportError, AttributeError) as exc:
+        return f"{module}.{qualname}: missing ({exc})"
+    if params is not None:
         fn = obj.__func__ if isinstance(obj, (classmethod, staticmethod)) else obj
         got = tuple(inspect.signature(fn).parameters)
         if got != params:
-            problems.append(f"{module}.{qualname}: parameters {got}, pinned {params}")
-    for module, qualname, needle in PINNED_SOURCE:
-        try:
-            obj = _resolve(module, qualname)
-        except (ImportError, AttributeError) as exc:
-            problems.append(f"{module}.{qualname}: missing ({exc})")
-            continue
+            return f"{module}.{qualname}: parameters {got}, pinned {params}"
+    if needle is not None:
         fn = obj.fget if isinstance(obj, property) else obj
         if needle not in inspect.getsource(fn):
-            problems.append(f"{module}.{qualname}: no longer contains {needle!r}")
-    return problems
+            return f"{module}.{qualname}: no longer contains {needle!r}"
+    return None
+
+
+def check_vllm_moe_api() -> list[str]:
+    """Compare the installed vLLM with :data:`PINNED` and :data:`PINNED_SOURCE`; one line per mismatch."""
+    checks = [(m, q, p, None) for m, q, p in PINNED] + [(m, q, None, n) for m, q, n in PINNED_SOURCE]
+    return [problem for c in checks if (problem := _check_one(*c)) is not None]

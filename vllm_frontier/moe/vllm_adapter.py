@@ -38,6 +38,7 @@ the EP group's ``cpu_group``.
 
 from __future__ import annotations
 
+import ast
 import logging
 import re
 from dataclasses import dataclass
@@ -63,6 +64,14 @@ TOKEN_STATS = {"tokens": 0, "tokens_all_local": 0}
 def worker_counters(_worker=None) -> dict[str, float]:
     """This worker's counters (for ``LLM.collective_rpc``; the worker argument is unused)."""
     return {**COUNTERS.as_dict(), **TOKEN_STATS}
+
+
+def counters_from_log(log: str) -> dict[str, dict]:
+    """The last counter line each worker process wrote to a vLLM log (FRONTIER_SPEC_MOE_LOG_EVERY), by pid."""
+    last = {}
+    for m in re.finditer(r"\(\w+ pid=(\d+)\).*vllm-frontier spec_moe: (\{.*\})", log):
+        last[m.group(1)] = ast.literal_eval(m.group(2))
+    return last
 
 
 def reset_worker_counters(_worker=None) -> None:
