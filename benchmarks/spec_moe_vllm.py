@@ -6,8 +6,8 @@ same workload (``--requests`` prompts from the model's held-out corpus, ``--conc
 
 * ``single``: one worker, no plugin (the reference tokens);
 * ``tp2-stock``: vLLM's own TP=2 without EP (experts sharded by TP; stock EP does not run on CPU);
-* ``tp2-ep-plain`` / ``tp2-ep-spec``: TP=2 + EP with ``--plugin spec_moe``, plain dispatch / pre-grouped
-  placement + token shuffle;
+* ``tp2-ep-plain`` / ``tp2-ep-spec`` / ``tp2-ep-local``: TP=2 + EP with ``--plugin spec_moe``, plain dispatch /
+  pre-grouped placement + token shuffle / no all-to-all (each rank runs its experts on every token);
 * ``dp2-ep-plain`` / ``dp2-ep-spec``: DP=2 + EP, same two dispatch settings.
 
 Bytes are the workers' own counters (FRONTIER_SPEC_MOE_LOG_EVERY=1 log lines; dispatch + meta + combine sent to
@@ -53,6 +53,7 @@ def configs(placement: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
         "tp2-stock": (tp2, {}),
         "tp2-ep-plain": (EP + tp2, plain),
         "tp2-ep-spec": (EP + tp2, spec),
+        "tp2-ep-local": (EP + tp2, {"FRONTIER_SPEC_MOE_DISPATCH": "local"}),
         "dp2-ep-plain": (EP + dp2, plain),
         "dp2-ep-spec": (EP + dp2, spec),
     }

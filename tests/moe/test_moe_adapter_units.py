@@ -74,7 +74,7 @@ def test_settings_defaults_and_errors(tmp_path):
     s = read_settings({"FRONTIER_SPEC_MOE_DISPATCH": "Plain", "FRONTIER_SPEC_MOE_PLACEMENT": str(f),
                        "FRONTIER_SPEC_MOE_CAPACITY": "2", "FRONTIER_SPEC_MOE_LOG_EVERY": "5"})
     assert (s.dispatch, s.placement_path, s.capacity, s.log_every) == ("plain", f, 2.0, 5)
-    for env, msg in [({"FRONTIER_SPEC_MOE_DISPATCH": "fast"}, "valid values are plain, speculative, worst"),
+    for env, msg in [({"FRONTIER_SPEC_MOE_DISPATCH": "fast"}, "valid values are plain, speculative, worst, local"),
                      ({"FRONTIER_SPEC_MOE_PLACEMENT": str(tmp_path / "none.json")}, "no such file"),
                      ({"FRONTIER_SPEC_MOE_CAPACITY": "0.5"}, ">= 1"),
                      ({"FRONTIER_SPEC_MOE_CAPACITY": "nan"}, ">= 1"),

@@ -4,7 +4,7 @@ Read from the environment in every vLLM worker (the plugin's ``register`` runs t
 
 | environment                  | default      | meaning |
 |------------------------------|--------------|---------|
-| FRONTIER_SPEC_MOE_DISPATCH   | speculative  | ``plain``: tokens run where vLLM puts them (DP: their own rank; TP: contiguous chunks), experts in vLLM's linear placement unless a placement file is given; ``speculative``: TP tokens run on the rank holding most of their experts (capacity-capped) and experts follow the placement file; ``worst``: TP tokens run on a rank holding none of their experts (a test of losslessness: every dispatch is a correction) |
+| FRONTIER_SPEC_MOE_DISPATCH   | speculative  | ``plain``: tokens run where vLLM puts them (DP: their own rank; TP: contiguous chunks), experts in vLLM's linear placement unless a placement file is given; ``speculative``: TP tokens run on the rank holding most of their experts (capacity-capped) and experts follow the placement file; ``worst``: TP tokens run on a rank holding none of their experts (a test of losslessness: every dispatch is a correction); ``local`` (TP only): no all-to-all, every rank runs its experts on every token and vLLM's all-reduce sums them |
 | FRONTIER_SPEC_MOE_PLACEMENT  | (none)       | expert placement file (``vllm-frontier spec-moe-placement``); layers it lacks keep vLLM's placement |
 | FRONTIER_SPEC_MOE_CAPACITY   | 1.5          | most tokens one TP rank takes, as a multiple of an even split (>= 1) |
 | FRONTIER_SPEC_MOE_LOG_EVERY  | 0            | log the byte counters every N MoE forwards per worker (0 = never) |
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vllm_frontier.plugins.features import FeatureError
 
-DISPATCH_MODES = ("plain", "speculative", "worst")
+DISPATCH_MODES = ("plain", "speculative", "worst", "local")
 
 
 class SpecMoESettingsError(FeatureError):

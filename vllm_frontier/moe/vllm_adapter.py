@@ -19,7 +19,13 @@ on gloo; TP+EP: the CPU experts kernel, which ignores ``expert_map``):
   shared expert) re-replicates them.  After the gate every TP rank holds the
   real routing, so the shuffle uses it instead of a guess: the prediction is
   exact by construction, and a wrong one would cost only correcting pairs
-  (``worst`` mode measures that).
+  (``worst`` mode measures that).  ``local`` skips the all-to-all altogether:
+  every rank runs its own experts on every token and the same all-reduce sums
+  the partial rows (what vLLM's GPU kernels do with ``expert_map``; the CPU
+  kernel ignores it).  In vLLM's TP layout that all-reduce runs anyway, so
+  ``local`` moves no dispatch bytes at all: the all-to-all modes pay off where
+  tokens are not replicated (DP attention), and serve in TP as the measured
+  comparison the issue asks for.
 
 Expert weights load in vLLM's own placement and, when a placement file gives
 another one for a layer, move once after loading (:mod:`.relocate`).  Outputs
@@ -48,6 +54,7 @@ import torch
 from vllm_frontier.moe.dispatch import AllToAll, ByteCounters
 from vllm_frontier.moe.ep_layer import ep_routed_experts
 from vllm_frontier.moe.placement import ExpertPlacement, load_placements
+from vllm_frontier.moe.reference import expert_partials
 from vllm_frontier.moe.relocate import gather_held, relocate_experts
 from vllm_frontier.moe.settings import SpecMoESettings, read_settings
 from vllm_frontier.moe.shuffle import best_ranks, contiguous_ranks, plan_token_ranks, worst_ranks
@@ -171,6 +178,11 @@ def _method_class():
                     "FRONTIER_SPEC_MOE: expert parallelism with both tensor-parallel and data-parallel "
                     f"attention (TP={tp}, DP={dp}) is not supported; use one of them"
                 )
+            if self._settings.dispatch == "local" and tp == 1:
+                raise RuntimeError(
+                    "FRONTIER_SPEC_MOE_DISPATCH=local needs tensor-parallel attention (every rank holding "
+                    "every token); with data parallelism use plain or speculative"
+                )
             if getattr(layer, "has_bias", False) or self.moe.has_bias:
                 raise RuntimeError("FRONTIER_SPEC_MOE: MoE layers with expert biases are not supported")
             cpu_group = group.cpu_group
@@ -217,6 +229,15 @@ def _method_class():
                 _count_tokens(ids, ep.placement, torch.full((x.shape[0],), ep.comm.rank),
                               ep.settings.log_every)
                 return routed.to(x.dtype)
+            if ep.settings.dispatch == "local":
+                # every rank runs its own experts on every token; vLLM's all-reduce sums the partial rows
+                mine = ep.placement.rank_of(ids) == ep.comm.rank
+                slots = torch.where(mine, ep.placement.local_index(ids), -1)
+                partial = expert_partials(x, slots, topk_weights.float(), ep.w13, ep.w2)
+                COUNTERS.calls += 1
+                _count_tokens(ids, ep.placement, torch.full((x.shape[0],), ep.comm.rank),
+                              ep.settings.log_every)
+                return partial
             ranks = token_ranks(ep.settings.dispatch, ids, ep.placement, ep.settings.capacity)
             own = (ranks == ep.comm.rank).nonzero().flatten()
             routed = ep_routed_experts(x[own], topk_weights[own], ids[own], ep.placement, ep.comm,
