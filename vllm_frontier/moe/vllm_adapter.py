@@ -192,14 +192,17 @@ def _method_class():
             current = ExpertPlacement(tuple(_rank_of(held_all, x) for x in range(e)), n)
             target = self._target_placement(layer, current)
             w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+            held = held_all[group.rank_in_group]
             if target != current:
                 w13, w2 = relocate_experts([w13, w2], held_all, target, cpu_group)
-            else:  # rows of the current placement in ascending global id
-                order = sorted(range(len(held_all[group.rank_in_group])),
-                               key=lambda i: held_all[group.rank_in_group][i])
+            elif held != sorted(held):  # rows of the current placement in ascending global id
+                order = sorted(range(len(held)), key=held.__getitem__)
                 w13, w2 = w13[order].contiguous(), w2[order].contiguous()
-            self._ep = _EPState(target, AllToAll(cpu_group, COUNTERS), w13, w2,
-                                replicated=tp > 1, settings=self._settings)
+            # The layer's parameters now hold our placement's experts (one copy in memory; vLLM's expert_map
+            # no longer describes them, and nothing but this method reads them: EPLB is off).
+            layer.w13_weight.data, layer.w2_weight.data = w13, w2
+            self._ep = _EPState(target, AllToAll(cpu_group, COUNTERS), layer.w13_weight.data,
+                                layer.w2_weight.data, replicated=tp > 1, settings=self._settings)
 
         def _target_placement(self, layer, current: ExpertPlacement) -> ExpertPlacement:
             s = self._settings
