@@ -12,7 +12,10 @@ the `InstanceProfile` cost models (one step intercept, not two, when both kinds 
   to ``chunk_tokens`` prompt tokens; the request then decodes on the same instance.
 - **Re-roling** (`set_role`): new work follows the new role at once; work already queued or running on the
   instance finishes there (the same draining rule as the live `InstancePool`). Steps that mix prefill and
-  decode (a re-roled instance draining) use chunked prefill.
+  decode (a re-roled instance draining) use chunked prefill. As in the live router (`InstancePool.acquire`
+  leases the instance with the fewest in-flight leases of any stage; a decode lease lasts until the
+  request finishes), an instance re-roled to prefill gets prompts while it still drains decodes only
+  when it has fewer requests in flight than the least-queued clean prefill instance has prompts queued.
 
 The same `RatioController` object as the live router is called every `interval_s` with a `LoadSample`
 built from the simulated measurements. Nothing is ever dropped: requests not finished by the end of
