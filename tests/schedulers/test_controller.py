@@ -49,12 +49,34 @@ def test_prefill_heavy_load_moves_instances_to_prefill():
 
 
 def test_decode_heavy_load_moves_instances_to_decode():
-    n_p, n_d, _ = drive(RatioController(cfg()), 20, DECODE_HEAVY, 4, 4, 10)
+    # 40 req/s needs more than the 4 decode instances (pressure > spare_to_prefill): instances move.
+    n_p, n_d, _ = drive(RatioController(cfg()), 40, DECODE_HEAVY, 4, 4, 10)
+    assert n_d > 4, (n_p, n_d)
+    # Plain pressure balancing moves them even at a light load.
+    n_p, n_d, _ = drive(RatioController(cfg(spare_to_prefill=None)), 20, DECODE_HEAVY, 4, 4, 10)
     assert n_d > 4, (n_p, n_d)
 
 
+def test_spare_instances_stay_on_prefill_at_light_decode_heavy_load():
+    """Decode need 3.1 of 4 decode instances (pressure 0.79 <= 0.9): the spare stays on prefill."""
+    n_p, n_d, ds = drive(RatioController(cfg()), 20, DECODE_HEAVY, 4, 4, 10)
+    assert (n_p, n_d) == (4, 4) and not any(d.changed for d in ds)
+    assert ds[-1].pressure_after <= 0.9
+
+
+def test_spare_instances_move_to_prefill():
+    """From 1:7 at the same light load the controller fills prefill up to the cap: the most prefill
+    instances whose split pressure stays <= spare_to_prefill (4 of 8 here), never beyond it."""
+    n_p, n_d, ds = drive(RatioController(cfg()), 20, DECODE_HEAVY, 1, 7, 12)
+    assert n_p == 4, (n_p, n_d)
+    assert all(d.pressure_after <= 0.9 for d in ds if d.changed)
+    assert split_pressure(ds[-1].need_prefill, ds[-1].need_decode, n_p + 1, n_d - 1) > 0.9
+    n_p2, _, _ = drive(RatioController(cfg(spare_to_prefill=None)), 20, DECODE_HEAVY, 1, 7, 12)
+    assert n_p2 < n_p
+
+
 def test_mix_shift_reverses_the_ratio():
-    ctrl = RatioController(cfg())
+    ctrl = RatioController(cfg(spare_to_prefill=None))
     n_p, n_d, _ = drive(ctrl, 20, PREFILL_HEAVY, 4, 4, 15)
     assert n_p > n_d
     n_p2, n_d2, _ = drive(ctrl, 20, DECODE_HEAVY, n_p, n_d, 30, t0=30.0)
@@ -176,6 +198,46 @@ def test_feedback_raises_prefill_cost_when_ttft_is_missed():
     assert d_off.need_prefill == pytest.approx(base, rel=0.05)
 
 
+def test_feedback_scale_comes_down_when_the_model_says_overloaded_but_ttft_is_met():
+    """A prefill cost scale pushed up (by a transient) until the model predicts overload (infinite P90)
+    must come down once the measured TTFT meets the SLO; an infinite prediction gave no ratio before."""
+    ctrl = RatioController(cfg(feedback_settle_s=0.0))
+    ctrl.step(sample(2.0, 20, PREFILL_HEAVY, 4, 4))
+    ctrl._s.prefill_scale = 4.0
+    assert math.isinf(ctrl.predicted_ttft_p90(20, 4))
+    for k in range(6):
+        ctrl.step(sample(4.0 + 2 * k, 20, PREFILL_HEAVY, 4, 4, ttft_p90_s=0.3))
+    assert ctrl._s.prefill_scale < 2.5
+
+
+def test_feedback_ignores_ttft_misses_while_a_backlog_drains():
+    """TTFT misses with more than one SLO of queued prefill work per instance are a transient: no raise."""
+    tok = 200_000  # ~20 s of prefill work > 4 instances x 1 s
+    quiet, plain = RatioController(cfg(feedback_settle_s=0.0)), RatioController(cfg(feedback_settle_s=0.0))
+    for c in (quiet, plain):
+        c.step(sample(2.0, 10, PREFILL_HEAVY, 4, 4))
+    for k in range(5):
+        quiet.step(sample(4.0 + 2 * k, 10, PREFILL_HEAVY, 4, 4, ttft_p90_s=5.0, queued_prefill_tokens=tok,
+                          queued_prefill_sq_tokens=tok * 1500))
+        plain.step(sample(4.0 + 2 * k, 10, PREFILL_HEAVY, 4, 4, ttft_p90_s=5.0))
+    assert quiet._s.prefill_scale == 1.0
+    assert plain._s.prefill_scale > 1.5
+
+
+def test_feedback_waits_after_a_change():
+    """No feedback within feedback_settle_s of an applied change (instances still draining)."""
+    ctrl = RatioController(cfg(confirm=1, feedback_settle_s=10.0))
+    d = ctrl.step(sample(2.0, 30, PREFILL_HEAVY, 2, 6))
+    assert d.changed
+    n_p, n_d = d.n_prefill, d.n_decode
+    ctrl.step(sample(4.0, 30, PREFILL_HEAVY, n_p, n_d, ttft_p90_s=5.0, tpot_p90_s=1.0))
+    assert (ctrl._s.prefill_scale, ctrl._s.decode_scale) == (1.0, 1.0)
+    late = RatioController(cfg(confirm=1, feedback_settle_s=0.0))
+    late.step(sample(2.0, 30, PREFILL_HEAVY, 2, 6))
+    late.step(sample(4.0, 30, PREFILL_HEAVY, n_p, n_d, ttft_p90_s=5.0, tpot_p90_s=1.0))
+    assert late._s.prefill_scale > 1.0 or late._s.decode_scale > 1.0
+
+
 def test_split_pressure():
     assert split_pressure(2.0, 1.0, 2, 2) == 1.0
     assert split_pressure(1.0, 0.0, 1, 0) == 1.0
@@ -206,7 +268,7 @@ def test_controller_imports_neither_torch_nor_vllm():
 
 
 def test_reverse_cooldown_blocks_an_immediate_reversal():
-    ctrl = RatioController(cfg(confirm=1, reverse_cooldown_s=20.0, max_step_frac=0.1))
+    ctrl = RatioController(cfg(confirm=1, reverse_cooldown_s=20.0, max_step_frac=0.1, spare_to_prefill=None))
     n_p, n_d = 2, 14
     d1 = ctrl.step(sample(2.0, 40, PREFILL_HEAVY, n_p, n_d))
     assert d1.changed and d1.n_prefill > 2

@@ -139,3 +139,25 @@ def test_percentile():
     assert percentile([3, 1, 2], 50) == 2
     assert percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90) == 9
     assert math.isnan(percentile([], 90))
+
+
+def test_reroled_instance_gets_prompts_only_when_it_has_fewer_requests_in_flight():
+    """Like the live InstancePool.acquire (fewest in-flight leases, a decode lease held until the request
+    finishes): a prefill instance still draining decodes is passed over while a prefill instance without
+    decodes has more prompts queued than the drainer has requests in flight."""
+    from vllm_frontier.schedulers.simulator import RequestRecord, _Job, _Sim
+
+    cfg_ = SimConfig(GPU, 3, 2, 1.0, 0.1)
+    sim = _Sim(cfg_, [], None)
+    clean, drainer = sim.instances[0], sim.instances[1]
+    drainer.role = "prefill"  # re-roled from decode
+    recs = [RequestRecord(Request(k, 0.0, 100, 50, "chat")) for k in range(8)]
+    for r in recs[:3]:
+        drainer.admit_q.append(_Job(r))  # three decodes still in flight (not admitted: no step runs)
+    clean.prefill_q.append(_Job(recs[3]))
+    clean.queued_tokens = 100
+    assert sim._pick_prefill() is clean  # 1 prompt queued < 3 decodes in flight
+    for r in recs[4:8]:
+        clean.prefill_q.append(_Job(r))
+    clean.queued_tokens = 500
+    assert sim._pick_prefill() is drainer  # 5 prompts queued > 3 in flight

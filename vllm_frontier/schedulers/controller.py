@@ -25,11 +25,16 @@ is our design in its spirit):
 4. **Feedback.** When the measured P90 TTFT (TPOT) exceeds the model's prediction for the current
    split by more than 25% (or falls 20% below it), the prefill (decode) cost is scaled by
    ``ratio ** 0.3`` (clamped to 0.5..4 x), so a wrong cost model is corrected by the measurements.
+   Not within `feedback_settle_s` of a change, and TTFT misses while more than one SLO of prefill work
+   per instance is queued do not raise the prefill cost (both are transients: re-roled instances still
+   draining, a mix shift); a model that predicts overload while the SLO is met is scaled down.
 5. **Split** the N managed instances: ``n_p`` in ``[min_per_role, N - min_per_role]`` minimising the
-   pressure ``max(need_p / n_p, need_d / n_d)``.
+   pressure ``max(need_p / n_p, need_d / n_d)``. When that pressure is at most `spare_to_prefill`, the
+   spare instances go to prefill (the most prefill instances with pressure <= the cap): a decode ->
+   prefill move only takes effect once the instance has drained its decodes, prefill -> decode at once.
 6. **Hysteresis.** Change only if the new split lowers the pressure by at least `min_gain` (relative),
-   the same direction was proposed `confirm` times in a row (skipped when the pressure exceeds 1, i.e. an
-   SLO is at risk), `cooldown_s` passed since the last change (`reverse_cooldown_s` for a reversal),
+   the same direction was proposed `confirm` times in a row (skipped, and any gain accepted, when the
+   pressure exceeds 1, i.e. an SLO is at risk), `cooldown_s` passed since the last change (`reverse_cooldown_s` for a reversal),
    and move at most ``ceil(max_step_frac * N)`` instances at once. Never zero instances for a role (both
    are in use in a disaggregated deployment): `min_per_role` >= 1 is enforced, and a split that violates
    it (e.g. after failures) is repaired at once.
@@ -60,6 +65,8 @@ class ControllerConfig:
         max_util: utilisation cap for a prefill instance.
         horizon_s: forecast look-ahead (about the time a role change takes to take effect).
         smoothing / trend_smoothing: Holt's level and trend factors for the arrival rate (0..1].
+        mix_smoothing: EWMA factor of the prompt-length and decode moments per interval (None: `smoothing`);
+            faster than the rate's, so a mix shift is priced within an interval or two.
         demand_smoothing: EWMA factor applied to the demand estimates (1 = none).
         min_gain: relative pressure drop a new split must bring to be applied.
         confirm: consecutive decisions proposing a move (same direction) before it is applied.
@@ -68,6 +75,13 @@ class ControllerConfig:
         max_step_frac: at most ``max(1, ceil(max_step_frac * N))`` instances change role per decision.
         min_per_role: instances each role always keeps (>= 1).
         feedback: scale costs by measured/predicted P90 when the SLO signal disagrees with the model.
+        feedback_settle_s: no feedback for this long after an applied change (re-roled instances are
+            still draining, so the measured SLOs describe a transient, not a wrong cost model).
+        spare_to_prefill: when the least pressure of any split is at most this value, the spare
+            instances go to prefill: the split with the most prefill instances whose pressure stays at
+            or below it (None: plain pressure balancing). Reason: decode -> prefill moves take effect
+            only after the moved instance drains its decodes (many seconds of long outputs), prefill ->
+            decode moves at once, so slack is cheapest to keep on the prefill side.
     """
 
     slo_ttft_s: float
@@ -88,6 +102,9 @@ class ControllerConfig:
     max_step_frac: float = 0.25
     min_per_role: int = 1
     feedback: bool = True
+    feedback_settle_s: float = 10.0
+    spare_to_prefill: float | None = 0.9
+    mix_smoothing: float | None = 0.6
 
     def __post_init__(self) -> None:
         if not (self.slo_ttft_s > 0 and self.slo_tpot_s > 0):
@@ -106,6 +123,12 @@ class ControllerConfig:
             raise ValueError(f"max_step_frac must be in (0, 1], got {self.max_step_frac}")
         if self.min_per_role < 1:
             raise ValueError("min_per_role must be >= 1: a role in use never gets zero instances")
+        if self.feedback_settle_s < 0:
+            raise ValueError(f"feedback_settle_s must be >= 0, got {self.feedback_settle_s}")
+        if self.mix_smoothing is not None and not 0 < self.mix_smoothing <= 1:
+            raise ValueError(f"mix_smoothing must be in (0, 1] or None, got {self.mix_smoothing}")
+        if self.spare_to_prefill is not None and not 0 < self.spare_to_prefill <= 1:
+            raise ValueError(f"spare_to_prefill must be in (0, 1] or None, got {self.spare_to_prefill}")
 
 
 @dataclass(frozen=True)
@@ -223,7 +246,7 @@ class RatioController:
             dt = (x.t - s.last_t) if s.last_t is not None and x.t > s.last_t else x.window_s
             s.trend = cfg.trend_smoothing * (s.level - prev) / dt + (1 - cfg.trend_smoothing) * s.trend
         s.last_t = x.t
-        a = cfg.smoothing
+        a = cfg.mix_smoothing if cfg.mix_smoothing is not None else cfg.smoothing
         for p_len, o_len in x.completed:
             k = _bucket(p_len)
             prev_o = s.out_by_bucket.get(k)
@@ -332,15 +355,24 @@ class RatioController:
         cfg, s = self.config, self._s
         if not cfg.feedback:
             return
+        if s.last_change_t is not None and x.t - s.last_change_t < cfg.feedback_settle_s:
+            return
         lam = s.level or 0.0
         if x.ttft_p90_s is not None and x.n_prefill > 0:
             pred = self.predicted_ttft_p90(lam, x.n_prefill)
-            if math.isfinite(pred) and pred > 0:
-                s.prefill_scale = _clamp(s.prefill_scale * _ratio_step(x.ttft_p90_s / pred), 0.5, 4.0)
+            r = _measured_ratio(x.ttft_p90_s, pred, cfg.slo_ttft_s)
+            # A queue of more than one TTFT SLO of prefill work per instance is a transient (a mix shift,
+            # instances still draining) that the backlog term provisions for: measurements above the
+            # steady-state model then say nothing about the cost model, so they do not raise it.
+            backlog_s = cfg.prefill.tokens_s(x.queued_prefill_tokens, x.queued_prefill_sq_tokens) \
+                if x.queued_prefill_tokens > 0 else 0.0
+            if r is not None and not (r > 1 and backlog_s > x.n_prefill * cfg.slo_ttft_s):
+                s.prefill_scale = _clamp(s.prefill_scale * _ratio_step(r), 0.5, 4.0)
         if x.tpot_p90_s is not None and x.n_decode > 0:
             pred = self.predicted_step_s(lam, x.n_decode)
-            if math.isfinite(pred) and pred > 0:
-                s.decode_scale = _clamp(s.decode_scale * _ratio_step(x.tpot_p90_s / pred), 0.5, 4.0)
+            r = _measured_ratio(x.tpot_p90_s, pred, cfg.slo_tpot_s)
+            if r is not None:
+                s.decode_scale = _clamp(s.decode_scale * _ratio_step(r), 0.5, 4.0)
 
     # ---- decision -------------------------------------------------------------------------------
     def step(self, x: LoadSample) -> RatioDecision:
@@ -368,18 +400,31 @@ class RatioController:
             s.pending_dir = s.pending_count = 0
             return keep(f"only {n} managed instances: need {2 * cfg.min_per_role} to split")
         lo, hi = cfg.min_per_role, n - cfg.min_per_role
-        best = min(range(lo, hi + 1),
-                   key=lambda p: (split_pressure(need_p, need_d, p, n - p), abs(p - x.n_prefill)))
+
+        def press(p: int) -> float:
+            return split_pressure(need_p, need_d, p, n - p)
+
+        best = min(range(lo, hi + 1), key=lambda p: (press(p), abs(p - x.n_prefill)))
+        # Spare capacity to prefill: the objective becomes max(pressure, cap), ties to more prefill.
+        cap = cfg.spare_to_prefill
+        spare = cap is not None and press(best) <= cap
+        if spare:
+            best = max(p for p in range(lo, hi + 1) if press(p) <= cap)
         # A current split outside the bounds (e.g. a role emptied by failures) is always repaired.
         repair = not (lo <= x.n_prefill <= hi)
         if best == x.n_prefill:
             s.pending_dir = s.pending_count = 0
             return keep("current split is best")
-        after_full = split_pressure(need_p, need_d, best, n - best)
+        after_full = press(best)
         if not repair:
-            if not math.isinf(before) and after_full > before * (1 - cfg.min_gain):
+            j_before, j_after = (max(before, cap), max(after_full, cap)) if spare else (before, after_full)
+            # A spare move (both splits within the cap) must shift at least `min_gain` of the instances.
+            spare_move = spare and j_before <= cap and best - x.n_prefill >= max(1, round(cfg.min_gain * n))
+            # An SLO at risk (pressure > 1) accepts any gain; otherwise it must be at least `min_gain`.
+            need_gain = 0.0 if before > 1.0 else cfg.min_gain
+            if not spare_move and not math.isinf(before) and j_after > j_before * (1 - need_gain) - 1e-12:
                 s.pending_dir = s.pending_count = 0
-                return keep(f"gain below {cfg.min_gain:.0%} (pressure {before:.2f} -> {after_full:.2f})")
+                return keep(f"gain below {need_gain:.0%} (pressure {before:.2f} -> {after_full:.2f})")
             direction = 1 if best > x.n_prefill else -1
             if direction == s.pending_dir:
                 s.pending_count += 1
@@ -399,7 +444,7 @@ class RatioController:
         s.pending_dir = s.pending_count = 0
         s.last_change_t = x.t
         s.last_dir = 1 if target > x.n_prefill else -1
-        after = split_pressure(need_p, need_d, target, n - target)
+        after = press(target)
         why = "repair: a role had fewer than min_per_role instances" if repair else (
             f"pressure {before:.2f} -> {after:.2f} (need P {need_p:.2f}, D {need_d:.2f}, rate {lam:.2f}/s)")
         return self._record(RatioDecision(target, n - target, True, why, need_p, need_d, before, after, lam))
@@ -422,6 +467,17 @@ def _bucket(prompt_len: int) -> int:
 
 def _clamp(v: float, lo: float, hi: float) -> float:
     return min(hi, max(lo, v))
+
+
+def _measured_ratio(measured: float, predicted: float, slo: float) -> float | None:
+    """measured / predicted for the feedback; when the model says overloaded (infinite prediction) but the
+    measurement meets the SLO, the model is too pessimistic: 0.5 (without this a cost scale pushed up by
+    a transient could never come down, since every later prediction would be infinite too)."""
+    if predicted > 0 and math.isfinite(predicted):
+        return measured / predicted
+    if math.isinf(predicted) and measured <= slo:
+        return 0.5
+    return None
 
 
 def _ratio_step(r: float) -> float:

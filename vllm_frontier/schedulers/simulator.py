@@ -12,7 +12,10 @@ the `InstanceProfile` cost models (one step intercept, not two, when both kinds 
   to ``chunk_tokens`` prompt tokens; the request then decodes on the same instance.
 - **Re-roling** (`set_role`): new work follows the new role at once; work already queued or running on the
   instance finishes there (the same draining rule as the live `InstancePool`). Steps that mix prefill and
-  decode (a re-roled instance draining) use chunked prefill.
+  decode (a re-roled instance draining) use chunked prefill. As in the live router (`InstancePool.acquire`
+  leases the instance with the fewest in-flight leases of any stage; a decode lease lasts until the
+  request finishes), an instance re-roled to prefill gets prompts while it still drains decodes only
+  when it has fewer requests in flight than the least-queued clean prefill instance has prompts queued.
 
 The same `RatioController` object as the live router is called every `interval_s` with a `LoadSample`
 built from the simulated measurements. Nothing is ever dropped: requests not finished by the end of
@@ -151,6 +154,11 @@ class _Instance:
     def running(self) -> int:
         return len(self.finish_heap)
 
+    @property
+    def draining_decodes(self) -> int:
+        """Decodes in flight here (running or waiting for KV)."""
+        return len(self.finish_heap) + len(self.admit_q)
+
     def kick(self) -> None:
         if not self.wake.triggered:
             self.wake.succeed()
@@ -271,7 +279,20 @@ class _Sim:
         cands = [i for i in self.instances if i.role in ("prefill", "both")]
         if self.cfg.n_prefill is None:  # colocated: balance queued prompt tokens and decode context
             return min(cands, key=lambda i: (i.queued_tokens + 0.1 * i.ctx, i.idx))
-        return min(cands, key=lambda i: (i.queued_tokens, i.idx))
+        # Disaggregated: prefill instances without decodes in flight by least queued prompt tokens (as
+        # before). An instance re-roled from decode that still drains decodes gets the prompt only if it
+        # has fewer requests in flight (decodes + prompts) than that instance has prompts: the live
+        # `InstancePool.acquire` leases the instance with the fewest in-flight leases of any stage, and
+        # a decode lease is held until the request finishes. (Static splits never have decodes on a
+        # prefill instance, so their routing is unchanged.)
+        clean = [i for i in cands if not i.draining_decodes]
+        busy = [i for i in cands if i.draining_decodes]
+        best = min(clean, key=lambda i: (i.queued_tokens, i.idx)) if clean else None
+        if busy:
+            alt = min(busy, key=lambda i: (i.draining_decodes + len(i.prefill_q), i.queued_tokens, i.idx))
+            if best is None or alt.draining_decodes + len(alt.prefill_q) < len(best.prefill_q):
+                return alt
+        return best
 
     def _pick_decode(self) -> _Instance:
         cands = [i for i in self.instances if i.role == "decode"]
