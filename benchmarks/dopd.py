@@ -58,7 +58,8 @@ class Bench:
         a = self.args
         return RatioController(ControllerConfig(
             slo_ttft_s=a.slo_ttft, slo_tpot_s=a.slo_tpot, prefill=self.prof.prefill, decode=self.prof.decode,
-            kv_capacity_tokens=self.prof.kv_capacity_tokens, horizon_s=a.horizon), history=100000)
+            kv_capacity_tokens=self.prof.kv_capacity_tokens, horizon_s=a.horizon,
+            spare_to_prefill=a.spare_to_prefill), history=100000)
 
     def run(self, n: int, policy: dict, rate: float) -> tuple[SimResult, RatioController | None]:
         a = self.args
@@ -253,9 +254,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-rate", type=float, default=8.0, help="search ceiling, req/s per instance")
     ap.add_argument("--tol", type=float, default=0.03, help="relative precision of the goodput search")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--spare-to-prefill", type=float, default=None,
+                    help="controller: keep spare instances on prefill while the split pressure stays under this "
+                    "(0..1]; default: plain pressure balancing")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dopd.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = ap.parse_args(argv)
+    if args.spare_to_prefill is not None and not 0 < args.spare_to_prefill <= 1:
+        ap.error("--spare-to-prefill must be in (0, 1]")
     if args.plot_only:
         result = json.loads(args.out.read_text())
         note = plot(result, args.out.with_suffix(".png"))
@@ -274,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"profile": prof.name, "profile_source": prof.source, "workload": args.workload,
                    "arrivals": args.arrivals, "duration_s": args.duration, "slo_ttft_s": args.slo_ttft,
                    "slo_tpot_s": args.slo_tpot, "goal_attainment": GOAL, "interval_s": args.interval,
-                   "horizon_s": args.horizon, "seed": args.seed,
+                   "horizon_s": args.horizon, "seed": args.seed, "spare_to_prefill": args.spare_to_prefill,
                    "kinds": {k: {"prompt_median": p.median, "output_median": o.median} for k, (p, o) in KINDS.items()},
                    "phases": [{"fraction": ph.duration_s, "mix": dict(ph.mix)} for ph in WORKLOADS[args.workload]]},
         "sizes": [],

@@ -50,16 +50,16 @@ def test_prefill_heavy_load_moves_instances_to_prefill():
 
 def test_decode_heavy_load_moves_instances_to_decode():
     # 40 req/s needs more than the 4 decode instances (pressure > spare_to_prefill): instances move.
-    n_p, n_d, _ = drive(RatioController(cfg()), 40, DECODE_HEAVY, 4, 4, 10)
+    n_p, n_d, _ = drive(RatioController(cfg(spare_to_prefill=0.9)), 40, DECODE_HEAVY, 4, 4, 10)
     assert n_d > 4, (n_p, n_d)
-    # Plain pressure balancing moves them even at a light load.
-    n_p, n_d, _ = drive(RatioController(cfg(spare_to_prefill=None)), 20, DECODE_HEAVY, 4, 4, 10)
+    # Plain pressure balancing (the default) moves them even at a light load.
+    n_p, n_d, _ = drive(RatioController(cfg()), 20, DECODE_HEAVY, 4, 4, 10)
     assert n_d > 4, (n_p, n_d)
 
 
 def test_spare_instances_stay_on_prefill_at_light_decode_heavy_load():
     """Decode need 3.1 of 4 decode instances (pressure 0.79 <= 0.9): the spare stays on prefill."""
-    n_p, n_d, ds = drive(RatioController(cfg()), 20, DECODE_HEAVY, 4, 4, 10)
+    n_p, n_d, ds = drive(RatioController(cfg(spare_to_prefill=0.9)), 20, DECODE_HEAVY, 4, 4, 10)
     assert (n_p, n_d) == (4, 4) and not any(d.changed for d in ds)
     assert ds[-1].pressure_after <= 0.9
 
@@ -67,7 +67,7 @@ def test_spare_instances_stay_on_prefill_at_light_decode_heavy_load():
 def test_spare_instances_move_to_prefill():
     """From 1:7 at the same light load the controller fills prefill up to the cap: the most prefill
     instances whose split pressure stays <= spare_to_prefill (4 of 8 here), never beyond it."""
-    n_p, n_d, ds = drive(RatioController(cfg()), 20, DECODE_HEAVY, 1, 7, 12)
+    n_p, n_d, ds = drive(RatioController(cfg(spare_to_prefill=0.9)), 20, DECODE_HEAVY, 1, 7, 12)
     assert n_p == 4, (n_p, n_d)
     assert all(d.pressure_after <= 0.9 for d in ds if d.changed)
     assert split_pressure(ds[-1].need_prefill, ds[-1].need_decode, n_p + 1, n_d - 1) > 0.9

@@ -79,7 +79,8 @@ class ControllerConfig:
             still draining, so the measured SLOs describe a transient, not a wrong cost model).
         spare_to_prefill: when the least pressure of any split is at most this value, the spare
             instances go to prefill: the split with the most prefill instances whose pressure stays at
-            or below it (None: plain pressure balancing). Reason: decode -> prefill moves take effect
+            or below it (None, the default: plain pressure balancing, so the split follows the mix at any
+            load; 0.9 was tried in the simulator, see benchmarks/dopd.py --spare-to-prefill). Reason: decode -> prefill moves take effect
             only after the moved instance drains its decodes (many seconds of long outputs), prefill ->
             decode moves at once, so slack is cheapest to keep on the prefill side.
     """
@@ -103,7 +104,7 @@ class ControllerConfig:
     min_per_role: int = 1
     feedback: bool = True
     feedback_settle_s: float = 10.0
-    spare_to_prefill: float | None = 0.9
+    spare_to_prefill: float | None = None
     mix_smoothing: float | None = 0.6
 
     def __post_init__(self) -> None:
