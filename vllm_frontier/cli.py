@@ -49,6 +49,10 @@ def _has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
+def _expert_parallel(args: list[str]) -> bool:
+    return _has_flag(args, "--enable-expert-parallel") or _has_flag(args, "-ep")
+
+
 def _flag_value(args: list[str], flag: str) -> str | None:
     for i, a in enumerate(args):
         if a == flag and i + 1 < len(args):
@@ -97,7 +101,7 @@ def _drop_inapplicable_for_all(features: Features, cfg: dict, args: list[str]) -
     drop = {}
     if features.pd and not os.environ.get("FRONTIER_PD_SECRET") and not _has_flag(args, "--kv-transfer-config"):
         drop["pd"] = "P/D needs FRONTIER_PD_SECRET (and a router); serving colocated"
-    if features.spec_moe and not (_has_flag(args, "--enable-expert-parallel") or _has_flag(args, "-ep")):
+    if features.spec_moe and not _expert_parallel(args):
         drop["spec_moe"] = "speculative MoE needs expert parallelism (--enable-expert-parallel)"
     elif features.spec_moe and features.fp4:
         drop["spec_moe"] = "speculative MoE runs unquantized experts; fp4 quantizes them"
@@ -111,7 +115,7 @@ def _check_spec_moe(args: list[str]) -> None:
     """The speculative EP MoE needs expert parallelism and valid FRONTIER_SPEC_MOE_* settings."""
     from .moe.settings import SpecMoESettingsError, read_settings
 
-    if not (_has_flag(args, "--enable-expert-parallel") or _has_flag(args, "-ep")):
+    if not _expert_parallel(args):
         fail("--plugin spec_moe needs expert parallelism: add --enable-expert-parallel and "
              "--tensor-parallel-size N or --data-parallel-size N")
     try:

@@ -45,6 +45,7 @@ the EP group's ``cpu_group``.
 from __future__ import annotations
 
 import ast
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ from vllm_frontier.moe.ep_layer import ep_routed_experts
 from vllm_frontier.moe.placement import ExpertPlacement, load_placements
 from vllm_frontier.moe.reference import expert_partials
 from vllm_frontier.moe.relocate import gather_held, relocate_experts
-from vllm_frontier.moe.settings import SpecMoESettings, read_settings
+from vllm_frontier.moe.settings import read_settings
 from vllm_frontier.moe.shuffle import best_ranks, contiguous_ranks, plan_token_ranks, worst_ranks
 
 logger = logging.getLogger("vllm.frontier.spec_moe")
@@ -79,12 +80,6 @@ def counters_from_log(log: str) -> dict[str, dict]:
     for m in re.finditer(r"\(\w+ pid=(\d+)\).*vllm-frontier spec_moe: (\{.*\})", log):
         last[m.group(1)] = ast.literal_eval(m.group(2))
     return last
-
-
-def reset_worker_counters(_worker=None) -> None:
-    COUNTERS.reset()
-    for k in TOKEN_STATS:
-        TOKEN_STATS[k] = 0
 
 
 def decoder_layer_index(layer_name: str) -> int | None:
@@ -114,14 +109,11 @@ def token_ranks(mode: str, topk_ids: torch.Tensor, placement: ExpertPlacement, c
 
 @dataclass
 class _EPState:
-    """What one MoE layer needs at run time, set after its weights are loaded."""
+    """What one MoE layer needs at run time besides its weights (the layer's own parameters), set after loading."""
 
     placement: ExpertPlacement
     comm: AllToAll
-    w13: torch.Tensor
-    w2: torch.Tensor
     replicated: bool
-    settings: SpecMoESettings
 
 
 def _ep_groups():
@@ -189,7 +181,8 @@ def _method_class():
             n = group.world_size
             e = layer.global_num_experts
             held_all = gather_held(held_experts(layer.expert_map, e), cpu_group)
-            current = ExpertPlacement(tuple(_rank_of(held_all, x) for x in range(e)), n)
+            owner = {x: r for r, held_r in enumerate(held_all) for x in held_r}
+            current = ExpertPlacement(tuple(owner[x] for x in range(e)), n)
             target = self._target_placement(layer, current)
             w13, w2 = layer.w13_weight.data, layer.w2_weight.data
             held = held_all[group.rank_in_group]
@@ -201,14 +194,13 @@ def _method_class():
             # The layer's parameters now hold our placement's experts (one copy in memory; vLLM's expert_map
             # no longer describes them, and nothing but this method reads them: EPLB is off).
             layer.w13_weight.data, layer.w2_weight.data = w13, w2
-            self._ep = _EPState(target, AllToAll(cpu_group, COUNTERS), layer.w13_weight.data,
-                                layer.w2_weight.data, replicated=tp > 1, settings=self._settings)
+            self._ep = _EPState(target, AllToAll(cpu_group, COUNTERS), replicated=tp > 1)
 
         def _target_placement(self, layer, current: ExpertPlacement) -> ExpertPlacement:
             s = self._settings
             if s.placement_path is None:
                 return current
-            placements = load_placements(s.placement_path)
+            placements = _placements(s.placement_path)
             idx = decoder_layer_index(layer.layer_name)
             p = placements.get(idx) if idx is not None else None
             if p is None:
@@ -222,30 +214,28 @@ def _method_class():
             return p
 
         def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
-            ep = self._ep
+            ep, settings = self._ep, self._settings
             if ep is None:
                 return super().apply(layer, x, topk_weights, topk_ids, shared_experts,
                                      shared_experts_input)
             ids = topk_ids.long()
+            w13, w2 = layer.w13_weight, layer.w2_weight
             if not ep.replicated:
-                routed = ep_routed_experts(x, topk_weights, ids, ep.placement, ep.comm, ep.w13, ep.w2)
-                _count_tokens(ids, ep.placement, torch.full((x.shape[0],), ep.comm.rank),
-                              ep.settings.log_every)
+                routed = ep_routed_experts(x, topk_weights, ids, ep.placement, ep.comm, w13, w2)
+                _count_tokens(ids, ep.placement, torch.full((x.shape[0],), ep.comm.rank), settings.log_every)
                 return routed.to(x.dtype)
-            if ep.settings.dispatch == "local":
+            if settings.dispatch == "local":
                 # every rank runs its own experts on every token; vLLM's all-reduce sums the partial rows
                 mine = ep.placement.rank_of(ids) == ep.comm.rank
                 slots = torch.where(mine, ep.placement.local_index(ids), -1)
-                partial = expert_partials(x, slots, topk_weights.float(), ep.w13, ep.w2)
+                partial = expert_partials(x, slots, topk_weights.float(), w13, w2)
                 COUNTERS.calls += 1
-                _count_tokens(ids, ep.placement, torch.full((x.shape[0],), ep.comm.rank),
-                              ep.settings.log_every)
+                _count_tokens(ids, ep.placement, torch.full((x.shape[0],), ep.comm.rank), settings.log_every)
                 return partial
-            ranks = token_ranks(ep.settings.dispatch, ids, ep.placement, ep.settings.capacity)
+            ranks = token_ranks(settings.dispatch, ids, ep.placement, settings.capacity)
             own = (ranks == ep.comm.rank).nonzero().flatten()
-            routed = ep_routed_experts(x[own], topk_weights[own], ids[own], ep.placement, ep.comm,
-                                       ep.w13, ep.w2)
-            _count_tokens(ids[own], ep.placement, ranks[own], ep.settings.log_every)
+            routed = ep_routed_experts(x[own], topk_weights[own], ids[own], ep.placement, ep.comm, w13, w2)
+            _count_tokens(ids[own], ep.placement, ranks[own], settings.log_every)
             out = torch.zeros_like(x)
             out[own] = routed.to(x.dtype)
             return out
@@ -253,11 +243,10 @@ def _method_class():
     return FrontierEPMoEMethod
 
 
-def _rank_of(held_all: list[list[int]], expert: int) -> int:
-    for r, held in enumerate(held_all):
-        if expert in held:
-            return r
-    raise ValueError(f"no EP rank holds expert {expert}")
+@functools.lru_cache(maxsize=4)
+def _placements(path) -> dict[int, ExpertPlacement]:
+    """The placement file, read once per process (every MoE layer asks for its own entry)."""
+    return load_placements(path)
 
 
 def _count_tokens(ids: torch.Tensor, placement: ExpertPlacement, ranks: torch.Tensor, log_every: int) -> None:

@@ -51,25 +51,25 @@ def announce(features: Features) -> None:
 
 def register() -> None:
     """Entry point of `vllm.general_plugins`: register the adapters of the features that are on."""
-    import importlib
-
     try:
-        features = load_features()
+        _register_adapters(load_features())
     except FeatureError as e:
-        # A wrong toggle ends the process with one line and exit code 2, like a wrong CLI flag.
+        # A wrong toggle, or a feature's own wrong setting (e.g. FRONTIER_SPEC_MOE_*), ends the process with
+        # one line and exit code 2, like a wrong CLI flag.
         print(f"vllm-frontier: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _register_adapters(features: Features) -> None:
+    import importlib
+
     announce(features)
     for name, module in _adapters(features).items():
         if name in _registered:
             continue
         mod = importlib.import_module(module)
         if hasattr(mod, "register"):
-            try:
-                mod.register()
-            except FeatureError as e:  # a feature's own settings (e.g. FRONTIER_SPEC_MOE_*) are wrong
-                print(f"vllm-frontier: error: {e}", file=sys.stderr)
-                raise SystemExit(2) from None
+            mod.register()
             _registered.add(name)
         else:
             logger.warning("vllm-frontier: feature %s has no vLLM adapter in this build yet; it stays off", name)
