@@ -26,6 +26,7 @@ import math
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,7 +64,8 @@ class Bench:
 
     def run(self, n: int, policy: dict, rate: float) -> tuple[SimResult, RatioController | None]:
         a = self.args
-        ctrl = self.controller() if policy["kind"] == "controller" else None
+        ctrl = self.controller() if policy["kind"] == "controller" else (
+            ScheduledSplit(policy["schedule"]) if policy["kind"] == "schedule" else None)
         cfg = SimConfig(self.prof, n, policy.get("n_prefill"), a.slo_ttft, a.slo_tpot,
                         chunk_tokens=policy.get("chunk", 2048), interval_s=a.interval)
         self.sims += 1
@@ -76,22 +78,95 @@ class Bench:
                       "tpot_p90_s": _num(res.tpot_p(90))})
         return att >= GOAL
 
-    def goodput(self, n: int, policy: dict, curve: list, lo: float | None = None) -> float:
-        """Binary search of the highest rate with attainment >= GOAL in [lo, hi] (0 if lo already fails)."""
+    def goodput(self, n: int, policy: dict, curve: list, lo: float | None = None, hi: float | None = None,
+                meets=None) -> float:
+        """Binary search of the highest rate with attainment >= GOAL in [lo, hi] (0 if lo already fails).
+
+        `meets(rate) -> bool` replaces the policy's simulation (the phase oracle's search)."""
         a = self.args
         lo = a.min_rate * n if lo is None else lo
-        hi = a.max_rate * n
-        if not self.point(n, policy, lo, curve):
+        hi = a.max_rate * n if hi is None else hi
+        if meets is None:
+            def meets(rate: float) -> bool:
+                return self.point(n, policy, rate, curve)
+        if not meets(lo):
             return 0.0
-        if self.point(n, policy, hi, curve):
+        if meets(hi):
             return hi
         while hi / lo - 1 > a.tol:
             mid = math.sqrt(lo * hi)
-            if self.point(n, policy, mid, curve):
+            if meets(mid):
                 lo = mid
             else:
                 hi = mid
         return lo
+
+    def phase_bounds(self) -> list[float]:
+        """Start time of every phase of the workload (simulated seconds)."""
+        phases = WORKLOADS[self.args.workload]
+        total = sum(ph.duration_s for ph in phases)
+        out, acc = [], 0.0
+        for ph in phases:
+            out.append(acc / total * self.args.duration)
+            acc += ph.duration_s
+        return out
+
+    def oracle_point(self, n: int, rate: float, splits: list[int], curve: list) -> bool:
+        """The phase oracle at one rate. Phase by phase, in order, every split in `splits` is tried for that
+        phase after the splits already chosen for the earlier ones (so what a phase inherits, e.g. the long
+        decodes of a code phase, is part of the choice), and the split with the best attainment over the
+        requests arriving in the phase is kept; switches happen at the phase starts, then the finished
+        schedule is rerun with the switches `--oracle-leads` seconds earlier (the best kept).
+        It knows the mix schedule in advance, which no controller does, and it keeps one split per phase:
+        a reference for what re-roling can gain on this workload and cost model, not a policy and not a
+        strict bound (a controller may also adapt within a phase)."""
+        bounds = self.phase_bounds()
+        trace = self.trace(rate)
+        phase_of = [max(k for k, t0 in enumerate(bounds) if r.arrival_s >= t0) for r in trace]
+
+        def run(picks: list[int], lead: float) -> SimResult:
+            sched = [(0.0, picks[0])] + [(max(0.0, t0 - lead), p) for t0, p in zip(bounds[1:], picks[1:])]
+            return self.run(n, {"kind": "schedule", "n_prefill": picks[0], "schedule": sched}, rate)[0]
+
+        def phase_att(res: SimResult, k: int) -> float:
+            recs = [rec for rec, ph in zip(res.records, phase_of) if ph == k]
+            ok = sum(1 for r in recs if r.ttft_s <= res.slo_ttft_s and r.tpot_s <= res.slo_tpot_s)
+            return ok / len(recs) if recs else 1.0
+
+        picks: list[int] = []
+        for k in range(len(bounds)):
+            prev = picks[-1] if picks else n // 2
+            scored = [(phase_att(run(picks + [p], 0.0), k), -abs(p - prev), p) for p in splits]
+            picks.append(max(scored)[2])
+        best = None
+        for lead in self.args.oracle_leads:
+            res = run(picks, lead)
+            if best is None or res.attainment() > best[0]:
+                best = (res.attainment(), lead, res)
+        att, lead, res = best
+        curve.append({"rate": rate, "attainment": att, "ttft_p90_s": _num(res.ttft_p(90)),
+                      "tpot_p90_s": _num(res.tpot_p(90)), "phase_splits": picks, "lead_s": lead,
+                      "phase_attainment": [round(phase_att(res, k), 4) for k in range(len(bounds))]})
+        return att >= GOAL
+
+
+@dataclass(frozen=True)
+class _Scheduled:
+    n_prefill: int
+    changed: bool
+
+
+class ScheduledSplit:
+    """Stands in for the `RatioController` in the simulator: applies a fixed ``[(t, n_prefill), ...]``
+    schedule at the first control tick at or after each time (the phase oracle's schedules)."""
+
+    def __init__(self, schedule: list[tuple[float, int]]) -> None:
+        self.schedule = sorted(schedule)
+
+    def step(self, x) -> _Scheduled:
+        due = [p for t, p in self.schedule if t <= x.t]
+        target = due[-1] if due else x.n_prefill
+        return _Scheduled(target, target != x.n_prefill)
 
 
 def _num(x: float) -> float | None:
@@ -159,6 +234,25 @@ def bench_size(b: Bench, n: int, log) -> dict:
     record("controller", {"kind": "controller", "n_prefill": n // 2})
 
     pol = out["policies"]
+    if a.oracle:
+        curve = []
+        t0 = time.time()
+        splits = list(range(max(1, n // 16), n, max(1, n // 16)))
+        g_static, g_col = pol["static-best"]["goodput_rps"], pol["colocated"]["goodput_rps"]
+        lo = max(a.min_rate * n, 0.8 * g_static)
+        g = b.goodput(n, {}, curve, lo=lo, hi=max(lo * 1.05, 1.6 * max(g_static, g_col, pol["controller"]["goodput_rps"])),
+                      meets=lambda rate: b.oracle_point(n, rate, splits, curve))
+        at = [c for c in curve if c["rate"] == g]
+        pol["phase-oracle"] = {"policy": {"kind": "phase-oracle", "splits_tried": splits,
+                                          "leads_s": a.oracle_leads},
+                               "goodput_rps": g, "goodput_per_instance_rps": g / n,
+                               "phase_splits_at_goodput": at[0]["phase_splits"] if at else None,
+                               "curve": sorted(curve, key=lambda c: c["rate"])}
+        log(f"N={n} phase-oracle: goodput {g:.2f} req/s, phase splits "
+            f"{pol['phase-oracle']['phase_splits_at_goodput']} [{time.time() - t0:.0f}s]")
+        out["oracle_vs_best_static"] = g / g_static if g_static else None
+        out["oracle_vs_colocated"] = g / g_col if g_col else None
+        out["controller_vs_oracle"] = pol["controller"]["goodput_rps"] / g if g else None
     g_ctrl = pol["controller"]["goodput_rps"]
     out["controller_vs_colocated"] = g_ctrl / pol["colocated"]["goodput_rps"] if pol["colocated"]["goodput_rps"] else None
     out["controller_vs_best_static"] = g_ctrl / pol["static-best"]["goodput_rps"] if pol["static-best"]["goodput_rps"] else None
@@ -200,7 +294,10 @@ def plot(result: dict, path: Path) -> str | None:
     fig, axes = plt.subplots(2, len(sizes), figsize=(5.5 * len(sizes), 8.5), squeeze=False)
     for col, res in enumerate(sizes):
         ax = axes[0][col]
-        for name in ("colocated", "static-1:1", "static-1:2", "static-2:1", "static-best", "controller"):
+        for name in ("colocated", "static-1:1", "static-1:2", "static-2:1", "static-best", "controller",
+                     "phase-oracle"):
+            if name not in res["policies"]:
+                continue
             p = res["policies"][name]
             xs = [c["rate"] for c in p["curve"]]
             ys = [c["attainment"] for c in p["curve"]]
@@ -257,6 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--spare-to-prefill", type=float, default=None,
                     help="controller: keep spare instances on prefill while the split pressure stays under this "
                     "(0..1]; default: plain pressure balancing")
+    ap.add_argument("--no-oracle", dest="oracle", action="store_false",
+                    help="skip the phase oracle (every split per rate: the slowest part at 128 instances)")
+    ap.add_argument("--oracle-leads", type=float, nargs="+", default=[0.0, 5.0, 15.0, -10.0],
+                    help="phase oracle: seconds before each phase start at which its split is applied (negative: after; best kept)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dopd.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = ap.parse_args(argv)
@@ -303,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"2:1 {pol['static-2:1']['goodput_rps']:.1f}, best static {pol['static-best']['goodput_rps']:.1f} "
             f"(P{pol['static-best']['policy']['n_prefill']}), controller {pol['controller']['goodput_rps']:.1f} | "
             f"x colocated {s['controller_vs_colocated']}, x best static {s['controller_vs_best_static']}, "
+            f"phase oracle {pol['phase-oracle']['goodput_rps'] if 'phase-oracle' in pol else float('nan'):.1f} | "
             f"P90 TTFT vs 1:1 at {s['ttft_p90_at_static11_goodput']['rate_rps']:.1f}/s: "
             f"{s['ttft_p90_at_static11_goodput']}")
     return result

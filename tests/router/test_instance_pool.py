@@ -60,3 +60,13 @@ def test_bad_input_is_rejected_with_a_hint():
         InstancePool([("127.0.0.1:1", "prefill")])
     with pytest.raises(ValueError, match="role must be one of"):
         InstancePool([(P, "prefil")])
+
+
+def test_prefill_lease_counts_prompts_not_the_decodes_an_instance_drains():
+    pool = InstancePool([(P, "prefill"), (D, "decode")])
+    pool.acquire("decode")  # a long decode in flight on D
+    pool.set_role(D, "prefill")  # D drains that decode and takes prompts at once
+    assert pool.acquire("prefill").url == P  # tie on prompts (0 each): P has less in flight
+    assert pool.acquire("prefill").url == D  # 0 prompts on D < 1 on P, despite D's decode
+    assert pool.inflight(D, "decode") == 1  # the decode keeps running
+

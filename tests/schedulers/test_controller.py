@@ -296,3 +296,30 @@ def test_demand_smoothing_damps_a_one_sample_spike():
     s_ = smooth.step(sample(4.0, 10, PREFILL_HEAVY, 4, 4, queued_prefill_tokens=200_000,
                             queued_prefill_sq_tokens=200_000 * 1500))
     assert s_.need_prefill < r.need_prefill
+
+
+def test_cost_scale_learnt_on_one_mix_is_dropped_when_the_mix_moves():
+    """A prefill scale learnt on short prompts (which batch and cost less than the per-request model says)
+    underprices long prompts: once E[L] moves by more than rescale_shift, the scale is back to 1 and the
+    prefill demand is the model's own; while the mix stays, the scale is kept."""
+    ctrl = RatioController(cfg(feedback_settle_s=0.0))
+    ctrl.step(sample(2.0, 30, DECODE_HEAVY, 4, 4))
+    for k in range(8):  # measured TTFT far below the model's prediction
+        ctrl.step(sample(4.0 + 2 * k, 30, DECODE_HEAVY, 4, 4, ttft_p90_s=0.01))
+    assert ctrl._s.prefill_scale < 0.8
+    kept = ctrl._s.prefill_scale
+    ctrl.step(sample(20.0, 30, DECODE_HEAVY, 4, 4))
+    assert ctrl._s.prefill_scale == kept  # same mix: the correction still applies
+    unscaled = RatioController(cfg(feedback=False))  # same samples, never corrected
+    unscaled.step(sample(2.0, 30, DECODE_HEAVY, 4, 4))
+    for k in range(9):
+        unscaled.step(sample(4.0 + 2 * k, 30, DECODE_HEAVY, 4, 4, ttft_p90_s=0.01))
+    d = ctrl.step(sample(22.0, 30, PREFILL_HEAVY, 4, 4))  # 100-token prompts -> 1500
+    assert ctrl._s.prefill_scale == 1.0
+    assert d.need_prefill == pytest.approx(unscaled.step(sample(22.0, 30, PREFILL_HEAVY, 4, 4)).need_prefill)
+    no_reset = RatioController(cfg(feedback_settle_s=0.0, rescale_shift=1e9))
+    no_reset.step(sample(2.0, 30, DECODE_HEAVY, 4, 4))
+    for k in range(8):
+        no_reset.step(sample(4.0 + 2 * k, 30, DECODE_HEAVY, 4, 4, ttft_p90_s=0.01))
+    no_reset.step(sample(22.0, 30, PREFILL_HEAVY, 4, 4))
+    assert no_reset._s.prefill_scale < 0.8

@@ -141,10 +141,10 @@ def test_percentile():
     assert math.isnan(percentile([], 90))
 
 
-def test_reroled_instance_gets_prompts_only_when_it_has_fewer_requests_in_flight():
-    """Like the live InstancePool.acquire (fewest in-flight leases, a decode lease held until the request
-    finishes): a prefill instance still draining decodes is passed over while a prefill instance without
-    decodes has more prompts queued than the drainer has requests in flight."""
+def test_reroled_instance_takes_prompts_while_it_drains_decodes():
+    """Like the live InstancePool.acquire (fewest leases of the stage, then of any stage): a prefill
+    instance still draining decodes gets the next prompt when it has fewer prompts queued, and loses
+    only the tie to an instance without decodes."""
     from vllm_frontier.schedulers.simulator import RequestRecord, _Job, _Sim
 
     cfg_ = SimConfig(GPU, 3, 2, 1.0, 0.1)
@@ -154,10 +154,33 @@ def test_reroled_instance_gets_prompts_only_when_it_has_fewer_requests_in_flight
     recs = [RequestRecord(Request(k, 0.0, 100, 50, "chat")) for k in range(8)]
     for r in recs[:3]:
         drainer.admit_q.append(_Job(r))  # three decodes still in flight (not admitted: no step runs)
+    assert sim._pick_prefill() is clean  # no prompts anywhere: the instance without decodes
     clean.prefill_q.append(_Job(recs[3]))
     clean.queued_tokens = 100
-    assert sim._pick_prefill() is clean  # 1 prompt queued < 3 decodes in flight
-    for r in recs[4:8]:
-        clean.prefill_q.append(_Job(r))
-    clean.queued_tokens = 500
-    assert sim._pick_prefill() is drainer  # 5 prompts queued > 3 in flight
+    assert sim._pick_prefill() is drainer  # 0 prompts queued < 1, despite its 3 decodes
+    drainer.prefill_q.append(_Job(recs[4]))
+    drainer.queued_tokens = 100
+    assert sim._pick_prefill() is clean  # 1 prompt each: fewer requests in flight wins
+
+
+def test_reroled_instance_prefills_while_draining_in_the_loop():
+    """A decode instance moved to prefill under load runs prompts before its decodes have finished."""
+    from vllm_frontier.schedulers.simulator import _Sim
+
+    trace = make_trace([Phase(1.0, {"code": 1.0})], 30, 20, max_len=GPU.max_len, seed=2)
+    sim = _Sim(SimConfig(GPU, 4, 1, 1.0, 0.1), trace, None)
+    seen = []
+
+    def reroll():
+        yield sim.env.timeout(10.0)
+        moved = [i for i in sim.instances if i.role == "decode" and i.running]
+        sim.apply(2)
+        inst = next(i for i in sim.instances[1:] if i.role == "prefill")
+        assert inst in moved and inst.running > 0  # still draining decodes
+        while inst.running:
+            seen.append(len(inst.prefill_q))
+            yield sim.env.timeout(0.05)
+    sim.env.process(reroll())
+    res = sim.run()
+    assert res.finished() == len(trace)
+    assert max(seen) > 0  # prompts were queued on it while it still had decodes

@@ -27,7 +27,9 @@ is our design in its spirit):
    ``ratio ** 0.3`` (clamped to 0.5..4 x), so a wrong cost model is corrected by the measurements.
    Not within `feedback_settle_s` of a change, and TTFT misses while more than one SLO of prefill work
    per instance is queued do not raise the prefill cost (both are transients: re-roled instances still
-   draining, a mix shift); a model that predicts overload while the SLO is met is scaled down.
+   draining, a mix shift); a model that predicts overload while the SLO is met is scaled down. A scale
+   is dropped when the mix it was learnt on moves by more than `rescale_shift` (E[L] or E[O]): short
+   prompts batch and share the step intercept, so a scale learnt on them underprices long ones.
 5. **Split** the N managed instances: ``n_p`` in ``[min_per_role, N - min_per_role]`` minimising the
    pressure ``max(need_p / n_p, need_d / n_d)``. When that pressure is at most `spare_to_prefill`, the
    spare instances go to prefill (the most prefill instances with pressure <= the cap): a decode ->
@@ -77,6 +79,8 @@ class ControllerConfig:
         feedback: scale costs by measured/predicted P90 when the SLO signal disagrees with the model.
         feedback_settle_s: no feedback for this long after an applied change (re-roled instances are
             still draining, so the measured SLOs describe a transient, not a wrong cost model).
+        rescale_shift: a feedback cost scale is dropped (back to 1) when the mix it was learnt on moves by
+            more than this factor: E[L] for the prefill scale, the predicted E[O] for the decode scale.
         spare_to_prefill: when the least pressure of any split is at most this value, the spare
             instances go to prefill: the split with the most prefill instances whose pressure stays at
             or below it (None, the default: plain pressure balancing, so the split follows the mix at any
@@ -106,6 +110,7 @@ class ControllerConfig:
     feedback_settle_s: float = 10.0
     spare_to_prefill: float | None = None
     mix_smoothing: float | None = 0.6
+    rescale_shift: float = 1.5
 
     def __post_init__(self) -> None:
         if not (self.slo_ttft_s > 0 and self.slo_tpot_s > 0):
@@ -128,6 +133,8 @@ class ControllerConfig:
             raise ValueError(f"feedback_settle_s must be >= 0, got {self.feedback_settle_s}")
         if self.mix_smoothing is not None and not 0 < self.mix_smoothing <= 1:
             raise ValueError(f"mix_smoothing must be in (0, 1] or None, got {self.mix_smoothing}")
+        if not self.rescale_shift > 1:
+            raise ValueError(f"rescale_shift must be > 1, got {self.rescale_shift}")
         if self.spare_to_prefill is not None and not 0 < self.spare_to_prefill <= 1:
             raise ValueError(f"spare_to_prefill must be in (0, 1] or None, got {self.spare_to_prefill}")
 
@@ -213,6 +220,9 @@ class _State:
     dec_kv: float | None = None
     prefill_scale: float = 1.0
     decode_scale: float = 1.0
+    # the mix a cost scale was learnt on: E[L] for the prefill scale, E[O^] for the decode scale
+    prefill_scale_len: float | None = None
+    decode_scale_out: float | None = None
     need_p: float | None = None
     need_d: float | None = None
     pending_dir: int = 0
@@ -356,6 +366,13 @@ class RatioController:
         cfg, s = self.config, self._s
         if not cfg.feedback:
             return
+        # A scale corrects the cost model for the mix it was measured on (e.g. short prompts batch and
+        # share the step intercept, so they cost less than the per-request model says); when the mix moves
+        # by more than `rescale_shift` x, the correction no longer applies and the model starts over.
+        if _shifted(s.prefill_scale_len, s.len_mean, cfg.rescale_shift):
+            s.prefill_scale, s.prefill_scale_len = 1.0, None
+        if _shifted(s.decode_scale_out, s.dec_o, cfg.rescale_shift):
+            s.decode_scale, s.decode_scale_out = 1.0, None
         if s.last_change_t is not None and x.t - s.last_change_t < cfg.feedback_settle_s:
             return
         lam = s.level or 0.0
@@ -369,11 +386,15 @@ class RatioController:
                 if x.queued_prefill_tokens > 0 else 0.0
             if r is not None and not (r > 1 and backlog_s > x.n_prefill * cfg.slo_ttft_s):
                 s.prefill_scale = _clamp(s.prefill_scale * _ratio_step(r), 0.5, 4.0)
+                if _ratio_step(r) != 1.0:
+                    s.prefill_scale_len = s.len_mean
         if x.tpot_p90_s is not None and x.n_decode > 0:
             pred = self.predicted_step_s(lam, x.n_decode)
             r = _measured_ratio(x.tpot_p90_s, pred, cfg.slo_tpot_s)
             if r is not None:
                 s.decode_scale = _clamp(s.decode_scale * _ratio_step(r), 0.5, 4.0)
+                if _ratio_step(r) != 1.0:
+                    s.decode_scale_out = s.dec_o
 
     # ---- decision -------------------------------------------------------------------------------
     def step(self, x: LoadSample) -> RatioDecision:
@@ -464,6 +485,13 @@ class RatioController:
 def _bucket(prompt_len: int) -> int:
     """Half-octave bucket of a prompt length (1, 1.4, 2, 2.8, 4, ... tokens)."""
     return int(2 * math.log2(max(prompt_len, 1)))
+
+
+def _shifted(ref: float | None, now: float | None, factor: float) -> bool:
+    """Whether `now` differs from `ref` by more than `factor` x (False when either is unknown or zero)."""
+    if not ref or not now:
+        return False
+    return max(now / ref, ref / now) > factor
 
 
 def _clamp(v: float, lo: float, hi: float) -> float:

@@ -217,7 +217,15 @@ class InstancePool:
 
     def acquire(self, stage: Stage | str, exclude: Iterable[str] = ()) -> Instance:
         """Lease the healthy instance accepting `stage` with the fewest in-flight
-        requests (ties rotate). Raises `NoInstanceAvailable` if there is none."""
+        leases of that stage, then the fewest of any stage (ties rotate). Raises
+        `NoInstanceAvailable` if there is none.
+
+        Why the stage first: a prompt waits for the prompts ahead of it, not for the
+        decodes an instance runs (vLLM schedules them in the same steps, chunked), so an
+        instance re-roled from decode to prefill takes prompts at once while it drains its
+        decodes. Counting every lease kept it idle for prefill until its longest decode
+        finished (tens of seconds for long outputs), which the cluster simulator showed
+        costs the ratio controller most of its gain on a shifting mix."""
         stage = Stage(stage)
         excluded = {_norm_url(u) for u in exclude}
         with self._lock:
@@ -234,7 +242,7 @@ class InstancePool:
             n = len(cands)
             best = min(
                 range(n),
-                key=lambda k: (sum(cands[k].inflight.values()), (k - self._rr) % n),
+                key=lambda k: (cands[k].inflight[stage], sum(cands[k].inflight.values()), (k - self._rr) % n),
             )
             inst = cands[best]
             inst.inflight[stage] += 1

@@ -13,9 +13,8 @@ the `InstanceProfile` cost models (one step intercept, not two, when both kinds 
 - **Re-roling** (`set_role`): new work follows the new role at once; work already queued or running on the
   instance finishes there (the same draining rule as the live `InstancePool`). Steps that mix prefill and
   decode (a re-roled instance draining) use chunked prefill. As in the live router (`InstancePool.acquire`
-  leases the instance with the fewest in-flight leases of any stage; a decode lease lasts until the
-  request finishes), an instance re-roled to prefill gets prompts while it still drains decodes only
-  when it has fewer requests in flight than the least-queued clean prefill instance has prompts queued.
+  leases the instance with the fewest in-flight leases of the stage asked for), an instance re-roled to
+  prefill takes prompts as soon as it has the fewest queued, while it still drains its decodes.
 
 The same `RatioController` object as the live router is called every `interval_s` with a `LoadSample`
 built from the simulated measurements. Nothing is ever dropped: requests not finished by the end of
@@ -279,20 +278,11 @@ class _Sim:
         cands = [i for i in self.instances if i.role in ("prefill", "both")]
         if self.cfg.n_prefill is None:  # colocated: balance queued prompt tokens and decode context
             return min(cands, key=lambda i: (i.queued_tokens + 0.1 * i.ctx, i.idx))
-        # Disaggregated: prefill instances without decodes in flight by least queued prompt tokens (as
-        # before). An instance re-roled from decode that still drains decodes gets the prompt only if it
-        # has fewer requests in flight (decodes + prompts) than that instance has prompts: the live
-        # `InstancePool.acquire` leases the instance with the fewest in-flight leases of any stage, and
-        # a decode lease is held until the request finishes. (Static splits never have decodes on a
-        # prefill instance, so their routing is unchanged.)
-        clean = [i for i in cands if not i.draining_decodes]
-        busy = [i for i in cands if i.draining_decodes]
-        best = min(clean, key=lambda i: (i.queued_tokens, i.idx)) if clean else None
-        if busy:
-            alt = min(busy, key=lambda i: (i.draining_decodes + len(i.prefill_q), i.queued_tokens, i.idx))
-            if best is None or alt.draining_decodes + len(alt.prefill_q) < len(best.prefill_q):
-                return alt
-        return best
+        # Disaggregated: as the live `InstancePool.acquire`, the instance with the fewest prompts in flight
+        # (prefill leases), then the fewest requests in flight of any stage, then the least queued prompt
+        # tokens. An instance re-roled from decode that still drains decodes takes prompts at once: it
+        # prefills them in chunked steps alongside its last decodes (which those steps slow down).
+        return min(cands, key=lambda i: (len(i.prefill_q), i.draining_decodes, i.queued_tokens, i.idx))
 
     def _pick_decode(self) -> _Instance:
         cands = [i for i in self.instances if i.role == "decode"]
