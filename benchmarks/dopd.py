@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_frontier.schedulers.controller import ControllerConfig, RatioController  # noqa: E402
 from vllm_frontier.schedulers.cost_model import PROFILES, InstanceProfile  # noqa: E402
-from vllm_frontier.schedulers.simulator import SimConfig, SimResult, simulate  # noqa: E402
+from vllm_frontier.schedulers.simulator import SimConfig, SimResult, percentile, simulate  # noqa: E402
 from vllm_frontier.schedulers.traces import KINDS, WORKLOADS, make_trace, mix_at  # noqa: E402
 
 GOAL = 0.9  # SLO attainment that defines goodput
@@ -263,6 +263,8 @@ def bench_size(b: Bench, n: int, log) -> dict:
     out["ttft_p90_at_static11_goodput"] = {
         "rate_rps": r11, "static-1:1_s": _num(s11.ttft_p(90)), "controller_s": _num(sc.ttft_p(90)),
         "reduction": (1 - sc.ttft_p(90) / s11.ttft_p(90)) if s11.ttft_p(90) > 0 else None,
+        # No policy goes below this: every prompt prefilled alone on an idle instance (no queue, no batch).
+        "floor_s": percentile([b.prof.prefill.batch_s([r.prompt_len]) for r in b.trace(r11)], 90),
     }
     # Ratio over time at the controller's goodput.
     rc, ctrl = b.run(n, {"kind": "controller", "n_prefill": n // 2}, max(g_ctrl, a.min_rate * n))

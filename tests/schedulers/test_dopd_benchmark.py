@@ -53,3 +53,6 @@ def test_dopd_benchmark_runs_end_to_end_with_the_phase_oracle(tmp_path):
     at = [c for c in oracle["curve"] if c["rate"] == oracle["goodput_rps"]]
     assert at and at[0]["attainment"] >= data["config"]["goal_attainment"]
     assert size["oracle_vs_best_static"] == oracle["goodput_rps"] / pol["static-best"]["goodput_rps"]
+    ttft = size["ttft_p90_at_static11_goodput"]
+    # Queueing and batching only add to a prompt's solo prefill time: the floor is below both P90s.
+    assert 0 < ttft["floor_s"] <= min(ttft["static-1:1_s"], ttft["controller_s"])
