@@ -323,3 +323,16 @@ def test_cost_scale_learnt_on_one_mix_is_dropped_when_the_mix_moves():
         no_reset.step(sample(4.0 + 2 * k, 30, DECODE_HEAVY, 4, 4, ttft_p90_s=0.01))
     no_reset.step(sample(22.0, 30, PREFILL_HEAVY, 4, 4))
     assert no_reset._s.prefill_scale < 0.8
+
+
+def test_decode_feedback_scales_the_work_not_the_step_intercept():
+    """With a tight TPOT SLO the step intercept is close to the step-time target: a decode scale of 1.6
+    applied to it would make the intercept alone miss the target (infinite demand); applied to the
+    per-request work it raises the demand in proportion."""
+    ctrl = RatioController(cfg(slo_tpot_s=0.035))
+    ctrl.step(sample(2.0, 20, DECODE_HEAVY, 4, 4))
+    base = ctrl.demand(sample(2.0, 20, DECODE_HEAVY, 4, 4))[1]
+    assert GPU.decode.a * 1.6 > 0.85 * 0.035  # the scaled intercept alone would exceed the target
+    ctrl._s.decode_scale = 1.6
+    need_d = ctrl.demand(sample(2.0, 20, DECODE_HEAVY, 4, 4))[1]
+    assert math.isfinite(need_d) and need_d > 1.3 * base

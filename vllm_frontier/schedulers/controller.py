@@ -24,7 +24,8 @@ is our design in its spirit):
    ``n_d >= lam w / (1 - a / tau)``, and KV memory ``n_d >= lam w + lam E[O (L + O)] a / kv_capacity``.
 4. **Feedback.** When the measured P90 TTFT (TPOT) exceeds the model's prediction for the current
    split by more than 25% (or falls 20% below it), the prefill (decode) cost is scaled by
-   ``ratio ** 0.3`` (clamped to 0.5..4 x), so a wrong cost model is corrected by the measurements.
+   ``ratio ** 0.3`` (clamped to 0.5..4 x; for decode, the per-request work, not the step intercept), so a
+   wrong cost model is corrected by the measurements.
    Not within `feedback_settle_s` of a change, and TTFT misses while more than one SLO of prefill work
    per instance is queued do not raise the prefill cost (both are transients: re-roled instances still
    draining, a mix shift); a model that predicts overload while the SLO is met is scaled down. A scale
@@ -323,11 +324,15 @@ class RatioController:
         return d + _P90_EXP * rho * d * (1 + cv2) / (2 * (1 - rho))
 
     def _decode_work(self) -> tuple[float, float]:
-        """(step intercept, decode step-seconds one arriving request adds over its life, per unit batch)."""
+        """(step intercept, decode step-seconds one arriving request adds over its life, per unit batch).
+
+        The feedback scale applies to the per-request work only: the intercept (a step's fixed cost) is
+        what the profile pins down best, and with a tight TPOT SLO a scaled intercept close to the
+        step-time target turns a modest correction into an infinite decode demand."""
         cfg, s = self.config, self._s
         a, b, c = cfg.decode.coeffs(1)
         work = b * (s.dec_o or 0.0) + c * (s.dec_ctx or 0.0)
-        return a * s.decode_scale, work * s.decode_scale
+        return a, work * s.decode_scale
 
     def predicted_step_s(self, rate: float, n_d: int) -> float:
         """Model decode step time (s) with `n_d` decode instances (inf when it cannot keep up)."""
