@@ -8,9 +8,11 @@ For each cluster size N and each policy, a binary search finds the goodput: the 
 definition). Policies: colocated (every instance prefills and decodes, chunked prefill, best of the
 `--chunks` budgets at the first size, reused for the others), static P:D = 1:1, 1:2, 2:1 (rounded to N), the best static split found by search (every N/16-th
 split, then halving steps around the best; a split is searched fully only if it beats the best so far), and
-the `RatioController` starting at 1:1. Every rate tried is kept, so the JSON holds attainment vs rate
-curves. Also reported: P90 TTFT of the controller vs static 1:1 at static 1:1's goodput, and the
-controller's ratio over time against the workload mix (PNG).
+the `RatioController` starting at 1:1, and the phase oracle (a reference, not a policy: it knows the mix
+schedule and runs each phase's best split; `--no-oracle` skips it, it is the slowest part). Every rate tried
+is kept, so the JSON holds attainment vs rate curves. Also reported: P90 TTFT of the controller vs static
+1:1 at static 1:1's goodput with its floor (every prompt prefilled alone), and the controller's ratio over
+time against the workload mix (PNG).
 
 Instance costs: `--profile` (default: DistServe's published A100-80GB OPT-13B profile; see
 `vllm_frontier/schedulers/cost_model.py`). Workload: `--workload` from `traces.WORKLOADS` (default
