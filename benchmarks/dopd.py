@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_frontier.schedulers.controller import ControllerConfig, RatioController  # noqa: E402
 from vllm_frontier.schedulers.cost_model import PROFILES, InstanceProfile  # noqa: E402
 from vllm_frontier.schedulers.simulator import SimConfig, SimResult, percentile, simulate  # noqa: E402
-from vllm_frontier.schedulers.traces import KINDS, WORKLOADS, make_trace, mix_at  # noqa: E402
+from vllm_frontier.schedulers.traces import KINDS, WORKLOADS, make_trace, phase_at, phase_starts  # noqa: E402
 
 GOAL = 0.9  # SLO attainment that defines goodput
 
@@ -103,16 +103,6 @@ class Bench:
                 hi = mid
         return lo
 
-    def phase_bounds(self) -> list[float]:
-        """Start time of every phase of the workload (simulated seconds)."""
-        phases = WORKLOADS[self.args.workload]
-        total = sum(ph.duration_s for ph in phases)
-        out, acc = [], 0.0
-        for ph in phases:
-            out.append(acc / total * self.args.duration)
-            acc += ph.duration_s
-        return out
-
     def oracle_point(self, n: int, rate: float, splits: list[int], curve: list) -> bool:
         """The phase oracle at one rate. Phase by phase, in order, every split in `splits` is tried for that
         phase after the splits already chosen for the earlier ones (so what a phase inherits, e.g. the long
@@ -122,9 +112,9 @@ class Bench:
         It knows the mix schedule in advance, which no controller does, and it keeps one split per phase:
         a reference for what re-roling can gain on this workload and cost model, not a policy and not a
         strict bound (a controller may also adapt within a phase)."""
-        bounds = self.phase_bounds()
-        trace = self.trace(rate)
-        phase_of = [max(k for k, t0 in enumerate(bounds) if r.arrival_s >= t0) for r in trace]
+        phases, duration = WORKLOADS[self.args.workload], self.args.duration
+        bounds = phase_starts(phases, duration)
+        phase_of = [phase_at(phases, duration, r.arrival_s) for r in self.trace(rate)]
 
         def run(picks: list[int], lead: float) -> SimResult:
             sched = [(0.0, picks[0])] + [(max(0.0, t0 - lead), p) for t0, p in zip(bounds[1:], picks[1:])]
@@ -236,14 +226,15 @@ def bench_size(b: Bench, n: int, log) -> dict:
     record("controller", {"kind": "controller", "n_prefill": n // 2})
 
     pol = out["policies"]
+    g_ctrl = pol["controller"]["goodput_rps"]
     if a.oracle:
         curve = []
         t0 = time.time()
         splits = list(range(max(1, n // 16), n, max(1, n // 16)))
         g_static, g_col = pol["static-best"]["goodput_rps"], pol["colocated"]["goodput_rps"]
         lo = max(a.min_rate * n, 0.8 * g_static)
-        g = b.goodput(n, {}, curve, lo=lo, hi=max(lo * 1.05, 1.6 * max(g_static, g_col, pol["controller"]["goodput_rps"])),
-                      meets=lambda rate: b.oracle_point(n, rate, splits, curve))
+        hi = max(lo * 1.05, 1.6 * max(g_static, g_col, g_ctrl))
+        g = b.goodput(n, {}, curve, lo=lo, hi=hi, meets=lambda rate: b.oracle_point(n, rate, splits, curve))
         at = [c for c in curve if c["rate"] == g]
         pol["phase-oracle"] = {"policy": {"kind": "phase-oracle", "splits_tried": splits,
                                           "leads_s": a.oracle_leads},
@@ -254,8 +245,7 @@ def bench_size(b: Bench, n: int, log) -> dict:
             f"{pol['phase-oracle']['phase_splits_at_goodput']} [{time.time() - t0:.0f}s]")
         out["oracle_vs_best_static"] = g / g_static if g_static else None
         out["oracle_vs_colocated"] = g / g_col if g_col else None
-        out["controller_vs_oracle"] = pol["controller"]["goodput_rps"] / g if g else None
-    g_ctrl = pol["controller"]["goodput_rps"]
+        out["controller_vs_oracle"] = g_ctrl / g if g else None
     out["controller_vs_colocated"] = g_ctrl / pol["colocated"]["goodput_rps"] if pol["colocated"]["goodput_rps"] else None
     out["controller_vs_best_static"] = g_ctrl / pol["static-best"]["goodput_rps"] if pol["static-best"]["goodput_rps"] else None
     # P90 TTFT at static 1:1's goodput rate.
@@ -361,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-oracle", dest="oracle", action="store_false",
                     help="skip the phase oracle (every split per rate: the slowest part at 128 instances)")
     ap.add_argument("--oracle-leads", type=float, nargs="+", default=[0.0, 5.0, 15.0, -10.0],
-                    help="phase oracle: seconds before each phase start at which its split is applied (negative: after; best kept)")
+                    help="phase oracle: seconds before each phase start at which its split is applied "
+                    "(negative: after; best kept)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dopd.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = ap.parse_args(argv)

@@ -12,7 +12,7 @@ from vllm_frontier.schedulers.cost_model import (
     CPU_TINY_DEEPSEEK, GPU_OPT13B_A100 as GPU, DecodeCost, PrefillCost, fit_decode, fit_prefill,
 )
 from vllm_frontier.schedulers.simulator import SimConfig, percentile, simulate
-from vllm_frontier.schedulers.traces import WORKLOADS, Phase, Request, make_trace, mix_at
+from vllm_frontier.schedulers.traces import WORKLOADS, Phase, Request, make_trace, mix_at, phase_at, phase_starts
 
 
 def test_trace_is_deterministic_sorted_and_clipped():
@@ -48,6 +48,8 @@ def test_shifting_mix_shifts():
     assert statistics.mean(r.prompt_len for r in first) > 3 * statistics.mean(r.prompt_len for r in mid)
     assert statistics.mean(r.output_len for r in mid) > 3 * statistics.mean(r.output_len for r in first)
     assert mix_at(WORKLOADS["shifting"], 300, 150) == WORKLOADS["shifting"][1].mix
+    assert phase_starts(WORKLOADS["shifting"], 300) == [0.0, 100.0, 200.0]
+    assert [phase_at(WORKLOADS["shifting"], 300, t) for t in (-1, 0, 99.9, 100, 200, 400)] == [0, 0, 0, 1, 2, 2]
 
 
 def test_trace_validation():

@@ -15,12 +15,13 @@ prefill-heavy mix (summarisation) to a decode-heavy mix (code) and back.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Request", "LengthDist", "KINDS", "Phase", "WORKLOADS", "make_trace", "mix_at"]
+__all__ = ["Request", "LengthDist", "KINDS", "Phase", "WORKLOADS", "make_trace", "mix_at", "phase_at", "phase_starts"]
 
 
 @dataclass(frozen=True)
@@ -75,15 +76,24 @@ WORKLOADS: dict[str, tuple[Phase, ...]] = {
 }
 
 
+def phase_starts(phases: Sequence[Phase], duration_s: float) -> list[float]:
+    """Start time (s) of every phase in a trace `duration_s` long (phase durations are fractions)."""
+    total = sum(p.duration_s for p in phases)
+    starts, acc = [0.0], 0.0
+    for p in phases[:-1]:
+        acc += p.duration_s / total * duration_s
+        starts.append(acc)
+    return starts
+
+
+def phase_at(phases: Sequence[Phase], duration_s: float, t: float) -> int:
+    """Index of the phase in force at time `t` (times before 0 belong to the first phase)."""
+    return max(0, bisect.bisect_right(phase_starts(phases, duration_s), t) - 1)
+
+
 def mix_at(phases: Sequence[Phase], duration_s: float, t: float) -> Mapping[str, float]:
     """The mix in force at time `t` of a trace `duration_s` long (phase durations are fractions)."""
-    total = sum(p.duration_s for p in phases)
-    acc = 0.0
-    for p in phases:
-        acc += p.duration_s / total * duration_s
-        if t < acc:
-            return p.mix
-    return phases[-1].mix
+    return phases[phase_at(phases, duration_s, t)].mix
 
 
 def make_trace(
