@@ -121,9 +121,7 @@ class Bench:
             return self.run(n, {"kind": "schedule", "n_prefill": picks[0], "schedule": sched}, rate)[0]
 
         def phase_att(res: SimResult, k: int) -> float:
-            recs = [rec for rec, ph in zip(res.records, phase_of) if ph == k]
-            ok = sum(1 for r in recs if r.ttft_s <= res.slo_ttft_s and r.tpot_s <= res.slo_tpot_s)
-            return ok / len(recs) if recs else 1.0
+            return res.attainment([rec for rec, ph in zip(res.records, phase_of) if ph == k])
 
         picks: list[int] = []
         for k in range(len(bounds)):

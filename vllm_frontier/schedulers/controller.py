@@ -390,15 +390,17 @@ class RatioController:
             backlog_s = cfg.prefill.tokens_s(x.queued_prefill_tokens, x.queued_prefill_sq_tokens) \
                 if x.queued_prefill_tokens > 0 else 0.0
             if r is not None and not (r > 1 and backlog_s > x.n_prefill * cfg.slo_ttft_s):
-                s.prefill_scale = _clamp(s.prefill_scale * _ratio_step(r), 0.5, 4.0)
-                if _ratio_step(r) != 1.0:
+                step = _ratio_step(r)
+                s.prefill_scale = _clamp(s.prefill_scale * step, 0.5, 4.0)
+                if step != 1.0:
                     s.prefill_scale_len = s.len_mean
         if x.tpot_p90_s is not None and x.n_decode > 0:
             pred = self.predicted_step_s(lam, x.n_decode)
             r = _measured_ratio(x.tpot_p90_s, pred, cfg.slo_tpot_s)
             if r is not None:
-                s.decode_scale = _clamp(s.decode_scale * _ratio_step(r), 0.5, 4.0)
-                if _ratio_step(r) != 1.0:
+                step = _ratio_step(r)
+                s.decode_scale = _clamp(s.decode_scale * step, 0.5, 4.0)
+                if step != 1.0:
                     s.decode_scale_out = s.dec_o
 
     # ---- decision -------------------------------------------------------------------------------

@@ -99,12 +99,13 @@ class SimResult:
     # (t, n_prefill, n_decode) after every applied change, starting with the initial split.
     ratio_timeline: list[tuple[float, int, int]] = field(default_factory=list)
 
-    def attainment(self) -> float:
-        """Fraction of requests meeting both SLOs (unfinished ones miss)."""
-        if not self.records:
+    def attainment(self, records: Sequence[RequestRecord] | None = None) -> float:
+        """Fraction of `records` (default: all) meeting both SLOs (unfinished ones miss; 1.0 when empty)."""
+        records = self.records if records is None else records
+        if not records:
             return 1.0
-        ok = sum(1 for r in self.records if r.ttft_s <= self.slo_ttft_s and r.tpot_s <= self.slo_tpot_s)
-        return ok / len(self.records)
+        ok = sum(1 for r in records if r.ttft_s <= self.slo_ttft_s and r.tpot_s <= self.slo_tpot_s)
+        return ok / len(records)
 
     def finished(self) -> int:
         return sum(1 for r in self.records if r.finish_s is not None)
