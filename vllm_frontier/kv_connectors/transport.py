@@ -437,6 +437,8 @@ def _zmq_attempt(addr, tid, secret, on_chunk, counters, t0, deadline, timeout_s,
         logger.debug("frontier-pd: pulling %s from %s", tid, addr)
         try:
             msg = recv(handshake_s)
+        except _Retry:
+            raise  # the connection dropped: a lost attempt, even if it had connected
         except TransferError as e:
             raise _Retry(str(e), server_slow=connected) from None
         kind = msg[0].bytes
