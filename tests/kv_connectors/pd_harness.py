@@ -118,16 +118,42 @@ class RogueKVServer:
 
 
 class CuttingProxy:
-    """TCP proxy that forwards `limit` bytes server->client, then closes both sides."""
+    """TCP proxy that cuts the first connection to carry `limit` bytes server->client (closes both
+    sides), then takes no more connections (each later one is closed at once).
+
+    Connections that end before the limit are forwarded whole and closed with their upstream: a puller
+    whose challenge goes unanswered for a few seconds (the server's thread starved on a loaded 2-core
+    machine) reconnects, and a single-connection proxy made that retry hang until the pull timed out,
+    so no byte was ever cut."""
 
     def __init__(self, target_port: int, limit: int = 65536):
         self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.lsock.settimeout(0.1)
         self.port = self.lsock.getsockname()[1]
         self.cut = threading.Event()
-        threading.Thread(target=self._run, args=(target_port, limit), daemon=True).start()
+        self._stop = threading.Event()  # set on the cut, before the client can see it
+        threading.Thread(target=self._accept, args=(target_port, limit), daemon=True).start()
 
-    def _run(self, target_port, limit):
-        c, _ = self.lsock.accept()
+    def _accept(self, target_port, limit):
+        try:
+            while True:
+                try:
+                    c, _ = self.lsock.accept()
+                except socket.timeout:
+                    continue
+                if self._stop.is_set():
+                    c.close()
+                    break
+                threading.Thread(target=self._forward, args=(c, target_port, limit), daemon=True).start()
+            while True:  # after the cut: refuse what is already queued, then stop listening
+                try:
+                    self.lsock.accept()[0].close()
+                except socket.timeout:
+                    break
+        finally:
+            self.lsock.close()
+
+    def _forward(self, c, target_port, limit):
         u = socket.create_connection(("127.0.0.1", target_port))
 
         def up():
@@ -136,6 +162,7 @@ class CuttingProxy:
                     u.sendall(d)
             except OSError:
                 pass
+            _close(u)  # the client went away: so does the upstream, and the loop below ends
 
         threading.Thread(target=up, daemon=True).start()
         passed = 0
@@ -146,12 +173,19 @@ class CuttingProxy:
                     break
                 c.sendall(d)
                 passed += len(d)
-        finally:
-            for s in (c, u):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-            self.lsock.close()
+        except OSError:
+            pass
+        if passed >= limit:
+            self._stop.set()
+        _close(c)
+        _close(u)
+        if passed >= limit:
             self.cut.set()
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()

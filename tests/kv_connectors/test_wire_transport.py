@@ -157,6 +157,73 @@ def test_connection_killed_mid_transfer(server):
     assert len(got) < 8 and time.monotonic() - t0 < 10  # retried, then failed within timeout_s
 
 
+def test_server_that_drops_every_connection_fails_the_pull_after_max_attempts():
+    """A connection that drops during the handshake is a lost attempt (bounded by `_MAX_ATTEMPTS`), not a
+    slow server to be waited for until the deadline: counted as slow, the puller reconnected in a tight
+    loop for the whole `timeout_s` (over 160k attempts in 120 s behind a proxy that refused after a cut)."""
+    from vllm_frontier.kv_connectors.transport import _MAX_ATTEMPTS
+
+    lsock = socket.create_server(("127.0.0.1", 0))
+
+    def drop_all():
+        while True:
+            try:
+                lsock.accept()[0].close()
+            except OSError:
+                return
+
+    threading.Thread(target=drop_all, daemon=True).start()
+    client = Counters()
+    t0 = time.monotonic()
+    with pytest.raises(TransferError, match=f"after {_MAX_ATTEMPTS} attempts"):
+        get_transport("zmq").pull(f"tcp://127.0.0.1:{lsock.getsockname()[1]}", "t", SECRET,
+                                  lambda h, p: None, client, timeout_s=20, idle_timeout_s=5)
+    assert time.monotonic() - t0 < 10
+    assert client.totals().get("pull_retries") == _MAX_ATTEMPTS - 1
+    lsock.close()
+
+
+def test_cutting_proxy_forwards_abandoned_connections_and_cuts_the_first_to_reach_the_limit():
+    """The harness proxy itself: a client that gives up before any data (as a puller does when the
+    challenge is slow) and reconnects still gets its connection, which is cut after `limit` bytes;
+    connections after the cut get nothing."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=lambda c=conn: (c.recv(1) and c.sendall(b"x" * 300_000)), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    proxy = CuttingProxy(srv.getsockname()[1], limit=65536)
+
+    def read_all(sock: socket.socket) -> int:
+        n = 0
+        try:
+            while (d := sock.recv(65536)):
+                n += len(d)
+        except OSError:
+            pass
+        return n
+
+    socket.create_connection(("127.0.0.1", proxy.port)).close()  # abandoned before any byte
+    assert not proxy.cut.wait(0.3)
+    c = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    c.sendall(b"?")
+    assert read_all(c) == 65536
+    assert proxy.cut.wait(5)
+    try:
+        late = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        late.sendall(b"?")
+        assert read_all(late) == 0
+    except OSError:
+        pass  # refused: the listener is already closed
+    srv.close()
+
+
 def test_staging_ttl_and_budget():
     now = [0.0]
     evicted = []
