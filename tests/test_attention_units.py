@@ -58,7 +58,7 @@ def test_dsa_registration_is_idempotent():
     code = ("import vllm_frontier.plugins as p; p.register(); p.register()\n"
             "from vllm.model_executor.custom_op import op_registry_oot as r\n"
             "from vllm_frontier.attention_backends.indexer_op import FrontierSparseAttnIndexer as F\n"
-            "from vllm_frontier.attention_backends import register; register()\n"
+            "from vllm_frontier.attention_backends.indexer_op import register_indexer; register_indexer()\n"
             "print('OK', r['SparseAttnIndexer'] is F)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**__import__("os").environ, "FRONTIER_DSA": "1"})

@@ -14,13 +14,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 from .plugins.cli_flag import fail
-from .plugins.features import FeatureError, Features, load_features, parse_plugin_list
+from .errors import FeatureError
+from .plugins.features import load_features, parse_plugin_list
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -49,10 +49,6 @@ def _has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-def _expert_parallel(args: list[str]) -> bool:
-    return _has_flag(args, "--enable-expert-parallel") or _has_flag(args, "-ep")
-
-
 def _flag_value(args: list[str], flag: str) -> str | None:
     for i, a in enumerate(args):
         if a == flag and i + 1 < len(args):
@@ -78,90 +74,6 @@ def default_model_path() -> Path:
     if not (cache / "config.json").is_file():
         make_tiny_model("deepseek_v3", cache, mtp_layers=1)
     return cache
-
-
-def preflight(features: Features, cfg: dict) -> None:
-    """Reject, before vLLM starts, a model a switched-on feature cannot serve (one line, exit code 2)."""
-    attn = features.dsa and "index_topk" in cfg or features.mla and "kv_lora_rank" in cfg
-    if attn:
-        head = (cfg.get("kv_lora_rank") or 0) + (cfg.get("qk_rope_head_dim") or 0)
-        if head != 576:
-            fail(f"the DSA/MLA backends need kv_lora_rank + qk_rope_head_dim = 576 (DeepSeek's 512 + 64); "
-                 f"this model has {cfg.get('kv_lora_rank')} + {cfg.get('qk_rope_head_dim')}")
-    if features.dsa and "index_topk" in cfg:
-        topk = cfg["index_topk"]
-        if not isinstance(topk, int) or isinstance(topk, bool) or topk <= 0:
-            fail(f"index_topk must be a positive integer, the model's config.json has {topk!r}")
-
-
-def _drop_inapplicable_for_all(features: Features, cfg: dict, args: list[str]) -> Features:
-    """With `--plugin all`, switch off features that need a deployment the command line does not describe."""
-    import dataclasses
-
-    drop = {}
-    if features.pd and not os.environ.get("FRONTIER_PD_SECRET") and not _has_flag(args, "--kv-transfer-config"):
-        drop["pd"] = "P/D needs FRONTIER_PD_SECRET (and a router); serving colocated"
-    if features.spec_moe and not _expert_parallel(args):
-        drop["spec_moe"] = "speculative MoE needs expert parallelism (--enable-expert-parallel)"
-    elif features.spec_moe and features.fp4:
-        drop["spec_moe"] = "speculative MoE runs unquantized experts; fp4 quantizes them"
-    for name, reason in drop.items():
-        print(f"vllm-frontier: {name} stays off: {reason}", file=sys.stderr)
-        os.environ[f"FRONTIER_{name.upper()}"] = "0"
-    return dataclasses.replace(features, **{name: False for name in drop})
-
-
-def _check_spec_moe(args: list[str]) -> None:
-    """The speculative EP MoE needs expert parallelism and valid FRONTIER_SPEC_MOE_* settings."""
-    from .moe.settings import SpecMoESettingsError, read_settings
-
-    if not _expert_parallel(args):
-        fail("--plugin spec_moe needs expert parallelism: add --enable-expert-parallel and "
-             "--tensor-parallel-size N or --data-parallel-size N")
-    try:
-        read_settings()
-    except SpecMoESettingsError as e:
-        fail(str(e))
-
-
-def plan_serve_args(features: Features, model: str, args: list[str]) -> tuple[Features, list[str]]:
-    """vLLM serve arguments that switched-on features need for this model (explicit user args win)."""
-    extra: list[str] = []
-    cfg_path = Path(model) / "config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    preflight(features, cfg)
-    if features.all:
-        features = _drop_inapplicable_for_all(features, cfg, args)
-    if features.spec_moe:
-        _check_spec_moe(args)
-        if features.fp4:
-            fail("--plugin spec_moe does not combine with fp4: the speculative EP dispatch runs unquantized "
-                 "experts (FP4 experts keep their own method); choose one")
-    if features.fp4 and not _has_flag(args, "--quantization") and not _has_flag(args, "-q"):
-        extra += ["--quantization", "frontier_fp4"]
-    if features.mtp and not _has_flag(args, "--speculative-config"):
-        spec = _speculative_config(features, cfg)
-        if spec is not None:
-            extra += ["--speculative-config", json.dumps(spec)]
-    if features.pd and not _has_flag(args, "--kv-transfer-config"):
-        if not os.environ.get("FRONTIER_PD_SECRET"):
-            fail("--plugin pd needs FRONTIER_PD_SECRET (the same secret on every instance) and FRONTIER_PD_PORT")
-        from .kv_connectors import CONNECTOR_NAME
-
-        kv = {"kv_connector": CONNECTOR_NAME, "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
-        extra += ["--kv-transfer-config", json.dumps(kv)]
-    return features, args + extra
-
-
-def _speculative_config(features: Features, cfg: dict) -> dict | None:
-    """MTP drafting for models with MTP layers (the spec_decode package may refine the choice)."""
-    if cfg.get("num_nextn_predict_layers", 0) <= 0:
-        return None
-    try:
-        from .spec_decode import speculative_config
-    except ImportError:
-        return {"method": "mtp", "num_speculative_tokens": features.mtp_k}
-    return speculative_config(features, cfg)
 
 
 def _parallel_size(args: list[str], *flags: str) -> int:
@@ -203,6 +115,11 @@ def _maybe_bind_cpu_workers(args: list[str]) -> None:
 
 
 def serve(argv: list[str]) -> int:
+    """Split off our `--plugin` flags, export their toggles, and launch vLLM's OpenAI server.
+
+    Everything a feature changes in vLLM's config happens inside vLLM's config path (our platform's
+    `check_and_update_config`), as for every other launch path.
+    """
     args, plugin_values = _split_plugin_flag(argv)
     try:
         for value in plugin_values:
@@ -215,8 +132,6 @@ def serve(argv: list[str]) -> int:
         args = ["--model", model] + args
     elif not _has_flag(args, "--model"):
         args = ["--model", str(default_model_path())] + args
-    model = _flag_value(args, "--model")
-    features, args = plan_serve_args(features, model, args)
     print(f"vllm-frontier serve: {features.describe()}; vLLM args: {' '.join(args)}", file=sys.stderr)
     _maybe_bind_cpu_workers(args)
     sys.argv = ["vllm-frontier serve", *args]

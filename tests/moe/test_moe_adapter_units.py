@@ -144,23 +144,28 @@ def test_cpu_worker_binding_for_multi_worker_engines():
     assert cpu_worker_binding(["-tp", "4"], [0, 1], 1) is None  # fewer cores than workers: vLLM says so
 
 
-def test_serve_spec_moe_with_fp4_is_refused_and_all_keeps_fp4():
-    base = [sys.executable, "-m", "vllm_frontier.cli", "serve", "--enable-expert-parallel", "-tp", "2"]
-    r = subprocess.run(base + ["--plugin", "spec_moe,fp4"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode != 0 and "does not combine with fp4" in r.stderr and "Traceback" not in r.stderr
-    from vllm_frontier.cli import _drop_inapplicable_for_all
+def test_spec_moe_needs_expert_parallelism_and_no_fp4_and_all_leaves_it_off():
+    from types import SimpleNamespace
+
+    from vllm_frontier.errors import FeatureError
+    from vllm_frontier.plugins import decide
     from vllm_frontier.plugins.features import Features
 
-    env_before = os.environ.get("FRONTIER_SPEC_MOE")
-    try:
-        kept = _drop_inapplicable_for_all(Features(spec_moe=True, fp4="nvfp4", all=True), {},
-                                          ["--enable-expert-parallel"])
-    finally:
-        if env_before is None:
-            os.environ.pop("FRONTIER_SPEC_MOE", None)
-        else:
-            os.environ["FRONTIER_SPEC_MOE"] = env_before
-    assert not kept.spec_moe and kept.fp4 == "nvfp4"
+    hf = SimpleNamespace(n_routed_experts=8, kv_lora_rank=512, qk_rope_head_dim=64)
+
+    def config(ep: bool, tp: int):
+        par = SimpleNamespace(enable_expert_parallel=ep, tensor_parallel_size=tp, data_parallel_size=1)
+        return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf), parallel_config=par,
+                               kv_transfer_config=None)
+
+    assert decide(Features(spec_moe=True), config(True, 2)) == {}
+    with pytest.raises(FeatureError, match="--enable-expert-parallel"):
+        decide(Features(spec_moe=True), config(False, 2))
+    with pytest.raises(FeatureError, match="does not combine with fp4"):
+        decide(Features(spec_moe=True, fp4="nvfp4"), config(True, 2))
+    # `--plugin all`: the unmet need leaves spec_moe off instead of ending the launch
+    off = decide(Features(spec_moe=True, all=True), config(False, 1))
+    assert "expert parallelism" in off["spec_moe"]
 
 
 def test_counters_from_log_keeps_each_workers_last_line():

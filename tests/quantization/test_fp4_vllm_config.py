@@ -24,33 +24,26 @@ def test_register_is_idempotent():
     assert get_quantization_config(QUANT_NAME) is FrontierFP4Config
 
 
-@pytest.mark.parametrize("env,fmt", [(None, "nvfp4"), ("1", "nvfp4"), ("nvfp4", "nvfp4"), ("mxfp4", "mxfp4"),
-                                     ("MXFP4", "mxfp4"), ("0", "nvfp4")])
-def test_config_reads_mode_from_env(monkeypatch, env, fmt):
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "MXFP4"])
+def test_config_format_travels_with_the_pickled_config(monkeypatch, fmt):
     from vllm_frontier.quantization.fp4_config import FrontierFP4Config
 
-    if env is None:
-        monkeypatch.delenv("FRONTIER_FP4", raising=False)
-    else:
-        monkeypatch.setenv("FRONTIER_FP4", env)
-    cfg = FrontierFP4Config()
-    assert cfg.fmt == fmt and cfg.get_name() == QUANT_NAME
+    monkeypatch.setenv("FRONTIER_FP4", "nvfp4" if fmt.lower() == "mxfp4" else "mxfp4")
+    cfg = FrontierFP4Config(fmt)
+    assert cfg.fmt == fmt.lower() and cfg.get_name() == QUANT_NAME
     assert FrontierFP4Config.get_config_filenames() == []  # so vLLM builds it with no arguments
+    assert FrontierFP4Config().fmt == "nvfp4"  # `--quantization frontier_fp4` alone; the environment is not read
     # built once in the API process, pickled to the engine core and workers: the mode travels with it
-    monkeypatch.setenv("FRONTIER_FP4", "nvfp4" if fmt == "mxfp4" else "mxfp4")
-    assert pickle.loads(pickle.dumps(cfg)).fmt == fmt
+    assert pickle.loads(pickle.dumps(cfg)).fmt == fmt.lower()
 
 
-def test_config_rejects_bad_mode(monkeypatch):
-    from vllm_frontier.plugins.features import FeatureError
+def test_config_rejects_bad_mode():
     from vllm_frontier.quantization.fp4_config import FrontierFP4Config
 
-    monkeypatch.setenv("FRONTIER_FP4", "int4")
-    with pytest.raises(FeatureError, match="nvfp4, mxfp4"):
-        FrontierFP4Config()
     with pytest.raises(ValueError, match="unknown format"):
         FrontierFP4Config("fp8")
     assert FrontierFP4Config.from_config({"quant_method": QUANT_NAME, "fmt": "mxfp4"}).fmt == "mxfp4"
+    assert FrontierFP4Config.from_config({"quant_method": QUANT_NAME}).fmt == "nvfp4"
 
 
 def test_non_linear_layers_are_left_alone():

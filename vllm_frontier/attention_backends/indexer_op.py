@@ -77,7 +77,7 @@ class FrontierSparseAttnIndexer(SparseAttnIndexer):
 
 def register_indexer() -> None:
     """Make vLLM build our indexer wherever a model asks for `SparseAttnIndexer` (once per process)."""
-    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm_frontier.compat import op_registry_oot
 
-    if op_registry_oot.get("SparseAttnIndexer") is not FrontierSparseAttnIndexer:
+    if op_registry_oot().get("SparseAttnIndexer") is not FrontierSparseAttnIndexer:
         SparseAttnIndexer.register_oot(FrontierSparseAttnIndexer)

@@ -109,8 +109,9 @@ class _Producing:
 
 def _is_block_layout(vllm_config: VllmConfig, layer: str) -> bool:
     """True for the V3.2 indexer K cache (values then scales per block, not per-token rows)."""
-    mod = vllm_config.compilation_config.static_forward_context.get(layer)
-    return type(mod).__name__ == "DeepseekV32IndexerCache"
+    from vllm_frontier.compat import is_indexer_cache
+
+    return is_indexer_cache(vllm_config.compilation_config.static_forward_context.get(layer))
 
 
 class FrontierPDConnector(KVConnectorBase_V1):

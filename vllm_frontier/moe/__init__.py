@@ -14,7 +14,7 @@ vLLM-free core (torch / torch.distributed only):
 * :mod:`.relocate`   move expert weights between ranks to realise a placement
 * :mod:`.settings`   the FRONTIER_SPEC_MOE_* settings
 
-vLLM side: :mod:`.vllm_adapter` (+ pinned private pieces in :mod:`.compat`),
+vLLM side: :mod:`.vllm_adapter` (+ pinned private pieces in :mod:`vllm_frontier.compat`),
 loaded only by :func:`register`.
 """
 

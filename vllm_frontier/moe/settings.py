@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_frontier.plugins.features import FeatureError
+from vllm_frontier.errors import FeatureError
 
 DISPATCH_MODES = ("plain", "speculative", "worst", "local")
 

@@ -36,7 +36,7 @@ The byte counters of this worker's MoE layers are :data:`COUNTERS` (read them
 with ``LLM.collective_rpc(vllm_frontier.moe.vllm_adapter.worker_counters)``),
 and ``FRONTIER_SPEC_MOE_LOG_EVERY=N`` logs them every N forwards.
 
-Private vLLM pieces relied on (pinned in :mod:`.compat`, tested): the runner
+Private vLLM pieces relied on (pinned in :mod:`vllm_frontier.compat`, tested): the runner
 skips its naive dispatch when the method's ``supports_internal_mk`` is true;
 ``UnquantizedFusedMoEMethod.apply``'s signature; ``RoutedExperts.expert_map``;
 the EP group's ``cpu_group``.

@@ -1,8 +1,8 @@
 """The `--plugin dsa,fp4,...` command-line flag, added to vLLM's serve parser by our platform hook.
 
-The flag sets the same `FRONTIER_*` toggles as the environment (spawned engine processes inherit them),
-re-runs registration in this process (general plugins ran before the command line was parsed), and selects
-the `frontier_fp4` quantization method when FP4 is on and no `--quantization` was given.
+The flag sets the same `FRONTIER_*` toggles as the environment (spawned engine processes inherit them) and
+re-runs registration in this process (general plugins ran before the command line was parsed). What each
+feature then changes in vLLM's config happens in `check_and_update_config`, as for every launch path.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import argparse
 import os
 import sys
 
-from .features import VALID_PLUGIN_NAMES, FeatureError, load_features, parse_plugin_list
+from vllm_frontier.errors import FeatureError
+
+from .features import VALID_PLUGIN_NAMES, parse_plugin_list
 
 PLUGIN_HELP = (
     "vllm-frontier features to switch on, comma separated: " + ", ".join(VALID_PLUGIN_NAMES)
@@ -26,9 +28,9 @@ def apply_plugin_value(value: str) -> dict[str, str]:
     """
     toggles = parse_plugin_list(value)
     os.environ.update(toggles)
-    load_features()  # validates the combination with the rest of the environment
-    from . import register
+    from . import register, reload_settings
 
+    reload_settings()  # validates the combination with the rest of the environment
     register()
     return toggles
 
@@ -42,9 +44,6 @@ class PluginAction(argparse.Action):
         except FeatureError as e:
             fail(str(e))  # one line, exit code 2, no traceback
         setattr(namespace, self.dest, values)
-        features = load_features()
-        if features.fp4 and getattr(namespace, "quantization", None) is None:
-            namespace.quantization = "frontier_fp4"
 
 
 def add_plugin_argument(parser) -> None:

@@ -21,6 +21,8 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
+from vllm_frontier.errors import FeatureError
+
 FEATURES = ("dsa", "mla", "fp4", "mtp", "spec_moe", "pd")
 FP4_MODES = ("nvfp4", "mxfp4")
 DEFAULT_MTP_K = 3
@@ -28,10 +30,6 @@ MAX_MTP_K = 8
 
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("", "0", "false", "off", "no")
-
-
-class FeatureError(ValueError):
-    """A toggle or `--plugin` value is invalid; the message lists the valid values."""
 
 
 def env_name(feature: str) -> str:

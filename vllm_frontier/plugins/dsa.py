@@ -1,0 +1,59 @@
+"""DeepSeek Sparse Attention: our sparse MLA backend + lightning indexer for models with an indexer."""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_frontier.errors import FeatureError
+
+from .feature import Feature, text_config
+
+logger = logging.getLogger("vllm.frontier")
+
+SPARSE_MLA_BACKEND = "vllm_frontier.attention_backends.sparse_mla.FrontierSparseMLABackend"
+# vLLM's indexer-cache backend supports block size 64 only; every KV cache group must agree on one size.
+DSA_BLOCK_SIZE = 64
+# Latent row of the MLA cache: kv_lora_rank 512 + rope 64 (the kernels' fixed geometry, DeepSeek's).
+MLA_HEAD_SIZE = 576
+
+
+def check_mla_geometry(text) -> None:
+    """Our kernels serve DeepSeek's latent geometry only: one clear line for any other."""
+    head = (getattr(text, "kv_lora_rank", 0) or 0) + (getattr(text, "qk_rope_head_dim", 0) or 0)
+    if head != MLA_HEAD_SIZE:
+        raise FeatureError(f"the DSA/MLA backends need kv_lora_rank + qk_rope_head_dim = {MLA_HEAD_SIZE} "
+                           f"(DeepSeek's 512 + 64); this model has {getattr(text, 'kv_lora_rank', None)} + "
+                           f"{getattr(text, 'qk_rope_head_dim', None)}")
+
+
+class DSAFeature(Feature):
+    name = "dsa"
+
+    def applies(self, hf_config) -> str | None:
+        if getattr(text_config(hf_config), "index_topk", None) is None:
+            return "the model has no lightning indexer (no index_topk in its config)"
+        return None
+
+    def update_config(self, vllm_config) -> None:
+        text = text_config(vllm_config.model_config.hf_config)
+        check_mla_geometry(text)
+        topk = text.index_topk
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk <= 0:
+            raise FeatureError(f"index_topk must be a positive integer, the model's config.json has {topk!r}")
+        cache = vllm_config.cache_config
+        if cache.block_size != DSA_BLOCK_SIZE:
+            logger.info("vllm-frontier: DSA sets the KV block size to %d (was %s)", DSA_BLOCK_SIZE, cache.block_size)
+            cache.block_size = DSA_BLOCK_SIZE
+
+    def register(self) -> None:
+        from vllm_frontier.attention_backends.indexer_op import register_indexer
+
+        register_indexer()
+
+    def register_cpu_kernel_overrides(self) -> None:
+        from vllm_frontier.attention_backends import cpu_overrides
+
+        cpu_overrides.register()
+
+    def attention_backend(self, selector) -> str | None:
+        return SPARSE_MLA_BACKEND if selector.use_sparse else None
