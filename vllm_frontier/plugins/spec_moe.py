@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 from .feature import Feature, text_config
+
+logger = logging.getLogger("vllm.frontier")
 
 
 class SpecMoEFeature(Feature):
@@ -27,6 +31,15 @@ class SpecMoEFeature(Feature):
         from vllm_frontier.moe.settings import read_settings
 
         read_settings()  # a wrong FRONTIER_SPEC_MOE_* value ends the launch here, in one line
+        if not vllm_config.model_config.enforce_eager:
+            # The dispatch plans token ranks with data-dependent control flow that torch.compile cannot trace;
+            # the same switch as --enforce-eager (vLLM applies it in VllmConfig.__post_init__, before this hook).
+            from vllm.config import CompilationMode, CUDAGraphMode
+
+            vllm_config.model_config.enforce_eager = True
+            vllm_config.compilation_config.mode = CompilationMode.NONE
+            vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+            logger.info("vllm-frontier: spec_moe runs eagerly (its dispatch is not traced by torch.compile)")
 
     def register(self) -> None:
         from vllm_frontier.moe import register
