@@ -341,7 +341,8 @@ def mla_attention_fwd(
         maxl, o_part, lse_part,
         float(sm_scale), H, S_Q, topk, cache.shape[1], cache.shape[0] * cache.shape[1],
         NUM_SPLITS=num_splits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        SPARSE=sparse, HAS_TOPK_LEN=sparse and topk_length is not None, CAUSAL=bool(causal) and not sparse, FP8=fp8, WRITE_MAX=write_max,
+        SPARSE=sparse, HAS_TOPK_LEN=sparse and topk_length is not None, CAUSAL=bool(causal) and not sparse,
+        FP8=fp8, WRITE_MAX=write_max,
         DT=_DT[q.dtype], IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:
