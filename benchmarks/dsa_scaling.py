@@ -30,6 +30,7 @@ import harness  # noqa: E402
 from vllm_frontier.kernels import (  # noqa: E402
     flash_mla_with_kvcache,
     indexer_paged_logits,
+    request_positions_to_slots,
     topk_indices,
     write_indexer_k_cache,
     write_latent_cache,
@@ -76,7 +77,8 @@ def _dsa_call(q, iq, w, cache, kcache, bt, seqlens, L, topk, causal_rows):
     """Indexer scores + stable top-k + sparse attention, for rows whose visible lengths are `seqlens`."""
     logits = indexer_paged_logits(iq, w, kcache, bt, seqlens, L, causal=False)
     idx = topk_indices(logits[:, 0], topk, lengths=seqlens)
-    return flash_mla_with_kvcache(q, cache, bt, seqlens, indices=idx.unsqueeze(1))
+    slots = request_positions_to_slots(idx, bt, cache.shape[1], seqlens)
+    return flash_mla_with_kvcache(q, cache, None, None, indices=slots.unsqueeze(1))
 
 
 def main() -> int:

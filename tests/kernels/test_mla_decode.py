@@ -7,7 +7,7 @@ import torch
 
 from kernel_testing import DEVICE, assert_close
 from mla_setup import build_paged_cache
-from vllm_frontier.kernels import flash_mla_with_kvcache, get_mla_metadata
+from vllm_frontier.kernels import flash_mla_with_kvcache, get_mla_metadata, request_positions_to_slots
 from vllm_frontier.kernels.ref import ref_dense_attention_unabsorbed, ref_mla_decode, ref_mla_sparse_decode
 
 # (seqlens, s_q, heads, block_size, num_splits)
@@ -37,14 +37,15 @@ def test_dense_decode_matches_reference(case, mode):
     q = torch.randn(len(seqlens), s_q, h, 576, generator=gen).to(dtype).to(DEVICE)
     causal = s_q > 1
     kw = dict(causal=causal, is_fp8_kvcache=fp8, softmax_scale=0.05)
-    out, lse = flash_mla_with_kvcache(q, cache, bt, sl, num_splits=splits, backend="triton", **kw)
+    sched, _ = get_mla_metadata(num_splits=splits)
+    out, lse = flash_mla_with_kvcache(q, cache, bt, sl, tile_scheduler_metadata=sched, backend="triton", **kw)
     ref_out, ref_lse = flash_mla_with_kvcache(q, cache, bt, sl, backend="torch", **kw)
     assert out.dtype == dtype and out.shape == (len(seqlens), s_q, h, 512) and lse.shape == (len(seqlens), h, s_q)
     assert_close(out, ref_out, atol, what="out")
     assert_close(lse, ref_lse, 1e-4, what="lse")
     for r, n in enumerate(seqlens):
         if n == 0:
-            assert torch.all(out[r] == 0) and torch.all(lse[r] == float("-inf")), "no keys -> zero output, lse -inf"
+            assert torch.all(out[r] == 0) and torch.all(lse[r] == float("inf")), "no keys -> zero output, lse +inf"
 
 
 def _absorbed_problem(S, T, H, gen, d_nope=128, d_v=128):
@@ -74,18 +75,21 @@ def test_reference_equals_unabsorbed_attention(causal):
     idx = torch.arange(T, dtype=torch.int32).expand(S, T).clone()
     if causal:
         idx[torch.arange(T)[None, :] > (T - S + torch.arange(S))[:, None]] = -1
-    sp, _ = ref_mla_sparse_decode(q_abs[None], cache, bt, torch.tensor([T], dtype=torch.int32), idx[None], scale)
+    slots = request_positions_to_slots(idx[None], bt, bs)
+    sp, _ = ref_mla_sparse_decode(q_abs[None], cache, slots, scale)
     assert_close(torch.einsum("shc,hdc->shd", sp[0], w_uv), want, 1e-5, what="sparse (all indices) vs dense")
 
 
-def test_metadata_splits_and_validation():
+def test_metadata_and_validation():
     sl = torch.tensor([4096], dtype=torch.int32)
-    sched, n = get_mla_metadata(sl, 16, 1)
-    assert n == sched.num_splits >= 1
+    sched, none = get_mla_metadata(sl, 16, 1)  # FlashMLA's older arguments: accepted, ignored
+    assert none is None and not sched.have_initialized and sched.num_splits is None
+    with pytest.raises(ValueError, match="num_splits"):
+        get_mla_metadata(num_splits=0)
     q = torch.zeros(1, 1, 16, 576)
     with pytest.raises(ValueError, match="is_fp8_kvcache"):
         flash_mla_with_kvcache(q, torch.zeros(2, 16, 656, dtype=torch.uint8), torch.zeros(1, 2, dtype=torch.int32), sl)
     with pytest.raises(ValueError, match="576"):
+        flash_mla_with_kvcache(q[..., :320], torch.zeros(2, 16, 576), torch.zeros(1, 2, dtype=torch.int32), sl)
+    with pytest.raises(NotImplementedError, match="MODEL1"):
         flash_mla_with_kvcache(q[..., :512], torch.zeros(2, 16, 576), torch.zeros(1, 2, dtype=torch.int32), sl)
-    with pytest.raises(ValueError, match="num_heads_k"):
-        get_mla_metadata(sl, 16, 2)

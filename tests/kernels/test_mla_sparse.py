@@ -7,7 +7,13 @@ import torch
 
 from kernel_testing import DEVICE, assert_close
 from mla_setup import build_paged_cache
-from vllm_frontier.kernels import flash_mla_sparse_fwd, flash_mla_with_kvcache, write_latent_cache
+from vllm_frontier.kernels import (
+    flash_mla_sparse_fwd,
+    flash_mla_with_kvcache,
+    get_mla_metadata,
+    request_positions_to_slots,
+    write_latent_cache,
+)
 
 # Tolerances as in test_mla_decode: fp32 summation order 2e-5; fp16 p rounding + fp16 output 2e-3.
 MODES = {"fp32": (torch.float32, False, 2e-5), "fp16": (torch.float16, False, 2e-3),
@@ -41,13 +47,14 @@ def test_sparse_decode_matches_reference(case, mode):
     gen = torch.Generator().manual_seed(zlib.crc32(case.encode()))
     cache, bt, sl = build_paged_cache(seqlens, 16, dtype, fp8, gen)
     q = torch.randn(len(seqlens), s_q, h, 576, generator=gen).to(dtype).to(DEVICE)
-    idx = _indices(seqlens, s_q, topk, gen)
+    idx = request_positions_to_slots(_indices(seqlens, s_q, topk, gen), bt, 16, sl)  # physical slots
     kw = dict(is_fp8_kvcache=fp8, softmax_scale=0.05, indices=idx)
-    out, lse = flash_mla_with_kvcache(q, cache, bt, sl, num_splits=splits, backend="triton", **kw)
-    ref_out, ref_lse = flash_mla_with_kvcache(q, cache, bt, sl, backend="torch", **kw)
+    sched, _ = get_mla_metadata(num_splits=splits)
+    out, lse = flash_mla_with_kvcache(q, cache, None, None, tile_scheduler_metadata=sched, backend="triton", **kw)
+    ref_out, ref_lse = flash_mla_with_kvcache(q, cache, None, None, backend="torch", **kw)
     assert_close(out, ref_out, atol, what="out")
     assert_close(lse, ref_lse, 1e-4, what="lse")
-    assert torch.all(out[0, -1] == 0) and torch.all(lse[0, :, -1] == float("-inf")), "all -1 -> zero row, lse -inf"
+    assert torch.all(out[0, -1] == 0) and torch.all(lse[0, :, -1] == float("inf")), "all -1 -> zero row, lse +inf"
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -72,7 +79,7 @@ def test_sparse_prefill_matches_reference(mode):
     assert_close(out, r_out, atol, what="out")
     assert_close(mx, r_mx, 1e-4, what="max_logits")
     assert_close(lse, r_lse, 1e-4, what="lse")
-    assert torch.all(out[2] == 0) and torch.all(lse[2] == float("-inf"))
+    assert torch.all(out[2] == 0) and torch.all(lse[2] == float("inf")) and torch.all(mx[2] == float("-inf"))
 
 
 def test_sparse_prefill_validates_indices_shape():

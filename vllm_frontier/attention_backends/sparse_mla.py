@@ -2,8 +2,9 @@
 
 All tokens of a step, decode and prefill alike, take the absorbed (MQA) path, as FlashMLA's sparse kernels
 do: our indexer (`indexer_op.py`) writes each token's top-k request-local positions into the shared
-`topk_indices_buffer`; `forward_mqa` hands them to `flash_mla_with_kvcache(..., indices=...)` (Triton on
-GPUs, the vectorized torch reference on CPU). Any `index_topk`, any block size, bf16/fp32 or FP8 cache.
+`topk_indices_buffer`; `forward_mqa` turns them into physical cache slots and hands those to
+`flash_mla_with_kvcache(..., indices=...)` (Triton on GPUs, the vectorized torch reference on CPU).
+Any `index_topk`, any block size, bf16/fp32 or FP8 cache.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vllm.v1.attention.backend import (
     MLAAttentionImpl,
 )
 
-from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache
+from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache, request_positions_to_slots
 
 from .capabilities import LatentBackendCapabilities
 from .latent_cache_io import check_kv_cache_dtype, is_fp8_cache, write_rows
@@ -130,10 +131,13 @@ class FrontierSparseMLAImpl(MLAAttentionImpl[FrontierSparseMLAMetadata], SharedT
         n = q.shape[0]
         md = attn_metadata
         topk = self.topk_indices_buffer[:n, : md.topk_tokens]
+        # the indexer's request-local positions -> physical cache slots (FlashMLA's sparse indices)
+        slots = request_positions_to_slots(
+            topk, md.block_table[md.token_req[:n]], kv_c_and_k_pe_cache.shape[1], md.token_visible[:n]
+        )
         out, lse = flash_mla_with_kvcache(
-            q.unsqueeze(1), kv_c_and_k_pe_cache, md.block_table[md.token_req[:n]], md.token_visible[:n],
-            head_dim_v=self.kv_lora_rank, softmax_scale=self.scale,
-            is_fp8_kvcache=is_fp8_cache(self.kv_cache_dtype), indices=topk.unsqueeze(1),
+            q.unsqueeze(1), kv_c_and_k_pe_cache, None, None, head_dim_v=self.kv_lora_rank, softmax_scale=self.scale,
+            is_fp8_kvcache=is_fp8_cache(self.kv_cache_dtype), indices=slots.unsqueeze(1),
         )
         return out[:, 0], lse[:, :, 0]
 

@@ -3,8 +3,9 @@
 Public API:
 - :mod:`.fp8`: ``quantize_fp8_e4m3``, ``dequantize_fp8_e4m3``.
 - :mod:`.latent_cache`: ``write_latent_cache``, ``read_latent_cache`` (576-float / 656-byte FP8 rows).
-- :mod:`.flash_mla_interface`: ``get_mla_metadata``, ``flash_mla_with_kvcache`` (dense / sparse decode),
-  ``flash_mla_sparse_fwd`` (sparse prefill).
+- :mod:`.flash_mla_interface`: FlashMLA's interface: ``get_mla_metadata``, ``flash_mla_with_kvcache``
+  (dense / sparse decode; sparse indices are physical cache slots), ``flash_mla_sparse_fwd`` (sparse prefill);
+  ``request_positions_to_slots`` (request-local positions + block table -> slots).
 - :mod:`.indexer`: ``write_indexer_k_cache``, ``indexer_paged_logits``, ``indexer_ragged_logits``,
   ``topk_indices``.
 - :mod:`.ref`: the torch references (``ref_*``), also the CPU execution path.
@@ -13,15 +14,21 @@ Every op takes ``backend=None|"triton"|"torch"``: None runs Triton on CUDA tenso
 Triton on CPU tensors needs ``TRITON_INTERPRET=1`` set before this package is imported.
 """
 
-from .flash_mla_interface import MLASchedule, flash_mla_sparse_fwd, flash_mla_with_kvcache, get_mla_metadata
+from .flash_mla_interface import (
+    FlashMLASchedMeta,
+    flash_mla_sparse_fwd,
+    flash_mla_with_kvcache,
+    get_mla_metadata,
+    request_positions_to_slots,
+)
 from .fp8 import dequantize_fp8_e4m3, quantize_fp8_e4m3
 from .indexer import indexer_paged_logits, indexer_ragged_logits, topk_indices, write_indexer_k_cache
 from .latent_cache import read_latent_cache, write_latent_cache
 from .mla_attention import KernelConfig
 
 __all__ = [
+    "FlashMLASchedMeta",
     "KernelConfig",
-    "MLASchedule",
     "dequantize_fp8_e4m3",
     "flash_mla_sparse_fwd",
     "flash_mla_with_kvcache",
@@ -30,6 +37,7 @@ __all__ = [
     "indexer_ragged_logits",
     "quantize_fp8_e4m3",
     "read_latent_cache",
+    "request_positions_to_slots",
     "topk_indices",
     "write_indexer_k_cache",
     "write_latent_cache",

@@ -4,10 +4,11 @@ One kernel serves three operations (``SPARSE``/``CAUSAL`` are compile-time flags
 
 - dense decode: the rows of one program are ``BLOCK_M`` of the ``S_q * H`` (query token, head) pairs of one
   request; keys are positions ``[0, seq_len)`` (causal: ``<= seq_len - S_q + s``);
-- sparse decode: the rows are ``BLOCK_M`` heads of one query token ``(b, s)``; keys are the request-local
-  positions in ``indices[b, s, :]`` (``-1`` or ``>= seq_len`` = unused slot);
-- sparse prefill over a ragged KV: the sparse decode with one query token per "request", all sharing a single
-  cache block that holds the whole KV (``block_size = S_kv``, a block table of zeros with stride 0).
+- sparse decode: the rows are ``BLOCK_M`` heads of one query token ``(b, s)``; keys are the physical cache
+  slots in ``indices[b, s, :]`` (``block * block_size + offset``, no block table; a slot outside
+  ``[0, num_slots)`` is unused), only the first ``topk_length[b]`` of them when a length is given;
+- sparse prefill over a ragged KV: the sparse decode with one query token per "request" and the whole KV as
+  one cache block (``block_size = S_kv``), so a slot is a row of the KV.
 
 Math (per row ``m``): ``s_n = scale * q_m · k_n`` over 576 dims, online softmax in base 2, ``o_m = Σ p_n v_n`` with
 ``v_n = k_n[:512]``; FP8 rows are read as e4m3 codes whose four group scales are folded into the scores
@@ -71,17 +72,19 @@ def _mla_attn_fwd_kernel(
     KV, KV32, KV16,  # cache (own dtype, or uint8) + fp32 / int16 views of it (FP8 only)
     stride_kv_blk, stride_kv_tok,  # elements of KV
     BT, stride_bt,  # [B, max_blocks] int32
-    SEQLENS,  # [B] int32
-    IDX, stride_ib, stride_is,  # [B, S_Q, TOPK] int32 (SPARSE)
+    SEQLENS,  # [B] int32 (dense)
+    IDX, stride_ib, stride_is,  # [B, S_Q, TOPK] int32 physical slots (SPARSE)
+    TOPK_LEN,  # [B] int32 indices used per request (SPARSE and HAS_TOPK_LEN)
     O, stride_ob, stride_os, stride_oh,  # [B, S_Q, H, 512] final out (NUM_SPLITS == 1)
     LSE, stride_lb, stride_lh, stride_ls,  # [B, H, S_Q] fp32
     MAXL,  # [B, S_Q, H] fp32 max logits (WRITE_MAX)
     O_PART, LSE_PART,  # [B, S_Q, H, NUM_SPLITS, 512], [B, S_Q, H, NUM_SPLITS] fp32 contiguous
-    sm_scale, H, S_Q, TOPK, block_size,
+    sm_scale, H, S_Q, TOPK, block_size, num_slots,
     NUM_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPARSE: tl.constexpr,
+    HAS_TOPK_LEN: tl.constexpr,
     CAUSAL: tl.constexpr,
     FP8: tl.constexpr,
     WRITE_MAX: tl.constexpr,
@@ -107,7 +110,6 @@ def _mla_attn_fwd_kernel(
         i_h = i_r % H
         m_m = i_r < S_Q * H
     i_b64 = i_b.to(tl.int64)
-    seqlen = tl.load(SEQLENS + i_b)
 
     o_c = tl.arange(0, 128)
     o_r = tl.arange(0, 64)
@@ -121,7 +123,11 @@ def _mla_attn_fwd_kernel(
     # key range of this program
     if SPARSE:
         n_keys = TOPK
+        if HAS_TOPK_LEN:
+            n_keys = tl.minimum(TOPK, tl.maximum(tl.load(TOPK_LEN + i_b), 0))
+        seqlen = n_keys  # unused
     else:
+        seqlen = tl.load(SEQLENS + i_b)
         n_keys = seqlen
         if CAUSAL:
             s_max = tl.max(tl.where(m_m, i_s, 0), axis=0)
@@ -143,13 +149,16 @@ def _mla_attn_fwd_kernel(
     for i_t in range(t_lo, t_hi):
         o_n = i_t * BLOCK_N + o_n0
         if SPARSE:
-            b_pos = tl.load(IDX + i_b64 * stride_ib + i_s0 * stride_is + o_n, mask=o_n < TOPK, other=-1)
-            m_n = (b_pos >= 0) & (b_pos < seqlen)
+            # physical slot = block * block_size + offset; anything outside the cache (-1, -2^31, ...) is unused
+            b_pos = tl.load(IDX + i_b64 * stride_ib + i_s0 * stride_is + o_n, mask=o_n < n_keys, other=-1)
+            m_n = (b_pos >= 0) & (b_pos < num_slots)
+            b_pos = tl.where(m_n, b_pos, 0)
+            b_blk = (b_pos // block_size).to(tl.int64)
         else:
             b_pos = o_n
             m_n = o_n < n_keys
-        b_pos = tl.where(m_n, b_pos, 0)
-        b_blk = tl.load(BT + i_b64 * stride_bt + b_pos // block_size, mask=m_n, other=0).to(tl.int64)
+            b_pos = tl.where(m_n, b_pos, 0)
+            b_blk = tl.load(BT + i_b64 * stride_bt + b_pos // block_size, mask=m_n, other=0).to(tl.int64)
         o_row = b_blk * stride_kv_blk + (b_pos % block_size) * stride_kv_tok  # [BLOCK_N] int64
 
         b_k0 = _load_k_chunk(KV, o_row, o_c, m_n, 0, FP8, DT)  # [BLOCK_N, 128]
@@ -200,7 +209,8 @@ def _mla_attn_fwd_kernel(
             b_o3 = _dot(b_pd, b_k3, b_o3 * b_alpha[:, None], IEEE)
         b_m = b_m_new
 
-    # finalize: empty rows (no valid key) give a zero output and lse = -inf
+    # finalize: empty rows (no valid key) give a zero output; their lse is -inf in the partial results (so the
+    # combine can merge them) and +inf in the final one (FlashMLA's convention)
     b_l_safe = tl.where(b_l > 0, b_l, 1.0)
     b_inv = tl.where(b_l > 0, 1.0 / b_l_safe, 0.0)
     b_lse = tl.where(b_l > 0, b_m * 0.6931471805599453 + tl.log(b_l_safe), float("-inf"))
@@ -210,6 +220,7 @@ def _mla_attn_fwd_kernel(
         tl.store(p_o + 128, (b_o1 * b_inv[:, None]).to(O.dtype.element_ty), mask=m_m[:, None])
         tl.store(p_o + 256, (b_o2 * b_inv[:, None]).to(O.dtype.element_ty), mask=m_m[:, None])
         tl.store(p_o + 384, (b_o3 * b_inv[:, None]).to(O.dtype.element_ty), mask=m_m[:, None])
+        b_lse = tl.where(b_l > 0, b_lse, float("inf"))
         tl.store(LSE + i_b64 * stride_lb + i_h * stride_lh + i_s * stride_ls, b_lse, mask=m_m)
         if WRITE_MAX:
             tl.store(MAXL + (i_b64 * S_Q + i_s) * H + i_h, b_m * 0.6931471805599453, mask=m_m)
@@ -251,7 +262,7 @@ def _combine_kernel(
     tl.store(O + i_b * stride_ob + i_s * stride_os + i_h * stride_oh + o_d, b_out.to(O.dtype.element_ty))
     tl.store(
         LSE + i_b * stride_lb + i_h * stride_lh + i_s * stride_ls,
-        tl.where(b_sum > 0, b_max_safe + tl.log(b_sum_safe), float("-inf")),
+        tl.where(b_sum > 0, b_max_safe + tl.log(b_sum_safe), float("inf")),
     )
 
 
@@ -268,26 +279,31 @@ def default_config(device: torch.device, num_rows: int) -> KernelConfig:
 def mla_attention_fwd(
     q: torch.Tensor,
     cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seqlens: torch.Tensor,
+    block_table: torch.Tensor | None,
+    seqlens: torch.Tensor | None,
     sm_scale: float,
     *,
     fp8: bool,
     indices: torch.Tensor | None = None,
+    topk_length: torch.Tensor | None = None,
     causal: bool = False,
     num_splits: int = 1,
     config: KernelConfig | None = None,
     write_max: bool = False,
+    out_dtype: torch.dtype | None = None,
 ):
     """Launcher (inputs already validated by the public functions in :mod:`.flash_mla_interface`).
 
     Args:
         q: ``[B, S_q, H, 576]`` fp16/bf16/fp32, last dim contiguous.
-        cache: ``[num_blocks, block_size, 576]`` (q's dtype or any float) / ``[.., 656]`` uint8 (``fp8``).
-        block_table: ``[B, *]`` int32 (stride(1) == 1; stride(0) may be 0); seqlens: ``[B]`` int32.
-        indices: ``[B, S_q, topk]`` int32 for the sparse kernel, else None.
-    Returns: out ``[B, S_q, H, 512]`` q.dtype, lse ``[B, H, S_q]`` fp32, and max_logits ``[B, S_q, H]``
-        fp32 when ``write_max`` (then ``num_splits`` must be 1).
+        cache: ``[num_blocks, block_size, 576]`` (q's dtype or any float) / ``[.., 656]`` uint8 (``fp8``);
+            last dim contiguous, any block and row strides.
+        block_table: ``[B, *]`` int32 (stride(1) == 1; stride(0) may be 0); seqlens: ``[B]`` int32 (dense only).
+        indices: ``[B, S_q, topk]`` int32 physical slots (``block * block_size + offset``) for the sparse
+            kernel, else None; topk_length: optional ``[B]`` int32 (sparse: only the first ``topk_length[b]``).
+        out_dtype: dtype of ``out`` (default q's).
+    Returns: out ``[B, S_q, H, 512]``, lse ``[B, H, S_q]`` fp32 (``+inf`` for a row without a valid key),
+        and max_logits ``[B, S_q, H]`` fp32 when ``write_max`` (then ``num_splits`` must be 1).
     """
     B, S_Q, H, _ = q.shape
     sparse = indices is not None
@@ -295,7 +311,7 @@ def mla_attention_fwd(
     cfg = config or default_config(q.device, rows)
     if write_max and num_splits != 1:
         raise ValueError("max logits are only produced with num_splits == 1")
-    out = torch.empty(B, S_Q, H, 512, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, S_Q, H, 512, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty(B, H, S_Q, dtype=torch.float32, device=q.device)
     maxl = torch.empty(B, S_Q, H, dtype=torch.float32, device=q.device) if write_max else lse
     if B == 0 or S_Q == 0 or H == 0:
@@ -312,17 +328,21 @@ def mla_attention_fwd(
     n_rb = S_Q * cdiv(H, cfg.block_m) if sparse else cdiv(S_Q * H, cfg.block_m)
     idx = indices if sparse else block_table  # placeholder pointer when dense
     topk = indices.shape[-1] if sparse else 0
+    tlen = topk_length if topk_length is not None else idx  # placeholder pointer without lengths
+    if sparse:  # the sparse kernel reads neither
+        block_table = seqlens = idx
     _mla_attn_fwd_kernel[(B * n_rb, num_splits)](
         q, q.stride(0), q.stride(1), q.stride(2),
         kv, kv32, kv16, cache.stride(0), cache.stride(1),
         block_table, block_table.stride(0), seqlens,
-        idx, idx.stride(0), idx.stride(1) if sparse else 0,
+        idx, idx.stride(0), idx.stride(1) if sparse else 0, tlen,
         out, out.stride(0), out.stride(1), out.stride(2),
         lse, lse.stride(0), lse.stride(1), lse.stride(2),
         maxl, o_part, lse_part,
-        float(sm_scale), H, S_Q, topk, cache.shape[1],
+        float(sm_scale), H, S_Q, topk, cache.shape[1], cache.shape[0] * cache.shape[1],
         NUM_SPLITS=num_splits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        SPARSE=sparse, CAUSAL=bool(causal) and not sparse, FP8=fp8, WRITE_MAX=write_max,
+        SPARSE=sparse, HAS_TOPK_LEN=sparse and topk_length is not None, CAUSAL=bool(causal) and not sparse,
+        FP8=fp8, WRITE_MAX=write_max,
         DT=_DT[q.dtype], IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:

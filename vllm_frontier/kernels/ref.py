@@ -8,8 +8,9 @@ Conventions shared with the Triton kernels (see each function's docstring):
 - latent cache row: 576 = 512 latent (``kv_c``) + 64 rope (``k_pe``); FP8 rows are 656 bytes:
   512 e4m3 codes | 4 fp32 scales (one per 128 latent values) | 64 bf16 rope values.
 - attention scores are ``softmax_scale * q · k``; LSE is the natural log of the softmax denominator,
-  ``-inf`` (with a zero output row) when a query has no valid key.
-- invalid token indices (``-1``, or outside ``[0, seq_len)``) are ignored; a slot of ``-1`` skips a write.
+  ``+inf`` (with a zero output row) when a query has no valid key (FlashMLA's convention).
+- sparse attention indices are physical cache slots (``block * block_size + offset``) or rows of a ragged KV;
+  one outside the cache (``-1``, ``-2^31``, ``>= num_slots``) is ignored; a slot of ``-1`` skips a write.
 """
 
 from __future__ import annotations
@@ -119,13 +120,14 @@ def gather_latent(cache: torch.Tensor, block_table: torch.Tensor, positions: tor
 
 
 def _softmax_out(scores: torch.Tensor, mask: torch.Tensor, v: torch.Tensor, eq: str):
-    """scores/mask ``[..., K]`` -> (out via einsum ``eq`` with v, lse ``[...]``, max ``[...]``)."""
+    """scores/mask ``[..., K]`` -> (out via einsum ``eq`` with v, lse ``[...]``, max ``[...]``);
+    a row without a valid key has a zero output, lse ``+inf`` and max ``-inf``."""
     scores = scores.masked_fill(~mask, float("-inf"))
     mx = scores.amax(dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(scores - safe.unsqueeze(-1)) * mask
-    return torch.einsum(eq, p, v), lse, mx
+    return torch.einsum(eq, p, v), lse.masked_fill(lse == float("-inf"), float("inf")), mx
 
 
 def ref_mla_decode(
@@ -136,6 +138,7 @@ def ref_mla_decode(
     softmax_scale: float,
     causal: bool = False,
     head_dim_v: int = KV_LORA_RANK,
+    out_dtype: torch.dtype | None = None,
 ):
     """Dense paged MLA decode (absorbed form).
 
@@ -145,11 +148,12 @@ def ref_mla_decode(
         block_table: ``[B, max_blocks]`` int32; entries past a request's length are never read.
         cache_seqlens: ``[B]`` int32 tokens in the cache per request (the S_q new tokens included).
         causal: query ``s`` sits at position ``seq_len - S_q + s`` and sees keys at positions ``<=`` it.
-    Returns: out ``[B, S_q, H, head_dim_v]`` (q.dtype), lse ``[B, H, S_q]`` float32.
+    Returns: out ``[B, S_q, H, head_dim_v]`` (``out_dtype``, default q's), lse ``[B, H, S_q]`` float32
+        (``+inf`` where a query sees no key).
     """
     B, S, H, D = q.shape
-    out = torch.zeros(B, S, H, head_dim_v, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, H, S), float("-inf"), dtype=torch.float32, device=q.device)
+    out = torch.zeros(B, S, H, head_dim_v, dtype=out_dtype or q.dtype, device=q.device)
+    lse = torch.full((B, H, S), float("inf"), dtype=torch.float32, device=q.device)
     if B == 0:
         return out, lse
     L = int(cache_seqlens.max().item()) if B else 0
@@ -168,7 +172,7 @@ def ref_mla_decode(
             qpos = (sl[:, None] - S + torch.arange(S, device=q.device)[None, :]).repeat_interleave(H, dim=1)
             mask = mask & (pos[:, None, :] <= qpos[:, :, None])
         o, l, _ = _softmax_out(scores, mask, kv[..., :head_dim_v], "bml,blv->bmv")
-        out[b0:b1] = o.reshape(b1 - b0, S, H, head_dim_v).to(q.dtype)
+        out[b0:b1] = o.reshape(b1 - b0, S, H, head_dim_v).to(out.dtype)
         lse[b0:b1] = l.reshape(b1 - b0, S, H).transpose(1, 2)
     return out, lse
 
@@ -176,63 +180,85 @@ def ref_mla_decode(
 def ref_mla_sparse_decode(
     q: torch.Tensor,
     cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
     indices: torch.Tensor,
     softmax_scale: float,
+    topk_length: torch.Tensor | None = None,
     head_dim_v: int = KV_LORA_RANK,
+    out_dtype: torch.dtype | None = None,
 ):
-    """Sparse paged MLA decode: query ``(b, s)`` attends only to request-local positions ``indices[b, s]``.
+    """Sparse paged MLA decode: query ``(b, s)`` attends only to the cache slots ``indices[b, s]``.
 
     Args:
-        q: ``[B, S_q, H, 576]``; cache/block_table/cache_seqlens as in :func:`ref_mla_decode`.
-        indices: ``[B, S_q, topk]`` int32 token positions; ``-1`` (or ``>= seq_len``) = unused slot.
-    Returns: out ``[B, S_q, H, head_dim_v]`` (q.dtype), lse ``[B, H, S_q]`` float32.
+        q: ``[B, S_q, H, 576]``.
+        cache: ``[num_blocks, block_size, 576]`` float or ``[num_blocks, block_size, 656]`` uint8 (FP8);
+            any block / row strides.
+        indices: ``[B, S_q, topk]`` int32 physical slots ``block * block_size + offset`` (no block table);
+            a slot outside ``[0, num_blocks * block_size)`` (``-1``, ``-2^31``, ...) is unused.
+        topk_length: optional ``[B]`` int32: request ``b`` uses only ``indices[b, :, :topk_length[b]]``.
+    Returns: out ``[B, S_q, H, head_dim_v]`` (``out_dtype``, default q's), lse ``[B, H, S_q]`` float32
+        (``+inf`` where a query has no valid key).
     """
     B, S, H, D = q.shape
     K = indices.shape[-1]
-    out = torch.zeros(B, S, H, head_dim_v, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, H, S), float("-inf"), dtype=torch.float32, device=q.device)
-    seqlens = cache_seqlens.long()
+    nb, bs = cache.shape[0], cache.shape[1]
+    out = torch.zeros(B, S, H, head_dim_v, dtype=out_dtype or q.dtype, device=q.device)
+    lse = torch.full((B, H, S), float("inf"), dtype=torch.float32, device=q.device)
+    if K == 0 or nb * bs == 0:
+        return out, lse
     for b0, b1 in _row_chunks(B, S * K * (LATENT_DIM + H)):
         idx = indices[b0:b1].long()
-        valid = (idx >= 0) & (idx < seqlens[b0:b1, None, None])
-        kv = gather_latent(cache, block_table[b0:b1], idx, valid)  # [b, S, K, 576]
+        valid = (idx >= 0) & (idx < nb * bs)
+        if topk_length is not None:
+            valid &= torch.arange(K, device=q.device) < topk_length[b0:b1, None, None].long()
+        slot = torch.where(valid, idx, torch.zeros_like(idx))
+        kv = decode_latent_rows(cache[slot // bs, slot % bs])
+        kv = torch.where(valid[..., None], kv, 0.0)  # not a multiply: unused slots may hold NaN
         scores = torch.einsum("bshd,bskd->bshk", q[b0:b1].float(), kv) * softmax_scale
         mask = valid[:, :, None, :].expand(-1, -1, H, -1)
         o, l, _ = _softmax_out(scores, mask, kv[..., :head_dim_v], "bshk,bskv->bshv")
-        out[b0:b1] = o.to(q.dtype)
+        out[b0:b1] = o.to(out.dtype)
         lse[b0:b1] = l.transpose(1, 2)
     return out, lse
 
 
 def ref_mla_sparse_prefill(
-    q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float, d_v: int = KV_LORA_RANK
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int = KV_LORA_RANK,
+    topk_length: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ):
     """Sparse MLA prefill over a ragged KV.
 
     Args:
         q: ``[S_q, H, 576]``.
-        kv: ``[S_kv, 1, 576]`` float or ``[S_kv, 1, 656]`` uint8 (FP8 rows).
-        indices: ``[S_q, 1, topk]`` int32 rows of ``kv``; ``-1`` (or ``>= S_kv``) = unused slot.
-    Returns: out ``[S_q, H, d_v]`` (q.dtype), max_logits ``[S_q, H]`` float32 (max of
-        ``sm_scale * q·k`` over valid keys, ``-inf`` if none), lse ``[S_q, H]`` float32.
+        kv: ``[S_kv, 1, 576]`` float or ``[S_kv, 1, 656]`` uint8 (FP8 rows); any row stride.
+        indices: ``[S_q, 1, topk]`` int32 rows of ``kv``; one outside ``[0, S_kv)`` is an unused slot.
+        topk_length: optional ``[S_q]`` int32: query ``t`` uses only ``indices[t, 0, :topk_length[t]]``.
+    Returns: out ``[S_q, H, d_v]`` (``out_dtype``, default q's), max_logits ``[S_q, H]`` float32 (max of
+        ``sm_scale * q·k`` over valid keys, ``-inf`` if none), lse ``[S_q, H]`` float32 (``+inf`` if none).
     """
     Sq, H, D = q.shape
     K = indices.shape[-1]
-    out = torch.zeros(Sq, H, d_v, dtype=q.dtype, device=q.device)
+    out = torch.zeros(Sq, H, d_v, dtype=out_dtype or q.dtype, device=q.device)
     mx = torch.full((Sq, H), float("-inf"), dtype=torch.float32, device=q.device)
-    lse = mx.clone()
+    lse = torch.full((Sq, H), float("inf"), dtype=torch.float32, device=q.device)
     rows = kv[:, 0]
     n_kv = rows.shape[0]
+    if K == 0 or n_kv == 0:
+        return out, mx, lse
     for s0, s1 in _row_chunks(Sq, K * (LATENT_DIM + H)):
         idx = indices[s0:s1, 0].long()
         valid = (idx >= 0) & (idx < n_kv)
+        if topk_length is not None:
+            valid &= torch.arange(K, device=q.device) < topk_length[s0:s1, None].long()
         g = decode_latent_rows(rows[torch.where(valid, idx, torch.zeros_like(idx))])
         g = torch.where(valid[..., None], g, 0.0)
         scores = torch.einsum("shd,skd->shk", q[s0:s1].float(), g) * sm_scale
         o, l, m = _softmax_out(scores, valid[:, None, :].expand(-1, H, -1), g[..., :d_v], "shk,skv->shv")
-        out[s0:s1], lse[s0:s1], mx[s0:s1] = o.to(q.dtype), l, m
+        out[s0:s1], lse[s0:s1], mx[s0:s1] = o.to(out.dtype), l, m
     return out, mx, lse
 
 
