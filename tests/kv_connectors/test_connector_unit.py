@@ -18,12 +18,15 @@ LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn", "mod
 NB, BS = 12, 16
 
 
-class DeepseekV32IndexerCache:  # the connector recognizes vLLM's indexer cache layer by its class name
-    pass
+def _indexer_cache_layer():
+    """A vLLM indexer K-cache layer (the connector recognises its type), without building its parameters."""
+    from vllm.model_executor.models.deepseek_v2 import DeepseekV32IndexerCache
+
+    return DeepseekV32IndexerCache.__new__(DeepseekV32IndexerCache)
 
 
 # vLLM's static forward context: layer name -> module
-FORWARD_CONTEXT = {LAYERS[0]: object(), LAYERS[1]: object(), LAYERS[2]: DeepseekV32IndexerCache()}
+FORWARD_CONTEXT = {LAYERS[0]: object(), LAYERS[1]: object(), LAYERS[2]: _indexer_cache_layer()}
 
 
 def _free_port():

@@ -6,15 +6,18 @@ cache, W = 132 uint8). Two encodings:
 
 - ``"raw"``: the cache's own bytes, ``T * W * itemsize`` (MLA bf16: 1152 B/token);
   decoding gives back the exact rows, so P/D is bit-for-bit.
-- ``"fp8"``: FlashMLA's FP8 MLA row, 656 B/token, only for 576-wide float rows:
+- ``"fp8"``: FlashMLA's FP8 MLA row, 656 B/token, only for 576-wide float rows: the
+  same codec as the FP8 latent cache (`vllm_frontier.kernels.ref.encode_latent_rows_fp8`):
   bytes ``[0, 512)`` = latent as float8 e4m3, ``[512, 528)`` = 4 fp32 scales (one per
-  128 latent values, scale = amax / 448), ``[528, 656)`` = the 64 rope values as
-  bf16. Lossy (latent to ~2**-4 relative, rope to bf16); used to cut wire bytes.
+  128 latent values), ``[528, 656)`` = the 64 rope values as bf16. Lossy (latent to
+  ~2**-4 relative, rope to bf16); used to cut wire bytes.
 """
 
 from __future__ import annotations
 
 import torch
+
+from vllm_frontier.kernels.ref import FP8_ROW_BYTES, KV_LORA_RANK, LATENT_DIM, decode_latent_rows, encode_latent_rows_fp8
 
 __all__ = [
     "ENCODINGS",
@@ -27,13 +30,7 @@ __all__ = [
 ]
 
 ENCODINGS = ("raw", "fp8")
-MLA_LATENT = 512
-MLA_ROPE = 64
-MLA_WIDTH = MLA_LATENT + MLA_ROPE
-_GROUP = 128
-_N_GROUPS = MLA_LATENT // _GROUP
-FP8_ROW_BYTES = MLA_LATENT + 4 * _N_GROUPS + 2 * MLA_ROPE  # 656
-_FP8_MAX = 448.0  # largest finite float8_e4m3fn
+MLA_WIDTH = LATENT_DIM  # 576
 
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -100,29 +97,8 @@ def decode_rows(
 
 
 def _encode_fp8(rows: torch.Tensor) -> torch.Tensor:
-    t = rows.shape[0]
-    latent = rows[:, :MLA_LATENT].float().reshape(t, _N_GROUPS, _GROUP)
-    amax = latent.abs().amax(dim=-1, keepdim=True)
-    # all-zero groups keep scale 1 so decoding is exact zeros, never 0/0
-    scale = torch.where(amax > 0, amax / _FP8_MAX, torch.ones_like(amax))
-    q = (latent / scale).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
-    out = torch.empty(t, FP8_ROW_BYTES, dtype=torch.uint8, device=rows.device)
-    out[:, :MLA_LATENT] = q.reshape(t, MLA_LATENT).view(torch.uint8)
-    out[:, MLA_LATENT : MLA_LATENT + 16] = (
-        scale.reshape(t, _N_GROUPS).contiguous().view(torch.uint8)
-    )
-    rope = rows[:, MLA_LATENT:].to(torch.bfloat16).contiguous()
-    out[:, MLA_LATENT + 16 :] = rope.view(torch.uint8)
-    return out
+    return encode_latent_rows_fp8(rows[:, :KV_LORA_RANK].float(), rows[:, KV_LORA_RANK:])
 
 
 def _decode_fp8(payload: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    t = payload.shape[0]
-    payload = payload.contiguous()
-    q = payload[:, :MLA_LATENT].contiguous().view(torch.float8_e4m3fn).float()
-    scale = payload[:, MLA_LATENT : MLA_LATENT + 16].contiguous().view(torch.float32)
-    latent = (q.reshape(t, _N_GROUPS, _GROUP) * scale.reshape(t, _N_GROUPS, 1)).reshape(
-        t, MLA_LATENT
-    )
-    rope = payload[:, MLA_LATENT + 16 :].contiguous().view(torch.bfloat16).float()
-    return torch.cat([latent, rope], dim=1).to(dtype)
+    return decode_latent_rows(payload).to(dtype)
