@@ -1,6 +1,6 @@
 """`FrontierPDConnector`: vLLM's KV-connector interface over the staging store and a transport.
 
-Protocol (per request, chosen by its ``kv_transfer_params``; every instance runs
+Protocol (per request, chosen by its ``kv_transfer_params``, see `vllm_frontier.pd_protocol`; every instance runs
 ``kv_role="kv_both"`` and can take either side):
 
 - **produce** ``{"frontier_pd": "produce", "transfer_id": T[, "wire": "raw"|"fp8"]}``:
@@ -42,6 +42,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 from vllm.logger import init_logger
+
+from vllm_frontier.pd_protocol import CONSUME, HELLO, PARAM, PRODUCE, PRODUCED
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from vllm_frontier.kv_connectors import wire
@@ -63,7 +65,6 @@ logger = init_logger("vllm.frontier.pd.connector")  # under "vllm.": vLLM config
 
 __all__ = ["FrontierPDConnector", "FrontierPDMetadata", "SaveSpec", "LoadSpec"]
 
-PARAM = "frontier_pd"
 
 
 @dataclass
@@ -148,7 +149,7 @@ class FrontierPDConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         p = request.kv_transfer_params or {}
-        if p.get(PARAM) != "consume" or request.request_id in self._load_issued:
+        if p.get(PARAM) != CONSUME or request.request_id in self._load_issued:
             return 0, False
         if not p.get("transfer_id") or not p.get("remote_addr"):
             logger.warning(
@@ -167,7 +168,7 @@ class FrontierPDConnector(KVConnectorBase_V1):
     ):
         p = request.kv_transfer_params or {}
         rid = request.request_id
-        if p.get(PARAM) == "produce":
+        if p.get(PARAM) == PRODUCE:
             tid = str(p.get("transfer_id") or rid)
             enc = str(p.get("wire") or self._settings.wire)
             if enc not in wire.ENCODINGS:
@@ -176,7 +177,7 @@ class FrontierPDConnector(KVConnectorBase_V1):
             self._producing[rid] = _Producing(
                 tid=tid, num_prompt=len(request.prompt_token_ids or ()), encoding=enc
             )
-        elif p.get(PARAM) == "consume" and num_external_tokens > 0:
+        elif p.get(PARAM) == CONSUME and num_external_tokens > 0:
             start = self._consume_start.pop(rid, request.num_computed_tokens)
             self._pending_loads[rid] = LoadSpec(
                 req_id=rid,
@@ -237,16 +238,16 @@ class FrontierPDConnector(KVConnectorBase_V1):
             # so the scheduler must not wait for one
             logger.info("frontier-pd: %s finished before its KV pull started", rid)
         kind = p.get(PARAM)
-        if kind == "hello":
-            return False, {PARAM: "hello", "kv_addr": self._settings.kv_addr(0),
+        if kind == HELLO:
+            return False, {PARAM: HELLO, "kv_addr": self._settings.kv_addr(0),
                            "wire": self._settings.wire}
-        if kind == "produce":
+        if kind == PRODUCE:
             st = self._producing.pop(rid, None)
             tid = str(p.get("transfer_id") or rid)
             if st is not None:  # finished (aborted) before its prompt was staged
                 self._aborted.append(tid)
                 return False, None
-            return False, {PARAM: "produced", "transfer_id": tid,
+            return False, {PARAM: PRODUCED, "transfer_id": tid,
                            "remote_addr": self._settings.kv_addr(0),
                            "num_tokens": len(request.prompt_token_ids or ())}
         # Blocks are never held past the request: staged KV is a copy (produce side),

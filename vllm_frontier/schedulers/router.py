@@ -38,6 +38,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import generate_latest
 
+from vllm_frontier.pd_protocol import consume_params, hello_params, produce_params
 from vllm_frontier.schedulers.instance_pool import InstancePool, NoInstanceAvailable, Stage
 from vllm_frontier.schedulers.router_metrics import RouterMetrics
 
@@ -85,7 +86,7 @@ class Router:
                 async with self.session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=10)) as r:
                     self._models[url] = (await r.json())["data"][0]["id"]
                 body = {"model": self._models[url], "prompt": "hello", "max_tokens": 1,
-                        "kv_transfer_params": {"frontier_pd": "hello"}}
+                        "kv_transfer_params": hello_params()}
                 async with self.session.post(url + "/v1/completions", json=body,
                                              timeout=aiohttp.ClientTimeout(total=60)) as r:
                     params = (await r.json()).get("kv_transfer_params") or {}
@@ -152,8 +153,7 @@ class Router:
         """Run the prefill stage on `inst` (already leased): (P's JSON or None, when P answered)."""
         pbody = copy.deepcopy(body)
         pbody.update(stream=False, n=1, max_tokens=1,
-                     kv_transfer_params={"frontier_pd": "produce", "transfer_id": tid,
-                                         **({"wire": self.args.wire} if self.args.wire else {})})
+                     kv_transfer_params=produce_params(tid, self.args.wire))
         pbody.pop("stream_options", None)
         if "max_completion_tokens" in pbody:
             pbody["max_completion_tokens"] = 1
@@ -222,10 +222,7 @@ class Router:
                 dbody = copy.deepcopy(body)
                 dbody.setdefault("model", self._models.get(dinst.url))
                 if attempt == 0 and remote:
-                    dbody["kv_transfer_params"] = {
-                        "frontier_pd": "consume", "transfer_id": tid, "remote_addr": remote,
-                        "do_remote_prefill": True,
-                    }
+                    dbody["kv_transfer_params"] = consume_params(tid, remote)
                 else:  # a retry computes the prompt where it lands
                     self.metrics.retries.labels("decode").inc()
                     dbody.pop("kv_transfer_params", None)
