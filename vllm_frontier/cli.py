@@ -59,21 +59,10 @@ def _flag_value(args: list[str], flag: str) -> str | None:
 
 
 def default_model_path() -> Path:
-    """The embedded trained model when this build ships it, else a tiny random V3 checkpoint made on first use."""
-    try:
-        from .models.embedded import embedded_model_path
+    """The embedded trained model (DeepSeek-V3.2 architecture, shipped inside the package)."""
+    from .models.embedded import embedded_model_path
 
-        path = embedded_model_path("v32")
-        if (path / "config.json").is_file():
-            return path
-    except (ImportError, FileNotFoundError):
-        pass
-    from .models.tiny_factory import make_tiny_model
-
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm-frontier" / "tiny-deepseek_v3-mtp1"
-    if not (cache / "config.json").is_file():
-        make_tiny_model("deepseek_v3", cache, mtp_layers=1)
-    return cache
+    return embedded_model_path("v32")
 
 
 def _parallel_size(args: list[str], *flags: str) -> int:

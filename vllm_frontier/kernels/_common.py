@@ -43,14 +43,6 @@ def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) ->
         raise TypeError(f"{name} must have dtype in {[str(d) for d in allowed]}, got {t.dtype}")
 
 
-def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
-    """shape entries: int (exact) or None (any)."""
-    ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
-    if not ok:
-        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
-
-
 def check_same_device(**tensors: torch.Tensor) -> None:
     devs = {n: t.device for n, t in tensors.items() if t is not None}
     if len(set(devs.values())) > 1:

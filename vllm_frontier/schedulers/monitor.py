@@ -129,21 +129,6 @@ def histogram_quantile(h: Histogram | None, q: float) -> float | None:
     return prev_b
 
 
-def _bucket_points(h: Histogram | None) -> list[int]:
-    """One representative value (bucket midpoint) per observation in a delta histogram."""
-    if h is None or h.count <= 0:
-        return []
-    out: list[int] = []
-    prev_b, prev_c = 0.0, 0.0
-    for b in sorted(h.buckets):
-        n = int(round(h.buckets[b] - prev_c))
-        if n > 0:
-            v = prev_b if math.isinf(b) else (prev_b + b) / 2
-            out.extend([int(v)] * n)
-        prev_b, prev_c = (b if not math.isinf(b) else prev_b), h.buckets[b]
-    return out
-
-
 async def scrape(session, urls: Iterable[str], timeout_s: float = 2.0) -> dict[str, InstanceMetrics | None]:
     """GET ``/metrics`` of every URL concurrently (aiohttp `session`); None for an instance that failed."""
     import aiohttp

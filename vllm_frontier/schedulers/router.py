@@ -403,12 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app, router = build_app(pool, args)
     if args.auto_ratio:
-        try:
-            from vllm_frontier.schedulers.auto_ratio import start_auto_ratio
-        except ImportError as e:
-            print(f"vllm-frontier router: error: --auto-ratio is unavailable in this build ({e})",
-                  file=sys.stderr)
-            return 2
+        from vllm_frontier.schedulers.auto_ratio import start_auto_ratio
 
         async def _start_controller(app: web.Application) -> None:
             start_auto_ratio(pool, args, registry=router.metrics.registry)
