@@ -5,6 +5,7 @@ Internal module: nothing here is public API.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -30,12 +31,52 @@ def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
     on_cuda = tensors[0].is_cuda
     if backend in (None, "auto"):
         return on_cuda
-    if not on_cuda and not INTERPRET:
+    if not on_cuda and not INTERPRET and _PINNED_TARGET[0] is None:
         raise RuntimeError(
             "backend='triton' on CPU tensors needs the Triton interpreter: set "
             "TRITON_INTERPRET=1 in the environment before importing vllm_frontier.kernels"
         )
     return True
+
+
+# A CUDA target pinned by assume_target(): launchers then pick that GPU's configs for any tensor.
+_PINNED_TARGET: list[tuple[int, int] | None] = [None]
+
+
+@contextlib.contextmanager
+def assume_target(capability: tuple[int, int] | None):
+    """Make the launchers choose configs and code paths for CUDA compute capability ``capability`` (e.g.
+    ``(8, 0)``), whatever device the tensors are on. Used by the offline compile check (launches intercepted)
+    and by interpreter tests of the sm_80 code paths. None: the tensors' own device."""
+    old = _PINNED_TARGET[0]
+    _PINNED_TARGET[0] = None if capability is None else tuple(capability)
+    try:
+        yield
+    finally:
+        _PINNED_TARGET[0] = old
+
+
+def target_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability the launch targets: the pinned one, the CUDA device's, or None (CPU interpreter)."""
+    if _PINNED_TARGET[0] is not None:
+        return _PINNED_TARGET[0]
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
+def compiles_for_gpu(device: torch.device) -> bool:
+    """Whether a launch compiles for a GPU (a CUDA tensor, or a pinned target outside the interpreter): then
+    bf16 dots and GPU tile sizes; under the interpreter fp32 dots (its bf16 arithmetic is wrong)."""
+    return device.type == "cuda" or (_PINNED_TARGET[0] is not None and not INTERPRET)
+
+
+def native_fp8(device: torch.device) -> bool:
+    """Whether kernels may reinterpret bytes as Triton's ``float8e4nv``: only from sm_89 on (Triton refuses the
+    type below). Elsewhere the kernels decode e4m3 codes with integer arithmetic (same values). The CPU
+    interpreter supports the type."""
+    cap = target_capability(device)
+    return cap is None or cap >= (8, 9)
 
 
 def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
