@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    raise SystemExit("gpu_compile compiles for GPUs: run it without TRITON_INTERPRET=1")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -304,6 +302,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 4), help="targets compiled in parallel")
     ap.add_argument("--out", default=None, help="write the rows as JSON (with the harness header)")
     a = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("this compiles for GPUs: run it without TRITON_INTERPRET=1")
     archs = [int(x) for x in a.arch.split(",") if x]
     unknown = [x for x in archs if x not in SMEM_LIMIT]
     if unknown:

@@ -16,11 +16,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BACKENDS = (None, "auto", "triton", "torch")
 
+# FRONTIER_FORCE_TRITON=1 (with TRITON_INTERPRET=1 on CPU): backend None / "auto" runs the Triton kernels on any
+# tensor, so a vLLM CPU engine takes the exact code path a GPU runs (tests of the GPU path).
+FORCE_TRITON = os.environ.get("FRONTIER_FORCE_TRITON", "0") == "1"
+
 
 def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
     """Decide whether an op runs its Triton kernel (True) or its torch reference (False).
 
-    backend None / "auto": Triton when the first tensor is on CUDA, else the torch reference.
+    backend None / "auto": Triton when the first tensor is on CUDA (or FRONTIER_FORCE_TRITON=1, or a target is
+    pinned by assume_target), else the torch reference.
     "triton": Triton; on CPU tensors this needs TRITON_INTERPRET=1 set before import.
     "torch": the torch reference.
     """
@@ -29,11 +34,12 @@ def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
     if backend == "torch":
         return False
     on_cuda = tensors[0].is_cuda
-    if backend in (None, "auto"):
-        return on_cuda
+    if backend in (None, "auto") and not (on_cuda or FORCE_TRITON or _PINNED_TARGET[0] is not None):
+        return False
     if not on_cuda and not INTERPRET and _PINNED_TARGET[0] is None:
         raise RuntimeError(
-            "backend='triton' on CPU tensors needs the Triton interpreter: set "
+            "Triton kernels on CPU tensors (backend='triton' or FRONTIER_FORCE_TRITON=1) need the Triton "
+            "interpreter: set "
             "TRITON_INTERPRET=1 in the environment before importing vllm_frontier.kernels"
         )
     return True
