@@ -6,6 +6,7 @@ Internal module: nothing here is public API.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -19,6 +20,9 @@ BACKENDS = (None, "auto", "triton", "torch")
 # FRONTIER_FORCE_TRITON=1 (with TRITON_INTERPRET=1 on CPU): backend None / "auto" runs the Triton kernels on any
 # tensor, so a vLLM CPU engine takes the exact code path a GPU runs (tests of the GPU path).
 FORCE_TRITON = os.environ.get("FRONTIER_FORCE_TRITON", "0") == "1"
+if FORCE_TRITON:
+    logging.getLogger("vllm.frontier.kernels").warning(
+        "vllm-frontier kernels: FRONTIER_FORCE_TRITON=1, Triton kernels on every device (interpreter: %s)", INTERPRET)
 
 
 def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
