@@ -88,10 +88,15 @@ else:
     S = dict(h=128, seq=4096, block=64, b=128, b_dense=128, topk=2048, b_sparse=128, ctxs=[8192, 32768], b_idx=128,
              idx_h=64, pre_sq=1024, pre_kv=8192, pre_topk=2048, corr_seqlens=[1, 700, 4096, 0, 2500],
              copy_bytes=1 << 30)
-    # BLOCK_M = 64 keeps one Hopper wgmma tile of heads per program (ptxas for sm_90a, Triton 3.9: the first
-    # config spills least, ~380 bytes/thread); the sweep keeps the fastest config that agrees.
-    # Each config is one more Triton compile (~5-15 s for this kernel), so the sweep stays short.
-    CONFIGS = [KernelConfig(64, 32, 8, 1), KernelConfig(64, 64, 8, 1), KernelConfig(64, 32, 16, 1)]
+    # The launcher's config for this GPU first (kernels.mla_attention.gpu_config: no spills on sm_80 / sm_90),
+    # then 64-row tiles (one Hopper wgmma tile of heads; they spill ~270-540 bytes/thread on sm_90); the sweep
+    # keeps the fastest config that agrees. Each config is one more Triton compile (~5-15 s for this kernel).
+    from vllm_frontier.kernels.mla_attention import default_config as _mla_default  # noqa: E402
+
+    CONFIGS = [KernelConfig(64, 32, 8, 1), KernelConfig(64, 64, 8, 1)]
+    if torch.cuda.is_available():
+        CONFIGS = [_mla_default(torch.device("cuda"), 128)] + [c for c in CONFIGS if c != _mla_default(
+            torch.device("cuda"), 128)]
 
 # bf16 tolerance: p and the output are rounded to bf16 (2^-8 relative) on unit-variance values
 ATOL = 3e-2 if DT == torch.bfloat16 else 3e-3

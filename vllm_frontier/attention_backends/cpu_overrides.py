@@ -1,6 +1,9 @@
-"""Torch implementations of the vLLM Triton kernels that DeepSeek-V3.2 reaches on CPU (Triton is off there).
+"""Torch implementations of the vLLM Triton kernels that DeepSeek-V3.2 reaches where they cannot run: on CPU
+(Triton is off there) and, for the kernels that use Triton's ``float8e4nv``, on CUDA GPUs below sm_89
+(A100, A10, RTX 3090: Triton refuses the type there).
 
-Registered through vLLM's kernel-override registry (`register_kernels`) in each worker by our CPU platform.
+Registered through vLLM's kernel-override registry (`register_kernels`) in each worker by our platforms:
+:func:`overrides_for` decides which, from the device.
 """
 
 from __future__ import annotations
@@ -78,13 +81,68 @@ def prepare_uniform_decode(seq_lens_ptr, decode_seq_lens_ptr, block_table_ptr, b
     decode_lens_ptr[:n] = 1
 
 
-def register() -> None:
-    from vllm.triton_utils.dispatcher import register_kernels
+def fused_indexer_q_rope_quant_kernel(positions, q, q_s0, q_s1, cos_sin_cache, cos_sin_s0, q_fp8, q_fp8_s0,
+                                      q_fp8_s1, weights, weights_s0, weights_s1, weights_out, weights_out_s0,
+                                      weights_out_s1, softmax_scale, head_scale, fp8_min=-448.0, fp8_max=448.0,
+                                      is_neox=True, **_):
+    """vLLM's `_fused_indexer_q_rope_quant_kernel` in torch (it stores through ``float8e4nv``: no Triton below sm_89).
 
-    register_kernels({
-        "vllm.model_executor.layers.quantization.utils.fp8_utils.per_token_group_quant_fp8":
-            per_token_group_quant_fp8,
-        "vllm.v1.attention.backends.mla.indexer.BuildPrefillChunkMetadataKernel.kernel":
-            build_prefill_chunk_metadata,
-        "vllm.v1.attention.backends.mla.indexer.PrepareUniformDecodeKernel.kernel": prepare_uniform_decode,
-    })
+    q: [T, H, 128] bf16 indexer query (64 rope dims first); cos_sin_cache: [max_pos, 64] (32 cos, 32 sin).
+    Writes q_fp8 [T, H, 128] (rope applied, rounded through bf16 as the kernel does, quantized with one
+    power-of-two (ue8m0) scale per head) and weights_out [T, H] = weights * scale * softmax_scale * head_scale.
+    """
+    cs = cos_sin_cache[positions.long()].float()  # [T, 64]
+    cos, sin = cs[:, None, :32], cs[:, None, 32:64]
+    qf = q.float()
+    x0, x1 = (qf[..., 0:32], qf[..., 32:64]) if is_neox else (qf[..., 0:64:2], qf[..., 1:64:2])
+    r0 = (x0 * cos - x1 * sin).to(torch.bfloat16).float()
+    r1 = (x1 * cos + x0 * sin).to(torch.bfloat16).float()
+    nope = qf[..., 64:]
+    amax = torch.maximum(torch.maximum(r0.abs().amax(-1), r1.abs().amax(-1)), nope.abs().amax(-1))  # [T, H]
+    scale = torch.exp2(torch.ceil(torch.log2(amax.clamp_min(1e-10) * (1.0 / fp8_max))))
+    rot = torch.empty_like(qf)
+    if is_neox:
+        rot[..., 0:32], rot[..., 32:64] = r0, r1
+    else:
+        rot[..., 0:64:2], rot[..., 1:64:2] = r0, r1
+    rot[..., 64:] = nope
+    q_fp8.copy_((rot / scale[..., None]).clamp(fp8_min, fp8_max).to(q_fp8.dtype))
+    weights_out.copy_(weights.float() * scale * softmax_scale * head_scale)
+
+
+_FP8_KERNELS = {
+    "vllm.model_executor.layers.quantization.utils.fp8_utils.per_token_group_quant_fp8": per_token_group_quant_fp8,
+    "vllm.model_executor.layers.sparse_attn_indexer._fused_indexer_q_rope_quant_kernel":
+        fused_indexer_q_rope_quant_kernel,
+}
+_METADATA_KERNELS = {
+    "vllm.v1.attention.backends.mla.indexer.BuildPrefillChunkMetadataKernel.kernel": build_prefill_chunk_metadata,
+    "vllm.v1.attention.backends.mla.indexer.PrepareUniformDecodeKernel.kernel": prepare_uniform_decode,
+}
+
+
+def overrides_for(device_type: str, capability: tuple[int, int] | None = None) -> dict:
+    """vLLM Triton kernels (qualified name -> torch implementation) that DSA must replace on this device.
+
+    CPU: all of them (vLLM disables Triton on CPU). CUDA below sm_89: the ones that use Triton's ``float8e4nv``
+    (no such type there; the metadata kernels compile). CUDA sm_89 and later, other devices: none.
+    """
+    if device_type == "cpu":
+        return {**_FP8_KERNELS, **_METADATA_KERNELS}
+    if device_type == "cuda" and capability is not None and tuple(capability) < (8, 9):
+        return dict(_FP8_KERNELS)
+    return {}
+
+
+def register(device_type: str = "cpu", capability: tuple[int, int] | None = None) -> list[str]:
+    """Register :func:`overrides_for` the device with vLLM's kernel-override registry; returns the names.
+
+    The CUDA platform calls ``register("cuda", torch.cuda.get_device_capability())`` from its
+    ``register_triton_kernel_overrides`` (each worker) when DSA is on; the CPU platform ``register()``.
+    """
+    table = overrides_for(device_type, capability)
+    if table:
+        from vllm.triton_utils.dispatcher import register_kernels
+
+        register_kernels(table)
+    return sorted(table)

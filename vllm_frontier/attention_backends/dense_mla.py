@@ -7,12 +7,19 @@ the vectorized torch reference on CPU. Any block size; bf16/fp16/fp32 or the 656
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from vllm.logger import init_logger
-from vllm.model_executor.layers.attention.mla_attention import MLACommonBackend, MLACommonMetadata
+from vllm.model_executor.layers.attention.mla_attention import (
+    MLACommonBackend,
+    MLACommonMetadata,
+    MLACommonMetadataBuilder,
+)
+from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
 
-from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache
+from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache, get_mla_metadata
 
 from .capabilities import LatentBackendCapabilities
 from .latent_cache_io import check_kv_cache_dtype, is_fp8_cache, write_rows
@@ -25,6 +32,28 @@ class FrontierMLABackend(LatentBackendCapabilities, MLACommonBackend):
     @staticmethod
     def get_impl_cls() -> type["FrontierMLAImpl"]:
         return FrontierMLAImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["FrontierMLAMetadataBuilder"]:
+        return FrontierMLAMetadataBuilder
+
+
+class FrontierMLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
+    """vLLM's MLA metadata, with the CUDA-graph support of our decode kernel declared: single-token decode
+    batches replay as full graphs. vLLM's builder classifies requests of several query tokens (MTP
+    verification) as prefills (``query_len_support`` SINGLE_ONLY), which run vLLM's MHA prefill: with MTP,
+    vLLM resolves decode graphs to piecewise."""
+
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False) -> MLACommonMetadata:
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        # The key-split schedule, once per step for every layer: get_mla_metadata reads the longest context on
+        # the host, which the per-layer forward must not do (CUDA graphs).
+        md.frontier_schedule = None
+        if md.decode is not None and md.num_decodes > 0:
+            md.frontier_schedule, _ = get_mla_metadata(md.decode.seq_lens, self.num_heads, 1, self.num_heads)
+        return md
 
 
 class FrontierMLAImpl(CPUMLAImpl):
@@ -49,6 +78,7 @@ class FrontierMLAImpl(CPUMLAImpl):
         out, lse = flash_mla_with_kvcache(
             q.unsqueeze(1), kv_c_and_k_pe_cache, decode.block_table[req], visible,
             head_dim_v=self.kv_lora_rank, softmax_scale=self.scale, is_fp8_kvcache=is_fp8_cache(self.kv_cache_dtype),
+            tile_scheduler_metadata=getattr(attn_metadata, "frontier_schedule", None),
         )
         return out[:, 0], lse[:, :, 0]
 

@@ -79,7 +79,9 @@ class FrontierSparseMLAMetadata(AttentionMetadata):
 
 
 class FrontierSparseMLAMetadataBuilder(AttentionMetadataBuilder[FrontierSparseMLAMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Decode batches of one shape (1 token per request, or 1 + MTP drafts) replay as full CUDA graphs, as vLLM's
+    # FLASHMLA_SPARSE: the forward path reads nothing on the host (tests/test_cudagraph_support.py).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)

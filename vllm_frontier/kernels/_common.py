@@ -5,6 +5,8 @@ Internal module: nothing here is public API.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import torch
@@ -15,11 +17,19 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BACKENDS = (None, "auto", "triton", "torch")
 
+# FRONTIER_FORCE_TRITON=1 (with TRITON_INTERPRET=1 on CPU): backend None / "auto" runs the Triton kernels on any
+# tensor, so a vLLM CPU engine takes the exact code path a GPU runs (tests of the GPU path).
+FORCE_TRITON = os.environ.get("FRONTIER_FORCE_TRITON", "0") == "1"
+if FORCE_TRITON:
+    logging.getLogger("vllm.frontier.kernels").warning(
+        "vllm-frontier kernels: FRONTIER_FORCE_TRITON=1, Triton kernels on every device (interpreter: %s)", INTERPRET)
+
 
 def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
     """Decide whether an op runs its Triton kernel (True) or its torch reference (False).
 
-    backend None / "auto": Triton when the first tensor is on CUDA, else the torch reference.
+    backend None / "auto": Triton when the first tensor is on CUDA (or FRONTIER_FORCE_TRITON=1, or a target is
+    pinned by assume_target), else the torch reference.
     "triton": Triton; on CPU tensors this needs TRITON_INTERPRET=1 set before import.
     "torch": the torch reference.
     """
@@ -28,14 +38,55 @@ def use_triton(backend: str | None, *tensors: torch.Tensor) -> bool:
     if backend == "torch":
         return False
     on_cuda = tensors[0].is_cuda
-    if backend in (None, "auto"):
-        return on_cuda
-    if not on_cuda and not INTERPRET:
+    if backend in (None, "auto") and not (on_cuda or FORCE_TRITON or _PINNED_TARGET[0] is not None):
+        return False
+    if not on_cuda and not INTERPRET and _PINNED_TARGET[0] is None:
         raise RuntimeError(
-            "backend='triton' on CPU tensors needs the Triton interpreter: set "
+            "Triton kernels on CPU tensors (backend='triton' or FRONTIER_FORCE_TRITON=1) need the Triton "
+            "interpreter: set "
             "TRITON_INTERPRET=1 in the environment before importing vllm_frontier.kernels"
         )
     return True
+
+
+# A CUDA target pinned by assume_target(): launchers then pick that GPU's configs for any tensor.
+_PINNED_TARGET: list[tuple[int, int] | None] = [None]
+
+
+@contextlib.contextmanager
+def assume_target(capability: tuple[int, int] | None):
+    """Make the launchers choose configs and code paths for CUDA compute capability ``capability`` (e.g.
+    ``(8, 0)``), whatever device the tensors are on. Used by the offline compile check (launches intercepted)
+    and by interpreter tests of the sm_80 code paths. None: the tensors' own device."""
+    old = _PINNED_TARGET[0]
+    _PINNED_TARGET[0] = None if capability is None else tuple(capability)
+    try:
+        yield
+    finally:
+        _PINNED_TARGET[0] = old
+
+
+def target_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability the launch targets: the pinned one, the CUDA device's, or None (CPU interpreter)."""
+    if _PINNED_TARGET[0] is not None:
+        return _PINNED_TARGET[0]
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
+def compiles_for_gpu(device: torch.device) -> bool:
+    """Whether a launch compiles for a GPU (a CUDA tensor, or a pinned target outside the interpreter): then
+    bf16 dots and GPU tile sizes; under the interpreter fp32 dots (its bf16 arithmetic is wrong)."""
+    return device.type == "cuda" or (_PINNED_TARGET[0] is not None and not INTERPRET)
+
+
+def native_fp8(device: torch.device) -> bool:
+    """Whether kernels may reinterpret bytes as Triton's ``float8e4nv``: only from sm_89 on (Triton refuses the
+    type below). Elsewhere the kernels decode e4m3 codes with integer arithmetic (same values). The CPU
+    interpreter supports the type."""
+    cap = target_capability(device)
+    return cap is None or cap >= (8, 9)
 
 
 def check_dtype(name: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:

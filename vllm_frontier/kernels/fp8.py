@@ -120,7 +120,24 @@ def bf16_bits_to_f32(b):
 
 
 @triton.jit
-def e4m3_bits_to(b, dtype: tl.constexpr):
-    """e4m3fn code (uint8) -> ``dtype`` (exact for fp16/bf16/fp32; NaN codes are not produced by
-    the quantizer and are not handled)."""
-    return b.to(tl.float8e4nv, bitcast=True).to(dtype)
+def e4m3_bits_to_f16(b):
+    """e4m3fn code (uint8) -> fp16 by integer arithmetic, for targets without ``float8e4nv`` (below sm_89).
+
+    Exact for every code: ``S.EEEE.MMM`` moved to fp16's ``S.0EEEE.MMM0000000`` reads as the e4m3 value times
+    2^-8 (exponent bias 15 instead of 7; e4m3 subnormals land on fp16 subnormals), so one multiply by 256
+    restores it. ``S.1111.111`` is NaN (e4m3fn has no infinities).
+    """
+    c = b.to(tl.int16) & 0xFF
+    h = ((c & 0x7F) << 7) | ((c & 0x80) << 8)
+    x = h.to(tl.float16, bitcast=True) * 256.0
+    return tl.where((c & 0x7F) == 0x7F, float("nan"), x)
+
+
+@triton.jit
+def e4m3_bits_to(b, dtype: tl.constexpr, NATIVE: tl.constexpr):
+    """e4m3fn code (uint8) -> ``dtype`` (exact for fp16/bf16/fp32). ``NATIVE``: through Triton's ``float8e4nv``
+    (sm_89 and later, and the interpreter); else :func:`e4m3_bits_to_f16` (sm_80/sm_86). The launcher decides
+    with ``_common.native_fp8``."""
+    if NATIVE:
+        return b.to(tl.float8e4nv, bitcast=True).to(dtype)
+    return e4m3_bits_to_f16(b).to(dtype)

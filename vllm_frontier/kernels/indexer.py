@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, check_same_device, next_pow2, use_triton
+from ._common import check_dtype, check_same_device, compiles_for_gpu, native_fp8, next_pow2, use_triton
 from .fp8 import SCALE_FORMATS, e4m3_bits_to, f32_to_e4m3_bits
 from .ref import (
     ref_indexer_paged_logits,
@@ -145,6 +145,7 @@ def _logits_kernel(
     Q_FP8: tl.constexpr,
     K_FP8: tl.constexpr,
     DT: tl.constexpr,
+    FP8_NATIVE: tl.constexpr,
 ):
     i_r = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
@@ -162,7 +163,7 @@ def _logits_kernel(
     m_d = o_d < D
     b_q = tl.load(Q + i_r * stride_qt + o_h[:, None] * stride_qh + o_d[None, :], mask=m_h[:, None] & m_d[None, :], other=0)
     if Q_FP8:
-        b_q = e4m3_bits_to(b_q, DT)  # [HP, DP]
+        b_q = e4m3_bits_to(b_q, DT, FP8_NATIVE)  # [HP, DP]
     else:
         b_q = b_q.to(DT)
     b_w = tl.load(W + i_r * stride_wt + o_h, mask=m_h, other=0)  # [HP]
@@ -181,7 +182,7 @@ def _logits_kernel(
         else:
             b_ks = tl.full([BLOCK_N], 1.0, tl.float32)
     if K_FP8:
-        b_k = e4m3_bits_to(b_k, DT)  # [BLOCK_N, DP]
+        b_k = e4m3_bits_to(b_k, DT, FP8_NATIVE)  # [BLOCK_N, DP]
     else:
         b_k = b_k.to(DT)
     if DT == tl.float32:
@@ -196,12 +197,18 @@ def _logits_kernel(
 _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+def _logits_warps(device: torch.device) -> int:
+    # Below sm_89 the e4m3 codes are decoded with integer arithmetic: with 4 warps the decoded [64, 128] query
+    # and [128, 128] key tiles need 255 registers (sm_80) and spill on sm_86; 8 warps hold them in ~145.
+    return 4 if native_fp8(device) else 8
+
+
 def _q_arg(q: torch.Tensor):
     """(tensor for the kernel, is_fp8, dot dtype)."""
     if q.dtype == torch.float8_e4m3fn:
-        return q.view(torch.uint8), True, (tl.bfloat16 if q.is_cuda else tl.float32)
+        return q.view(torch.uint8), True, (tl.bfloat16 if compiles_for_gpu(q.device) else tl.float32)
     check_dtype("q", q, _FLOATS)
-    return q, False, (_DT[q.dtype] if q.is_cuda else tl.float32)
+    return q, False, (_DT[q.dtype] if compiles_for_gpu(q.device) else tl.float32)
 
 
 def indexer_paged_logits(
@@ -252,14 +259,14 @@ def indexer_paged_logits(
     qa = qa.reshape(B * N, H, D)
     w = weights.float().reshape(B * N, H)
     bt = block_table.to(torch.int32)
-    bn = block_n or (128 if q.is_cuda else max(16, min(256, next_pow2(max_seq_len))))
+    bn = block_n or (128 if compiles_for_gpu(q.device) else max(16, min(256, next_pow2(max_seq_len))))
     grid = (B * N, triton.cdiv(max_seq_len, bn))
     _logits_kernel[grid](
         qa, qa.stride(0), qa.stride(1), w, w.stride(0),
         k_cache, k_cache.view(torch.float32), k_cache.stride(0), bt, bt.stride(0),
         lo, hi, out, max_seq_len, max_seq_len, N, k_cache.shape[1],
         H=H, D=D, HP=next_pow2(max(H, 16)), DP=next_pow2(max(D, 16)), BLOCK_N=bn,
-        PAGED=True, Q_FP8=q_fp8, K_FP8=True, DT=dt, num_warps=4,
+        PAGED=True, Q_FP8=q_fp8, K_FP8=True, DT=dt, FP8_NATIVE=native_fp8(q.device), num_warps=_logits_warps(q.device),
     )
     return out
 
@@ -302,20 +309,20 @@ def indexer_ragged_logits(
     qa, q_fp8, dt = _q_arg(q)
     if not k_fp8:
         check_dtype("k", k, _FLOATS)
-        if not q.is_cuda:
+        if not compiles_for_gpu(q.device):
             dt = tl.float32
     ka = k.view(torch.uint8) if k_fp8 else k
     ka = ka if ka.stride(1) == 1 else ka.contiguous()
     ks32 = k_scale.float().contiguous() if k_fp8 else ka
     w = weights.float()
-    bn = block_n or (128 if q.is_cuda else max(16, min(256, next_pow2(S))))
+    bn = block_n or (128 if compiles_for_gpu(q.device) else max(16, min(256, next_pow2(S))))
     lo = cu_seqlen_ks.to(torch.int32).contiguous()
     hi = cu_seqlen_ke.to(torch.int32).clamp_max(S).contiguous()
     _logits_kernel[(T, triton.cdiv(S, bn))](
         qa, qa.stride(0), qa.stride(1), w, w.stride(0), ka, ks32, ka.stride(0), lo, 0,
         lo, hi, out, out.stride(0), S, 1, 1,
         H=H, D=D, HP=next_pow2(max(H, 16)), DP=next_pow2(max(D, 16)), BLOCK_N=bn,
-        PAGED=False, Q_FP8=q_fp8, K_FP8=k_fp8, DT=dt, num_warps=4,
+        PAGED=False, Q_FP8=q_fp8, K_FP8=k_fp8, DT=dt, FP8_NATIVE=native_fp8(q.device), num_warps=_logits_warps(q.device),
     )
     return out
 
@@ -418,7 +425,7 @@ def topk_indices(
         return out
     x = logits.float()
     x = x if x.stride(1) == 1 else x.contiguous()
-    blk = block or (4096 if logits.is_cuda else max(16, min(8192, next_pow2(L))))
+    blk = block or (4096 if compiles_for_gpu(logits.device) else max(16, min(8192, next_pow2(L))))
     _topk_kernel[(R,)](x, x.stride(0), st.contiguous(), ln, out, out.stride(0), k, BLOCK=blk, num_warps=8)
     return out
 

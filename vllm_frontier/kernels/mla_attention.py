@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, next_pow2
+from ._common import cdiv, compiles_for_gpu, native_fp8, next_pow2, target_capability
 from .fp8 import bf16_bits_to_f32, e4m3_bits_to
 
 LOG2E = 1.4426950408889634
@@ -58,11 +58,12 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _load_k_chunk(KV, o_row, o_c, m_n, C: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr):
+def _load_k_chunk(KV, o_row, o_c, m_n, C: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr,
+                  FP8_NATIVE: tl.constexpr):
     # [BLOCK_N, 128] chunk C of the latent, in the dot dtype (FP8: exact e4m3 codes, scale applied later)
     b_k = tl.load(KV + o_row[:, None] + C * 128 + o_c[None, :], mask=m_n[:, None], other=0)
     if FP8:
-        return e4m3_bits_to(b_k, DT)
+        return e4m3_bits_to(b_k, DT, FP8_NATIVE)
     return b_k.to(DT)
 
 
@@ -87,6 +88,7 @@ def _mla_attn_fwd_kernel(
     HAS_TOPK_LEN: tl.constexpr,
     CAUSAL: tl.constexpr,
     FP8: tl.constexpr,
+    FP8_NATIVE: tl.constexpr,
     WRITE_MAX: tl.constexpr,
     DT: tl.constexpr,
     IEEE: tl.constexpr,
@@ -161,10 +163,10 @@ def _mla_attn_fwd_kernel(
             b_blk = tl.load(BT + i_b64 * stride_bt + b_pos // block_size, mask=m_n, other=0).to(tl.int64)
         o_row = b_blk * stride_kv_blk + (b_pos % block_size) * stride_kv_tok  # [BLOCK_N] int64
 
-        b_k0 = _load_k_chunk(KV, o_row, o_c, m_n, 0, FP8, DT)  # [BLOCK_N, 128]
-        b_k1 = _load_k_chunk(KV, o_row, o_c, m_n, 1, FP8, DT)
-        b_k2 = _load_k_chunk(KV, o_row, o_c, m_n, 2, FP8, DT)
-        b_k3 = _load_k_chunk(KV, o_row, o_c, m_n, 3, FP8, DT)
+        b_k0 = _load_k_chunk(KV, o_row, o_c, m_n, 0, FP8, DT, FP8_NATIVE)  # [BLOCK_N, 128]
+        b_k1 = _load_k_chunk(KV, o_row, o_c, m_n, 1, FP8, DT, FP8_NATIVE)
+        b_k2 = _load_k_chunk(KV, o_row, o_c, m_n, 2, FP8, DT, FP8_NATIVE)
+        b_k3 = _load_k_chunk(KV, o_row, o_c, m_n, 3, FP8, DT, FP8_NATIVE)
         if FP8:
             p_sc = KV32 + o_row // 4 + 128
             b_sc0 = tl.load(p_sc, mask=m_n, other=0)  # [BLOCK_N] fp32
@@ -269,10 +271,37 @@ def _combine_kernel(
 _DT = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+# Per-GPU tile configs, keyed by compute capability; chosen with the offline compile check
+# (benchmarks/gpu_compile.py, ptxas of the Triton wheel). 64 x 32 tiles with 8 warps hold a [64, 512] fp32
+# accumulator plus the [64, 576] query in registers: 255 registers and 270-540 bytes of spills per thread on
+# sm_80 / sm_90, and ~112 KiB of shared memory (over the 99 KiB of sm_86 / sm_89 / sm_120). 32-row tiles halve
+# both: 200-255 registers without spills, 44-76 KiB. sm_100 keeps 64 rows: its MMA accumulates in tensor
+# memory (no register pressure; 108 KiB of its 227 KiB).
+_SMALL = KernelConfig(block_m=32, block_n=32, num_warps=8, num_stages=1)
+_GPU_CONFIGS = {
+    (8, 0): _SMALL,
+    (8, 6): _SMALL,
+    (8, 9): _SMALL,
+    (9, 0): _SMALL,
+    (10, 0): KernelConfig(block_m=64, block_n=32, num_warps=8, num_stages=1),
+    (12, 0): _SMALL,
+}
+
+
+def gpu_config(capability: tuple[int, int]) -> KernelConfig:
+    """The tile config for a CUDA compute capability: its own entry, else the closest lower one of that major
+    version, else the sm_80 one."""
+    if capability in _GPU_CONFIGS:
+        return _GPU_CONFIGS[capability]
+    same_major = [c for c in _GPU_CONFIGS if c[0] == capability[0] and c <= capability]
+    return _GPU_CONFIGS[max(same_major)] if same_major else _GPU_CONFIGS[(8, 0)]
+
+
 def default_config(device: torch.device, num_rows: int) -> KernelConfig:
-    """Tile sizes: on GPUs the sm_90-oriented defaults; under the interpreter few, large programs."""
-    if device.type == "cuda":
-        return KernelConfig(block_m=64, block_n=32, num_warps=8, num_stages=1)
+    """Tile sizes: on GPUs the config of that GPU generation; under the interpreter few, large programs."""
+    cap = target_capability(device)
+    if cap is not None and compiles_for_gpu(device):
+        return gpu_config(cap)
     return KernelConfig(block_m=max(16, min(64, next_pow2(num_rows))), block_n=64, num_warps=4, num_stages=1)
 
 
@@ -342,7 +371,7 @@ def mla_attention_fwd(
         float(sm_scale), H, S_Q, topk, cache.shape[1], cache.shape[0] * cache.shape[1],
         NUM_SPLITS=num_splits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         SPARSE=sparse, HAS_TOPK_LEN=sparse and topk_length is not None, CAUSAL=bool(causal) and not sparse,
-        FP8=fp8, WRITE_MAX=write_max,
+        FP8=fp8, FP8_NATIVE=native_fp8(q.device), WRITE_MAX=write_max,
         DT=_DT[q.dtype], IEEE=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if num_splits > 1:

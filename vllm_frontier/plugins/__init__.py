@@ -150,7 +150,7 @@ def attention_backend(selector) -> str | None:
     return None
 
 
-def register_cpu_kernel_overrides() -> None:
-    """Torch replacements for vLLM Triton kernels that the active features reach on CPU (Triton is off)."""
+def register_kernel_overrides(device_type: str, capability: tuple[int, int] | None) -> None:
+    """Torch replacements for vLLM Triton kernels that the active features reach where they cannot run."""
     for feature in active_features(settings()):
-        feature.register_cpu_kernel_overrides()
+        feature.register_kernel_overrides(device_type, capability)

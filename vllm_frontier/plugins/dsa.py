@@ -26,6 +26,17 @@ def check_mla_geometry(text) -> None:
                            f"{getattr(text, 'qk_rope_head_dim', None)}")
 
 
+def apply_latent_cache_dtype(vllm_config) -> None:
+    """`--kv-cache-dtype fp8` means the 656-byte FP8 latent rows with our backends (vLLM maps it so only for
+    its FLASHMLA_SPARSE backend); other cache dtypes end the launch with one line."""
+    from vllm_frontier.attention_backends.latent_cache_io import apply_kv_cache_dtype
+
+    try:
+        apply_kv_cache_dtype(vllm_config)
+    except ValueError as e:
+        raise FeatureError(str(e)) from None
+
+
 class DSAFeature(Feature):
     name = "dsa"
 
@@ -40,6 +51,7 @@ class DSAFeature(Feature):
         topk = text.index_topk
         if not isinstance(topk, int) or isinstance(topk, bool) or topk <= 0:
             raise FeatureError(f"index_topk must be a positive integer, the model's config.json has {topk!r}")
+        apply_latent_cache_dtype(vllm_config)
         cache = vllm_config.cache_config
         if cache.block_size != DSA_BLOCK_SIZE:
             logger.info("vllm-frontier: DSA sets the KV block size to %d (was %s)", DSA_BLOCK_SIZE, cache.block_size)
@@ -50,10 +62,10 @@ class DSAFeature(Feature):
 
         register_indexer()
 
-    def register_cpu_kernel_overrides(self) -> None:
+    def register_kernel_overrides(self, device_type: str, capability: tuple[int, int] | None) -> None:
         from vllm_frontier.attention_backends import cpu_overrides
 
-        cpu_overrides.register()
+        cpu_overrides.register(device_type, capability)
 
     def attention_backend(self, selector) -> str | None:
         return SPARSE_MLA_BACKEND if selector.use_sparse else None

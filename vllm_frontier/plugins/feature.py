@@ -13,6 +13,8 @@ offline `LLM(...)` with `FRONTIER_*`), because all of them build a `VllmConfig` 
 - `update_config(vllm_config)`: the vLLM config changes the feature needs (speculative config, KV-transfer
   config, quantization method, block size), made in vLLM's own config path;
 - `register()`: what the feature hooks into vLLM in every process (custom ops, connector, quantization config);
+- `register_kernel_overrides(device_type, capability)`: in each worker, torch replacements for vLLM Triton
+  kernels the feature reaches where they cannot run (CPU; CUDA below sm_89 for FP8 kernels);
 - `attention_backend(selector)`: the class path of our attention backend for a layer, or None.
 
 Feature objects import their feature package only inside these methods, so a switched-off feature costs
@@ -47,8 +49,8 @@ class Feature:
     def register(self) -> None:
         pass
 
-    def register_cpu_kernel_overrides(self) -> None:
-        pass
+    def register_kernel_overrides(self, device_type: str, capability: tuple[int, int] | None) -> None:
+        """In each worker: replacements for vLLM Triton kernels this feature reaches that cannot run here."""
 
     def attention_backend(self, selector) -> str | None:
         return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .dsa import check_mla_geometry
+from .dsa import apply_latent_cache_dtype, check_mla_geometry
 from .feature import Feature, text_config
 
 DENSE_MLA_BACKEND = "vllm_frontier.attention_backends.dense_mla.FrontierMLABackend"
@@ -21,6 +21,7 @@ class MLAFeature(Feature):
 
     def update_config(self, vllm_config) -> None:
         check_mla_geometry(text_config(vllm_config.model_config.hf_config))
+        apply_latent_cache_dtype(vllm_config)
 
     def attention_backend(self, selector) -> str | None:
         return DENSE_MLA_BACKEND if selector.use_mla and not selector.use_sparse else None

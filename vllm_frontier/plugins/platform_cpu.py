@@ -19,10 +19,3 @@ class FrontierCpuPlatform(FrontierPlatformHooks, CpuPlatform):
 
         if settings().any:
             exit_on_feature_error(lambda: size_kv_cache(vllm_config))
-
-    @classmethod
-    def register_triton_kernel_overrides(cls) -> None:
-        super().register_triton_kernel_overrides()
-        from . import register_cpu_kernel_overrides
-
-        register_cpu_kernel_overrides()

@@ -25,6 +25,14 @@ class FrontierPlatformHooks:
         return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
 
     @classmethod
+    def register_triton_kernel_overrides(cls) -> None:
+        super().register_triton_kernel_overrides()
+        from . import register_kernel_overrides
+
+        capability = cls.get_device_capability()
+        register_kernel_overrides(cls.device_type, None if capability is None else tuple(capability))
+
+    @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         super().check_and_update_config(vllm_config)
         from . import resolve

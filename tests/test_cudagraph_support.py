@@ -1,0 +1,187 @@
+"""CUDA graphs with our attention backends (no GPU needed).
+
+1. vLLM's own cudagraph-mode resolution, fed what it is fed for DeepSeek-V3.2 on a CUDA GPU (the default
+   optimization level's cudagraph mode; breakable CUDA graphs, which V3.2 turns on by default and which set
+   the compile mode to NONE; the minimum graph support of the attention builders), keeps full decode graphs
+   with our builders; the same resolution with a builder that reports NEVER falls back to no graphs.
+2. No host sync in the per-layer forward path: the backends' forward and cache writes run, as on an sm_90 GPU
+   (launchers pick that GPU's configs; Triton launches are intercepted, not run), with every Python-level way to
+   read a tensor on the host (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``, ``int()``, ``float()``,
+   ``bool()``, indexing by a tensor scalar) made to raise. Runs in a subprocess without the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _v32_compilation_config():
+    """CompilationConfig as vLLM 0.32 sets it up for DeepseekV32ForCausalLM on CUDA (VllmConfig.__post_init__:
+    the optimization level's defaults, then _maybe_enable_breakable_cudagraph)."""
+    from vllm.config import CompilationConfig, CompilationMode, VllmConfig
+    from vllm.config.vllm import DEFAULT_BREAKABLE_CUDAGRAPH_ARCHITECTURES, OPTIMIZATION_LEVEL_TO_CONFIG
+
+    level = VllmConfig.__dataclass_fields__["optimization_level"].default
+    mode = OPTIMIZATION_LEVEL_TO_CONFIG[level]["compilation_config"]["cudagraph_mode"]
+    assert "DeepseekV32ForCausalLM" in DEFAULT_BREAKABLE_CUDAGRAPH_ARCHITECTURES, "V3.2 uses breakable graphs"
+    return CompilationConfig(cudagraph_mode=mode, mode=CompilationMode.NONE)
+
+
+def _resolve(support, uniform_decode_query_len: int):
+    cc = _v32_compilation_config()
+    return cc.resolve_cudagraph_mode_and_sizes(support, "backend", uniform_decode_query_len=uniform_decode_query_len,
+                                               max_num_reqs=256)
+
+
+@pytest.mark.parametrize("mtp", [0, 1, 3])
+def test_v32_keeps_full_decode_graphs_with_our_sparse_backend(mtp):
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_frontier.attention_backends.sparse_mla import FrontierSparseMLABackend
+
+    ours = FrontierSparseMLABackend.get_builder_cls().get_cudagraph_support(None, None)
+    # vLLM's indexer-cache builder (DeepseekV32IndexerMetadataBuilder) reports UNIFORM_BATCH without DeepGEMM's
+    # varlen kernel, ALWAYS with it: the minimum over the model's builders is ours or UNIFORM_BATCH.
+    support = min(ours, AttentionCGSupport.UNIFORM_BATCH, key=lambda s: s.value)
+    mode = _resolve(support, 1 + mtp)
+    assert mode.decode_mode() == CUDAGraphMode.FULL, mode
+    assert mode.has_full_cudagraphs()
+    # the check can fail: a builder that reports NEVER (as ours did) loses every graph
+    assert _resolve(AttentionCGSupport.NEVER, 1 + mtp) == CUDAGraphMode.NONE
+
+
+def test_dense_backend_keeps_full_decode_graphs_without_mtp():
+    from vllm.config import CUDAGraphMode
+
+    from vllm_frontier.attention_backends.dense_mla import FrontierMLABackend
+
+    support = FrontierMLABackend.get_builder_cls().get_cudagraph_support(None, None)
+    assert _resolve(support, 1).decode_mode() == CUDAGraphMode.FULL
+    # multi-token decode (MTP) is prefill to vLLM's dense MLA builder: vLLM drops full decode graphs
+    assert _resolve(support, 2).decode_mode() != CUDAGraphMode.FULL
+
+
+# ------------------------------------------------------------------------------------------- host syncs
+_PROBE = r"""
+import sys, types, torch
+sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
+import gpu_compile
+from vllm_frontier.kernels import _common
+from vllm_frontier.attention_backends import sparse_mla, dense_mla, indexer_op
+from vllm_frontier.attention_backends.token_layout import token_rows
+
+class HostSync(RuntimeError):
+    pass
+
+def guard(name):
+    def f(self, *a, **k):
+        raise HostSync(f"Tensor.{{name}} in the forward path")
+    return f
+
+NAMES = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
+saved = {{n: getattr(torch.Tensor, n) for n in NAMES}}
+
+def run(label, fn):
+    rec = gpu_compile._Recorder()
+    with _common.assume_target((9, 0)), rec.active():
+        for n in NAMES:
+            setattr(torch.Tensor, n, guard(n))
+        try:
+            fn()
+        except HostSync as e:
+            print(f"SYNC {{label}}: {{e}}"); return
+        except Exception as e:  # noqa: BLE001 - reported per path; the test of that path fails on it
+            print(f"ERROR {{label}}: {{type(e).__name__}}: {{e}}"); return
+        finally:
+            for n, f in saved.items():
+                setattr(torch.Tensor, n, f)
+    assert rec.launches, label
+    print(f"OK {{label}}: {{len(rec.launches)}} launches")
+
+H, B, BS, TOPK, NB = 16, 3, 64, 128, 12
+seq_lens = torch.tensor([70, 5, 200], dtype=torch.int32)
+qsl = torch.tensor([0, 1, 3, 4], dtype=torch.int32)  # one decode, one MTP-like pair, one decode
+n = 4
+req, visible = token_rows(qsl, seq_lens, n)
+bt = torch.arange(B * 4, dtype=torch.int32).reshape(B, 4)
+slots = torch.tensor([69, 64 * 4 + 3, 64 * 4 + 4, 64 * 8 + 199 - 128], dtype=torch.int64)
+
+for dtype_name, cache in (("auto", torch.zeros(NB, BS, 576, dtype=torch.bfloat16)),
+                          ("fp8_ds_mla", torch.zeros(NB, BS, 656, dtype=torch.uint8))):
+    sp = sparse_mla.FrontierSparseMLAImpl.__new__(sparse_mla.FrontierSparseMLAImpl)
+    sp.num_heads, sp.scale, sp.kv_lora_rank, sp.kv_cache_dtype = H, 0.1, 512, dtype_name
+    sp.topk_indices_buffer = torch.zeros(n, TOPK, dtype=torch.int32)
+    md = sparse_mla.FrontierSparseMLAMetadata(
+        causal=True, num_reqs=B, num_actual_tokens=n, query_start_loc=qsl, slot_mapping=slots, block_table=bt,
+        seq_lens=seq_lens, token_req=req, token_visible=visible, max_seq_len=200, block_size=BS,
+        topk_tokens=TOPK) if "causal" in sparse_mla.FrontierSparseMLAMetadata.__dataclass_fields__ else \
+        sparse_mla.FrontierSparseMLAMetadata(
+        num_reqs=B, num_actual_tokens=n, query_start_loc=qsl, slot_mapping=slots, block_table=bt,
+        seq_lens=seq_lens, token_req=req, token_visible=visible, max_seq_len=200, block_size=BS, topk_tokens=TOPK)
+    q = torch.randn(n, H, 576, dtype=torch.bfloat16)
+    run(f"sparse MLA forward_mqa ({{dtype_name}})", lambda: sp.forward_mqa(q, cache, md, None))
+    run(f"latent cache write ({{dtype_name}})", lambda: sp.do_kv_cache_update(
+        torch.randn(n, 512, dtype=torch.bfloat16), torch.randn(n, 1, 64, dtype=torch.bfloat16), cache, slots,
+        dtype_name, None))
+    dn = dense_mla.FrontierMLAImpl.__new__(dense_mla.FrontierMLAImpl)
+    dn.scale, dn.kv_lora_rank, dn.kv_cache_dtype = 0.1, 512, dtype_name
+    dec_seq = torch.tensor([70, 5, 200], dtype=torch.int32)
+    dmd = types.SimpleNamespace(
+        decode=types.SimpleNamespace(seq_lens=dec_seq, block_table=bt), query_start_loc=torch.arange(4, dtype=torch.int32),
+        num_decodes=3)
+    # what FrontierMLAMetadataBuilder.build adds once per step
+    dmd.frontier_schedule = dense_mla.get_mla_metadata(dec_seq, H, 1, H)[0]
+    run(f"dense MLA forward_mqa ({{dtype_name}})", lambda: dn.forward_mqa(torch.randn(3, H, 576, dtype=torch.bfloat16), cache, dmd, None))
+
+# the indexer: k cache write, logits over the paged FP8 K cache, top-k into the shared buffer
+kc = types.SimpleNamespace(prefix="idx", kv_cache=torch.zeros(NB, BS, 132, dtype=torch.uint8))
+ix = indexer_op.FrontierSparseAttnIndexer.__new__(indexer_op.FrontierSparseAttnIndexer)  # no vLLM config here
+torch.nn.Module.__init__(ix)
+ix.k_cache, ix.quant_block_size, ix.scale_fmt, ix.topk_tokens, ix.head_dim = kc, 128, "ue8m0", TOPK, 128
+ix.max_model_len = ix.max_total_seq_len = 4096
+ix.topk_indices_buffer = torch.zeros(n, TOPK, dtype=torch.int32)
+ix.skip_k_cache_insert, ix.use_fp4_cache, ix.compress_ratio, ix.dcp_world_size = False, False, 1, 1
+index_md = types.SimpleNamespace(slot_mapping=slots, block_table=bt)
+indexer_op.get_forward_context = lambda: types.SimpleNamespace(attn_metadata={{"idx": index_md, "mla": md}})
+run("indexer forward", lambda: ix.forward_native(torch.randn(n, 64), torch.randn(n, 64, 128).to(torch.float8_e4m3fn),
+                                                 torch.randn(n, 128, dtype=torch.bfloat16), torch.randn(n, 64)))
+"""
+
+
+@pytest.fixture(scope="module")
+def probe():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    code = _PROBE.format(root=str(ROOT), bench=str(ROOT / "benchmarks"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return {"_raw": proc.stdout}
+
+
+def _outcome(probe, label):
+    lines = [ln for ln in probe["_raw"].splitlines() if ln.split(" ", 1)[-1].startswith(label)]
+    assert lines, f"{label} did not run:\n{probe['_raw'][-2000:]}"
+    return lines
+
+
+@pytest.mark.parametrize("label", ["sparse MLA forward_mqa", "latent cache write", "dense MLA forward_mqa"])
+def test_no_host_sync_in_the_attention_forward(probe, label):
+    lines = _outcome(probe, label)
+    assert len(lines) == 2 and all(ln.startswith("OK ") for ln in lines), "\n".join(lines)
+
+
+@pytest.mark.xfail(strict=True, reason="indexer_op.py reads the longest visible length on the host "
+                   "(int(visible.max().item())) to size its logits; removed with the chunked, bounded-memory "
+                   "indexer. strict: this test fails once the sync is gone, so the marker goes with it")
+def test_no_host_sync_in_the_indexer_forward(probe):
+    lines = _outcome(probe, "indexer forward")
+    assert all(ln.startswith("OK ") for ln in lines), "\n".join(lines)
