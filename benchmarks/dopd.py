@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import header  # noqa: E402
 
 from vllm_frontier.schedulers.controller import ControllerConfig, RatioController  # noqa: E402
 from vllm_frontier.schedulers.cost_model import PROFILES, InstanceProfile  # noqa: E402
@@ -351,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--oracle-leads", type=float, nargs="+", default=[0.0, 5.0, 15.0, -10.0],
                     help="phase oracle: seconds before each phase start at which its split is applied "
                     "(negative: after; best kept)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dopd.json"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dopd/dopd.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
     args = ap.parse_args(argv)
     if args.spare_to_prefill is not None and not 0 < args.spare_to_prefill <= 1:
@@ -369,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
 
     result = {
+        "header": header(),
         "benchmark": "dopd",
         "host": {"python": platform.python_version(), "machine": platform.machine(), "simulated": True},
         "config": {"profile": prof.name, "profile_source": prof.source, "workload": args.workload,

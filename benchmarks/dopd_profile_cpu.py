@@ -32,8 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import requests  # noqa: E402
+from harness import header  # noqa: E402
 
 from vllm_frontier.schedulers.cost_model import fit_decode, fit_prefill  # noqa: E402
 
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--t1", type=int, default=8)
     ap.add_argument("--t2", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/dopd_cpu_profile.json")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/dopd_profile_cpu/dopd_cpu_profile.json")
     args = ap.parse_args(argv)
 
     from serving import VllmServer  # tests/serving.py
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     df = fit_decode([d["batch"] for d in decode], [d["ctx_tokens"] for d in decode],
                     [d["step_seconds"] for d in decode])
     result = {
+        "header": header(),  # commit, command, versions (vLLM among them)
         "benchmark": "dopd_profile_cpu",
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
                  "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
@@ -111,11 +114,6 @@ def main(argv: list[str] | None = None) -> dict:
         "prefill": prefill, "decode": decode, "kv_capacity_tokens": kv_tokens,
         "fit": {"prefill": {"a": pf.a, "b": pf.b, "c": pf.c}, "decode": {"a": df.a, "b": df.b, "c": df.c}},
     }
-    try:
-        import vllm
-        result["host"]["vllm"] = vllm.__version__
-    except Exception:  # version is informational only
-        pass
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result["fit"], indent=1), "kv tokens:", kv_tokens)

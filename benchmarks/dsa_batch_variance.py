@@ -1,6 +1,6 @@
 """Does DSA's greedy output depend on how requests are batched, on one colocated vLLM instance?
 
-    python benchmarks/dsa_batch_variance.py --out benchmarks/results/dsa_batch_variance.json
+    python benchmarks/dsa_batch_variance.py --out benchmarks/results/dsa_batch_variance/dsa_batch_variance.json
 
 The embedded V3.2 view (float32, our DSA backend on vLLM CPU) generates greedy continuations of five code
 prompts, first each prompt alone, then all five in one batch, once with the model's top-k (64, below the
@@ -57,7 +57,7 @@ def run(model_dir: str, tokens: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "dsa_batch_variance.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/dsa_batch_variance/dsa_batch_variance.json"))
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._worker:

@@ -1,6 +1,6 @@
 """Held-out quality of the embedded trained model through vLLM: dense vs DSA top-k, and FP8 vs bf16 latent KV.
 
-    python benchmarks/dsa_quality.py --json benchmarks/results/dsa_quality.json
+    python benchmarks/dsa_quality.py --json benchmarks/results/dsa_quality/dsa_quality.json
 
 One engine per configuration (`vllm_frontier.models.train_eval.run_vllm`, a fresh subprocess each, so the
 feature toggles apply), all on the same held-out windows (`--seq-len` tokens each, 1024 by default):
@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import header  # noqa: E402
 
 EXACT_ROPE = {"compilation_config": {"custom_ops": ["-rotary_embedding"]}}
 
@@ -50,7 +52,7 @@ def main() -> int:
     k0 = a.topk[0]
     configs[f"dsa_topk_{k0}_fp8_kv"] = (v32, {**base, "hf_overrides": {"index_topk": k0},
                                                "kv_cache_dtype": "fp8_ds_mla"}, dsa_env)
-    results: dict = {"meta": {"command": " ".join(sys.argv), "model": str(v32), "trained_index_topk":
+    results: dict = {"header": header(), "meta": {"model": str(v32), "trained_index_topk":
                               cfg.get("index_topk"), "seq_len": a.seq_len, "windows": len(windows),
                               "dtype": a.dtype}, "configs": {}}
     for name, (model, engine_args, env) in configs.items():

@@ -1,7 +1,7 @@
 """Attention cost of dense MLA vs DSA (indexer + top-k + sparse MLA) as the context grows, side by side.
 
-    python benchmarks/dsa_scaling.py --out benchmarks/results/dsa_scaling_cpu.json          # CPU: torch path
-    python benchmarks/dsa_scaling.py --out $OUT/dsa_scaling_gpu.json                       # GPU: Triton kernels
+    python benchmarks/dsa_scaling.py --out benchmarks/results/dsa_scaling/dsa_scaling_cpu.json  # CPU: torch path
+    python benchmarks/dsa_scaling.py --out $OUT/dsa_scaling_gpu.json                   # GPU: Triton kernels
 
 Per context length L (one layer, the backends' real kernel calls from `vllm_frontier.kernels`):
   decode step : b requests, 1 new token each, attending to L cached tokens.

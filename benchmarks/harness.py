@@ -13,7 +13,10 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -28,8 +31,30 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """``git rev-parse HEAD`` of the checkout holding this script, with ``-dirty`` when tracked files changed;
+    None outside a git checkout or where git is not installed (a bare GPU machine)."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = status.returncode == 0 and status.stdout.strip() != ""
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed: ``python benchmarks/dopd.py --sizes 8`` (arguments quoted where the shell needs it)."""
+    argv = sys.argv if argv is None else argv
+    return " ".join(["python", *(shlex.quote(a) for a in argv)])
+
+
 def header() -> dict:
-    """Where and with what the numbers were measured."""
+    """Where and with what the numbers were measured: commit, command, versions, device."""
     dev = "cpu"
     props = {}
     if torch.cuda.is_available():
@@ -44,6 +69,8 @@ def header() -> dict:
     except ImportError:
         triton_v = None
     return {
+        "commit": git_commit(),
+        "command": command_line(),
         "device": dev,
         **props,
         "torch": torch.__version__,

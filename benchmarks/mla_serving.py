@@ -1,6 +1,6 @@
 """Decode throughput of a model served by vLLM on CPU: our MLA backend (`--plugin mla`) vs vLLM's CPU_MLA.
 
-    python benchmarks/mla_serving.py --json benchmarks/results/mla_serving_cpu.json [--model DIR]
+    python benchmarks/mla_serving.py --json benchmarks/results/mla_serving/mla_serving_cpu.json [--model DIR]
 
 Each configuration runs in a fresh subprocess (`vllm.LLM`, float32, eager), generates `--tokens` greedy tokens
 for `--batch` prompts, and reports output tokens/s; the configurations alternate `--rounds` times in one run so
@@ -86,7 +86,9 @@ def main() -> int:
             print(f"{name}: {outs[name]['tokens_per_s']:.1f} tok/s", flush=True)
         same_tokens &= outs["vllm_cpu_mla"]["token_ids"] == outs["frontier_mla"]["token_ids"]
     med = {k: statistics.median(v) for k, v in samples.items()}
-    result = {"meta": {"command": " ".join(sys.argv), "model": model, "batch": a.batch, "tokens": a.tokens,
+    from harness import header  # beside this script; imported here so the engine workers skip it
+
+    result = {"header": header(), "meta": {"model": model, "batch": a.batch, "tokens": a.tokens,
                        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
               "tokens_per_s": samples, "median_tokens_per_s": med,
               "ratio_frontier_over_cpu_mla": med["frontier_mla"] / med["vllm_cpu_mla"],

@@ -24,7 +24,7 @@ on the same core. The two connectors run one after the other on this machine (tw
 is recorded around each timed phase because other work on a shared machine moves absolute times.
 Before timing, each connector's decode output is checked against a colocated run (greedy token ids).
 Wire bytes: the same prompts sent with wire "raw" and "fp8"; bytes per token per layer from the decode
-instance's frontier_pd_recv_bytes counter. Writes JSON (`--out`, default benchmarks/results/pd.json).
+instance's frontier_pd_recv_bytes counter. Writes JSON (`--out`, default benchmarks/results/pd/pd.json).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=4, help="requests per length and connector")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pd.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pd" / "pd.json"))
     args = ap.parse_args(argv)
 
     rep = Report(args.out, meta={**vars(args), "omp_cores_prefill_decode": core_binding()})

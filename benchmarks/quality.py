@@ -1,4 +1,4 @@
-"""Quality of the embedded model through vLLM itself, for a given view and vLLM / plugin settings.
+r"""Quality of the embedded model through vLLM itself, for a given view and vLLM / plugin settings.
 
 Held-out text: the corpus's held-out files (whole CPython stdlib files, ``corpus_files.txt``), tokenized
 with the model's tokenizer and cut into non-overlapping windows of ``--seq-len`` tokens; each window is
@@ -12,8 +12,9 @@ With ``--reference``: the torch reference (``vllm_frontier.models.reference``) o
 the MTP module's next-next-token top-1 accuracy, the indexer's top-k recall of dense attention, sparse
 (top-k) perplexity, and the parity of vLLM's logprobs with the reference (max |difference|).
 
-    python benchmarks/quality.py --view v3 --reference --mtp-acceptance --json out/quality_v3.json
-    python benchmarks/quality.py --view v32 --env FRONTIER_DSA=1 --json out/quality_v32_dsa.json
+    python benchmarks/quality.py --view v3 --reference --mtp-acceptance \
+        --json benchmarks/results/quality/quality_v3.json
+    python benchmarks/quality.py --view v32 --env FRONTIER_DSA=1 --json benchmarks/results/quality/quality_v32_dsa.json
     python benchmarks/quality.py --view v3 --dtype bfloat16 --engine-args '{"kv_cache_dtype": "fp8"}'
 
 Later features report their deltas by running this twice (baseline and feature) and comparing the JSON.
@@ -24,20 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 
-
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for mod in ("torch", "vllm", "triton"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as e:  # a missing optional package is reported, not fatal
-            out[mod] = f"unavailable ({type(e).__name__})"
-    return out
+from harness import header  # beside this script (its folder is on sys.path when run or imported from there)
 
 
 def heldout_windows(model_dir: Path, n: int, seq_len: int) -> list[list[int]]:
@@ -94,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = a.model if a.model is not None else embedded_model_path(a.view)
     windows = heldout_windows(model_dir, a.windows, a.seq_len)
 
-    result: dict = {"versions": _versions(), "model": str(model_dir), "view": None if a.model else a.view,
+    result: dict = {"header": header(), "model": str(model_dir), "view": None if a.model else a.view,
                     "dtype": a.dtype, "engine_args": engine_args, "env": env,
                     "windows": len(windows), "seq_len": a.seq_len}
     t = time.time()

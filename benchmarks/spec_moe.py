@@ -30,9 +30,9 @@ analytically (checked against the measured counters where both exist).
 Bytes per remote (token, rank) pair: dispatch ``H * elem`` + meta ``k * 8`` + combine ``H * elem``.
 
     python benchmarks/spec_moe.py --record-traces vllm_frontier/models/embedded/v3 --record-tokens 51200 \
-        --traces-out benchmarks/results/spec_moe_traces_v3.pt
-    python benchmarks/spec_moe.py --traces benchmarks/results/spec_moe_traces_v3.pt --measured-layers 2 \
-        --json benchmarks/results/spec_moe.json
+        --traces-out benchmarks/results/spec_moe/spec_moe_traces_v3.pt
+    python benchmarks/spec_moe.py --traces benchmarks/results/spec_moe/spec_moe_traces_v3.pt --measured-layers 2 \
+        --json benchmarks/results/spec_moe/spec_moe.json
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Bytes are the workers' own counters (FRONTIER_SPEC_MOE_LOG_EVERY=1 log lines; di
 other ranks), counted over the measured round only. On this 2-core machine the two workers of a TP/DP engine
 share the cores with the API server, so tokens/s compares configurations, not hardware.
 
-    python benchmarks/spec_moe_vllm.py --json benchmarks/results/spec_moe_vllm_cpu.json
+    python benchmarks/spec_moe_vllm.py --json benchmarks/results/spec_moe_vllm/spec_moe_vllm_cpu.json
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from serving import VllmServer  # noqa: E402
 from vllm_frontier.moe.vllm_adapter import counters_from_log  # noqa: E402
 
 MODEL = ROOT / "vllm_frontier" / "models" / "embedded" / "v3"
-TRACES = ROOT / "benchmarks" / "results" / "spec_moe_traces_v3.pt"
+TRACES = ROOT / "benchmarks" / "results" / "spec_moe" / "spec_moe_traces_v3.pt"
 COMMON = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-num-seqs", "16",
           "-cc", '{"custom_ops": ["-rotary_embedding"]}']
 EP = ["--plugin", "spec_moe", "--enable-expert-parallel"]

@@ -109,7 +109,7 @@ def test_token_ranks_modes():
 def test_placement_command(tmp_path):
     out = tmp_path / "p.json"
     cmd = [sys.executable, "-m", "vllm_frontier.cli", "spec-moe-placement",
-           "--traces", str(ROOT / "benchmarks" / "results" / "spec_moe_traces_v3.pt")]
+           "--traces", str(ROOT / "benchmarks" / "results" / "spec_moe" / "spec_moe_traces_v3.pt")]
     r = subprocess.run(cmd + ["--ranks", "2", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     placements = load_placements(out)

