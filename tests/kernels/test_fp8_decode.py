@@ -8,7 +8,14 @@ import triton.language as tl
 
 from kernel_testing import DEVICE, assert_close
 from mla_setup import build_paged_cache
-from vllm_frontier.kernels import _common, flash_mla_with_kvcache, indexer_paged_logits, indexer_ragged_logits
+from vllm_frontier.kernels import (
+    _common,
+    flash_mla_with_kvcache,
+    get_mla_metadata,
+    indexer_paged_logits,
+    indexer_ragged_logits,
+    request_positions_to_slots,
+)
 from vllm_frontier.kernels import mla_attention as mla
 from vllm_frontier.kernels.fp8 import e4m3_bits_to, quantize_fp8_e4m3
 
@@ -65,12 +72,14 @@ def test_mla_over_fp8_cache_on_the_sm80_path(sparse, dtype, atol):
     cache, bt, sl = build_paged_cache(seqlens, 16, dtype, True, gen)
     q = torch.randn(2, 1, 4, 576, generator=gen).to(dtype).to(DEVICE)
     idx = None
-    if sparse:
-        idx = torch.randint(-1, 80, (2, 1, 32), generator=gen).int().to(DEVICE)
+    if sparse:  # request-local positions (-1: unused) -> physical cache slots, FlashMLA's meaning
+        pos = torch.randint(-1, 80, (2, 1, 32), generator=gen).int().to(DEVICE)
+        idx = request_positions_to_slots(pos, bt, cache.shape[1], sl)
     kw = dict(is_fp8_kvcache=True, softmax_scale=0.05, indices=idx)
-    ref_out, ref_lse = flash_mla_with_kvcache(q, cache, bt, sl, backend="torch", **kw)
+    ref_out, ref_lse = flash_mla_with_kvcache(q, cache, bt, sl, tile_scheduler_metadata=get_mla_metadata()[0], backend="torch", **kw)
     with _common.assume_target(SM80):
-        out, lse = flash_mla_with_kvcache(q, cache, bt, sl, num_splits=2, backend="triton", **kw)
+        sched, _ = get_mla_metadata(num_splits=2)
+        out, lse = flash_mla_with_kvcache(q, cache, bt, sl, tile_scheduler_metadata=sched, backend="triton", **kw)
     assert_close(out, ref_out, atol, what="out")
     assert_close(lse, ref_lse, 1e-4, what="lse")
 
