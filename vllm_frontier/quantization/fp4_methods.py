@@ -26,6 +26,7 @@ from vllm.model_executor.model_loader.reload.layerwise import initialize_online_
 from vllm.model_executor.parameter import ModelWeightParameter
 from vllm.model_executor.utils import set_weight_attrs
 
+from .fp4_cpu import cpu_fused_experts, cpu_linear
 from .fp4_formats import GROUP_SIZE, FP4Tensor, quantize_chunked
 from .fp4_ops import fp4_fused_experts, fp4_linear
 
@@ -101,7 +102,12 @@ class FP4LinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.fallback is not None:
             return self.fallback.apply(layer, x, bias)
-        return fp4_linear(x, _fp4_of(layer, "weight", self.fmt), bias)
+        q = _fp4_of(layer, "weight", self.fmt)
+        if q.layout == "chunk32" and x.dtype in (torch.bfloat16, torch.float32):
+            # the CPU kernel (chunk32 is only chosen where it runs); straight call: cheap under dynamo too
+            y = cpu_linear(x.reshape(-1, x.shape[-1]), q).reshape(*x.shape[:-1], q.shape[0])
+            return y if bias is None else y + bias
+        return fp4_linear(x, q, bias)
 
 
 class FP4MoEMethod(FusedMoEMethodBase):
@@ -146,6 +152,11 @@ class FP4MoEMethod(FusedMoEMethodBase):
 
     def apply(self, layer: RoutedExperts, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts, shared_experts_input) -> torch.Tensor:
+        w13, w2 = _fp4_of(layer, "w13", self.fmt), _fp4_of(layer, "w2", self.fmt)
+        if w13.layout == "chunk32" and w2.layout == "chunk32" and x.dtype in (torch.bfloat16, torch.float32):
+            ids = topk_ids if layer.expert_map is None else layer.expert_map.to(torch.int32)[topk_ids.long()]
+            return cpu_fused_experts(x, w13, w2, topk_weights, ids, activation=layer.activation.value,
+                                     apply_router_weight_on_input=layer.apply_router_weight_on_input)
         return fp4_fused_experts(
             x, _fp4_of(layer, "w13", self.fmt), _fp4_of(layer, "w2", self.fmt), topk_weights, topk_ids,
             expert_map=layer.expert_map, apply_router_weight_on_input=layer.apply_router_weight_on_input,
