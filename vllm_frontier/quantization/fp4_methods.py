@@ -43,6 +43,18 @@ def _kernel_layout(weight: torch.Tensor) -> str:
     return "pairs"
 
 
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed blocks below its growing mmap threshold in the
+    heap): without this the bf16 layers quantized and dropped one by one still count in the worker's RSS."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _replace_with_fp4(layer: torch.nn.Module, name: str, fmt: str) -> None:
     """Quantize parameter `name`, drop it, and register `<stem>_packed`, `_scale`, `_global_scale`."""
     stem = name[: -len("_weight")] if name.endswith("_weight") else name
@@ -98,6 +110,7 @@ class FP4LinearMethod(LinearMethodBase):
             return  # quantized already, as its weights finished loading
         _replace_with_fp4(layer, "weight", self.fmt)
         layer.fp4_format = self.fmt
+        _return_freed_memory()
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.fallback is not None:
@@ -145,6 +158,7 @@ class FP4MoEMethod(FusedMoEMethodBase):
         _replace_with_fp4(layer, "w13_weight", self.fmt)
         _replace_with_fp4(layer, "w2_weight", self.fmt)
         layer.fp4_format = self.fmt
+        _return_freed_memory()
 
     def get_fused_moe_quant_config(self, layer: RoutedExperts) -> FusedMoEQuantConfig | None:
         # Activations stay unquantized; the FP4 weights are used only by our own apply().
