@@ -1,7 +1,7 @@
 """FP4 (NVFP4 / MXFP4) weight-only quantization: storage, quality, memory, and the GPU GEMM speed.
 
 CPU sections (need vLLM):
-    python benchmarks/fp4.py [--model DIR] --out benchmarks/results/fp4_cpu.json
+    python benchmarks/fp4.py [--model DIR] --out benchmarks/results/fp4/cpu_embedded_quality.json
   weight_bytes  bytes of the weights `frontier_fp4` quantizes, bf16 vs FP4 (codes + block scales + global scale),
                 computed from the checkpoint with the same quantizer the vLLM method uses.
   quality       held-out perplexity through vLLM prompt logprobs (bf16 vs `--quantization frontier_fp4` with
@@ -16,6 +16,14 @@ GPU section (torch + triton + numpy only, no vLLM):
   reuse excluded; eager single-weight timings also recorded).
   Bytes per call: bf16 2*N*K; FP4 N*K*bits/8 (+ x and y, negligible at M <= 16). GB/s = bytes / time.
 Self-test of the GPU section on CPU (Triton interpreter, tiny shapes, timings meaningless): --smoke.
+
+CPU decode speed and memory (needs vLLM), on the size presets of `vllm-frontier tiny-model` (made on first use):
+    python benchmarks/fp4.py --decode --out benchmarks/results/fp4/cpu_decode.json
+  Per model (mid MoE, dense-heavy), engines one at a time in the order bf16, fp4, fp4, bf16 (--rounds 2; ABBA
+  so drift under a shared machine's load hits both sides alike): decode tokens/s at batch 1 and 8 (from
+  generate() of 1 and 1 + D new tokens: (D * B) / (t(1 + D) - t(1)), median of --reps), the engine-core
+  process's resident memory after load (VmRSS) and its peak during load (VmHWM), and engine start time.
+  Resident weights of the FP4 engine are derived from process memory: bf16 weight bytes - (RSS_bf16 - RSS_fp4).
 """
 
 from __future__ import annotations
@@ -45,7 +53,17 @@ def _parse(argv=None):
     p.add_argument("--windows", type=int, default=16, help="held-out windows for perplexity")
     p.add_argument("--window-len", type=int, default=256)
     p.add_argument("--budget-s", type=float, default=100.0, help="GPU: skip remaining timings after this")
+    p.add_argument("--decode", action="store_true", help="CPU decode speed + memory, FP4 vs bf16 (size presets)")
+    p.add_argument("--presets", default="mid,dense", help="--decode: tiny-model size presets to run")
+    p.add_argument("--fp4-mode", default="nvfp4", help="--decode: FP4 format compared with bf16")
+    p.add_argument("--rounds", type=int, default=2, help="--decode: 1 = bf16, fp4; 2 = bf16, fp4, fp4, bf16")
+    p.add_argument("--decode-tokens", type=int, default=32, help="--decode: new tokens D per timed generate")
+    p.add_argument("--reps", type=int, default=3, help="--decode: timed repetitions per batch size")
+    p.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                   help="--decode: enforce_eager (default; --no-eager: vLLM's CPU default, dynamo + inductor)")
+    p.add_argument("--model-cache", default=None, help="--decode: where preset models are made (default: tmp)")
     p.add_argument("--worker", nargs=2, metavar=("REQUEST", "RESULT"), help=argparse.SUPPRESS)
+    p.add_argument("--decode-worker", nargs=2, metavar=("REQUEST", "RESULT"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -376,6 +394,160 @@ def cpu_sections(args) -> int:
             }
         if "nvfp4" in rec:
             rec["nvfp4_meets_3pct_target"] = rec["nvfp4"]["perplexity_delta_pct"] <= 3.0
+            rec["nvfp4_meets_1pct_target"] = rec["nvfp4"]["perplexity_delta_pct"] <= 1.0
+    report.write()
+    return 0
+
+
+# ============================================================================================ CPU decode
+def _proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM (peak RSS) of a process in bytes."""
+    out = {}
+    for line in open(f"/proc/{pid}/status"):
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def _engine_core_pid(parent: int) -> int:
+    """The EngineCore child process (it runs the worker and holds the model); the parent when there is none."""
+    import psutil
+
+    kids = psutil.Process(parent).children(recursive=True)  # vLLM renames it (VLLM::EngineCore): take the largest
+    best, rss = parent, 0
+    for c in kids:
+        try:
+            r = c.memory_info().rss
+        except psutil.Error:
+            continue
+        if r > rss:
+            best, rss = c.pid, r
+    return best
+
+
+def _decode_worker(request_path: str, result_path: str) -> None:
+    """One engine: start, memory after load, decode tokens/s at each batch size."""
+    import statistics
+    import time
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    req = json.load(open(request_path))
+    kw = dict(model=req["model"], dtype="bfloat16", max_model_len=512, enforce_eager=req["eager"],
+              max_num_seqs=max(req["batches"]), seed=0)
+    if req["quantization"]:
+        kw["quantization"] = req["quantization"]
+    t0 = time.monotonic()
+    llm = LLM(**kw)
+    start_s = time.monotonic() - t0
+    core = _engine_core_pid(os.getpid())
+    mem = {"engine_core": _proc_status(core), "main": _proc_status(os.getpid()), "separate_core": core != os.getpid()}
+    D = req["decode_tokens"]
+    res = {"start_s": start_s, "memory": mem, "decode": {}}
+    for B in req["batches"]:
+        prompts = [TokensPrompt(prompt_token_ids=[(7 * b + 11 * i) % 400 + 20 for i in range(16)]) for b in range(B)]
+
+        def gen(n):
+            sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            t = time.perf_counter()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            dt = time.perf_counter() - t
+            assert all(len(o.outputs[0].token_ids) == n for o in outs)
+            return dt
+
+        gen(1 + D)  # warm-up
+        rates = []
+        for _ in range(req["reps"]):
+            t1 = gen(1)
+            tn = gen(1 + D)
+            rates.append(D * B / max(tn - t1, 1e-9))
+        res["decode"][str(B)] = {"tokens_per_s_median": statistics.median(rates), "tokens_per_s": rates}
+    llm.llm_engine.engine_core.shutdown()
+    json.dump(res, open(result_path, "w"))
+
+
+def _run_decode_engine(model: Path, mode: str | None, args, timeout: float = 1800.0) -> dict:
+    with tempfile.TemporaryDirectory(prefix="frontier-fp4-dec-") as td:
+        rq, rs, lg = (os.path.join(td, n) for n in ("req.json", "res.json", "engine.log"))
+        json.dump({"model": str(model), "quantization": "frontier_fp4" if mode else None, "batches": [1, 8],
+                   "decode_tokens": args.decode_tokens, "reps": args.reps, "eager": args.eager}, open(rq, "w"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FRONTIER_")}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if mode:
+            env["FRONTIER_FP4"] = mode
+        with open(lg, "w") as log:
+            proc = subprocess.run([sys.executable, __file__, "--decode-worker", rq, rs], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        logtxt = open(lg, errors="replace").read()
+        if proc.returncode != 0 or not os.path.exists(rs):
+            raise RuntimeError(f"engine ({mode or 'bf16'}) failed, exit {proc.returncode}:\n" + logtxt[-3000:])
+        r = json.load(open(rs))
+        r["kernel_log"] = [ln[-300:] for ln in logtxt.splitlines() if "frontier_fp4:" in ln or "FP4 kernel" in ln][:5]
+        return r
+
+
+def decode_sections(args) -> int:
+    import statistics
+
+    import harness
+    from vllm_frontier.models.tiny_factory import make_tiny_model, param_count, preset_config
+    from vllm_frontier.quantization.fp4_cpu import kernel_status
+
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    cache = Path(args.model_cache or tempfile.gettempdir())
+    report = harness.Report(args.out, meta={
+        "script": "benchmarks/fp4.py --decode", "argv": sys.argv[1:], "presets": presets, "fp4_mode": args.fp4_mode,
+        "rounds": args.rounds, "eager": args.eager, "uptime_before": os.popen("uptime").read().strip(),
+        "cpu_kernel": list(kernel_status()), "commit": os.popen(f"git -C {ROOT} rev-parse HEAD").read().strip()})
+    order = [None, args.fp4_mode] + ([args.fp4_mode, None] if args.rounds >= 2 else [])
+    for preset in presets:
+        with report.section(f"decode_{preset}") as rec:
+            cfg = preset_config(preset)
+            model = cache / f"frontier-fp4-bench-{preset}"
+            if not (model / "config.json").is_file():
+                make_tiny_model("deepseek_v3", model, preset=preset)
+            params = param_count(cfg, include_mtp=False)
+            rec.update(model=str(model), params_main_model=params, bf16_weight_bytes=2 * params, runs=[])
+            for mode in order:
+                r = _run_decode_engine(model, mode, args)
+                r["mode"] = mode or "bf16"
+                r["uptime_after"] = os.popen("uptime").read().strip()
+                rec["runs"].append(r)
+                print(f"  {preset} {r['mode']}: " + ", ".join(
+                    f"B={b} {d['tokens_per_s_median']:.2f} tok/s" for b, d in r["decode"].items())
+                    + f", core RSS {r['memory']['engine_core']['VmRSS'] / 2**30:.2f} GiB, peak "
+                    f"{r['memory']['engine_core']['VmHWM'] / 2**30:.2f} GiB, start {r['start_s']:.0f} s", flush=True)
+                report.write()
+            fp4, bf = args.fp4_mode, "bf16"
+
+            def agg(mode, f):
+                return statistics.median([f(r) for r in rec["runs"] if r["mode"] == mode])
+
+            summary = {}
+            for b in ("1", "8"):
+                tb = agg(bf, lambda r: r["decode"][b]["tokens_per_s_median"])
+                tf = agg(fp4, lambda r: r["decode"][b]["tokens_per_s_median"])
+                summary[f"batch{b}"] = {"bf16_tokens_per_s": tb, "fp4_tokens_per_s": tf, "speedup": tf / tb}
+            rss_b = agg(bf, lambda r: r["memory"]["engine_core"]["VmRSS"])
+            rss_f = agg(fp4, lambda r: r["memory"]["engine_core"]["VmRSS"])
+            hwm_b = agg(bf, lambda r: r["memory"]["engine_core"]["VmHWM"])
+            hwm_f = agg(fp4, lambda r: r["memory"]["engine_core"]["VmHWM"])
+            fp4_weights = 2 * params - (rss_b - rss_f)
+            summary["memory"] = {
+                "core_rss_gib": {"bf16": rss_b / 2**30, "fp4": rss_f / 2**30},
+                "core_peak_rss_during_load_gib": {"bf16": hwm_b / 2**30, "fp4": hwm_f / 2**30},
+                "fp4_peak_not_above_bf16": hwm_f <= hwm_b,
+                "weights_resident_gib_from_rss": {"bf16": 2 * params / 2**30, "fp4": fp4_weights / 2**30},
+                "weights_ratio_from_rss": 2 * params / fp4_weights if fp4_weights > 0 else None,
+            }
+            summary["start_s"] = {"bf16": agg(bf, lambda r: r["start_s"]), "fp4": agg(fp4, lambda r: r["start_s"])}
+            target = 1.0 if preset == "dense" else 0.8
+            summary["batch1_target"] = target
+            summary["meets_batch1_target"] = summary["batch1"]["speedup"] >= target
+            rec["summary"] = summary
+    report.data["meta"]["uptime_after"] = os.popen("uptime").read().strip()
     report.write()
     return 0
 
@@ -385,6 +557,11 @@ def main(argv=None) -> int:
     if args.worker:
         _worker(*args.worker)
         return 0
+    if args.decode_worker:
+        _decode_worker(*args.decode_worker)
+        return 0
+    if args.decode:
+        return decode_sections(args)
     if args.gpu or args.smoke:
         return gpu_section(args)
     return cpu_sections(args)

@@ -209,3 +209,77 @@ def test_invalid_input_raises(bad, match):
 def test_fp4tensor_shape():
     q = quantize(torch.randn(3, 5, 64), "nvfp4")
     assert isinstance(q, FP4Tensor) and q.shape == (3, 5, 64) and q.scales.shape == (3, 5, 4)
+
+
+# ------------------------------------------------------------------------------- edge cases, block scales
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("amax", [1e-38, 1e-41, 4e-42, 1e-44, 2.0**-149], ids=lambda v: f"{v:g}")
+def test_tiny_tensor_quantizes_to_finite_values(fmt, amax):
+    """Largest magnitude ~1e-41 and below: NVFP4's amax / 2688 underflows; never NaN, never inf."""
+    w = torch.zeros(3, 64)
+    w[0, :5] = torch.tensor([amax, -amax, amax / 2, 0.0, -0.0])
+    w[2, 40] = amax
+    q = quantize(w, fmt)
+    assert torch.isfinite(q.global_scale).all() and (q.global_scale > 0).all()
+    s = e4m3_bits_to_float(q.scales) if fmt == "nvfp4" else e8m0_bits_to_float(q.scales)
+    assert torch.isfinite(s).all()
+    d = dequantize(q)
+    assert torch.isfinite(d).all()
+    assert (d.abs() <= 2 * amax).all()  # nothing blows up either
+    if fmt == "nvfp4" and amax >= 1e-44:  # the largest element decodes to about itself (at 2^-149 itself,
+        # block scale * global scale underflows and the block is zero: finite, which is what is asked)
+        assert d[0, 0].item() > 0 and abs(d[0, 0].item() - amax) <= 0.5 * amax
+
+
+def _block_amax(w, group):
+    return [[max(abs(float(v)) for v in row[i:i + group]) for i in range(0, len(row), group)] for row in w.tolist()]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nvfp4_block_scales_from_first_principles(seed):
+    """Each block's decoded scale must be its own amax / 6 up to E4M3 rounding (2^-4 relative), the global
+    scale the tensor's amax / (6 * 448): bounds from the input alone, so a wrong block's scale (neighbour's,
+    off by one block, unrounded, per-row instead of per-block) fails."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(5, 96, generator=g) * torch.logspace(-3, 1, 6).repeat_interleave(16)  # blocks differ 1e4x
+    q = quantize_nvfp4(w)
+    gs = float(w.abs().max()) / (6 * 448)
+    assert abs(q.global_scale.item() - gs) <= 1e-6 * gs
+    dec = dequantize(q)
+    for r, row in enumerate(_block_amax(w, 16)):
+        for b, amax in enumerate(row):
+            scale = e4m3_bits_to_float(q.scales[r, b]).item() * gs
+            assert abs(6 * scale - amax) <= amax / 16 + 1e-12, (r, b)
+            # the block's largest element decodes to code 6 (|w| / scale >= 6 / (1 + 1/16) > 5)
+            got = dec[r, 16 * b:16 * (b + 1)].abs().max().item()
+            assert abs(got - amax) <= amax / 16 + 1e-12, (r, b)
+            # every element within half a code step (at most 1 scale unit, between 4 and 6) of its value
+            err = (dec[r, 16 * b:16 * (b + 1)] - w[r, 16 * b:16 * (b + 1)]).abs().max().item()
+            assert err <= (amax / 6) * (1 + 1 / 16) * (1 + 1e-6), (r, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mxfp4_block_scales_from_first_principles(seed):
+    """E8M0 code = floor(log2(block amax)) - 2 + 127, computed here with math.frexp per block."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(4, 128, generator=g) * torch.logspace(-4, 2, 4).repeat_interleave(32)
+    q = quantize_mxfp4(w)
+    for r, row in enumerate(_block_amax(w, 32)):
+        for b, amax in enumerate(row):
+            _, e = math.frexp(amax)
+            assert q.scales[r, b].item() == (e - 1) - 2 + 127, (r, b)
+            err = (dequantize(q)[r, 32 * b:32 * (b + 1)] - w[r, 32 * b:32 * (b + 1)]).abs().max().item()
+            assert err <= 2.0 ** (e - 1 - 2) * 2 * (1 + 1e-6), (r, b)  # half the widest step (2 units), or saturation at 6 of [6, 8)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_quantize_chunked_is_bit_identical(fmt):
+    from vllm_frontier.quantization.fp4_formats import quantize_chunked
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(70, 64, generator=g)
+    w[33, 5] = 40.0  # the tensor's amax in a later chunk: the global scale must still be the tensor's
+    for x in (w, torch.stack([w, w * 3])):
+        a, b = quantize(x, fmt), quantize_chunked(x, fmt, rows=16)
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.scales, b.scales)
+        assert torch.equal(a.global_scale, b.global_scale)

@@ -106,3 +106,32 @@ def test_linear_method_leaves_misfit_layer_unquantized_with_a_log_line(caplog):
                for r in caplog.records)
     x = torch.randn(2, 24)
     torch.testing.assert_close(method.apply(layer, x), x @ w.T)
+
+
+def test_linear_method_quantizes_while_loading_one_layer_at_a_time():
+    """Streaming: the bf16 weight lives on the meta device until the layer's last shard arrives; that load
+    quantizes the layer at once (no bf16 copy of the whole model ever exists)."""
+    from vllm_frontier.quantization.fp4_methods import FP4LinearMethod
+
+    method = FP4LinearMethod("nvfp4", "model.layers.0.mlp.gate_up_proj")
+    layer = torch.nn.Module()
+    shards = {}
+
+    def weight_loader(param, loaded, shard_id):
+        off = 0 if shard_id == 0 else 32
+        param.data[off:off + loaded.shape[0]].copy_(loaded)
+        shards[shard_id] = loaded
+
+    method.create_weights(layer, 64, [32, 16], 64, 48, torch.bfloat16, weight_loader=weight_loader)
+    layer.quant_method = method
+    assert layer.weight.device.type == "meta"  # no bf16 memory before loading
+    gate, up = torch.randn(32, 64).bfloat16(), torch.randn(16, 64).bfloat16()
+    layer.weight.weight_loader(layer.weight, gate, 0)
+    assert not hasattr(layer, "weight_packed")  # half loaded: waiting
+    layer.weight.weight_loader(layer.weight, up, 1)
+    assert not hasattr(layer, "weight") and layer.weight_packed.dtype == torch.uint8  # quantized on the last shard
+    assert layer.weight_packed.shape == (48, 32) and layer.fp4_format == "nvfp4"
+    method.process_weights_after_loading(layer)  # vLLM's pass over all modules afterwards: a no-op
+    want = dequantize(quantize(torch.cat([gate, up]).float(), "nvfp4"))
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(method.apply(layer, x), x @ want.T, rtol=1e-5, atol=1e-5)

@@ -120,8 +120,13 @@ def test_fp4_linear_any_leading_shape_and_bias(backend):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)  # fp32 on both sides, different order
 
 
-def _naive_moe(x, w13, w2, topk_w, topk_ids, expert_map=None, on_input=False):
+_ACT = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+        "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}
+
+
+def _naive_moe(x, w13, w2, topk_w, topk_ids, expert_map=None, on_input=False, activation="silu"):
     W13, W2 = dequantize(w13), dequantize(w2)
+    act = _ACT[activation]
     out = torch.zeros_like(x)
     inter = W13.shape[1] // 2
     for t in range(x.shape[0]):
@@ -133,23 +138,27 @@ def _naive_moe(x, w13, w2, topk_w, topk_ids, expert_map=None, on_input=False):
                     continue
             xt = x[t] * topk_w[t, j] if on_input else x[t]
             h = W13[e] @ xt
-            o = W2[e] @ (torch.nn.functional.silu(h[:inter]) * h[inter:])
+            o = W2[e] @ (act(h[:inter]) * h[inter:])
             out[t] += o if on_input else topk_w[t, j] * o
     return out
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-def test_fused_experts_matches_naive_loop(backend, fmt):
+def test_fused_experts_matches_naive_loop(backend, fmt, activation):
     g = torch.Generator().manual_seed(5)
     E, H, inter, T, k = 6, 64, 32, 7, 2
     w13 = quantize(torch.randn(E, 2 * inter, H, generator=g) / 8, fmt)
     w2 = quantize(torch.randn(E, H, inter, generator=g) / 6, fmt)
-    x = torch.randn(T, H, generator=g)
+    x = torch.randn(T, H, generator=g) * 2  # wide enough that the three activations differ visibly
     topk_ids = torch.randint(0, E, (T, k), generator=g)
     topk_w = torch.rand(T, k, generator=g)
-    got = fp4_fused_experts(x, w13, w2, topk_w, topk_ids, backend=backend)
-    torch.testing.assert_close(got, _naive_moe(x, w13, w2, topk_w, topk_ids), rtol=1e-4, atol=1e-5)
+    got = fp4_fused_experts(x, w13, w2, topk_w, topk_ids, backend=backend, activation=activation)
+    want = _naive_moe(x, w13, w2, topk_w, topk_ids, activation=activation)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    other = "gelu" if activation == "silu" else "silu"  # the activation really is the one asked for
+    assert (want - _naive_moe(x, w13, w2, topk_w, topk_ids, activation=other)).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -170,3 +179,42 @@ def test_fused_experts_expert_map_and_router_weight_on_input(backend):
     ref = _naive_moe(x, w13, w2, topk_w, topk_ids, expert_map, on_input=True)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     assert (got[1] == 0).all()
+
+
+# ------------------------------------------------------------------------ Triton scale decode branches
+def _hand_weight(fmt, scale_bytes, N=4):
+    """A [N, 64] weight whose codes run through all 16 values and whose block scales are the given bytes."""
+    from vllm_frontier.quantization.fp4_formats import FP4Tensor, GROUP_SIZE, pack_fp4
+
+    K = 64
+    codes = (torch.arange(N * K) % 16).to(torch.uint8).reshape(N, K)
+    nb = K // GROUP_SIZE[fmt]
+    scales = torch.tensor(scale_bytes, dtype=torch.uint8).repeat(N * nb)[: N * nb].reshape(N, nb)
+    g = torch.tensor(1.0 if fmt == "mxfp4" else 0.75)
+    return FP4Tensor(fmt, pack_fp4(codes), scales, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("fmt,scale_bytes,what", [
+    ("nvfp4", [0x00, 0x00, 0x00, 0x00], "zero"),
+    ("nvfp4", [0x01, 0x03, 0x07, 0x00], "e4m3-subnormal"),  # 2^-9, 3 * 2^-9, 7 * 2^-9, 0
+    ("nvfp4", [0x08, 0x7E, 0x01, 0x38], "normal-and-subnormal"),  # 2^-6, 448, 2^-9, 1
+    ("mxfp4", [0x00, 0x01], "e8m0-smallest"),  # 2^-127 (an fp32 subnormal) and 2^-126
+    ("mxfp4", [0x7F, 0x00], "e8m0-one-and-smallest"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_triton_decode_zero_and_subnormal_scales(fmt, scale_bytes, what, dtype):
+    q = _hand_weight(fmt, scale_bytes)
+    q = type(q)(q.fmt, q.packed.to(DEV), q.scales.to(DEV), q.global_scale.to(DEV))
+    # x large where scales are tiny, so tiny-scale blocks still give outputs well above fp32 noise
+    # (fp16 cannot hold such x: there the 2^-127 blocks must give zeros within fp16's smallest subnormal)
+    big = 2.0**100 if fmt == "mxfp4" and dtype == torch.float32 else 1.0
+    x = (torch.randn(3, 64, generator=torch.Generator().manual_seed(3)) * big).to(DEV).to(dtype)
+    got = w4a16_gemm(x, q)
+    want = (x.double() @ dequantize(q).double().T)
+    assert torch.isfinite(got).all()
+    if what == "zero":
+        assert (got == 0).all()
+    else:
+        assert want.abs().max() > 0
+    tol = TOL[dtype] * want.abs().max() + (2.0**-24 if dtype == torch.float16 else 0.0)
+    assert ((got.double() - want).abs() <= tol).all(), (got, want)

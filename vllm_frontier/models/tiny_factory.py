@@ -4,6 +4,15 @@ They keep DeepSeek's attention geometry (kv_lora_rank 512, rope 64, nope 128, v 
 accept head sizes 320/512/576 only) and shrink everything else, so a vLLM CPU engine starts in seconds.
 Weight names are the ones vLLM's `deepseek_v2.py` / `deepseek_mtp.py` loaders read. Used by tests for
 shape and wiring; quality numbers use the trained embedded model instead.
+
+Size presets (`PRESETS`, `--preset`) keep the same attention geometry at realistic layer sizes, for speed and
+memory benchmarks on a 24 GiB CPU machine:
+- "tiny" (default): the shapes above, a few MB.
+- "mid": DeepSeek-V3-style MoE, hidden 1024, 6 layers (first dense) + 1 MTP layer, 64 routed experts top-6 of
+  width 512, one shared expert: ~0.55 B parameters in the main model (+0.1 B MTP), ~1.3 GB in bf16. Batch-1
+  decode reads 6 of 64 experts per layer.
+- "dense": dense-heavy, hidden 4096, intermediate 11008 (LLaMA-7B widths), 6 dense layers, 32 heads: ~1.05 B
+  parameters, ~2.1 GB in bf16; batch-1 decode reads every weight.
 """
 
 from __future__ import annotations
@@ -13,6 +22,50 @@ from pathlib import Path
 
 ARCHS = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 DTYPES = ("float32", "bfloat16")
+
+# Config overrides of each size preset (see module docstring); vocab stays the tiny tokenizer's.
+PRESETS: dict[str, dict] = {
+    "tiny": {},
+    "mid": dict(hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=6,
+                num_attention_heads=8, num_key_value_heads=8, n_routed_experts=64, num_experts_per_tok=6,
+                n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=384, routed_scaling_factor=2.5,
+                initializer_range=0.02),
+    "dense": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=6, num_attention_heads=32,
+                  num_key_value_heads=32, first_k_dense_replace=6, q_lora_rank=1536, initializer_range=0.02),
+}
+# MTP layers and dtype of each preset unless given (big presets: bf16, or the file doubles).
+_PRESET_DEFAULTS = {"tiny": (0, "float32"), "mid": (1, "bfloat16"), "dense": (0, "bfloat16")}
+
+
+def preset_config(preset: str, arch: str = "deepseek_v3", *, mtp_layers: int | None = None, dtype: str | None = None,
+                  **overrides) -> dict:
+    """The config.json dict of size preset `preset` (see PRESETS) for `arch`."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    d_mtp, d_dtype = _PRESET_DEFAULTS[preset]
+    if arch == "deepseek_v2":
+        d_mtp = 0
+    over = dict(PRESETS[preset])
+    if arch == "deepseek_v2" and preset != "tiny":
+        over["q_lora_rank"] = None  # V2 uses a plain q_proj
+    over.update(overrides)
+    return tiny_config(arch, mtp_layers=d_mtp if mtp_layers is None else mtp_layers,
+                       dtype=d_dtype if dtype is None else dtype, **over)
+
+
+def param_count(cfg: dict, *, include_mtp: bool = True) -> int:
+    """Parameters of the checkpoint `cfg` describes (MTP layers included unless include_mtp is False)."""
+    n = cfg["num_hidden_layers"]
+    total = 0
+    for name, shape in checkpoint_shapes(cfg).items():
+        if not include_mtp and name.startswith("model.layers.") and int(name.split(".")[2]) >= n:
+            continue
+        c = 1
+        for d in shape:
+            c *= d
+        total += c
+    return total
+
 
 _ARCH_NAMES = {
     "deepseek_v2": ("DeepseekV2ForCausalLM", "deepseek_v2"),
@@ -169,17 +222,18 @@ def random_weights(cfg: dict, seed: int = 0) -> dict:
     return out
 
 
-def make_tiny_model(arch: str, out_dir, *, mtp_layers: int = 0, dtype: str = "float32", seed: int = 0,
-                    **config_overrides) -> Path:
-    """Write a random-weight tiny checkpoint of `arch` (config.json, model.safetensors, tokenizer) to `out_dir`.
+def make_tiny_model(arch: str, out_dir, *, mtp_layers: int | None = None, dtype: str | None = None, seed: int = 0,
+                    preset: str = "tiny", **config_overrides) -> Path:
+    """Write a random-weight checkpoint of `arch` and size `preset` (config.json, model.safetensors, tokenizer)
+    to `out_dir`. mtp_layers / dtype default to the preset's (tiny: 0 / float32).
 
-    Deterministic given (arch, mtp_layers, dtype, seed, overrides). Returns the directory.
+    Deterministic given (arch, preset, mtp_layers, dtype, seed, overrides). Returns the directory.
     """
     from safetensors.torch import save_file
 
     from .tokenizer import FACTORY_CORPUS_MODULES, stdlib_texts, train_bpe_tokenizer
 
-    cfg = tiny_config(arch, mtp_layers=mtp_layers, dtype=dtype, **config_overrides)
+    cfg = preset_config(preset, arch, mtp_layers=mtp_layers, dtype=dtype, **config_overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(random_weights(cfg, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -195,10 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="vllm-frontier tiny-model", description=main.__doc__)
-    p.add_argument("--arch", required=True, choices=ARCHS)
+    p.add_argument("--arch", default="deepseek_v3", choices=ARCHS, help="default deepseek_v3")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--mtp-layers", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--preset", default="tiny", choices=tuple(PRESETS),
+                   help="size: tiny (default, MB), mid (MoE, ~0.65 B params), dense (dense-heavy, ~1 B params)")
+    p.add_argument("--mtp-layers", type=int, default=None, help="MTP layers (default: the preset's; mid has 1)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="default: float32 for tiny, bfloat16 otherwise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--index-topk", type=int, default=None, help="deepseek_v32 only: indexer top-k (default 64)")
     args = p.parse_args(argv)
@@ -211,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["index_topk"] = args.index_topk
     try:
         out = make_tiny_model(args.arch, args.out, mtp_layers=args.mtp_layers, dtype=args.dtype, seed=args.seed,
-                              **overrides)
+                              preset=args.preset, **overrides)
     except ValueError as e:
         p.error(str(e))
     print(out)

@@ -1,7 +1,9 @@
 """FP4 (NVFP4 / MXFP4) online weight quantization for vLLM: `--quantization frontier_fp4`.
 
 vLLM-free parts: `fp4_formats` (the formats and torch references), `w4a16_gemm` (Triton kernels),
-`fp4_ops` (device dispatch). The vLLM adapter is `fp4_config` (+ `fp4_methods`), imported only by `register()`.
+`fp4_cpu` (the AVX-512 CPU kernel, csrc/fp4_cpu.cpp, built with g++ at first use), `fp4_ops` (device dispatch),
+`device.pays_on_this_device()` (whether FP4 helps here, for `--plugin all`). The vLLM adapter is `fp4_config`
+(+ `fp4_methods`), imported only by `register()`.
 """
 
 from __future__ import annotations

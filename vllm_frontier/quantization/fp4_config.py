@@ -5,12 +5,15 @@ checkpoint without a quantization config (our `get_config_filenames()` is empty)
 pickles it to the engine core and workers. With the fp4 feature on (`FRONTIER_FP4`, `--plugin fp4[=mxfp4]`) the
 plugin's FP4 feature object builds it in the format asked for.
 
-- Linear layers (`LinearBase`) get `FP4LinearMethod`: the bf16 weight is loaded as usual, then quantized in
-  `process_weights_after_loading` and replaced by `weight_packed` / `weight_scale` / `weight_global_scale`.
-  `apply` works for any input, including the identity matrix that MLA uses to read `kv_b_proj`'s weight.
+- Linear layers (`LinearBase`) get `FP4LinearMethod`: the bf16 weight is created on the meta device and
+  quantized as soon as its layer has loaded (vLLM's layerwise online-quantization loading), then replaced by
+  `weight_packed` / `weight_scale` / `weight_global_scale`. `apply` works for any input, including the
+  identity matrix that MLA uses to read `kv_b_proj`'s weight.
 - The routed experts (`RoutedExperts`) get `FP4MoEMethod`, same idea for `w13_weight` [E, 2I, H] and
   `w2_weight` [E, H, I]; the routed sum runs in `fp4_ops.fp4_fused_experts` (Triton grouped GEMM on CUDA,
-  torch on CPU). Shared experts and the routed scaling factor stay with vLLM's MoE runner.
+  the AVX-512 kernel of `fp4_cpu` on CPU). Shared experts and the routed scaling factor stay with vLLM's MoE
+  runner.
+- On CPU, weights are kept in the CPU kernel's chunk32 layout when that kernel runs here (`fp4_cpu`).
 - A layer whose K is not a multiple of the block size (16 / 32), or an MoE layer with biases or an
   unsupported activation, stays unquantized with one log line naming it.
 """

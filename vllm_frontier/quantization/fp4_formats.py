@@ -6,6 +6,8 @@ Quantization rounds to nearest, ties to even (even mantissa bit), saturates magn
 the sign of negative values that round to zero (negative zero is code 0b1000).
 
 Packing: two codes per byte along the last (K) axis; element `2i` in the low nibble, `2i + 1` in the high one.
+A second layout, "chunk32" (the CPU kernel's, see `to_chunk32`), keeps the bytes per row but orders the codes by
+chunks of 32 values: byte j of chunk c holds values 32c + j (low) and 32c + 16 + j (high).
 
 - **NVFP4**: one FP8 E4M3 scale per 16 consecutive values along K and one fp32 scale per tensor.
   Decoded value = e2m1 * e4m3_scale * global_scale. The global (decode) scale is amax(|W|) / (6 * 448), so the
@@ -37,11 +39,16 @@ __all__ = [
     "e2m1_to_float",
     "pack_fp4",
     "unpack_fp4",
+    "to_chunk32",
+    "from_chunk32",
+    "LAYOUTS",
     "e4m3_bits_to_float",
     "e8m0_bits_to_float",
     "quantize_nvfp4",
     "quantize_mxfp4",
     "quantize",
+    "quantize_chunked",
+    "nvfp4_global_scale",
     "dequantize",
     "ref_w4a16_matmul",
     "bits_per_value",
@@ -100,6 +107,25 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 
+LAYOUTS = ("pairs", "chunk32")
+
+
+def to_chunk32(packed: torch.Tensor) -> torch.Tensor:
+    """Canonical packed codes [..., K/2] -> the chunk32 layout [..., K/2] (see module docstring); K % 32 == 0."""
+    k = packed.shape[-1] * 2
+    if k % 32:
+        raise ValueError(f"the chunk32 layout needs K % 32 == 0, got K = {k}")
+    codes = unpack_fp4(packed).reshape(*packed.shape[:-1], k // 32, 2, 16)
+    return (codes[..., 0, :] | (codes[..., 1, :] << 4)).reshape(packed.shape).contiguous()
+
+
+def from_chunk32(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `to_chunk32`: chunk32 bytes [..., K/2] -> canonical packed codes [..., K/2]."""
+    k = packed.shape[-1] * 2
+    c = packed.reshape(*packed.shape[:-1], k // 32, 16)
+    return pack_fp4(torch.stack((c & 0xF, c >> 4), dim=-2).reshape(*packed.shape[:-1], k))
+
+
 def e4m3_bits_to_float(bits: torch.Tensor) -> torch.Tensor:
     """Decode FP8 E4M3 (fn: no inf, 0x7F/0xFF NaN) bit patterns stored as uint8 to float32."""
     return bits.view(torch.float8_e4m3fn).float()
@@ -121,12 +147,27 @@ class FP4Tensor:
         packed: uint8 [..., N, K/2], two E2M1 codes per byte (see module docstring).
         scales: uint8 [..., N, K/G] block scales, G = 16 (E4M3 bits) or 32 (E8M0 codes).
         global_scale: float32 [...] per-tensor decode scale (NVFP4); all ones for MXFP4.
+        layout: "pairs" (canonical, see module docstring) or "chunk32" (the CPU kernel's).
     """
 
     fmt: str
     packed: torch.Tensor
     scales: torch.Tensor
     global_scale: torch.Tensor
+    layout: str = "pairs"
+
+    def codes(self) -> torch.Tensor:
+        """E2M1 codes [..., N, K] (uint8) in value order, whatever the layout."""
+        return unpack_fp4(from_chunk32(self.packed) if self.layout == "chunk32" else self.packed)
+
+    def with_layout(self, layout: str) -> "FP4Tensor":
+        """The same weight in `layout` (a copy of the codes when it changes; scales shared)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown FP4 layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if layout == self.layout:
+            return self
+        packed = to_chunk32(self.packed) if layout == "chunk32" else from_chunk32(self.packed)
+        return FP4Tensor(self.fmt, packed, self.scales, self.global_scale, layout)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -169,19 +210,35 @@ def _blocks(w: torch.Tensor, group: int) -> torch.Tensor:
     return w.float().reshape(*w.shape[:-1], w.shape[-1] // group, group)
 
 
-def quantize_nvfp4(w: torch.Tensor) -> FP4Tensor:
+def nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """NVFP4 per-tensor decode scale for a tensor whose largest magnitude is `amax` (float32, any shape).
+
+    amax / (6 * 448), except: 1 for an all-zero tensor, and at least 2^-149 (the smallest fp32 subnormal) so
+    that a tiny but nonzero tensor (amax below ~4e-42, where the quotient underflows to 0) still gets a
+    positive scale: its block scales then saturate at 448 instead of dividing by zero into NaN.
+    """
+    amax = amax.float()
+    g = (amax / (E2M1_MAX * E4M3_MAX)).clamp(min=2.0**-149)
+    return torch.where(amax > 0, g, torch.ones_like(g)).to(torch.float32)
+
+
+def quantize_nvfp4(w: torch.Tensor, global_scale: torch.Tensor | None = None) -> FP4Tensor:
     """Quantize w [..., N, K] (K % 16 == 0, finite) to NVFP4, one global scale per leading index.
 
     The global scale is taken over each [N, K] matrix: for a 3-D [E, N, K] expert stack there is one per expert.
+    `global_scale` ([...] float32) overrides it, so that row chunks of one matrix can be quantized separately
+    with the matrix's scale (`quantize_chunked`).
     """
     _check_shape(w, 16)
     _check_finite(w, "weight")
     wb = _blocks(w, 16)  # [..., N, K/16, 16]
-    amax = w.float().abs().amax(dim=(-1, -2))  # [...]
-    g = amax / (E2M1_MAX * E4M3_MAX)
-    g = torch.where(amax > 0, g, torch.ones_like(g)).to(torch.float32)
+    if global_scale is None:
+        g = nvfp4_global_scale(w.float().abs().amax(dim=(-1, -2)))  # [...]
+    else:
+        g = global_scale.to(torch.float32)
     block_amax = wb.abs().amax(dim=-1)  # [..., N, K/16]
-    s = (block_amax / E2M1_MAX / g[..., None, None]).clamp(max=E4M3_MAX)
+    # float64: with a subnormal g the quotient must not overflow to inf before the clamp (nor 0/0 -> NaN)
+    s = (block_amax.double() / E2M1_MAX / g.double()[..., None, None]).clamp(max=E4M3_MAX).float()
     s_fp8 = s.to(torch.float8_e4m3fn)  # round to nearest even, subnormals included
     s_dec = s_fp8.float() * g[..., None, None]
     safe = torch.where(s_dec > 0, s_dec, torch.ones_like(s_dec))
@@ -212,11 +269,31 @@ def quantize(w: torch.Tensor, fmt: str) -> FP4Tensor:
     return quantize_nvfp4(w) if fmt == "nvfp4" else quantize_mxfp4(w)
 
 
+def quantize_chunked(w: torch.Tensor, fmt: str, rows: int = 1024) -> FP4Tensor:
+    """`quantize(w, fmt)`, bit for bit, in pieces of `rows` rows (one expert at a time for [E, N, K]), so the
+    float32 temporaries stay a few MB instead of several times the weight: quantization at load time."""
+    _check_fmt(fmt)
+    if w.dim() == 3:
+        parts = [quantize_chunked(w[e], fmt, rows) for e in range(w.shape[0])]
+        return FP4Tensor(fmt, torch.stack([p.packed for p in parts]), torch.stack([p.scales for p in parts]),
+                         torch.stack([p.global_scale for p in parts]))
+    if w.dim() != 2 or w.shape[0] <= rows:
+        return quantize(w, fmt)
+    g = nvfp4_global_scale(w.abs().amax().float()) if fmt == "nvfp4" else None
+    parts = [quantize_nvfp4(w[i:i + rows], g) if g is not None else quantize_mxfp4(w[i:i + rows])
+             for i in range(0, w.shape[0], rows)]
+    gs = g if g is not None else parts[0].global_scale
+    return FP4Tensor(fmt, torch.cat([p.packed for p in parts]), torch.cat([p.scales for p in parts]), gs)
+
+
 def dequantize(q: FP4Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Decode q to a dense [..., N, K] tensor of `dtype` (computed in fp32, then cast)."""
-    vals = e2m1_to_float(unpack_fp4(q.packed))  # [..., N, K]
+    vals = e2m1_to_float(q.codes())  # [..., N, K]
     vb = vals.reshape(*vals.shape[:-1], vals.shape[-1] // q.group_size, q.group_size)
-    out = (vb * q.block_scale_float()[..., None]).flatten(-2)
+    s = e4m3_bits_to_float(q.scales) if q.fmt == "nvfp4" else e8m0_bits_to_float(q.scales)
+    # (code * block scale) is exact in fp32 (at most 5 significant bits); the global scale rounds once, last,
+    # as the kernels apply it to their accumulators
+    out = ((vb * s[..., None]) * q.global_scale.float()[..., None, None, None]).flatten(-2)
     return out.to(dtype)
 
 

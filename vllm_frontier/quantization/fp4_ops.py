@@ -1,7 +1,9 @@
-"""Device dispatch for FP4 weight-only compute: the Triton kernels on CUDA, a torch path elsewhere (CPU).
+"""Device dispatch for FP4 weight-only compute: the Triton kernels on CUDA, the AVX-512 kernel on CPU
+(`fp4_cpu`, weights in the chunk32 layout), a torch path for anything else.
 
 Imports torch (and triton when present), never vllm. The torch path dequantizes a weight to the activation
-dtype just before its matmul and drops it right after, so only the FP4 bytes stay resident.
+dtype just before its matmul and drops it right after, so only the FP4 bytes stay resident; it is the
+reference and the fallback (no AVX512_BF16, a failed kernel build, fp16 activations, K % 32 != 0).
 """
 
 from __future__ import annotations
@@ -27,29 +29,43 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpu", "torch")
 
 
-def _use_triton(backend: str, device: torch.device) -> bool:
+def _backend(backend: str, x: torch.Tensor, q: FP4Tensor) -> str:
+    """The backend that runs: "auto" picks Triton on CUDA, the CPU kernel for chunk32 weights it supports."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} unknown; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return triton_available(device)
-    return backend == "triton"
+    if backend != "auto":
+        return backend
+    if triton_available(x.device):
+        return "triton"
+    if x.device.type == "cpu" and q.layout == "chunk32":
+        from . import fp4_cpu
+
+        if fp4_cpu.supports(x.dtype, q.shape[-1]):
+            return "cpu"
+    return "torch"
 
 
 def fp4_linear(x: torch.Tensor, q: FP4Tensor, bias: torch.Tensor | None = None, *,
                backend: str = "auto") -> torch.Tensor:
     """y = x @ W^T (+ bias) with W [N, K] in FP4. x: [..., K] -> y: [..., N] in x.dtype.
 
-    backend: "auto" (Triton on CUDA, torch elsewhere), "triton" (also under TRITON_INTERPRET=1), "torch".
+    backend: "auto" (Triton on CUDA, the CPU kernel for a chunk32 weight, torch otherwise), "triton" (also
+        under TRITON_INTERPRET=1), "cpu" (chunk32 weight, bf16/fp32 x), "torch".
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if _use_triton(backend, x.device):
+    which = _backend(backend, x2, q)
+    if which == "triton":
         from .w4a16_gemm import w4a16_gemm
 
-        y = w4a16_gemm(x2, q)
+        y = w4a16_gemm(x2, q.with_layout("pairs"))
+    elif which == "cpu":
+        from .fp4_cpu import cpu_linear
+
+        y = cpu_linear(x2, q.with_layout("chunk32"))
     else:
         y = F.linear(x2, dequantize(q, x.dtype))
     if bias is not None:
@@ -58,7 +74,7 @@ def fp4_linear(x: torch.Tensor, q: FP4Tensor, bias: torch.Tensor | None = None, 
 
 
 def _expert(q: FP4Tensor, e: int) -> FP4Tensor:
-    return FP4Tensor(q.fmt, q.packed[e], q.scales[e], q.global_scale[e])
+    return FP4Tensor(q.fmt, q.packed[e], q.scales[e], q.global_scale[e], q.layout)
 
 
 def _act_and_mul(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -90,12 +106,22 @@ def fp4_fused_experts(x: torch.Tensor, w13: FP4Tensor, w2: FP4Tensor, topk_weigh
             (those assignments contribute nothing here).
         apply_router_weight_on_input: scale x by the router weight before the experts (and not after).
         activation: gated activation, one of ACTIVATIONS.
-        backend: "auto" (Triton grouped GEMM on CUDA, a per-expert torch loop elsewhere), "triton", "torch".
+        backend: "auto" (Triton grouped GEMM on CUDA, the CPU kernel for chunk32 weights, else a per-expert
+            torch loop), "triton", "cpu", "torch".
     Returns:
         [T, H] in x.dtype (the routed sum only: no shared experts, no routed scaling factor).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} unsupported; choose one of {', '.join(ACTIVATIONS)}")
+    which = _backend(backend, x, w13)
+    if which == "cpu" and w2.shape[-1] % 32 == 0:
+        from .fp4_cpu import cpu_fused_experts
+
+        ids = topk_ids if expert_map is None else expert_map.to(torch.int32)[topk_ids.long()]
+        return cpu_fused_experts(x, w13.with_layout("chunk32"), w2.with_layout("chunk32"), topk_weights, ids,
+                                 activation=activation, apply_router_weight_on_input=apply_router_weight_on_input)
+    if which == "cpu":
+        which = "torch"
     T, H = x.shape
     E = w13.packed.shape[0]
     k = topk_ids.shape[1]
@@ -114,12 +140,12 @@ def fp4_fused_experts(x: torch.Tensor, w13: FP4Tensor, w2: FP4Tensor, topk_weigh
     w_sorted = topk_weights.reshape(-1)[order].to(torch.float32)
     if apply_router_weight_on_input:
         rows = (rows.float() * w_sorted[:, None]).to(x.dtype)
-    if _use_triton(backend, x.device):
+    if which == "triton":
         from .w4a16_gemm import w4a16_grouped_gemm
 
-        h = w4a16_grouped_gemm(rows, w13, offsets)
+        h = w4a16_grouped_gemm(rows, w13.with_layout("pairs"), offsets)
         a = _act_and_mul(h, activation).contiguous()
-        o = w4a16_grouped_gemm(a, w2, offsets)
+        o = w4a16_grouped_gemm(a, w2.with_layout("pairs"), offsets)
         keep = torch.arange(flat.numel(), device=x.device) < offsets[E]
         o = torch.where(keep[:, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
     else:

@@ -203,6 +203,9 @@ def _check_common(x: torch.Tensor, q: FP4Tensor, ndim: int) -> None:
         raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
         raise ValueError(f"x dtype {x.dtype} unsupported; use float16, bfloat16 or float32")
+    if q.layout != "pairs":
+        raise ValueError(f"the Triton kernels read the canonical 'pairs' layout, got {q.layout!r}: "
+                         "use q.with_layout('pairs')")
     if q.packed.dim() != ndim:
         raise ValueError(f"expected a {ndim}-D FP4 weight, got packed shape {tuple(q.packed.shape)}")
     if x.shape[1] != q.shape[-1]:
