@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .feature import Feature, is_cpu
+from .feature import Feature
 
 logger = logging.getLogger("vllm.frontier")
 
@@ -13,9 +13,9 @@ class FP4Feature(Feature):
     name = "fp4"
 
     def not_worth_it(self) -> str | None:
-        from vllm_frontier.quantization import pays_on_this_device
+        from vllm_frontier.quantization.device import pays_on_this_device
 
-        pays, why = pays_on_this_device(is_cpu())
+        pays, why = pays_on_this_device()
         return None if pays else why
 
     def update_config(self, vllm_config) -> None:

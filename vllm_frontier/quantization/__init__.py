@@ -8,7 +8,7 @@ vLLM-free parts: `fp4_formats` (the formats and torch references), `w4a16_gemm` 
 
 from __future__ import annotations
 
-__all__ = ["register", "QUANT_NAME", "pays_on_this_device"]
+__all__ = ["register", "QUANT_NAME"]
 
 QUANT_NAME = "frontier_fp4"
 
@@ -26,15 +26,3 @@ def register() -> None:
 
     register_quantization_config(QUANT_NAME)(FrontierFP4Config)
 
-
-def pays_on_this_device(cpu: bool) -> tuple[bool, str]:
-    """Whether FP4 is worth switching on by `--plugin all` here, and why not.
-
-    Measured (benchmarks/fp4.py): the CPU path decodes each weight to bf16 before its matmul (0.07x of bf16
-    decode at batch 1) and the Triton W4A16 GEMM reaches 0.87-1.02x of the bf16 matmul at M=1 on an H100.
-    """
-    if cpu:
-        return False, ("FP4 decode is slower than bf16 on CPU (benchmarks/fp4.py); `--plugin fp4` still "
-                       "trades speed for 3.5x smaller weights")
-    return False, ("the Triton W4A16 GEMM is not faster than the bf16 matmul (benchmarks/fp4.py); `--plugin fp4` "
-                   "still trades speed for 3.5x smaller weights")
