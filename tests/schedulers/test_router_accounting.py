@@ -1,0 +1,365 @@
+"""The P/D router's bookkeeping against fake instances with known timings (no engines).
+
+What is checked: which instance served which stage (the pool's served / failed counts and its
+per-stage leases, during and after a request), what a retry after a failed decode sends, and
+TTFT / TPOT as the router measures them, against the delays the fake instances are told to take."""
+
+import asyncio
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from vllm_frontier.schedulers import router as R
+
+
+class Timed:
+    """A fake vLLM instance. Prefill calls (max_tokens=1 with produce params) answer after
+    `prefill_s`; other calls stream `tokens` tokens, the first after `first_s`, then one every
+    `gap_s` (non-streaming: the JSON after the same total time). `status` != 200 answers that code;
+    `drop` closes the connection. `gate` (an asyncio.Event) holds every completion until set."""
+
+    def __init__(self, name, *, prefill_s=0.0, first_s=0.0, gap_s=0.0, tokens=4, status=200,
+                 drop=False, gate=None):
+        self.name, self.prefill_s, self.first_s, self.gap_s = name, prefill_s, first_s, gap_s
+        self.tokens, self.status, self.drop, self.gate = tokens, status, drop, gate
+        self.seen: list[dict] = []
+
+    async def start(self):
+        app = web.Application()
+        async def health(r):
+            return web.json_response({})
+
+        async def models(r):
+            return web.json_response({"data": [{"id": "m"}]})
+
+        app.router.add_get("/health", health)
+        app.router.add_get("/v1/models", models)
+        app.router.add_post("/v1/completions", self.complete)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def stop(self):
+        await self.runner.cleanup()
+
+    async def complete(self, request):
+        body = await request.json()
+        kp = body.get("kv_transfer_params") or {}
+        if kp.get("frontier_pd") == "hello":
+            return web.json_response({"kv_transfer_params": {"kv_addr": f"tcp://{self.name}:1"}})
+        self.seen.append(body)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.drop:
+            request.transport.close()
+            await asyncio.sleep(1)
+        if self.status != 200:
+            return web.json_response({"error": {"message": "nope"}}, status=self.status)
+        if kp.get("frontier_pd") == "produce":
+            await asyncio.sleep(self.prefill_s)
+            return web.json_response({"choices": [{"text": "p"}],
+                                      "usage": {"prompt_tokens": 7, "completion_tokens": 1}})
+        n = min(body.get("max_tokens", 16), self.tokens)
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await asyncio.sleep(self.first_s)
+            for i in range(n):
+                if i:
+                    await asyncio.sleep(self.gap_s)
+                await resp.write(b'data: {"choices": [{"text": "t%d"}]}\n\n' % i)
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        await asyncio.sleep(self.first_s + self.gap_s * (n - 1))
+        return web.json_response({"choices": [{"text": self.name * n}],
+                                  "usage": {"prompt_tokens": 7, "completion_tokens": n}})
+
+
+def _run(instances, roles, fn, *extra):
+    async def main():
+        insts = [await i.start() for i in instances]
+        argv = ["--health-interval", "60", "--queue-timeout", "0.2", *extra]
+        for role in ("prefill", "decode", "both"):
+            urls = [i.url for i, r in zip(insts, roles) if r == role]
+            if urls:
+                argv += [f"--{role}", *urls]
+        args = R.parse_args(argv)
+        pool = R.make_pool(args)
+        app, router = R.build_app(pool, args)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            async with aiohttp.ClientSession() as s:
+                return await fn(s, url, insts, pool, router)
+        finally:
+            await runner.cleanup()
+            for i in insts:
+                await i.stop()
+
+    return asyncio.run(main())
+
+
+def served(pool):
+    return {i.url: (i.served_prefill, i.served_decode) for i in pool.snapshot().instances}
+
+
+def no_leases(pool):
+    return all(i.inflight_prefill == 0 and i.inflight_decode == 0 for i in pool.snapshot().instances)
+
+
+async def metrics(s, url):
+    async with s.get(url + "/metrics") as r:
+        return await r.text()
+
+
+def test_served_counts_the_stage_each_instance_ran():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        for _ in range(3):
+            async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
+                assert r.status == 200
+        assert served(pool) == {P.url: (3, 0), D.url: (0, 3)}
+        snap = pool.snapshot()
+        assert (snap.completed, snap.failed) == (3, 0) and no_leases(pool)
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+
+
+def test_leases_are_counted_per_stage_while_a_request_runs():
+    gate_p, gate_d = asyncio.Event(), asyncio.Event()
+
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        P.gate, D.gate = gate_p, gate_d
+        req = asyncio.ensure_future(s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}))
+
+        async def until(cond):
+            for _ in range(500):
+                if cond():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("condition never held")
+
+        # sequential dispatch: while P computes, one prefill lease on P and nothing on D
+        await until(lambda: P.seen)
+        snap = {i.url: (i.inflight_prefill, i.inflight_decode) for i in pool.snapshot().instances}
+        assert snap == {P.url: (1, 0), D.url: (0, 0)}
+        assert f'frontier_router_inflight{{instance="{P.url}",stage="prefill"}} 1.0' in await metrics(s, url)
+        gate_p.set()
+        await until(lambda: D.seen)
+        snap = {i.url: (i.inflight_prefill, i.inflight_decode) for i in pool.snapshot().instances}
+        assert snap == {P.url: (0, 0), D.url: (0, 1)}
+        gate_d.set()
+        r = await req
+        assert r.status == 200
+        r.release()
+        assert no_leases(pool)
+        text = await metrics(s, url)
+        assert f'frontier_router_inflight{{instance="{D.url}",stage="decode"}} 0.0' in text
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
+
+
+def test_retry_after_a_failed_decode_recomputes_the_prompt_elsewhere():
+    """D1 answers 500 to the request that consumed P's KV; the retry on D2 must not ask for that
+    KV again (the failed consumer may have pulled it, and P releases a transfer once it is sent):
+    D2 computes the prompt. The failure is not counted as served anywhere."""
+    async def fn(s, url, insts, pool, router):
+        P, D1, D2 = insts
+        # make D1 the one the first attempt gets: D2 holds a decode lease for a moment
+        pool.acquire("decode", exclude=[D1.url])
+        task = asyncio.ensure_future(s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3}))
+        for _ in range(500):
+            if D1.seen:
+                break
+            await asyncio.sleep(0.01)
+        pool.release(D2.url, "decode", ok=False)
+        r = await task
+        assert r.status == 200 and (await r.json())["choices"][0]["text"] == "GGG"
+        (first,), (retry,) = D1.seen, D2.seen
+        assert first["kv_transfer_params"]["frontier_pd"] == "consume"
+        assert first["kv_transfer_params"]["remote_addr"] == "tcp://P:1"
+        assert "kv_transfer_params" not in retry  # computed on D2, not pulled
+        assert retry["prompt"] == "hi" and retry["max_tokens"] == 3
+        assert served(pool) == {P.url: (1, 0), D1.url: (0, 0), D2.url: (0, 1)}
+        assert not pool.get(D1.url).healthy and pool.get(D1.url).failures == 1
+        snap = pool.snapshot()
+        assert (snap.completed, snap.failed) == (1, 0) and no_leases(pool)
+        text = await metrics(s, url)
+        assert 'frontier_router_retries_total{stage="decode"} 1.0' in text
+        assert 'frontier_router_requests_total{endpoint="completions",outcome="ok"} 1.0' in text
+
+    _run([Timed("P"), Timed("B", status=500), Timed("G")], ["prefill", "decode", "decode"], fn,
+         "--dispatch", "sequential")
+
+
+def test_no_retry_left_is_a_502_counted_as_failed():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        async with s.post(url + "/v1/completions", json={"prompt": "hi"}) as r:
+            assert r.status == 502
+            assert "decode failed on" in (await r.json())["error"]["message"]
+        assert len(D.seen) == 1  # --max-retries 0: one attempt
+        assert served(pool) == {P.url: (1, 0), D.url: (0, 0)}
+        snap = pool.snapshot()
+        assert (snap.completed, snap.failed) == (0, 1) and snap.ttft_s == () and no_leases(pool)
+        assert 'outcome="decode_failed"} 1.0' in await metrics(s, url)
+
+    _run([Timed("P"), Timed("D", drop=True)], ["prefill", "decode"], fn, "--max-retries", "0")
+
+
+def test_client_error_from_decode_is_passed_through_not_retried():
+    async def fn(s, url, insts, pool, router):
+        P, D1, D2 = insts
+        async with s.post(url + "/v1/completions", json={"prompt": "hi"}) as r:
+            assert r.status == 400
+        # a 4xx is the request's fault: no retry, the instance stays in rotation
+        assert len(D1.seen) + len(D2.seen) == 1
+        assert pool.get(D1.url).healthy and pool.get(D2.url).healthy
+        snap = pool.snapshot()
+        assert (snap.completed, snap.failed) == (0, 1) and no_leases(pool)
+        assert all(i.served_decode == 0 for i in snap.instances)
+        assert 'outcome="http_400"} 1.0' in await metrics(s, url)
+
+    _run([Timed("P"), Timed("D", status=400), Timed("E", status=400)], ["prefill", "decode", "decode"], fn)
+
+
+def test_failed_prefill_is_not_served_and_the_decode_computes_the_prompt():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
+            assert r.status == 200
+        assert "kv_transfer_params" not in D.seen[0]
+        assert served(pool) == {P.url: (0, 0), D.url: (0, 1)}
+        assert not pool.get(P.url).healthy  # 5xx: out of rotation
+        snap = pool.snapshot()
+        assert (snap.completed, snap.failed) == (1, 0) and no_leases(pool)
+
+    _run([Timed("P", status=503), Timed("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
+
+
+def test_no_prefill_instance_is_a_503_counted_as_failed():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        pool.mark_down(P.url, "test")
+        async with s.post(url + "/v1/completions", json={"prompt": "hi"}) as r:
+            assert r.status == 503
+            assert "prefill stage" in (await r.json())["error"]["message"]
+        snap = pool.snapshot()
+        assert (snap.completed, snap.failed) == (0, 1) and snap.waiting_prefill == 0
+        assert 'outcome="no_instance"} 1.0' in await metrics(s, url)
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+
+
+def test_waiting_requests_are_counted_until_an_instance_comes_back():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        pool.mark_down(P.url, "test")
+        req = asyncio.ensure_future(s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}))
+        for _ in range(300):
+            if pool.snapshot().waiting_prefill == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.snapshot().waiting_prefill == 1
+        assert 'frontier_router_queue{stage="prefill"} 1.0' in await metrics(s, url)
+        pool.mark_up(P.url)
+        r = await req
+        assert r.status == 200
+        r.release()
+        assert pool.snapshot().waiting_prefill == 0
+        assert 'frontier_router_queue{stage="prefill"} 0.0' in await metrics(s, url)
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn, "--queue-timeout", "5")
+
+
+# ---- TTFT and TPOT --------------------------------------------------------------------------
+# asyncio.sleep never returns early, so each measured time is at least the delay it covers; the
+# upper slack absorbs scheduling noise on a loaded 2-core machine.
+PREFILL_S, FIRST_S, GAP_S, TOKENS = 0.30, 0.20, 0.10, 5
+SLACK = 0.15
+
+
+def test_streaming_ttft_is_the_first_token_and_tpot_the_mean_gap_after_it():
+    async def fn(s, url, insts, pool, router):
+        async with s.post(url + "/v1/completions",
+                          json={"prompt": "hi", "max_tokens": TOKENS, "stream": True}) as r:
+            body = await r.text()
+        assert body.count("data: {") == TOKENS
+        snap = pool.snapshot()
+        (ttft,), (tpot,) = snap.ttft_s, snap.tpot_s
+        # sequential: P's answer, then D's first token
+        assert PREFILL_S + FIRST_S <= ttft < PREFILL_S + FIRST_S + SLACK, ttft
+        # (TOKENS - 1) gaps after the first token
+        assert GAP_S <= tpot < GAP_S + SLACK / (TOKENS - 1), tpot
+        assert snap.prompt_tokens == (7,)
+        text = await metrics(s, url)
+        assert "frontier_router_ttft_seconds_count 1.0" in text
+        assert "frontier_router_tpot_seconds_count 1.0" in text
+
+    _run([Timed("P", prefill_s=PREFILL_S), Timed("D", first_s=FIRST_S, gap_s=GAP_S, tokens=TOKENS)],
+         ["prefill", "decode"], fn, "--dispatch", "sequential")
+
+
+def test_non_streaming_ttft_is_when_the_prefill_answered():
+    async def fn(s, url, insts, pool, router):
+        async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": TOKENS}) as r:
+            assert r.status == 200
+        snap = pool.snapshot()
+        (ttft,), (tpot,) = snap.ttft_s, snap.tpot_s
+        assert PREFILL_S <= ttft < PREFILL_S + SLACK, ttft  # not P + D
+        decode_s = FIRST_S + GAP_S * (TOKENS - 1)
+        assert decode_s / (TOKENS - 1) <= tpot < (decode_s + SLACK) / (TOKENS - 1), tpot
+
+    _run([Timed("P", prefill_s=PREFILL_S), Timed("D", first_s=FIRST_S, gap_s=GAP_S, tokens=TOKENS)],
+         ["prefill", "decode"], fn, "--dispatch", "sequential")
+
+
+def test_single_token_answer_has_a_ttft_and_no_tpot():
+    async def fn(s, url, insts, pool, router):
+        async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1, "stream": True}) as r:
+            await r.text()
+        snap = pool.snapshot()
+        assert len(snap.ttft_s) == 1 and snap.tpot_s == ()
+        assert "frontier_router_tpot_seconds_count 0.0" in await metrics(s, url)
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+
+
+def test_failed_request_records_no_latency():
+    async def fn(s, url, insts, pool, router):
+        async with s.post(url + "/v1/completions", json={"prompt": "hi", "stream": True}) as r:
+            assert r.status == 502
+        snap = pool.snapshot()
+        assert snap.ttft_s == () and snap.tpot_s == () and snap.failed == 1
+        assert "frontier_router_e2e_seconds_count 0.0" in await metrics(s, url)
+
+    _run([Timed("P"), Timed("D", status=500)], ["prefill", "decode"], fn, "--max-retries", "0")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--both", "http://a:1", "--max-retries", "-1"], "--max-retries must be >= 0"),
+    (["--both", "http://a:1", "--queue-timeout", "-2"], "--queue-timeout must be >= 0"),
+    (["--decode", "http://a:1"], "prefill-capable"),
+    (["--both", "http://a:1", "--auto-ratio", "--slo-ttft", "100"], "--slo-tpot"),
+])
+def test_cli_rejects_bad_values_with_a_message(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        R.parse_args(argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_cli_defaults():
+    a = R.parse_args(["--both", "http://a:1"])
+    assert (a.dispatch, a.max_retries, a.queue_timeout, a.request_timeout, a.health_interval, a.wire) == \
+        ("sequential", 1, 30.0, 600.0, 5.0, None)
+    pool = R.make_pool(R.parse_args(["--prefill", "http://p:1", "--decode", "http://d:1", "--both", "http://b:1"]))
+    assert [(u, pool.get(u).role.value) for u in pool.urls()] == \
+        [("http://p:1", "prefill"), ("http://d:1", "decode"), ("http://b:1", "both")]
