@@ -78,10 +78,37 @@ def test_reference_equals_unabsorbed_attention(causal):
     assert_close(torch.einsum("shc,hdc->shd", sp[0], w_uv), want, 1e-5, what="sparse (all indices) vs dense")
 
 
+class _CudaSeqlens:
+    """Stands in for ``cache_seqlens`` on a CUDA device, so the split heuristic runs on any machine
+    (on a CPU tensor it always answers 1: one "SM")."""
+
+    def __init__(self, lens):
+        self._t = torch.tensor(lens, dtype=torch.int32)
+        self.shape, self.is_cuda, self.device = self._t.shape, True, torch.device("cuda", 0)
+
+    def max(self):
+        return self._t.max()
+
+
+@pytest.mark.parametrize("lens,rows,topk,heads,want", [
+    # 132 SMs, block_m 64, block_n 32; splits = min(ceil(SMs / programs), key tiles // 4, 32)
+    ([4096], 16, None, None, 32),  # 128 tiles -> 32, capped at 32
+    ([512], 16, None, None, 4),  # 16 tiles -> 4
+    ([4096] * 64, 16, None, None, 3),  # 64 programs -> ceil(132 / 64) = 3
+    ([4096] * 200, 16, None, None, 1),  # more programs than SMs: no split
+    ([100, 4096], 128, 2048, 128, 16),  # sparse: 2 x 2 row blocks, topk 2048 -> 64 tiles -> 16
+], ids=["long", "short", "batch64", "batch200", "sparse"])
+def test_metadata_split_count_on_a_gpu_shape(monkeypatch, lens, rows, topk, heads, want):
+    import types
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    sched, n = get_mla_metadata(_CudaSeqlens(lens), rows, 1, num_heads_q=heads, topk=topk)
+    assert n == sched.num_splits == want
+
+
 def test_metadata_splits_and_validation():
     sl = torch.tensor([4096], dtype=torch.int32)
     sched, n = get_mla_metadata(sl, 16, 1)
-    assert n == sched.num_splits >= 1
+    assert n == sched.num_splits == 1  # CPU: one "SM", one program already fills it
     q = torch.zeros(1, 1, 16, 576)
     with pytest.raises(ValueError, match="is_fp8_kvcache"):
         flash_mla_with_kvcache(q, torch.zeros(2, 16, 656, dtype=torch.uint8), torch.zeros(1, 2, dtype=torch.int32), sl)
