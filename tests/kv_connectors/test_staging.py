@@ -34,6 +34,7 @@ def test_nbytes_follows_add_release_and_restart():
     st.open("b"); st.add("b", chunk(7))
     assert st.nbytes == 137
     assert st.get("a").nbytes == 130 and [c.layer for c in st.get("a").chunks] == ["L0", "L1"]
+    assert st.get("a").tid == "a" and st.get("b").tid == "b"
     st.open("a")  # a preempted prefill restarts: its old chunks are dropped
     assert st.nbytes == 7 and st.get("a").nbytes == 0 and st.get("a").chunks == []
     st.add("a", chunk(50))

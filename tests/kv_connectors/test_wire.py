@@ -51,18 +51,19 @@ def test_fp8_layout_field_by_field():
     rows[0, 128:256] = torch.linspace(-8, 8, 128)  # scale 8 / 448
     rows[0, 512:] = 1.5
     rows[1, 300] = -2.0  # group 2 of token 1: scale 2/448, code of -448 is 0xfe
+    rows[1, 400] = 0.5  # group 3 of token 1: amax below 1 still sets the scale (0.5 / 448), code 0x7e
     enc, p = wire.encode_rows(rows, "fp8")
     assert enc == "fp8" and p.dtype == torch.uint8 and p.shape == (2, 656)
     scales = p[:, 512:528].contiguous().view(torch.float32)
     assert scales[0].tolist() == [1.0, pytest.approx(8 / 448), 1.0, 1.0]  # zero groups keep scale 1
-    assert scales[1].tolist() == [1.0, 1.0, pytest.approx(2 / 448), 1.0]
-    assert torch.all(p[0, :128] == 0x7E) and p[1, 300] == 0xFE
-    assert torch.all(p[1, :300] == 0) and torch.all(p[1, 301:512] == 0)
+    assert scales[1].tolist() == [1.0, 1.0, pytest.approx(2 / 448), pytest.approx(0.5 / 448)]
+    assert torch.all(p[0, :128] == 0x7E) and p[1, 300] == 0xFE and p[1, 400] == 0x7E
+    assert torch.all(p[1, :300] == 0) and torch.all(p[1, 301:400] == 0) and torch.all(p[1, 401:512] == 0)
     assert torch.equal(p[0, 528:].contiguous().view(torch.bfloat16), torch.full((64,), 1.5, dtype=torch.bfloat16))
     back = wire.decode_rows(p, "fp8", 576, torch.float32)
     assert back.dtype == torch.float32 and back.shape == (2, 576)
     assert torch.equal(back[0, :128], rows[0, :128]) and back[1, 300] == -2.0
-    assert back[1].count_nonzero() == 1 and torch.all(back[0, 512:] == 1.5)
+    assert back[1, 400] == 0.5 and back[1].count_nonzero() == 2 and torch.all(back[0, 512:] == 1.5)
 
 
 def test_fp8_clamps_to_the_e4m3_range():
@@ -95,8 +96,8 @@ def test_raw_is_the_cache_bytes():
 @pytest.mark.parametrize("call,match", [
     (lambda: wire.encode_rows(torch.zeros(2, 576), "zstd"), "wire encoding must be one of"),
     (lambda: wire.encode_rows(torch.zeros(576), "raw"), r"rows must be \[T, W\], got shape \(576,\)"),
-    (lambda: wire.decode_rows(torch.zeros(2, 656), "fp8", 576, torch.float32), "payload must be uint8"),
-    (lambda: wire.decode_rows(torch.zeros(656, dtype=torch.uint8), "fp8", 576, torch.float32), "payload must be uint8"),
+    (lambda: wire.decode_rows(torch.zeros(2, 656), "fp8", 576, torch.float32), r"^payload must be uint8 \[T, bytes_per_row\]$"),
+    (lambda: wire.decode_rows(torch.zeros(656, dtype=torch.uint8), "fp8", 576, torch.float32), r"^payload must be uint8 \[T, bytes_per_row\]$"),
     (lambda: wire.decode_rows(torch.zeros(2, 655, dtype=torch.uint8), "fp8", 576, torch.float32), "fp8 payload needs 656 B rows"),
     (lambda: wire.decode_rows(torch.zeros(2, 656, dtype=torch.uint8), "fp8", 576, torch.uint8), "fp8 payload needs"),
     (lambda: wire.decode_rows(torch.zeros(2, 8, dtype=torch.uint8), "lz4", 2, torch.float32), "unknown wire encoding 'lz4'"),
@@ -105,3 +106,12 @@ def test_raw_is_the_cache_bytes():
 def test_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the payload stays on the rows' device)")
+@pytest.mark.parametrize("enc", ["raw", "fp8"])
+def test_payload_stays_on_the_rows_device(enc):
+    rows = torch.randn(3, 576, device="cuda")
+    used, p = wire.encode_rows(rows, enc)
+    assert used == enc and p.device == rows.device
+    assert wire.decode_rows(p, enc, 576, torch.float32).device == rows.device

@@ -199,3 +199,51 @@ def test_default_window_is_a_minute():
     assert pool.snapshot().tpot_s == (1.0,)
     now[0] = 60.01
     assert pool.snapshot().tpot_s == ()
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_rotation_visits_every_idle_instance_for_any_pool_size(n):
+    urls = [f"http://127.0.0.1:{k + 1}" for k in range(n)]
+    pool = InstancePool([(u, "decode") for u in urls])
+    picks = []
+    for _ in range(2 * n):
+        with pool.lease("decode") as inst:
+            picks.append(inst.url)
+    assert sorted(picks[:n]) == urls and picks[n:] == picks[:n]
+
+
+def test_leases_on_one_instance_add_up():
+    pool = InstancePool([(A, "both")])
+    for _ in range(3):
+        pool.acquire("decode")
+    pool.acquire("prefill")
+    assert (pool.inflight(A, "decode"), pool.inflight(A, "prefill"), pool.inflight(A)) == (3, 1, 4)
+    pool.release(A, "decode")
+    assert pool.inflight(A, Stage.DECODE) == 2
+
+
+def test_snapshot_reports_roles_and_health():
+    pool = InstancePool([(A, "prefill"), (B, "both")])
+    pool.mark_down(B, "x")
+    snap = pool.snapshot()
+    assert [(i.url, i.role, i.healthy) for i in snap.instances] == [(A, "prefill", True), (B, "both", False)]
+
+
+def test_remove_of_an_unknown_instance_is_a_no_op():
+    pool = InstancePool([(A, "both")])
+    pool.remove(B)
+    pool.remove(A + "/")
+    assert pool.urls() == []
+
+
+def test_url_normalisation_strips_only_slashes():
+    pool = InstancePool([("http://HOSTX/", "both"), ("http://h:80//", "decode")])
+    assert pool.urls() == ["http://HOSTX", "http://h:80"]
+
+
+def test_window_may_be_below_a_second():
+    now = [0.0]
+    pool = InstancePool(window_s=0.5, clock=lambda: now[0])
+    pool.record_ttft(0.1)
+    now[0] = 0.6
+    assert pool.snapshot().ttft_s == ()

@@ -1,0 +1,210 @@
+"""Mutation testing of the pure-Python modules with mutmut (`make mutation`; too slow for CI).
+
+Each module runs in its own work folder ``build/mutation/<name>/`` (links to ``vllm_frontier`` and
+``tests``, plus a ``pyproject.toml`` holding this project's pytest settings and a ``[tool.mutmut]``
+section): mutmut copies the tree into ``mutants/`` there, mutates only that module, collects which of
+the module's fast unit tests reach each function, then runs each mutant against those tests only.
+Score = caught / (caught + survived + uncovered), caught = killed or timed out.
+
+    python benchmarks/mutation.py                 # every module, results to benchmarks/results/mutation/
+    python benchmarks/mutation.py auth staging    # some modules (merged into the existing result file)
+    python benchmarks/mutation.py --report        # rebuild the report from finished work folders
+
+The survivors' judgements (equivalent or not, and why) live in JUDGEMENTS below and are copied into
+the markdown report next to each surviving mutant's diff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "mutation"
+OUT = ROOT / "benchmarks" / "results" / "mutation"
+
+# name -> (module path, the fast unit tests that cover it)
+MODULES: dict[str, tuple[str, list[str]]] = {
+    "auth": ("vllm_frontier/kv_connectors/auth.py", ["tests/kv_connectors/test_auth_attacks.py"]),
+    "staging": ("vllm_frontier/kv_connectors/staging.py", ["tests/kv_connectors/test_staging.py"]),
+    "wire": ("vllm_frontier/kv_connectors/wire.py", ["tests/kv_connectors/test_wire.py"]),
+    "instance_pool": ("vllm_frontier/schedulers/instance_pool.py",
+                      ["tests/schedulers/test_instance_pool_accounting.py", "tests/router/test_instance_pool.py"]),
+    "router": ("vllm_frontier/schedulers/router.py",
+               ["tests/schedulers/test_router_accounting.py", "tests/router/test_router_fake.py"]),
+    "simulator": ("vllm_frontier/schedulers/simulator.py",
+                  ["tests/schedulers/test_simulator_physics.py", "tests/schedulers/test_simulator.py"]),
+    "controller": ("vllm_frontier/schedulers/controller.py", ["tests/schedulers/test_controller.py"]),
+    "pregroup": ("vllm_frontier/moe/pregroup.py", ["tests/moe/test_pregroup.py"]),
+    "features": ("vllm_frontier/plugins/features.py", ["tests/plugins/test_features.py"]),
+}
+
+CAUGHT = ("killed", "timeout")
+MISSED = ("survived", "no tests")
+
+# mutant name -> why it survives (filled in after reviewing `mutmut show NAME`)
+JUDGEMENTS: dict[str, str] = {}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _mutmut() -> list[str]:
+    return [sys.executable, "-m", "mutmut"]
+
+
+def prepare(name: str) -> Path:
+    path, tests = MODULES[name]
+    work = WORK / name
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for d in ("vllm_frontier", "tests"):
+        (work / d).symlink_to(ROOT / d)
+    base = (ROOT / "pyproject.toml").read_text()
+    pytest_cfg = base[base.index("[tool.pytest.ini_options]"):]
+    pytest_cfg = pytest_cfg[: pytest_cfg.index("\n[", 1) + 1] if "\n[" in pytest_cfg[1:] else pytest_cfg
+    (work / "pyproject.toml").write_text(
+        pytest_cfg.rstrip() + "\n\n[tool.mutmut]\n"
+        f'source_paths = ["vllm_frontier"]\n'
+        f"only_mutate = {json.dumps([path])}\n"
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"]\n'
+    )
+    return work
+
+
+def run(name: str, max_children: int) -> None:
+    work = prepare(name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # mutants/ must be what imports
+    t0 = time.monotonic()
+    with open(work / "run.log", "w") as log:
+        rc = subprocess.call(_mutmut() + ["run", "--max-children", str(max_children)], cwd=work, env=env,
+                             stdout=log, stderr=subprocess.STDOUT)
+    (work / "run.json").write_text(json.dumps({"rc": rc, "seconds": round(time.monotonic() - t0, 1)}))
+    print(f"{name}: mutmut run exited {rc} after {time.monotonic() - t0:.0f} s (log: {work / 'run.log'})")
+
+
+def collect(name: str) -> dict | None:
+    work = WORK / name
+    if not (work / "run.json").exists():
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(_mutmut() + ["results", "--all", "true"], cwd=work, env=env, capture_output=True,
+                         text=True).stdout
+    status: dict[str, str] = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if m:
+            status[m.group(1)] = m.group(2).strip()
+    counts: dict[str, int] = {}
+    for s in status.values():
+        counts[s] = counts.get(s, 0) + 1
+    caught = sum(counts.get(s, 0) for s in CAUGHT)
+    scored = caught + sum(counts.get(s, 0) for s in MISSED)
+    survivors = []
+    for m, s in sorted(status.items()):
+        if s in MISSED:
+            diff = subprocess.run(_mutmut() + ["show", m], cwd=work, env=env, capture_output=True,
+                                  text=True).stdout
+            survivors.append({"mutant": m, "status": s, "judgement": JUDGEMENTS.get(m, "not reviewed"),
+                              "diff": diff.strip()})
+    return {
+        "module": MODULES[name][0],
+        "tests": MODULES[name][1],
+        "mutants": len(status),
+        "counts": counts,
+        "score": round(caught / scored, 4) if scored else None,
+        "equivalent": sum(1 for s in survivors if s["judgement"].startswith("equivalent")),
+        "score_excluding_equivalent": round(caught / (scored - sum(
+            1 for s in survivors if s["judgement"].startswith("equivalent"))), 4) if scored else None,
+        "seconds": json.loads((work / "run.json").read_text())["seconds"],
+        "survivors": survivors,
+    }
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def report(names: list[str], argv: list[str]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "mutation.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    modules = old.get("modules", {})
+    for n in names:
+        r = collect(n)
+        if r is not None:
+            modules[n] = r
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    doc = {
+        "command": "python benchmarks/mutation.py " + " ".join(argv),
+        "make": "make mutation",
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"mutmut": _version("mutmut"), "pytest": _version("pytest"), "torch": _version("torch"),
+                     "python": platform.python_version()},
+        "load_average": load,
+        "score_definition": "caught / (caught + survived + uncovered); caught = killed or timeout",
+        "modules": modules,
+    }
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    lines = ["# Mutation testing: scores and surviving mutants", "",
+             f"`{doc['command']}` (mutmut {doc['versions']['mutmut']}) at {doc['commit'][:10]}, {doc['utc']}.",
+             "", "| module | mutants | killed | timeout | survived | no tests | score | score w/o equivalent |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n, r in modules.items():
+        c = r["counts"]
+        lines.append(f"| {r['module']} | {r['mutants']} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
+                     f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {r['score']:.1%} | "
+                     f"{r['score_excluding_equivalent']:.1%} |")
+    for n, r in modules.items():
+        if not r["survivors"]:
+            continue
+        lines += ["", f"## {r['module']}", ""]
+        for s in r["survivors"]:
+            lines += [f"### `{s['mutant']}` ({s['status']})", "", f"Judgement: {s['judgement']}", "",
+                      "```diff", s["diff"], "```", ""]
+    (OUT / "survivors.md").write_text("\n".join(lines) + "\n")
+    for n in names:
+        if n in modules:
+            r = modules[n]
+            print(f"{n}: {r['mutants']} mutants, score {r['score']:.1%} "
+                  f"({r['score_excluding_equivalent']:.1%} without equivalent ones), {r['counts']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("modules", nargs="*", choices=[[], *MODULES], metavar="MODULE",
+                    help=f"modules to run (default: all): {', '.join(MODULES)}")
+    ap.add_argument("--max-children", type=int, default=2, help="parallel mutant runs (default 2)")
+    ap.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
+    args = ap.parse_args(argv)
+    names = args.modules or list(MODULES)
+    if not args.report:
+        for n in names:
+            run(n, args.max_children)
+    report(names, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
