@@ -347,8 +347,13 @@ def test_failed_request_records_no_latency():
 @pytest.mark.parametrize("argv,match", [
     (["--both", "http://a:1", "--max-retries", "-1"], "--max-retries must be >= 0"),
     (["--both", "http://a:1", "--queue-timeout", "-2"], "--queue-timeout must be >= 0"),
-    (["--decode", "http://a:1"], "prefill-capable"),
-    (["--both", "http://a:1", "--auto-ratio", "--slo-ttft", "100"], "--slo-tpot"),
+    (["--decode", "http://a:1"], "give at least one prefill-capable (--prefill/--both) and one decode-capable "
+                                 "(--decode/--both) instance URL"),
+    (["--prefill", "http://a:1"], "(--decode/--both) instance URL"),
+    (["--both", "http://a:1", "--auto-ratio", "--slo-ttft", "100"], "--auto-ratio needs --slo-ttft MS and --slo-tpot MS"),
+    (["--both", "http://a:1", "--request-timeout", "-1"], "--request-timeout must be >= 0"),
+    (["--both", "http://a:1", "--health-interval", "-1"], "--health-interval must be >= 0"),
+    (["--both", "http://a:1", "--dispatch", "parallel"], "invalid choice: 'parallel'"),
 ])
 def test_cli_rejects_bad_values_with_a_message(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
@@ -360,6 +365,194 @@ def test_cli_defaults():
     a = R.parse_args(["--both", "http://a:1"])
     assert (a.dispatch, a.max_retries, a.queue_timeout, a.request_timeout, a.health_interval, a.wire) == \
         ("sequential", 1, 30.0, 600.0, 5.0, None)
+    assert (a.host, a.port, a.auto_ratio, a.slo_ttft, a.slo_tpot) == ("127.0.0.1", 8100, False, None, None)
+    assert (a.prefill, a.decode, a.both) == ([], [], ["http://a:1"])
+    a = R.parse_args(["--both", "http://a:1", "--dispatch", "concurrent", "--wire", "fp8", "--port", "9",
+                      "--max-retries", "3", "--auto-ratio", "--slo-ttft", "500", "--slo-tpot", "50.5"])
+    assert (a.dispatch, a.wire, a.port, a.max_retries, a.auto_ratio, a.slo_ttft, a.slo_tpot) == \
+        ("concurrent", "fp8", 9, 3, True, 500.0, 50.5)
     pool = R.make_pool(R.parse_args(["--prefill", "http://p:1", "--decode", "http://d:1", "--both", "http://b:1"]))
     assert [(u, pool.get(u).role.value) for u in pool.urls()] == \
         [("http://p:1", "prefill"), ("http://d:1", "decode"), ("http://b:1", "both")]
+
+
+# ---- /health, /metrics, /v1/models and error bodies -------------------------------------------
+def test_health_lists_every_instance_and_is_503_without_a_decode_instance():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        pool.acquire("prefill")
+        async with s.get(url + "/health") as r:
+            assert r.status == 200
+            assert await r.json() == {"ok": True, "instances": [
+                {"url": P.url, "role": "prefill", "healthy": True, "inflight_prefill": 1, "inflight_decode": 0},
+                {"url": D.url, "role": "decode", "healthy": True, "inflight_prefill": 0, "inflight_decode": 0}]}
+        pool.mark_down(D.url, "test")
+        async with s.get(url + "/health") as r:
+            assert r.status == 503 and (await r.json())["ok"] is False
+        pool.mark_up(D.url)
+        pool.mark_down(P.url, "test")
+        async with s.get(url + "/health") as r:
+            assert r.status == 503
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+
+
+def test_prometheus_reports_health_per_instance_and_sums_kv_bytes_of_healthy_ones():
+    async def fn(s, url, insts, pool, router):
+        P, D1, D2 = insts
+        pool.mark_down(D2.url, "test")
+        async with s.get(url + "/metrics") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+            assert "version=0.0.4" in r.headers["Content-Type"]
+            text = await r.text()
+        assert f'frontier_router_instance_up{{instance="{P.url}",role="prefill"}} 1.0' in text
+        assert f'frontier_router_instance_up{{instance="{D1.url}",role="decode"}} 1.0' in text
+        assert f'frontier_router_instance_up{{instance="{D2.url}",role="decode"}} 0.0' in text
+        # P reports 10 + 5 (two engines), D1 reports 7; D2 is out of rotation and not scraped
+        assert "frontier_router_kv_bytes_moved 22.0" in text
+
+    lines = {"P": 'frontier_pd_recv_bytes_total{engine="0"} 10.0\nfrontier_pd_recv_bytes_total{engine="1"} 5\n',
+             "D1": 'other_metric 3\nfrontier_pd_recv_bytes_total{engine="0"} 7.0\n',
+             "D2": 'frontier_pd_recv_bytes_total{engine="0"} 1000.0\n'}
+
+    class WithMetrics(Timed):
+        async def start(self):
+            app = web.Application()
+
+            async def health(r):
+                return web.json_response({})
+
+            async def models(r):
+                return web.json_response({"data": [{"id": "m"}]})
+
+            async def metrics(r):
+                return web.Response(text=lines[self.name])
+
+            app.router.add_get("/health", health)
+            app.router.add_get("/v1/models", models)
+            app.router.add_get("/metrics", metrics)
+            app.router.add_post("/v1/completions", self.complete)
+            self.runner = web.AppRunner(app)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+            return self
+
+    _run([WithMetrics("P"), WithMetrics("D1"), WithMetrics("D2")], ["prefill", "decode", "decode"], fn)
+
+
+def test_models_come_from_the_first_healthy_instance():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        pool.mark_down(P.url, "test")
+        async with s.get(url + "/v1/models") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("application/json")
+            assert await r.json() == {"data": [{"id": "m"}]}
+        pool.mark_down(D.url, "test")
+        async with s.get(url + "/v1/models") as r:
+            assert r.status == 503
+            assert await r.json() == {"error": {"message": "no healthy instance", "type": "frontier_router_error",
+                                                "code": 503}}
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+
+
+def test_models_skips_an_instance_that_refuses_connections():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        await P.stop()  # still marked healthy: the router has not noticed yet
+        async with s.get(url + "/v1/models") as r:
+            assert r.status == 200 and await r.json() == {"data": [{"id": "m"}]}
+        P.runner = web.AppRunner(web.Application())  # stop() again at the end is harmless
+        await P.runner.setup()
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+
+
+def test_error_bodies_are_openai_shaped():
+    async def fn(s, url, insts, pool, router):
+        async with s.post(url + "/v1/completions", data=b"[1, 2]") as r:
+            assert r.status == 400
+            assert await r.json() == {"error": {"message": "invalid JSON body: body must be a JSON object",
+                                                "type": "frontier_router_error", "code": 400}}
+        assert 'outcome="bad_request"} 1.0' in await metrics(s, url)
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+
+
+def test_failed_instance_records_why():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        async with s.post(url + "/v1/completions", json={"prompt": "hi"}) as r:
+            assert r.status == 502
+        inst = pool.get(D.url)
+        assert not inst.healthy and inst.down_reason.startswith("decode answered 500")
+
+    _run([Timed("P"), Timed("D", status=500)], ["prefill", "decode"], fn, "--max-retries", "0")
+
+
+def test_probe_learns_the_model_and_kv_address_and_marks_health():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        assert pool.get(P.url).kv_addr == "tcp://P:1" and pool.get(D.url).kv_addr == "tcp://D:1"
+        assert router._models == {P.url: "m", D.url: "m"}
+        await D.stop()
+        assert await router._probe(D.url) is False
+        inst = pool.get(D.url)
+        assert not inst.healthy and inst.failures == 1 and inst.down_reason
+        D.runner = web.AppRunner(web.Application())
+        await D.runner.setup()
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+
+
+def test_probe_marks_down_an_instance_without_a_kv_listener_or_health():
+    class NoKV(Timed):
+        async def complete(self, request):
+            body = await request.json()
+            if (body.get("kv_transfer_params") or {}).get("frontier_pd") == "hello":
+                return web.json_response({"choices": [{"text": "x"}]})
+            return await super().complete(request)
+
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        inst = pool.get(D.url)
+        assert not inst.healthy and "did not report a KV listener" in inst.down_reason
+        assert "FRONTIER_PD=1" in inst.down_reason
+        assert pool.get(P.url).healthy
+
+    _run([Timed("P"), NoKV("D")], ["prefill", "decode"], fn)
+
+
+def test_prefill_request_is_one_token_and_carries_the_wire_choice():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        body = {"prompt": "hi", "max_tokens": 3, "max_completion_tokens": 3, "stream": True, "n": 2,
+                "stream_options": {"include_usage": True}}
+        async with s.post(url + "/v1/completions", json=body) as r:
+            await r.text()
+        (pb,), (db,) = P.seen, D.seen
+        assert (pb["stream"], pb["n"], pb["max_tokens"], pb["max_completion_tokens"]) == (False, 1, 1, 1)
+        assert "stream_options" not in pb and pb["model"] == "m"
+        kp = pb["kv_transfer_params"]
+        assert kp == {"frontier_pd": "produce", "transfer_id": kp["transfer_id"], "wire": "fp8"}
+        assert len(kp["transfer_id"]) == 32
+        # the decode request is the client's, plus the consume parameters
+        assert db["stream"] is True and db["n"] == 2 and db["max_tokens"] == 3
+        assert db["stream_options"] == {"include_usage": True}
+        assert db["kv_transfer_params"] == {"frontier_pd": "consume", "transfer_id": kp["transfer_id"],
+                                            "remote_addr": "tcp://P:1", "do_remote_prefill": True}
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn, "--wire", "fp8")
+
+
+def test_without_wire_choice_the_prefill_keeps_its_own():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        async with s.post(url + "/v1/completions", json={"prompt": "hi", "model": "x"}) as r:
+            assert r.status == 200
+        assert "wire" not in P.seen[0]["kv_transfer_params"] and "max_completion_tokens" not in P.seen[0]
+        assert P.seen[0]["model"] == "x" and D.seen[0]["model"] == "x"  # the client's model name is kept
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
