@@ -130,18 +130,22 @@ def test_attainment_counts_both_slos_and_unfinished_as_misses():
         if ttft is not None:
             r.first_token_s, r.finish_s = ttft, ttft + 2 * tpot
         return r
-    recs = [rec(0.5, 0.05), rec(1.0, 0.1), rec(1.01, 0.05), rec(0.5, 0.11), rec(None, 0)]
-    res = SimResult(recs, slo_ttft_s=1.0, slo_tpot_s=0.1)
-    assert res.attainment() == approx(2 / 5)  # the SLO itself counts as met
+    # binary fractions, so the boundary values are exact
+    recs = [rec(0.5, 0.0625), rec(1.0, 0.125), rec(1.25, 0.0625), rec(0.5, 0.25), rec(None, 0)]
+    res = SimResult(recs, slo_ttft_s=1.0, slo_tpot_s=0.125)
+    assert recs[1].tpot_s == 0.125
+    assert res.attainment() == approx(2 / 5)  # the SLOs themselves count as met
     assert res.attainment(recs[:2]) == 1.0 and res.attainment([]) == 1.0
     assert res.finished() == 4
     assert res.ttft_p(50) == approx(1.0) and res.ttft_p(100) == math.inf
-    assert res.tpot_p(25) == approx(0.05)
+    assert res.tpot_p(25) == approx(0.0625)
 
 
 def test_percentile_nearest_rank():
     xs = [5, 1, 4, 2, 3]
     assert [percentile(xs, q) for q in (0, 20, 21, 40, 50, 90, 100)] == [1, 1, 2, 2, 3, 5, 5]
+    big = list(range(200))  # rank ceil(q / 100 * n): 180th and 200th values
+    assert percentile(big, 90) == 179 and percentile(big, 100) == 199 and percentile(big, 0.5) == 0
 
 
 def test_unfinished_requests_are_kept_after_the_drain():
@@ -175,3 +179,122 @@ def test_over_long_request_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="max_len=4096"):
         simulate(SimConfig(profile(), 2, 1, 1.0, 1.0), [Request(7, 0.0, 4000, 97, "x")])
     simulate(SimConfig(profile(), 2, 1, 1.0, 1.0), [Request(7, 0.0, 4000, 96, "x")])  # exactly max_len
+
+
+# ---- internals: conservation, the controller's view, re-roling ---------------------------------
+from vllm_frontier.schedulers.controller import RatioDecision  # noqa: E402
+from vllm_frontier.schedulers.simulator import _Job, _Sim  # noqa: E402
+
+
+def test_every_counter_returns_to_zero_and_the_run_ends_when_the_work_does():
+    reqs = [Request(k, 0.05 * k, 50 + 37 * k, 2 + (k * 7) % 9, "x") for k in range(12)]
+    for cfg in (SimConfig(profile(kv_capacity=400), 3, 1, 10.0, 10.0),
+                SimConfig(profile(kv_capacity=400), 2, None, 10.0, 10.0, chunk_tokens=64)):
+        sim = _Sim(cfg, reqs, None)
+        res = sim.run()
+        assert res.finished() == 12
+        for inst in sim.instances:
+            assert (inst.queued_tokens, inst.queued_sq, inst.kv_used, inst.kv_pending, inst.ctx) == (0, 0, 0, 0, 0)
+            assert not inst.prefill_q and not inst.admit_q and not inst.finish_heap
+        last = max(r.finish_s for r in res.records)
+        assert last < sim.env.now <= last + 1.0  # checked once a second, not run to the drain deadline
+
+
+def test_queued_prefill_work_is_counted_per_instance():
+    sim = _Sim(SimConfig(profile(), 2, 1, 10.0, 10.0), [], None)
+    inst = sim.instances[0]
+    for k, n in enumerate((30, 40)):
+        inst.enqueue_prefill(_Job(RequestRecord(Request(k, 0.0, n, 2, "x"))))
+    assert (inst.queued_tokens, inst.queued_sq) == (70, 30**2 + 40**2)
+    dec = sim.instances[1]
+    dec.enqueue_decode(_Job(RequestRecord(Request(5, 0.0, 30, 4, "x"))))
+    dec.enqueue_decode(_Job(RequestRecord(Request(6, 0.0, 10, 2, "x"))))
+    assert dec.kv_pending == 34 + 12 and dec.draining_decodes == 2
+
+
+def test_decode_target_counts_pending_kv():
+    sim = _Sim(SimConfig(profile(), 3, 1, 10.0, 10.0), [], None)
+    a, b = sim.instances[1], sim.instances[2]
+    a.kv_used, b.kv_pending = 100, 150
+    assert sim._pick_decode() is a
+    a.kv_pending = 60
+    assert sim._pick_decode() is b
+
+
+def test_one_token_request_does_not_hold_up_the_admission_queue():
+    # both land together on the only decoder; the first needs no decode step, the second still runs
+    a, b = disagg([Request(0, 0.0, 100, 1, "x"), Request(1, 0.0, 100, 3, "x")])
+    landed = 0.3002 + 0.1
+    assert a.finish_s == approx(landed)
+    assert b.finish_s == approx(landed + dstep(1, 101) + dstep(1, 102))
+
+
+def test_reroling_picks_the_least_busy_decoders_and_least_queued_prefillers():
+    sim = _Sim(SimConfig(profile(), 5, 2, 10.0, 10.0), [], None)
+    p0, p1, d0, d1, d2 = sim.instances
+    rec = RequestRecord(Request(0, 0.0, 10, 5, "x"))
+    d0.admit_q.extend(_Job(rec) for _ in range(3))  # 3 in flight, none running yet
+    d1.finish_heap.extend((9, k, _Job(rec)) for k in range(2))  # 2 running
+    d2.finish_heap.append((9, 0, _Job(rec)))
+    d2.admit_q.extend(_Job(rec) for _ in range(2))  # 3 in flight
+    sim.apply(3)
+    assert [i.role for i in sim.instances] == ["prefill", "prefill", "decode", "prefill", "decode"]
+    p0.queued_tokens, p1.queued_tokens, d1.queued_tokens = 50, 10, 30
+    sim.apply(1)  # two prefillers back to decode: the least queued (p1, then d1)
+    assert [i.role for i in sim.instances] == ["prefill", "decode", "decode", "decode", "decode"]
+    sim.apply(1)
+    assert sim.timeline == [(0.0, 2, 3), (0.0, 3, 2), (0.0, 1, 4), (0.0, 1, 4)]
+
+
+class Recorder:
+    """A controller that records its samples and answers with a fixed split at one step."""
+
+    def __init__(self, move_at=None, to=None):
+        self.samples, self.move_at, self.to = [], move_at, to
+
+    def step(self, x):
+        self.samples.append(x)
+        changed = len(self.samples) == self.move_at
+        n_p = self.to if changed else x.n_prefill
+        return RatioDecision(n_p, x.n_prefill + x.n_decode - n_p, changed, "test", 0, 0, 0, 0, 0)
+
+
+def test_controller_sees_the_window_it_was_given():
+    # 1 prefill + 1 decode, interval 1 s. r0 (100 tokens) and r1 (10 tokens, 1000 output) are prefilled
+    # together and decode; r2 (2000 tokens) starts a 2.14 s prefill at 0.5; r3 (300) queues behind it.
+    reqs = [Request(0, 0.0, 100, 3, "x"), Request(1, 0.0, 10, 1000, "x"),
+            Request(2, 0.5, 2000, 2, "x"), Request(3, 0.9, 300, 2, "x")]
+    ctrl = Recorder()
+    res = simulate(SimConfig(profile(), 2, 1, 10.0, 10.0, interval_s=1.0, drain_s=3.0), reqs, ctrl)
+    r0, r1 = res.records[:2]
+    s1, s2 = ctrl.samples[:2]
+    assert (s1.t, s1.window_s, s1.n_prefill, s1.n_decode) == (1.0, 1.0, 1, 1)
+    assert s1.prompt_lens == (100, 10, 2000, 300) and s1.completed == ((100, 3),)
+    assert (s1.queued_prefill_tokens, s1.queued_prefill_sq_tokens) == (2300, 2000**2 + 300**2)
+    assert s1.running_decode == 1  # r1 decodes on
+    assert s1.ttft_p90_s == approx(max(r0.ttft_s, r1.ttft_s)) and s1.tpot_p90_s == approx(r0.tpot_s)
+    assert (s2.t, s2.prompt_lens, s2.completed, s2.ttft_p90_s, s2.tpot_p90_s) == (2.0, (), (), None, None)
+    assert s2.queued_prefill_tokens == 2300  # r2's prefill step has not ended
+
+
+def test_controller_p90_is_the_nearest_rank_of_the_window():
+    # ten prompts prefilled one per step (budget 10 tokens), two output tokens each: distinct TTFTs/TPOTs
+    reqs = [Request(k, 0.0, 10 * (k + 1), 2, "x") for k in range(10)]
+    ctrl = Recorder()
+    res = simulate(SimConfig(profile(max_batch_tokens=10), 2, 1, 10.0, 10.0, interval_s=1.9, drain_s=25.0),
+                   reqs, ctrl)
+    ttfts = sorted(r.ttft_s for r in res.records)
+    tpots = sorted(r.tpot_s for r in res.records)
+    assert len(set(ttfts)) == 10 and len(set(tpots)) == 10
+    s = ctrl.samples[0]
+    assert s.ttft_p90_s == ttfts[8] and s.tpot_p90_s == tpots[8]  # rank ceil(0.9 * 10) = 9
+
+
+def test_controller_decision_re_roles_instances():
+    reqs = [Request(k, 0.3 * k, 100, 5, "x") for k in range(10)]
+    ctrl = Recorder(move_at=1, to=2)
+    sim = _Sim(SimConfig(profile(), 4, 1, 10.0, 10.0, interval_s=1.0), reqs, ctrl)
+    res = sim.run()
+    assert res.ratio_timeline == [(0.0, 1, 3), (1.0, 2, 2)]
+    assert [i.role for i in sim.instances].count("prefill") == 2
+    assert res.finished() == 10
