@@ -27,14 +27,12 @@ class Timed:
 
     async def start(self):
         app = web.Application()
+
         async def health(r):
             return web.json_response({})
 
-        async def models(r):
-            return web.json_response({"data": [{"id": "m"}]})
-
         app.router.add_get("/health", health)
-        app.router.add_get("/v1/models", models)
+        app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.complete)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
@@ -45,6 +43,9 @@ class Timed:
 
     async def stop(self):
         await self.runner.cleanup()
+
+    async def models(self, request):
+        return web.json_response({"data": [{"id": "m"}]})
 
     async def complete(self, request):
         body = await request.json()
@@ -556,3 +557,30 @@ def test_without_wire_choice_the_prefill_keeps_its_own():
         assert P.seen[0]["model"] == "x" and D.seen[0]["model"] == "x"  # the client's model name is kept
 
     _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+
+
+def test_main_reports_a_bad_instance_url_in_one_line(capsys, monkeypatch):
+    assert R.main(["--both", "ftp://h:1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "vllm-frontier router: error: instance URL must start with http:// or https://, got 'ftp://h:1'\n"
+    monkeypatch.setattr("sys.argv", ["vllm-frontier-router", "--both", "ftp://h:2"])
+    assert R.main() == 2  # the command line by default
+    assert "got 'ftp://h:2'" in capsys.readouterr().err
+
+
+def test_models_passes_the_instance_status_through():
+    class Locked(Timed):
+        """Serves its model name once (the router's probe), then refuses."""
+        calls = 0
+
+        async def models(self, request):
+            self.calls += 1
+            if self.calls == 1:
+                return await super().models(request)
+            return web.json_response({"error": "no"}, status=401)
+
+    async def fn(s, url, insts, pool, router):
+        async with s.get(url + "/v1/models") as r:
+            assert r.status == 401 and await r.json() == {"error": "no"}
+
+    _run([Locked("P"), Timed("D")], ["prefill", "decode"], fn)
