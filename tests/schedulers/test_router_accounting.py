@@ -240,10 +240,45 @@ def test_failed_prefill_is_not_served_and_the_decode_computes_the_prompt():
         assert "kv_transfer_params" not in D.seen[0]
         assert served(pool) == {P.url: (0, 0), D.url: (0, 1)}
         assert not pool.get(P.url).healthy  # 5xx: out of rotation
+        assert pool.get(P.url).down_reason == f"prefill answered {P.status}"
         snap = pool.snapshot()
         assert (snap.completed, snap.failed) == (1, 0) and no_leases(pool)
 
-    _run([Timed("P", status=503), Timed("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
+    for status in (500, 503):
+        _run([Timed("P", status=status), Timed("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
+
+
+def test_prefill_refusing_the_request_is_not_a_failed_instance():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
+            assert r.status == 200
+        assert "kv_transfer_params" not in D.seen[0]  # no KV was produced: D computes the prompt
+        assert pool.get(P.url).healthy and served(pool)[P.url] == (0, 0)
+
+    _run([Timed("P", status=400), Timed("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
+
+
+def test_prefill_connection_drop_is_recorded_with_its_cause():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
+            assert r.status == 200
+        reason = pool.get(P.url).down_reason
+        assert reason not in (None, "None", "") and "disconnect" in reason.lower(), reason
+
+    _run([Timed("P", drop=True), Timed("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
+
+
+def test_decode_timeout_takes_the_instance_out_with_the_error_type():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
+            assert r.status == 502
+        assert pool.get(D.url).down_reason == "TimeoutError"  # the exception has no message: its type
+
+    _run([Timed("P"), Timed("D", first_s=5.0)], ["prefill", "decode"], fn, "--request-timeout", "0.5",
+         "--max-retries", "0")
 
 
 def test_no_prefill_instance_is_a_503_counted_as_failed():
@@ -401,20 +436,20 @@ def test_health_lists_every_instance_and_is_503_without_a_decode_instance():
 def test_prometheus_reports_health_per_instance_and_sums_kv_bytes_of_healthy_ones():
     async def fn(s, url, insts, pool, router):
         P, D1, D2 = insts
-        pool.mark_down(D2.url, "test")
+        pool.mark_down(D1.url, "test")
         async with s.get(url + "/metrics") as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
             assert "version=0.0.4" in r.headers["Content-Type"]
             text = await r.text()
         assert f'frontier_router_instance_up{{instance="{P.url}",role="prefill"}} 1.0' in text
-        assert f'frontier_router_instance_up{{instance="{D1.url}",role="decode"}} 1.0' in text
-        assert f'frontier_router_instance_up{{instance="{D2.url}",role="decode"}} 0.0' in text
-        # P reports 10 + 5 (two engines), D1 reports 7; D2 is out of rotation and not scraped
+        assert f'frontier_router_instance_up{{instance="{D1.url}",role="decode"}} 0.0' in text
+        assert f'frontier_router_instance_up{{instance="{D2.url}",role="decode"}} 1.0' in text
+        # P reports 10 + 5 (two engines), D2 reports 7; D1 is out of rotation and not scraped
         assert "frontier_router_kv_bytes_moved 22.0" in text
 
     lines = {"P": 'frontier_pd_recv_bytes_total{engine="0"} 10.0\nfrontier_pd_recv_bytes_total{engine="1"} 5\n',
-             "D1": 'other_metric 3\nfrontier_pd_recv_bytes_total{engine="0"} 7.0\n',
-             "D2": 'frontier_pd_recv_bytes_total{engine="0"} 1000.0\n'}
+             "D1": 'frontier_pd_recv_bytes_total{engine="0"} 1000.0\n',
+             "D2": 'other_metric 3\nfrontier_pd_recv_bytes_total{engine="0"} 7.0\n'}
 
     class WithMetrics(Timed):
         async def start(self):
