@@ -34,6 +34,7 @@ class Timed:
         app.router.add_get("/health", health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.complete)
+        app.router.add_post("/v1/chat/completions", self.complete)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -211,7 +212,7 @@ def test_no_retry_left_is_a_502_counted_as_failed():
         assert served(pool) == {P.url: (1, 0), D.url: (0, 0)}
         snap = pool.snapshot()
         assert (snap.completed, snap.failed) == (0, 1) and snap.ttft_s == () and no_leases(pool)
-        assert 'outcome="decode_failed"} 1.0' in await metrics(s, url)
+        assert 'frontier_router_requests_total{endpoint="completions",outcome="decode_failed"} 1.0' in await metrics(s, url)
 
     _run([Timed("P"), Timed("D", drop=True)], ["prefill", "decode"], fn, "--max-retries", "0")
 
@@ -227,7 +228,7 @@ def test_client_error_from_decode_is_passed_through_not_retried():
         snap = pool.snapshot()
         assert (snap.completed, snap.failed) == (0, 1) and no_leases(pool)
         assert all(i.served_decode == 0 for i in snap.instances)
-        assert 'outcome="http_400"} 1.0' in await metrics(s, url)
+        assert 'frontier_router_requests_total{endpoint="completions",outcome="http_400"} 1.0' in await metrics(s, url)
 
     _run([Timed("P"), Timed("D", status=400), Timed("E", status=400)], ["prefill", "decode", "decode"], fn)
 
@@ -290,7 +291,7 @@ def test_no_prefill_instance_is_a_503_counted_as_failed():
             assert "prefill stage" in (await r.json())["error"]["message"]
         snap = pool.snapshot()
         assert (snap.completed, snap.failed) == (0, 1) and snap.waiting_prefill == 0
-        assert 'outcome="no_instance"} 1.0' in await metrics(s, url)
+        assert 'frontier_router_requests_total{endpoint="completions",outcome="no_instance"} 1.0' in await metrics(s, url)
 
     _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
 
@@ -512,7 +513,7 @@ def test_error_bodies_are_openai_shaped():
             assert r.status == 400
             assert await r.json() == {"error": {"message": "invalid JSON body: body must be a JSON object",
                                                 "type": "frontier_router_error", "code": 400}}
-        assert 'outcome="bad_request"} 1.0' in await metrics(s, url)
+        assert 'frontier_router_requests_total{endpoint="completions",outcome="bad_request"} 1.0' in await metrics(s, url)
 
     _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
 
@@ -619,3 +620,19 @@ def test_models_passes_the_instance_status_through():
             assert r.status == 401 and await r.json() == {"error": "no"}
 
     _run([Locked("P"), Timed("D")], ["prefill", "decode"], fn)
+
+
+def test_chat_requests_are_routed_and_counted_as_chat():
+    async def fn(s, url, insts, pool, router):
+        P, D = insts
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        async with s.post(url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+        assert P.seen[0]["messages"] == body["messages"] and D.seen[0]["messages"] == body["messages"]
+        async with s.post(url + "/v1/chat/completions", data=b"nope") as r:
+            assert r.status == 400
+        text = await metrics(s, url)
+        assert 'frontier_router_requests_total{endpoint="chat",outcome="ok"} 1.0' in text
+        assert 'frontier_router_requests_total{endpoint="chat",outcome="bad_request"} 1.0' in text
+
+    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
