@@ -109,7 +109,14 @@ def auto_judgement(name: str, diff: str) -> str | None:
     plus = [ln[1:] for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
     if len(minus) == 1 and len(plus) == 1 and re.match(r"\s*logger\.(debug|info|warning|error)\(", minus[0]):
         return "equivalent: only the text or arguments of a log message change (cosmetic)"
+    if minus and _strip_cli_text("\n".join(minus)) == _strip_cli_text("\n".join(plus)):
+        return "equivalent: only argparse help / description / prog / metavar text changes (cosmetic)"
     return None
+
+
+def _strip_cli_text(code: str) -> str:
+    code = re.sub(r'\b(help|description|prog|metavar)=(None|(\s*"[^"]*")+)\s*,?', "", code)
+    return re.sub(r"[\s,()]", "", code)
 
 
 def _version(dist: str) -> str | None:
@@ -150,7 +157,8 @@ def run(name: str, max_children: int) -> None:
     with open(work / "run.log", "w") as log:
         rc = subprocess.call(_mutmut() + ["run", "--max-children", str(max_children)], cwd=work, env=env,
                              stdout=log, stderr=subprocess.STDOUT)
-    (work / "run.json").write_text(json.dumps({"rc": rc, "seconds": round(time.monotonic() - t0, 1)}))
+    (work / "run.json").write_text(json.dumps({"rc": rc, "seconds": round(time.monotonic() - t0, 1),
+                                               "commit": _git("rev-parse", "HEAD")}))
     print(f"{name}: mutmut run exited {rc} after {time.monotonic() - t0:.0f} s (log: {work / 'run.log'})")
 
 
@@ -188,7 +196,7 @@ def collect(name: str) -> dict | None:
         "equivalent": sum(1 for s in survivors if s["judgement"].startswith("equivalent")),
         "score_excluding_equivalent": round(caught / (scored - sum(
             1 for s in survivors if s["judgement"].startswith("equivalent"))), 4) if scored else None,
-        "seconds": json.loads((work / "run.json").read_text())["seconds"] if (work / "run.json").exists() else None,
+        "run": json.loads((work / "run.json").read_text()) if (work / "run.json").exists() else None,
         "survivors": survivors,
     }
 
@@ -225,12 +233,15 @@ def report(names: list[str], argv: list[str]) -> None:
     path.write_text(json.dumps(doc, indent=1) + "\n")
     lines = ["# Mutation testing: scores and surviving mutants", "",
              f"`{doc['command']}` (mutmut {doc['versions']['mutmut']}) at {doc['commit'][:10]}, {doc['utc']}.",
-             "", "| module | mutants | killed | timeout | survived | no tests | score | score w/o equivalent |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Score = caught / (caught + survived + no tests), caught = killed or timeout, over the mutants "
+             "checked; the last column leaves out the survivors judged equivalent below.",
+             "", "| module | mutants | killed | timeout | survived | no tests | not checked | score | "
+             "score w/o equivalent |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n, r in modules.items():
         c = r["counts"]
         lines.append(f"| {r['module']} | {r['mutants']} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
-                     f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {r['score']:.1%} | "
+                     f"{c.get('survived', 0)} | {c.get('no tests', 0)} | {c.get('not checked', 0)} | {r['score']:.1%} | "
                      f"{r['score_excluding_equivalent']:.1%} |")
     for n, r in modules.items():
         if not r["survivors"]:

@@ -263,3 +263,14 @@ def test_local_search_ends_in_a_swap_optimum_that_respects_the_cap(seed, e, n):
             sw = ranks[:]
             sw[a], sw[b] = rb, ra
             assert _within(c, ExpertPlacement(tuple(sw), n)) <= best + 1e-9, (a, b)
+
+
+@pytest.mark.parametrize("missing", ["--traces", "--ranks", "--out"])
+def test_cli_required_arguments(tmp_path, capsys, missing):
+    from vllm_frontier.moe.pregroup import main
+
+    args = {"--traces": str(_trace_file(tmp_path)), "--ranks": "2", "--out": str(tmp_path / "p.json")}
+    del args[missing]
+    with pytest.raises(SystemExit) as e:
+        main([x for kv in args.items() for x in kv])
+    assert e.value.code == 2 and f"the following arguments are required: {missing}" in capsys.readouterr().err
