@@ -97,6 +97,62 @@ JUDGEMENTS: dict[str, str] = {
         "not covered: the polling interval of a queued request only changes how soon it notices a freed "
         "instance (latency); a bound tight enough to tell 0.05 s from 1.05 s is flaky on a loaded machine",
     "vllm_frontier.schedulers.router.xǁRouterǁhandle__mutmut_44": "equivalent: None and False are both falsy",
+    **{f"vllm_frontier.schedulers.simulator.{k}": v for k, v in {
+        "x_percentile__mutmut_14": "equivalent for q in [0, 100], the documented domain",
+        "xǁ_Instanceǁ__init____mutmut_13": "equivalent: finish steps are counted relative to the step counter",
+        "xǁ_Instanceǁ_admit__mutmut_11": "equivalent: nothing follows the admission loop, so break and return agree",
+        "xǁ_Instanceǁloop__mutmut_22": "equivalent: at used == budget the next job gets a 0-token chunk (mixed) "
+                                       "or the whole-prompt check breaks (pure prefill); nothing changes",
+        "xǁ_Instanceǁloop__mutmut_60": "equivalent: DecodeCost.step_s is 0 for an empty batch",
+        "xǁ_Simǁon_prefilled__mutmut_1": "equivalent: an instance has role 'both' exactly when the deployment "
+                                         "is colocated (n_prefill None)",
+        "xǁ_Simǁapply__mutmut_9": "equivalent: with n_prefill == len(pre) the slice is empty",
+        "xǁ_Simǁapply__mutmut_20": "equivalent: with n_prefill == len(pre) the slice is empty",
+        "xǁ_Simǁ_until_done__mutmut_4": "equivalent for the results: at most one more idle second is simulated",
+        "xǁ_Instanceǁ_admit__mutmut_14": "gap: KV accounting with two requests admitted together is only seen in "
+                                         "the end state; the conservation test's scenario admits one at a time",
+        "xǁ_Instanceǁloop__mutmut_13": "gap: chunked prefill on an instance that still drains decodes (re-roled) "
+                                       "is not checked by a hand-computed case",
+        "xǁ_Instanceǁloop__mutmut_15": "gap: as loop__mutmut_13",
+        "xǁ_Instanceǁloop__mutmut_29": "gap: two prompts chunked into one mixed step are not in a hand-computed case",
+        "xǁ_Instanceǁloop__mutmut_33": "gap: whole prompts that fill the budget exactly are not in a hand-computed case",
+        "xǁ_Simǁ__init____mutmut_7": "gap: instance indices only break ties; no test has a tie that reaches them",
+        "xǁ_Simǁ_pick_prefill__mutmut_7": "gap: prefill choice with several prefill instances is not hand-checked",
+        "xǁ_Simǁ_pick_prefill__mutmut_13": "gap: colocated placement by queued tokens + 0.1 ctx is not hand-checked",
+        "xǁ_Simǁ_pick_prefill__mutmut_15": "gap: as _pick_prefill__mutmut_13",
+        "xǁ_Simǁcontrol__mutmut_8": "gap: the sample test has one prefill and one decode instance, so counting "
+                                    "non-prefill instances gives the same number",
+        "xǁ_Simǁcontrol__mutmut_45": "gap: the sample test has no request waiting for KV admission",
+        "xǁ_Simǁrun__mutmut_9": "gap: an empty trace is never simulated",
+        "xǁ_Simǁrun__mutmut_12": "gap: an empty trace is never simulated",
+        "xǁ_Simǁ_until_done__mutmut_5": "gap: an empty trace is never simulated",
+        "xǁ_Simǁ_until_done__mutmut_6": "gap: an empty trace is never simulated",
+        "xǁ_Simǁ_until_done__mutmut_9": "gap: an empty trace is never simulated",
+        "xǁSimConfigǁ__post_init____mutmut_4": "gap: the message is matched as a substring",
+        "xǁSimConfigǁ__post_init____mutmut_26": "gap: the message is matched as a substring",
+        "xǁSimConfigǁ__post_init____mutmut_19": "gap: the boundary chunk_tokens = 1 is not tried",
+        "xǁSimConfigǁ__post_init____mutmut_20": "gap: the boundary chunk_tokens = 1 is not tried",
+        "xǁSimConfigǁ__post_init____mutmut_23": "gap: the boundary drain_s = 0 is not tried",
+        "xǁSimConfigǁ__post_init____mutmut_24": "gap: the boundary drain_s = 0 is not tried",
+        "x_simulate__mutmut_4": "gap: the error's token count is not checked",
+    }.items()},
+    **{f"vllm_frontier.moe.pregroup.{k}": v for k, v in {
+        "x_placement_stats__mutmut_7": "equivalent: a float mask filled with True sums the same",
+        "x_placement_stats__mutmut_9": "equivalent: a float mask filled with True sums the same",
+        "x_pregroup__mutmut_11": "equivalent: `per` is only compared with ints; E / N is exact for a divisor N",
+        "x_pregroup__mutmut_32": "equivalent: torch.full with an int fill already gives int64",
+        "x_pregroup__mutmut_35": "equivalent: torch.full with an int fill already gives int64",
+        "x_pregroup__mutmut_37": "equivalent: any negative fill means 'not placed yet'",
+        "x_pregroup__mutmut_40": "equivalent below 2**24 routed tokens: float32 holds the integer loads exactly",
+        "x_pregroup__mutmut_42": "equivalent below 2**24 routed tokens: float32 holds the integer loads exactly",
+        "x_pregroup__mutmut_45": "equivalent: a float per-rank expert count compares the same with `per`",
+        "x_pregroup__mutmut_47": "equivalent: a float per-rank expert count compares the same with `per`",
+        "x_pregroup__mutmut_93": "equivalent: float('INF') is infinity too",
+        "x_pregroup__mutmut_110": "equivalent: float('INF') is infinity too",
+        "x_pregroup__mutmut_121": "equivalent: every rank holds at least one expert, so one_hot infers N classes",
+        "x_pregroup__mutmut_127": "equivalent in practice: the search converges well within 2E swaps on every "
+                                  "input tried; the bound only caps the run time",
+    }.items()},
     **{f"vllm_frontier.schedulers.router.x_main__mutmut_{k}":
        "equivalent: only the log level / format of the router process changes (cosmetic)" for k in range(7, 13)},
 }
