@@ -2,6 +2,7 @@
 #   make setup   create .venv and install the package with the right extra for this machine (idempotent)
 #   make serve   serve the embedded default model with --plugin all on 127.0.0.1:8000 (OpenAI API)
 #   make test    the whole test suite: unit tests first, then the end-to-end tests with real vLLM engines
+#   make mutation  mutation testing (mutmut) of the pure-Python modules; slow, not part of `make test` or CI
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ PIP_INDEX_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 STAMP := $(VENV)/.frontier-setup-$(EXTRA)
 NIXL_CPU := nixl==1.5.1 nixl-cu12==1.5.1
 
-.PHONY: setup serve test test-unit test-e2e clean
+.PHONY: setup serve test test-unit test-e2e mutation clean
 
 setup: $(STAMP)
 
@@ -43,6 +44,13 @@ test-e2e: setup
 	$(PY) -m pytest -q -m slow
 
 test: test-unit test-e2e
+
+# Scores and surviving mutants go to benchmarks/results/mutation/; work folders to build/mutation/.
+# MODULES="auth staging" restricts the run (names in benchmarks/mutation.py).
+MUTMUT_VERSION ?= 3.8.1
+mutation: setup
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q 'mutmut==$(MUTMUT_VERSION)'
+	$(PY) benchmarks/mutation.py $(MODULES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -80,6 +80,27 @@ def test_reference_equals_unabsorbed_attention(causal):
     assert_close(torch.einsum("shc,hdc->shd", sp[0], w_uv), want, 1e-5, what="sparse (all indices) vs dense")
 
 
+@pytest.mark.parametrize("programs,keys,want", [
+    # 132 SMs, block_n 32: splits = min(ceil(SMs / programs), key tiles // 4, 32)
+    (1, 4096, 32),  # 128 key tiles -> 32, capped at 32
+    (1, 512, 4),  # 16 key tiles -> 4
+    (64, 4096, 3),  # 64 programs -> ceil(132 / 64) = 3
+    (200, 4096, 1),  # more programs than SMs: no split
+    (4, 2048, 16),  # sparse shape: 4 row blocks, top-k 2048 -> 64 tiles -> 16
+], ids=["long", "short", "batch64", "batch200", "sparse"])
+def test_split_count_on_a_gpu_shape(monkeypatch, programs, keys, want):
+    """The key-split heuristic as it runs on a 132-SM GPU (on CPU tensors it always answers 1)."""
+    import types
+
+    from vllm_frontier.kernels import flash_mla_interface as fmi
+    from vllm_frontier.kernels.mla_attention import KernelConfig
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    cfg = KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=1)
+    assert fmi._splits(programs, keys, cfg, torch.device("cuda", 0)) == want
+    assert fmi._splits(programs, keys, cfg, torch.device("cpu")) == 1
+
+
 def test_metadata_and_validation():
     sl = torch.tensor([4096], dtype=torch.int32)
     sched, none = get_mla_metadata(sl, 16, 1)  # FlashMLA's older arguments: accepted, ignored

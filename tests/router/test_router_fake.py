@@ -144,7 +144,13 @@ def test_dead_decode_is_retried_elsewhere_and_leaves_rotation():
                 assert r.status == 200
                 assert (await r.json())["choices"][0]["text"] == "GG"
         assert len(D1.seen) == 1  # tried once, then out of rotation
-        assert "kv_transfer_params" not in D2.seen[0] or D2.seen[0]["kv_transfer_params"]["frontier_pd"] == "consume"
+        # the request D1 failed was retried on D2 without the remote KV (the prompt is computed there);
+        # every other request consumed P's KV on D2
+        (failed,) = D1.seen
+        assert failed["kv_transfer_params"]["frontier_pd"] == "consume"
+        retried = [b for b in D2.seen if "kv_transfer_params" not in b]
+        consumed = [b for b in D2.seen if b.get("kv_transfer_params", {}).get("frontier_pd") == "consume"]
+        assert len(retried) == 1 and len(consumed) == 2 and len(D2.seen) == 3
         assert not pool.get(D1.url).healthy
         async with s.get(url + "/health") as r:
             h = await r.json()

@@ -164,12 +164,21 @@ def test_urgent_move_skips_confirmation():
 
 
 def test_cooldown_blocks_back_to_back_changes():
-    ctrl = RatioController(cfg(confirm=1, cooldown_s=10.0, max_step_frac=0.1))
-    d1 = ctrl.step(sample(2.0, 40, PREFILL_HEAVY, 2, 14))
-    assert d1.changed
-    d2 = ctrl.step(sample(4.0, 3, PREFILL_HEAVY, d1.n_prefill, d1.n_decode))
-    # light load: the next (non-urgent) change must wait for the cooldown
-    assert not d2.changed or d2.pressure_before > 1.0
+    def run(cooldown_s, t2):
+        ctrl = RatioController(cfg(confirm=1, cooldown_s=cooldown_s, max_step_frac=0.1))
+        d1 = ctrl.step(sample(2.0, 40, PREFILL_HEAVY, 2, 14))
+        assert d1.changed and d1.n_prefill == 4  # ceil(0.1 * 16) = 2 moved
+        return ctrl.step(sample(t2, 40, PREFILL_HEAVY, d1.n_prefill, d1.n_decode))
+
+    # without a cooldown the still-overloaded prefill side gets two more instances at once
+    free = run(0.0, 4.0)
+    assert free.changed and free.n_prefill == 6 and free.pressure_before > 1.0
+    # with it, the same (urgent) move waits until cooldown_s after the last change
+    held = run(10.0, 4.0)
+    assert not held.changed and held.reason == "cooling down" and held.n_prefill == 4
+    assert run(10.0, 11.9).reason == "cooling down"
+    later = run(10.0, 12.0)
+    assert later.changed and later.n_prefill == 6
 
 
 def test_step_size_is_bounded():
