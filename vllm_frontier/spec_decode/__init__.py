@@ -47,10 +47,15 @@ import logging
 logger = logging.getLogger("vllm.frontier.spec_decode")
 
 SCHEDULER_CLS = "vllm_frontier.spec_decode.scheduler.AdaptiveDraftScheduler"
+# Worker classes installing `SkippingMTPProposer` (no drafter forward in steps that draft nothing), per the
+# vLLM worker they extend (`worker.py`).
+WORKER_CLS = {"cpu": "vllm_frontier.spec_decode.worker.CPUMTPWorker",
+              "gpu": "vllm_frontier.spec_decode.worker.GPUMTPWorker"}
 # vLLM's own synchronous scheduler: the fixed-K baseline, and what a user passes to opt out of adaptation.
 FIXED_SCHEDULER_CLS = "vllm.v1.core.sched.scheduler.Scheduler"
 
-__all__ = ["SCHEDULER_CLS", "FIXED_SCHEDULER_CLS", "speculative_config", "update_vllm_config", "register"]
+__all__ = ["SCHEDULER_CLS", "FIXED_SCHEDULER_CLS", "WORKER_CLS", "speculative_config", "update_vllm_config",
+           "worker_cls", "register"]
 
 
 def speculative_config(features, model_cfg: dict) -> dict | None:
@@ -68,20 +73,54 @@ def speculative_config(features, model_cfg: dict) -> dict | None:
     return {"method": "mtp", "num_speculative_tokens": k}
 
 
-def update_vllm_config(vllm_config) -> bool:
-    """Install the adaptive scheduler in a vLLM config that drafts with MTP; returns whether it did.
+def worker_cls(current: str = "auto") -> str | None:
+    """Our worker class path replacing vLLM's worker ``current`` (`parallel_config.worker_cls`), or None.
 
-    Call from the platform's `check_and_update_config` (API process and engine core). Leaves the config
-    alone when the user chose a scheduler class (`--scheduler-cls`), when the method is not MTP, or under
-    async scheduling (logged: the draft length then stays vLLM's fixed K).
+    "auto" (before the platform resolved it) maps by the current platform: CPU or CUDA/ROCm. A worker class
+    chosen by someone else (not one of vLLM's two) is left alone: None.
+    """
+    from .compat import default_worker_paths
+
+    if current in WORKER_CLS.values():
+        return current
+    if current == "auto":
+        from vllm.platforms import current_platform
+
+        kind = "cpu" if current_platform.is_cpu() else "gpu" if current_platform.is_cuda_alike() else None
+    else:
+        kind = default_worker_paths().get(current)
+    return WORKER_CLS[kind] if kind else None
+
+
+def update_vllm_config(vllm_config) -> bool:
+    """Install the adaptive scheduler and the drafter-skipping worker in a vLLM config that drafts with MTP;
+    returns whether the scheduler was installed (unchanged meaning; the worker is installed on its own terms).
+
+    Call from the platform's `check_and_update_config` (API process and engine core), before or after the
+    platform resolves its worker class. Nothing changes when the method is not MTP or under async scheduling
+    (logged: the draft length then stays vLLM's fixed K, the drafter runs every step). Otherwise:
+    - the scheduler, unless the user chose one (`--scheduler-cls`);
+    - the worker (`WORKER_CLS`: k = 0 steps run no drafter), in place of vLLM's own worker classes only,
+      also under a user-chosen scheduler (vLLM's own `num_speculative_tokens_per_batch_size` table can ask
+      for k = 0 too).
     """
     spec = getattr(vllm_config, "speculative_config", None)
     sched = vllm_config.scheduler_config
-    if spec is None or spec.method != "mtp" or sched.scheduler_cls is not None:
+    if spec is None or spec.method != "mtp":
         return False
     if sched.async_scheduling:
         logger.info("vllm-frontier: MTP keeps vLLM's fixed draft length %d under async scheduling; "
                     "pass --no-async-scheduling for the adaptive draft length", spec.num_speculative_tokens)
+        return False
+    parallel = getattr(vllm_config, "parallel_config", None)
+    if parallel is not None:
+        ours = worker_cls(parallel.worker_cls)
+        if ours is None:
+            logger.info("vllm-frontier: MTP keeps worker class %s (the drafter runs in every step)",
+                        parallel.worker_cls)
+        else:
+            parallel.worker_cls = ours
+    if sched.scheduler_cls is not None:
         return False
     sched.scheduler_cls = SCHEDULER_CLS
     logger.info("vllm-frontier: MTP draft length adapts per step (k <= %d)", spec.num_speculative_tokens)
