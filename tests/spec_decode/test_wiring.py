@@ -93,3 +93,15 @@ def test_draft_cost_ratio_from_the_model_config():
 
     assert draft_cost_ratio(types.SimpleNamespace(num_hidden_layers=4)) == 0.25
     assert draft_cost_ratio(types.SimpleNamespace(num_hidden_layers=61)) == pytest.approx(1 / 61)
+
+
+def test_mtp_pays_says_why_per_device():
+    from vllm_frontier.spec_decode.device import mtp_pays
+
+    on, why = mtp_pays("cpu")
+    assert not on and "no draft length beats no speculation" in why and "--plugin mtp" in why
+    on, why = mtp_pays("cuda")
+    assert on and why
+    on, why = mtp_pays("xpu")
+    assert not on and "xpu" in why
+    assert isinstance(mtp_pays()[0], bool)   # the current platform

@@ -12,6 +12,12 @@ What vLLM 0.32 offers, read in its code:
   from a static batch-size table (`num_speculative_tokens_per_batch_size`, "dynamic SD").
 - Not usable for MTP: the `custom_class` proposer gets token ids only (no target hidden states), and
   `enable_adaptive_verification` exists for method "dspark" only.
+- A step asked for 0 drafts still runs the drafter's first pass (to keep its KV cache in sync): on vLLM CPU
+  an MTP engine drafting nothing ran at 0.62x of the plain engine. `proposer.SkippingMTPProposer`, put in
+  place of the model runner's drafter by the worker classes in `worker` (vLLM's `--worker-cls`,
+  `WORKER_CLS`), runs no drafter forward in such a step; it keeps the skipped positions' drafter inputs
+  (target hidden states) and replays them in one pass before the next draft, so acceptance after a pause
+  is the steady one. The vLLM internals this relies on are pinned in `compat`.
 
 So the draft length can vary per step inside vLLM 0.32 without patching it: `AdaptiveDraftScheduler`
 (`vllm_frontier.spec_decode.scheduler`, installed through vLLM's `--scheduler-cls`) rewrites the
@@ -23,17 +29,21 @@ The rule (details and symbols in `policy`):
     k*(B) = smallest k in [0, K] with B E(k) / T(B, k) >= 0.99 max_j B E(j) / T(B, j)
     E(k)  = 1 + sum_{j<=k} prod_{i<=j} a_i      a_i: acceptance of position i given 1..i-1 accepted,
                                                  counted over the last 128 engine steps
-    T(B,k) = F + B (k+1)(1+rho) + B max(k-1,0) rho
-                                                 F: per-step fixed cost in token units, fitted online from
-                                                 decode-step wall times; rho = 1 / num_hidden_layers
+    T(B,k) = F + D + B (k+1)(1+rho) + B max(k-1,0) rho   (k > 0);   T(B,0) = F + B (drafter skipped)
+                                                 F, D: per-step fixed and drafting costs in token units,
+                                                 fitted online from decode-step wall times;
+                                                 rho = 1 / num_hidden_layers
 Bounds: 0 <= k <= K. B is the number of decoding requests, so k falls as the batch grows and as acceptance
 drops. A position not drafted for 128 steps returns to an optimistic prior (the estimate of the position
-before it) and is probed again: at most one probing step per window when drafts are useless.
+before it) and is probed again: two k = 1 steps, at intervals doubling up to 1024 steps while the rule
+keeps not drafting.
 
 Limits: the rule needs synchronous scheduling (vLLM's CPU platform always uses it; on GPUs pass
 `--no-async-scheduling`), because with async scheduling the drafts already in flight cannot be trimmed;
 with async scheduling the plugin keeps vLLM's fixed K and says so in the log. One k per step for the whole
 batch (vLLM drafts one k for all requests).
+
+Whether MTP pays on the current device (the `--plugin all` decision, with its reason): `device.mtp_pays`.
 
 Metrics: vLLM's `vllm:spec_decode_num_drafts_total`, `..._num_draft_tokens_total`,
 `..._num_accepted_tokens_total` and `..._num_accepted_tokens_per_pos_total` still count; the scheduler adds
