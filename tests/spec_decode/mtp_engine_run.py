@@ -13,19 +13,6 @@ import sys
 from pathlib import Path
 
 
-def count_drafter_forwards(worker) -> int:
-    """Install (once) a forward hook on the drafter model counting its forward calls; return the count."""
-    drafter = worker.model_runner.drafter
-    if not hasattr(drafter, "_test_forwards"):
-        drafter._test_forwards = 0
-
-        def hook(module, args):
-            drafter._test_forwards += 1
-
-        drafter.model.register_forward_pre_hook(hook)
-    return drafter._test_forwards
-
-
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     from vllm import LLM, SamplingParams
@@ -44,8 +31,7 @@ def main(spec_path: str, out_path: str) -> None:
     def snapshot():
         if not spec["mtp"]:
             return None
-        return {"forwards": llm.collective_rpc(count_drafter_forwards)[0],
-                "counters": llm.collective_rpc("frontier_mtp_counters")[0],
+        return {"counters": llm.collective_rpc("frontier_mtp_counters")[0],
                 "stats": json.loads(stats.read_text()) if stats.is_file() else None}
 
     out = {}

@@ -48,13 +48,17 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
         row_bytes = self.hidden_size * torch.empty((), dtype=self.dtype).element_size()
         self.max_kept = max(self.max_num_tokens, self.max_kept_bytes // row_bytes)
         self.counters = {"skipped_steps": 0, "drafting_steps": 0, "catch_up_passes": 0, "caught_up_tokens": 0,
-                         "dropped_tokens": 0}
+                         "dropped_tokens": 0, "drafter_forwards": 0}
+        self._hooked = False
 
     # -- vLLM hook ----------------------------------------------------------------------------------------
 
     def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
                 next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
                 mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None):
+        if not self._hooked:   # count every forward of the drafter model (the proof that k = 0 runs none)
+            self.model.register_forward_pre_hook(self._count_forward)
+            self._hooked = True
         cad = common_attn_metadata
         num_reqs = cad.num_reqs
         req_ids, live = compat.runner_requests(self._runner)
@@ -81,6 +85,9 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
                                next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
                                mm_embed_inputs=mm_embed_inputs, num_rejected_tokens_gpu=num_rejected_tokens_gpu,
                                slot_mappings=slot_mappings)
+
+    def _count_forward(self, module, args) -> None:
+        self.counters["drafter_forwards"] += 1
 
     # -- skipped steps ------------------------------------------------------------------------------------
 
