@@ -57,7 +57,8 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
                 next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
                 mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None):
         if not self._hooked:   # count every forward of the drafter model (the proof that k = 0 runs none)
-            self.model.register_forward_pre_hook(self._count_forward)
+            # on its inner module: vLLM's compile decorator replaces the top model's __call__ (no hooks there)
+            getattr(self.model, "model", self.model).register_forward_pre_hook(self._count_forward)
             self._hooked = True
         cad = common_attn_metadata
         num_reqs = cad.num_reqs
