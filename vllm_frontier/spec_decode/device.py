@@ -7,7 +7,9 @@ a plain one: the drafter's passes (one decoder layer each, about 1 / num_hidden_
 compute) plus the per-pass fixed cost of launching them (input preparation, attention metadata, sampling).
 
 - CPU (vLLM's CPU build): measured with `benchmarks/mtp.py` on the embedded model (V3 and V3.2 views,
-  batch 1 to 16): no fixed k beats no speculation. A drafting step costs about 2-4x a plain step, because
+  batch 1 to 16): no fixed k beats no speculation. A drafting step costs about 2.5-6x a plain step
+  (quiet-machine run `benchmarks/results/mtp_cpu_v4.json`: k = 1 gives 1.74 / 1.68 tokens per target
+  forward at 0.64x / 0.30x the plain engine's tokens/s at batch 1 / 16; drafting steps are vLLM's), because
   each drafter pass and the verification carry vLLM's per-pass Python and metadata work, which on CPU is of
   the order of a whole forward of a small model; even 1.5-2.7 tokens per target forward do not make up for
   it. The adaptive rule then holds k = 0 and MTP only adds its probes: left off.
@@ -33,7 +35,7 @@ def mtp_pays(device_type: str | None = None) -> tuple[bool, str]:
 
         device_type = current_platform.device_type
     if device_type == "cpu":
-        return False, ("on vLLM CPU no draft length beats no speculation (a drafting step costs 2-4x a plain "
+        return False, ("on vLLM CPU no draft length beats no speculation (a drafting step costs 2.5-6x a plain "
                        f"step: per-pass overhead of the drafter and verification; {CPU_RESULT}); pass "
                        "--plugin mtp to switch it on anyway (the adaptive rule then holds k = 0)")
     if device_type in ("cuda", "rocm"):
