@@ -1,29 +1,37 @@
-"""MTP speculative decoding on vLLM (CPU here): acceptance per draft position, tokens per target forward, and
-output tokens/s of the adaptive draft length vs no speculation and vs fixed k = 1, 2, 3, at batch 1 and 16.
+"""MTP speculative decoding on vLLM (CPU here), V3 and V3.2 views of the embedded model side by side: output
+tokens/s of the MTP engine at pinned k = 0, 1, 2, 3 and under the adaptive draft length vs the plain engine,
+acceptance per draft position, and acceptance in the first drafting steps after a pause vs steady drafting.
 
-    python benchmarks/mtp.py --json benchmarks/results/mtp_cpu.json            # embedded trained model, V3 view
-    python benchmarks/mtp.py --view v32 --json ...                            # V3.2 view through the DSA backend
-    python benchmarks/mtp.py --model DIR --json ...                           # any checkpoint with MTP layers
+    python benchmarks/mtp.py --json benchmarks/results/mtp/mtp_cpu.json     # embedded trained model, v3 + v32
+    python benchmarks/mtp.py --views v3 --batches 1,16 ...                   # one view, fewer batch sizes
+    python benchmarks/mtp.py --model DIR --json ...                          # any checkpoint with MTP layers
 
-Two engines, one after the other, each in a fresh subprocess (`vllm.LLM`, float32, eager, greedy):
+Per view, engines one after the other, each in a fresh subprocess (`vllm.LLM`, float32, eager, greedy), the
+plain/MTP pair repeated `--repeats` times (alternating, so machine-load drift hits both):
 1. plain: no speculation;
-2. MTP with cap K = 3 and `PinnedDraftScheduler`: a pin file switches between `adaptive` and fixed k = 0, 1,
-   2, 3 between runs inside the one engine (fixed k = the vLLM per-step draft length held constant; for k = 3
-   that is exactly vLLM's fixed `num_speculative_tokens=3`; k = 0 is the floor of what the adaptive rule
-   can reach inside vLLM 0.32, whose MTP proposer still runs its first pass when asked for no drafts, to
-   keep the drafter's KV cache in sync). The adaptive rule keeps its measurements across runs (as a
-   serving engine would), so later rounds see the cost points of earlier ones.
+2. MTP: cap K = 3, `PinnedDraftScheduler` and the drafter-skipping worker (`SkippingMTPProposer`: a step
+   that drafts nothing runs no drafter forward; the skipped positions are replayed when drafting resumes).
+   A pin file switches between fixed k = 0..3, the pause cycle (`--pause-cycle`, e.g. eight steps at k = 0
+   then eight at k = 2) and `adaptive` between runs inside the one engine. Adaptive runs last in each round:
+   the rule keeps its measurements across runs, as a serving engine would after its first minutes;
+3. (`--catch-up-contrast`) MTP with the catch-up pass switched off (`FRONTIER_MTP_CATCH_UP=0`, a test hook),
+   pause cycle only: the drafter's KV keeps the holes of the skipped steps, which shows what the catch-up is
+   worth in acceptance after a pause.
 Every (mode, batch) run generates `--tokens` tokens per prompt (`ignore_eos`; batch 1: `--batch1-prompts`
-prompts one after the other, times summed), `--rounds` times, modes
-interleaved so machine-load drift hits them alike; the median is reported. Agree first: every MTP run's
-token ids must equal the plain engine's (greedy, float32), recorded as `lossless`.
+prompts one after the other, times summed), `--rounds` times, modes interleaved; the median is reported.
+Agree first: every MTP run's token ids must equal the plain engine's (greedy, float32): `lossless`.
 
-Metrics per (mode, batch), from the scheduler's counters (`FRONTIER_MTP_STATS`, deltas per run):
+Metrics per (view, batch, mode), from the scheduler's counters (`FRONTIER_MTP_STATS`, deltas per run):
+- `tok_s`, `speedup_vs_none` (over the plain engine's median), `tokens_per_target_forward`;
+- `tok_per_cpu_s`, `speedup_vs_none_cpu`: the same per CPU second of the engine's processes (this one,
+  EngineCore, workers), the measure to read on a loaded machine, where plain and MTP engines (one after
+  the other) see different load and wall-time ratios drift by 2x and more;
 - `acceptance_per_pos`: conditional acceptance a_i (accepted at position i / drafts that reached i);
-- `acceptance_per_pos_unconditional`: accepted at i / decode request-steps with >= i drafts (vLLM's view);
-- `tokens_per_target_forward`: decode tokens / decode request-steps (1 for the plain engine);
-- `tok_s`: output tokens / wall seconds of the generate call (prompts are short; prefill included);
-- ratios: `tok_s` over plain, and adaptive over each fixed k.
+- pause cycle: `after_pause` (drafts of the first drafting step after a k = 0 stretch) vs `steady` (drafts
+  of the 4th and later consecutive drafting steps), per position, with and without the catch-up;
+- `drafter`: the proposer's counters (skipped steps, catch-up passes and tokens).
+`targets` (wall time) and `targets_cpu_time` check: pinned k = 0 >= 0.97x plain; adaptive >= 0.97x plain at
+every batch size, and > 1.0x where a fixed k beats plain (`fixed_k_beating_none` lists where).
 """
 
 from __future__ import annotations
@@ -44,26 +52,50 @@ PROMPTS = ["def main(argv):\n", "import os\n\nclass Config:\n", "for i in range(
            "with open(path) as f:\n", "try:\n    import json\n", "def __init__(self, name):\n", "return [x for x in",
            "class Node:\n    def __init__(self", "if __name__ == '__main__':\n", "    def __repr__(self):\n",
            "from collections import", "raise ValueError(", "def test_", "    for key, value in", "import sys\n"]
-FIXED = (0, 1, 2, 3)   # 0: the MTP engine drafting nothing (vLLM still runs the drafter's first pass)
+FIXED = (0, 1, 2, 3)
+CAP_K = max(FIXED)
 PINNED_CLS = "vllm_frontier.spec_decode.scheduler.PinnedDraftScheduler"
+DEFAULT_PAUSE = ",".join(["0"] * 8 + ["2"] * 8)
+TARGET = 0.97
 
 
 def _worker(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     from vllm import LLM, SamplingParams
 
+    from vllm_frontier.spec_decode import worker_cls
+
     kw = dict(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
               max_num_seqs=max(spec["batches"]), compilation_config={"custom_ops": ["-rotary_embedding"]})
     if spec["mtp"]:
-        kw.update(speculative_config={"method": "mtp", "num_speculative_tokens": max(FIXED)},
-                  scheduler_cls=PINNED_CLS)
+        kw.update(speculative_config={"method": "mtp", "num_speculative_tokens": CAP_K},
+                  scheduler_cls=PINNED_CLS, worker_cls=worker_cls())
     llm = LLM(**kw)
+    import psutil
+
+    def cpu_seconds() -> float:
+        """CPU time of this process and the engine's (EngineCore, workers): a cost measure that machine load
+        distorts far less than wall time (other processes' time is not counted)."""
+        total = 0.0
+        for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
     params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
-    llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     pin, stats = Path(spec["pin"]), Path(spec["stats"])
+    if spec["mtp"]:
+        pin.write_text("0")
+    llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
 
     def read_stats():
         return json.loads(stats.read_text()) if stats.is_file() else None
+
+    def counters():
+        return llm.collective_rpc("frontier_mtp_counters")[0] if spec["mtp"] else None
 
     runs = []
     for rnd in range(spec["rounds"]):
@@ -73,26 +105,28 @@ def _worker(spec_path: str, out_path: str) -> None:
             groups = [[p] for p in PROMPTS[:spec["batch1_prompts"]]] if batch == 1 else [prompts]
             for mode in spec["modes"]:
                 if spec["mtp"]:
-                    pin.write_text(mode)
-                before = read_stats()
-                ids, dt = [], 0.0
+                    pin.write_text(spec["pins"][mode])
+                before, c0 = read_stats(), counters()
+                ids, dt, cpu = [], 0.0, 0.0
                 for group in groups:
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), cpu_seconds()
                     outs = llm.generate(group, params, use_tqdm=False)
                     dt += time.perf_counter() - t
+                    cpu += cpu_seconds() - c
                     ids += [list(o.outputs[0].token_ids) for o in outs]
-                runs.append({"round": rnd, "batch": batch, "mode": mode, "seconds": dt,
+                runs.append({"round": rnd, "batch": batch, "mode": mode, "seconds": dt, "cpu_seconds": cpu,
                              "tokens": sum(len(x) for x in ids), "token_ids": ids,
-                             "stats_before": before, "stats_after": read_stats()})
+                             "stats_before": before, "stats_after": read_stats(),
+                             "counters_before": c0, "counters_after": counters()})
     Path(out_path).write_text(json.dumps(runs))
 
 
-def run_engine(model: str, mtp: bool, args, env_extra: dict) -> list[dict]:
+def run_engine(model: str, mtp: bool, modes: dict[str, str], args, env_extra: dict) -> list[dict]:
+    """One engine in a subprocess; ``modes``: run name -> pin file text (ignored without MTP)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"model": model, "mtp": mtp, "tokens": args.tokens, "rounds": args.rounds,
-                "batch1_prompts": args.batch1_prompts,
-                "batches": args.batches, "modes": ["adaptive", *map(str, FIXED)] if mtp else ["none"],
-                "pin": f"{tmp}/pin", "stats": f"{tmp}/stats.json"}
+                "batch1_prompts": args.batch1_prompts, "batches": args.batches,
+                "modes": list(modes), "pins": modes, "pin": f"{tmp}/pin", "stats": f"{tmp}/stats.json"}
         Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRONTIER_")}
         env.update(env_extra, FRONTIER_MTP_PIN_FILE=spec["pin"], FRONTIER_MTP_STATS=spec["stats"])
@@ -112,54 +146,106 @@ def _delta(run: dict) -> dict | None:
     def d(key):
         return [x - y for x, y in zip(a[key], b[key])] if b else list(a[key])
 
+    def d2(key):
+        return [[x - y for x, y in zip(ra, rb)] for ra, rb in zip(a[key], b[key])] if b else a[key]
+
     def s(key):
         return a[key] - (b[key] if b else 0)
 
+    ca, cb = run.get("counters_after"), run.get("counters_before")
+    drafter = {k: ca[k] - (cb or {}).get(k, 0) for k in ca} if ca else None
     return {"reached": d("reached_per_pos"), "accepted": d("accepted_per_pos"), "k_hist": d("k_histogram"),
-            "steps": s("decode_request_steps"), "tokens": s("decode_tokens")}
+            "run_reached": d2("run_reached_per_pos"), "run_accepted": d2("run_accepted_per_pos"),
+            "steps": s("decode_request_steps"), "tokens": s("decode_tokens"), "drafter": drafter}
 
 
-def summarize(plain: list[dict], mtp: list[dict], batches: list[int]) -> dict:
+def _sum(rows):
+    return [sum(x) for x in zip(*rows)]
+
+
+def _rates(accepted, reached):
+    return [round(a / n, 4) if n else None for a, n in zip(accepted, reached)]
+
+
+def mode_row(rs: list[dict], base: float, base_cpu: float, ref: dict) -> dict:
+    ds = [_delta(r) for r in rs]
+    reached, accepted = _sum(d["reached"] for d in ds), _sum(d["accepted"] for d in ds)
+    steps = sum(d["steps"] for d in ds)
+    tok_s = statistics.median(r["tokens"] / r["seconds"] for r in rs)
+    tok_cpu_s = statistics.median(r["tokens"] / r["cpu_seconds"] for r in rs)
+    run_reached = [_sum(d["run_reached"][b] for d in ds) for b in range(len(ds[0]["run_reached"]))]
+    run_accepted = [_sum(d["run_accepted"][b] for d in ds) for b in range(len(ds[0]["run_accepted"]))]
+    drafter = {k: sum(d["drafter"][k] for d in ds) for k in ds[0]["drafter"]} if ds[0]["drafter"] else None
+    return {
+        "tok_s": tok_s, "speedup_vs_none": tok_s / base,
+        "tok_per_cpu_s": tok_cpu_s, "speedup_vs_none_cpu": tok_cpu_s / base_cpu,
+        "tokens_per_target_forward": sum(d["tokens"] for d in ds) / steps if steps else None,
+        "acceptance_per_pos": _rates(accepted, reached), "accepted_per_pos": accepted, "reached_per_pos": reached,
+        # drafts of the 1st, 2nd, 3rd, >= 4th consecutive drafting step
+        "acceptance_by_drafting_run": [_rates(a, n) for a, n in zip(run_accepted, run_reached)],
+        "reached_by_drafting_run": run_reached,
+        "decode_request_steps": steps, "engine_steps_by_k": _sum(d["k_hist"] for d in ds), "drafter": drafter,
+        "lossless": all(r["token_ids"] == ref[(r["batch"], r["round"])] for r in rs),
+        "seconds": [round(r["seconds"], 3) for r in rs],
+    }
+
+
+def summarize(plain: list[dict], mtp: list[dict], contrast: list[dict], batches: list[int]) -> dict:
     ref = {(r["batch"], r["round"]): r["token_ids"] for r in plain}
     out: dict = {}
     for batch in batches:
-        rows = {}
         base = statistics.median(r["tokens"] / r["seconds"] for r in plain if r["batch"] == batch)
-        rows["none"] = {"tok_s": base, "tokens_per_target_forward": 1.0}
-        for mode in ["adaptive", *map(str, FIXED)]:
-            rs = [r for r in mtp if r["batch"] == batch and r["mode"] == mode]
-            ds = [_delta(r) for r in rs]
-            reached = [sum(x) for x in zip(*(d["reached"] for d in ds))]
-            accepted = [sum(x) for x in zip(*(d["accepted"] for d in ds))]
-            steps = sum(d["steps"] for d in ds)
-            hist = [sum(x) for x in zip(*(d["k_hist"] for d in ds))]
-            # request-steps that drafted >= i tokens: those that reached i plus those stopped before i
-            tok_s = statistics.median(r["tokens"] / r["seconds"] for r in rs)
-            rows[mode] = {
-                "tok_s": tok_s,
-                "speedup_vs_none": tok_s / base,
-                "tokens_per_target_forward": sum(d["tokens"] for d in ds) / steps if steps else None,
-                "acceptance_per_pos": [a / n if n else None for a, n in zip(accepted, reached)],
-                "accepted_per_pos": accepted, "reached_per_pos": reached,
-                "decode_request_steps": steps, "engine_steps_by_k": hist,
-                "lossless": all(r["token_ids"] == ref[(batch, r["round"])] for r in rs),
-                "seconds": [round(r["seconds"], 3) for r in rs],
-            }
+        base_cpu = statistics.median(r["tokens"] / r["cpu_seconds"] for r in plain if r["batch"] == batch)
+        rows: dict = {"none": {"tok_s": base, "tok_per_cpu_s": base_cpu, "tokens_per_target_forward": 1.0,
+                               "seconds": [round(r["seconds"], 3) for r in plain if r["batch"] == batch]}}
+        for mode in dict.fromkeys(r["mode"] for r in mtp):
+            rows[mode] = mode_row([r for r in mtp if r["batch"] == batch and r["mode"] == mode], base, base_cpu, ref)
+        if contrast:
+            rows["pause_no_catch_up"] = mode_row([r for r in contrast if r["batch"] == batch], base, base_cpu, ref)
         for k in FIXED:
             rows["adaptive"][f"speedup_vs_k{k}"] = rows["adaptive"]["tok_s"] / rows[str(k)]["tok_s"]
+        pause = {"after_pause": rows["pause"]["acceptance_by_drafting_run"][0],
+                 "steady": rows["pause"]["acceptance_by_drafting_run"][-1],
+                 "fixed_k2_all_steps": rows["2"]["acceptance_per_pos"]}
+        if contrast:
+            pause["after_pause_no_catch_up"] = rows["pause_no_catch_up"]["acceptance_by_drafting_run"][0]
+            pause["steady_no_catch_up"] = rows["pause_no_catch_up"]["acceptance_by_drafting_run"][-1]
+        rows["pause_acceptance"] = pause
         out[f"batch_{batch}"] = rows
     return out
+
+
+def targets(results: dict, key: str = "speedup_vs_none") -> dict:
+    """The acceptance checks of the benchmark (module docstring), per batch size, on wall-time speedups
+    (``key`` "speedup_vs_none") or CPU-time ones ("speedup_vs_none_cpu")."""
+    t: dict = {}
+    for name, rows in results.items():
+        fixed = {k: rows[str(k)][key] for k in FIXED if k > 0}
+        beating = [k for k, s in fixed.items() if s > 1.0]
+        ad = rows["adaptive"][key]
+        t[name] = {"k0_vs_plain": round(rows["0"][key], 4),
+                   "k0_at_least_0.97": rows["0"][key] >= TARGET,
+                   "adaptive_vs_none": round(ad, 4), "adaptive_at_least_0.97": ad >= TARGET,
+                   "best_fixed_k": max(fixed, key=fixed.get), "best_fixed_vs_none": round(max(fixed.values()), 4),
+                   "fixed_k_beating_none": beating,
+                   "adaptive_above_1_where_fixed_beats": (ad > 1.0) if beating else None}
+    return t
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="checkpoint directory with MTP layers (default: the embedded trained model)")
-    p.add_argument("--view", choices=("v3", "v32"), default="v3", help="embedded model view (v32 uses --plugin dsa)")
+    p.add_argument("--views", default="v3,v32", help="embedded model views, comma-separated (v32 uses the DSA "
+                   "backend; default v3,v32)")
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
+    p.add_argument("--rounds", type=int, default=2, help="rounds of all modes inside one engine (default 2)")
+    p.add_argument("--repeats", type=int, default=1, help="plain/MTP engine pairs per view, alternating")
     p.add_argument("--batch1-prompts", type=int, default=4,
                    help="batch 1 runs this many prompts one after the other (default 4)")
+    p.add_argument("--pause-cycle", default=DEFAULT_PAUSE, help="pin cycle of the pause mode (k per step)")
+    p.add_argument("--catch-up-contrast", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the pause cycle with the catch-up pass off (one more engine per view)")
     p.add_argument("--timeout", type=float, default=3000.0)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
@@ -167,40 +253,69 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker:
         _worker(*args._worker)
         return 0
-    if args.tokens < 2 or args.rounds < 1 or not args.batches or min(args.batches) < 1:
-        p.error("--tokens >= 2, --rounds >= 1 and batch sizes >= 1 are required")
+    if args.tokens < 2 or args.rounds < 1 or args.repeats < 1 or not args.batches or min(args.batches) < 1:
+        p.error("--tokens >= 2, --rounds >= 1, --repeats >= 1 and batch sizes >= 1 are required")
     if not 1 <= args.batch1_prompts <= len(PROMPTS):
         p.error(f"--batch1-prompts must be in [1, {len(PROMPTS)}]")
+    try:
+        cycle = [int(x) for x in args.pause_cycle.split(",")]
+    except ValueError:
+        p.error(f"--pause-cycle must be comma-separated draft lengths, got {args.pause_cycle!r}")
+    if not (0 in cycle and any(k > 0 for k in cycle)) or max(cycle) > CAP_K:
+        p.error(f"--pause-cycle needs k = 0 steps and drafting steps, each k in [0, {CAP_K}]")
     from harness import Report
 
-    if args.model:
-        model = args.model
-    else:
-        from vllm_frontier.models.embedded import embedded_model_path
+    views = ["custom"] if args.model else [v.strip() for v in args.views.split(",") if v.strip()]
+    if not args.model and (not views or set(views) - {"v3", "v32"}):
+        p.error("--views takes v3 and/or v32")
+    models = {}
+    for view in views:
+        if args.model:
+            models[view] = args.model
+        else:
+            from vllm_frontier.models.embedded import embedded_model_path
 
-        model = str(embedded_model_path(args.view))
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    if not cfg.get("num_nextn_predict_layers"):
-        p.error(f"{model} has no MTP layers (num_nextn_predict_layers is 0 or missing)")
-    env = {"FRONTIER_DSA": "1"} if "index_topk" in cfg else {}
-    report = Report(args.json, meta={"model": model, "view": args.view if not args.model else None,
-                                     "tokens": args.tokens, "batches": args.batches, "rounds": args.rounds,
-                                     "batch1_prompts": args.batch1_prompts,
-                                     "cap_K": max(FIXED), "dtype": "float32", "env": env,
-                                     "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()})
-    with report.section("mtp") as rec:
-        t = time.monotonic()
-        plain = run_engine(model, False, args, env)
-        rec["plain_engine_seconds"] = round(time.monotonic() - t, 1)
-        t = time.monotonic()
-        mtp = run_engine(model, True, args, env)
-        rec["mtp_engine_seconds"] = round(time.monotonic() - t, 1)
-        rec["results"] = summarize(plain, mtp, args.batches)
-        rec["lossless"] = all(r["lossless"] for b in rec["results"].values() for m, r in b.items() if m != "none")
-        rec["loadavg_end"] = os.getloadavg()
+            models[view] = str(embedded_model_path(view))
+        cfg = json.loads((Path(models[view]) / "config.json").read_text())
+        if not cfg.get("num_nextn_predict_layers"):
+            p.error(f"{models[view]} has no MTP layers (num_nextn_predict_layers is 0 or missing)")
+    modes = {str(k): str(k) for k in FIXED} | {"pause": args.pause_cycle, "adaptive": "adaptive"}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    report = Report(args.json, meta={"commit": commit, "command": " ".join([sys.executable, *sys.argv]),
+                                     "models": models, "tokens": args.tokens, "batches": args.batches,
+                                     "rounds": args.rounds, "repeats": args.repeats,
+                                     "batch1_prompts": args.batch1_prompts, "pause_cycle": args.pause_cycle,
+                                     "cap_K": CAP_K, "dtype": "float32", "cpus": os.cpu_count(),
+                                     "loadavg_start": os.getloadavg()})
+    for view, model in models.items():
+        cfg = json.loads((Path(model) / "config.json").read_text())
+        env = {"FRONTIER_DSA": "1"} if "index_topk" in cfg else {}
+        with report.section(view) as rec:
+            rec["env"] = env
+            plain, mtp, contrast = [], [], []
+            t = time.monotonic()
+            for rep in range(args.repeats):
+                for r in run_engine(model, False, {"none": ""}, args, env):
+                    plain.append(r | {"round": r["round"] + rep * args.rounds})
+                for r in run_engine(model, True, modes, args, env):
+                    mtp.append(r | {"round": r["round"] + rep * args.rounds})
+            if args.catch_up_contrast:
+                env_off = env | {"FRONTIER_MTP_CATCH_UP": "0"}
+                contrast = run_engine(model, True, {"pause": args.pause_cycle}, args, env_off)
+            rec["engine_seconds"] = round(time.monotonic() - t, 1)
+            rec["results"] = summarize(plain, mtp, contrast, args.batches)
+            rec["targets"] = targets(rec["results"])
+            rec["targets_cpu_time"] = targets(rec["results"], "speedup_vs_none_cpu")
+            rec["lossless"] = all(r["lossless"] for b in rec["results"].values()
+                                  for m, r in b.items() if isinstance(r, dict) and "lossless" in r)
+            rec["loadavg_end"] = os.getloadavg()
     report.write()
-    print(json.dumps(report.data["sections"]["mtp"].get("results"), indent=1)[:6000])
-    return 0 if report.data["sections"]["mtp"]["status"] == "ok" else 1
+    for view in models:
+        sec = report.data["sections"][view]
+        print(view, sec["status"], "wall", json.dumps(sec.get("targets")), "cpu time",
+              json.dumps(sec.get("targets_cpu_time")), "lossless", sec.get("lossless"))
+    return 0 if all(report.data["sections"][v]["status"] == "ok" for v in models) else 1
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ def test_check_reports_a_changed_signature_a_missing_object_and_a_changed_behavi
     monkeypatch.setattr(compat, "PINNED_SOURCE", [("vllm.v1.core.sched.scheduler", "Scheduler.schedule",
                                                    "text that is not there")])
     assert "no longer contains" in compat.check_vllm_api()[0]
+    monkeypatch.setattr(compat, "PINNED_SOURCE", [])
+    monkeypatch.setattr(compat, "PINNED_FIELDS", ("no_such_field",))
+    assert "field no_such_field missing" in compat.check_vllm_api()[0]
 
 
 def _vllm_imports():

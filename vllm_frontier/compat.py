@@ -28,6 +28,9 @@ SUPPORTED_VLLM = ("0.32.0", "0.33.0")
 _MOE = "vllm.model_executor.layers.fused_moe"
 _SCHED = "vllm.v1.core.sched.scheduler"
 _CONN = "vllm.distributed.kv_transfer.kv_connector.v1.base"
+_EAGLE = "vllm.v1.spec_decode.eagle"
+_BASE = "vllm.v1.spec_decode.llm_base_proposer"
+_RUNNER = "vllm.v1.worker.gpu_model_runner"
 
 # (module, qualified attribute, expected parameter names in order, or None = must exist)
 PINNED: list[tuple[str, str, tuple[str, ...] | None]] = [
@@ -60,6 +63,26 @@ PINNED: list[tuple[str, str, tuple[str, ...] | None]] = [
     # P/D connector: protected members of the connector base class it uses
     (_CONN, "KVConnectorBase_V1._get_connector_metadata", ("self",)),
     (_CONN, "KVConnectorBase_V1.__init__", ("self", "vllm_config", "role", "kv_cache_config")),
+    # MTP drafter skipping (spec_decode/proposer.py, worker.py): the runner's drafter, the MTP proposer our
+    # SkippingMTPProposer subclasses, the first-pass helpers and buffers it calls, the workers it swaps it in
+    (_EAGLE, "EagleProposer.__init__", ("self", "vllm_config", "device", "runner")),
+    (_BASE, "SpecDecodeBaseProposer.propose",
+     ("self", "num_speculative_tokens", "target_token_ids", "target_positions", "target_hidden_states",
+      "next_token_ids", "token_indices_to_sample", "common_attn_metadata", "sampling_metadata",
+      "mm_embed_inputs", "num_rejected_tokens_gpu", "slot_mappings")),
+    (_BASE, "SpecDecodeBaseProposer.build_per_group_and_layer_attn_metadata",
+     ("self", "common_attn_metadata", "draft_index")),
+    (_BASE, "SpecDecodeBaseProposer._determine_batch_execution_and_padding",
+     ("self", "num_tokens", "use_cudagraphs")),
+    (_BASE, "SpecDecodeBaseProposer.build_model_inputs_first_pass",
+     ("self", "num_tokens", "num_input_tokens", "mm_embed_inputs")),
+    (_BASE, "SpecDecodeBaseProposer._get_slot_mapping", ("self", "num_tokens", "slot_mapping")),
+    (_BASE, "SpecDecodeBaseProposer._set_positions", ("self", "num_tokens", "positions")),
+    (_BASE, "SpecDecodeBaseProposer.model_returns_tuple", ("self",)),
+    ("vllm.forward_context", "set_forward_context", None),
+    ("vllm.v1.worker.cpu_worker", "CPUWorker.init_device", ("self",)),
+    ("vllm.v1.worker.gpu_worker", "Worker.init_device", ("self",)),
+    (_RUNNER, "GPUModelRunner.propose_draft_token_ids", None),
 ]
 
 # Behaviour relied on, checked in the source of these functions.
@@ -70,12 +93,30 @@ PINNED_SOURCE: list[tuple[str, str, str]] = [
     (f"{_MOE}.runner.moe_runner", "MoERunner._maybe_reduce_final_output", "tensor_model_parallel_all_reduce(states)"),
     (f"{_MOE}.routed_experts", "RoutedExperts.forward_modular", "self.quant_method.apply("),
     ("vllm.distributed.parallel_state", "GroupCoordinator.__init__", "self.cpu_group = "),
-    # the scheduler reads the per-step draft length from dynamic_sd_lookup
-    (_SCHED, "Scheduler.schedule", "dynamic_sd_lookup"),
     # the base connector keeps the transfer config and the vLLM config as protected members
     (_CONN, "KVConnectorBase_V1.__init__", "self._kv_transfer_config"),
     (_CONN, "KVConnectorBase_V1.__init__", "self._vllm_config"),
+    # the runner builds the MTP drafter in its constructor (the worker swaps it right after)
+    (_RUNNER, "GPUModelRunner.__init__", "self.drafter = EagleProposer(self.vllm_config, self.device, self)"),
+    # the runner hands the scheduler's per-step draft length to the proposer, 0 included
+    (_RUNNER, "GPUModelRunner.propose_draft_token_ids", "num_speculative_tokens=num_spec_tokens_to_schedule"),
+    # the proposer's first pass writes the drafter KV of every target token; with 0 drafts it then returns
+    (_BASE, "SpecDecodeBaseProposer.propose", "if self.num_speculative_tokens == 0:"),
+    (_BASE, "SpecDecodeBaseProposer.set_inputs_first_pass",
+     "self.input_ids[token_indices_to_sample] = next_token_ids"),
+    (_BASE, "SpecDecodeBaseProposer.initialize_attn_backend",
+     "self.block_size = self.draft_attn_groups[0].kv_cache_spec.block_size"),
+    # the scheduler reads the step's k from dynamic_sd_lookup, indexed by the number of scheduled requests
+    (_SCHED, "Scheduler.schedule", "self.dynamic_sd_lookup[\n                len(num_scheduled_tokens)\n"),
+    # the CPU model runner loads the drafter after the target (runner.drafter at load time)
+    ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.load_model", "self.drafter.load_model(self.model)"),
 ]
+
+# CommonAttentionMetadata fields the catch-up pass sets.
+PINNED_FIELDS = ("query_start_loc", "query_start_loc_cpu", "seq_lens", "num_reqs", "num_actual_tokens",
+                 "max_query_len", "max_seq_len", "block_table_tensor", "slot_mapping", "causal",
+                 "seq_lens_cpu_upper_bound")
+
 
 
 def _resolve(module: str, qualname: str):
@@ -105,9 +146,19 @@ def _check_one(module: str, qualname: str, params: tuple[str, ...] | None, needl
 
 
 def check_vllm_api() -> list[str]:
-    """Compare the installed vLLM with `PINNED` and `PINNED_SOURCE`; one line per mismatch."""
+    """Compare the installed vLLM with `PINNED`, `PINNED_SOURCE` and `PINNED_FIELDS`; one line per mismatch."""
+    import dataclasses
+
     checks = [(m, q, p, None) for m, q, p in PINNED] + [(m, q, None, n) for m, q, n in PINNED_SOURCE]
-    return [problem for c in checks if (problem := _check_one(*c)) is not None]
+    problems = [problem for c in checks if (problem := _check_one(*c)) is not None]
+    try:
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        have = {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
+        problems += [f"CommonAttentionMetadata: field {f} missing" for f in PINNED_FIELDS if f not in have]
+    except ImportError as exc:
+        problems.append(f"vllm.v1.attention.backend.CommonAttentionMetadata: missing ({exc})")
+    return problems
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -160,6 +211,49 @@ def is_indexer_cache(module) -> bool:
     from vllm.model_executor.models.deepseek_v2 import DeepseekV32IndexerCache
 
     return isinstance(module, DeepseekV32IndexerCache)
+
+
+
+def eagle_proposer_cls():
+    """vLLM's MTP/EAGLE proposer class (the base of `SkippingMTPProposer`)."""
+    from vllm.v1.spec_decode.eagle import EagleProposer
+
+    return EagleProposer
+
+
+def worker_base_cls(kind: str):
+    """vLLM's worker class for ``kind`` in {"cpu", "gpu"}."""
+    if kind == "cpu":
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker
+
+
+def default_worker_paths() -> dict[str, str]:
+    """Class paths vLLM's platforms put in `parallel_config.worker_cls` ("auto" resolved) -> our kind."""
+    return {"vllm.v1.worker.cpu_worker.CPUWorker": "cpu", "vllm.v1.worker.gpu_worker.Worker": "gpu"}
+
+
+def attention_metadata(**fields):
+    """A `CommonAttentionMetadata` (fields: `PINNED_FIELDS`)."""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    return CommonAttentionMetadata(**fields)
+
+
+def forward_context(*args, **kwargs):
+    """vLLM's `set_forward_context` (a context manager)."""
+    from vllm.forward_context import set_forward_context
+
+    return set_forward_context(*args, **kwargs)
+
+
+def runner_requests(runner):
+    """Request ids in batch-row order, and the dict of live requests, of a V1 model runner."""
+    return runner.input_batch.req_ids, runner.requests
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Lossless MTP inside real vLLM CPU engines (tiny float32 models): greedy token ids with MTP drafting equal
 the plain engine's, for the V3 view (plain vLLM MLA) and the V3.2 view (through the DSA backend), under the
-adaptive draft length, a fixed k = 3, and a per-step cycling k (varied draft lengths, drafts trimmed before
-verification). Two engines per view, one at a time: plain, then MTP with `PinnedDraftScheduler` whose pin
+adaptive draft length, a fixed k = 3, a per-step cycling k (varied draft lengths, drafts trimmed before
+verification) and a cycle with pauses (drafter skipped, then caught up), with the drafter-skipping worker
+that `--plugin mtp` installs. Two engines per view, one at a time: plain, then MTP with `PinnedDraftScheduler` whose pin
 file switches the draft-length mode between request batches.
 """
 
@@ -22,7 +23,9 @@ PINNED = ["--scheduler-cls", "vllm_frontier.spec_decode.scheduler.PinnedDraftSch
 PROMPTS = ["def add(a, b):\n    return a + b\n\nclass Stack:\n    def push(self, x):\n",
            "import os\nimport sys\n\nfor name in os.listdir('.'):\n    print(",
            "x", "while True:\n    line = input()\n"]
-MODES = ("adaptive", "3", "3,0,1,2,1")
+# the last mode pauses and resumes drafting inside every request (k = 0 steps run no drafter; the skipped
+# positions are replayed when drafting resumes)
+MODES = ("adaptive", "3", "3,0,1,2,1", "2,0,0,0,2,2")
 N_TOKENS = 24
 
 
@@ -65,6 +68,7 @@ def v32(tiny_models, tmp_path_factory):
 
 def check(res: dict) -> None:
     assert "speculative_config" in res["log"] and "adaptive MTP draft length" in res["log"]
+    assert "MTP drafter skips steps that draft nothing" in res["log"]
     assert all(len(t) == N_TOKENS for t in res["plain"])
     for mode in MODES:
         assert res[mode] == res["plain"], f"greedy ids differ with MTP, draft mode {mode}"

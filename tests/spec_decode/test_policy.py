@@ -120,8 +120,14 @@ def test_probes_measure_the_class_the_rule_does_not_run():
     pol2 = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.5, probe_every=64, probe_min_points=4))
     for _ in range(4):
         pol2.cost.observe(10.0, 0.01, drafted=True)
-    got = [(s, pol2.probe(s, 0)) for s in range(1, 140) if pol2.probe(s, 0) is not None]
-    assert got == [(64, 1), (65, 1), (128, 1), (129, 1)]
+    got = [(s, k) for s in range(1, 1200) if (k := pol2.probe(s, 0)) is not None]
+    # k = 1 on two consecutive steps; the interval doubles after each probe while the rule keeps not drafting
+    assert got == [(64, 1), (65, 1), (192, 1), (193, 1), (448, 1), (449, 1), (960, 1), (961, 1)]
+    for s in range(1200, 5000):   # capped at probe_max_every
+        pol2.probe(s, 0)
+    assert pol2._idle_every == pol2.config.probe_max_every
+    pol2.probe(5000, 2)   # the rule drafts again: back to probe_every
+    assert pol2._idle_every == 64
 
 
 def test_table_with_drafting_cost_equals_brute_force():
@@ -204,3 +210,30 @@ def test_speculative_config_only_for_models_with_mtp_layers():
     assert speculative_config(Features(mtp=True), {}) is None
     assert speculative_config(Features(mtp=True, mtp_k=2), {"num_nextn_predict_layers": 1}) == {
         "method": "mtp", "num_speculative_tokens": 2}
+
+
+def test_a_skipped_drafter_makes_k0_cost_a_plain_step():
+    # T(B, 0) loses the drafter's first pass (B rho) when the drafter is skipped; k > 0 is unchanged
+    assert step_cost(16, 0, 10.0, 0.5) == pytest.approx(10 + 16 * 1.5)
+    assert step_cost(16, 0, 10.0, 0.5, 30.0, drafter_skips=True) == pytest.approx(10 + 16)
+    assert step_cost(16, 2, 10.0, 0.5, 30.0, drafter_skips=True) == step_cost(16, 2, 10.0, 0.5, 30.0)
+    # the cheaper k = 0 can turn a marginal draft off: B = 1, F = 2, rho = 0.5: E(1) / T(1, 1) = 1.5 / 5
+    # beats 1 / 3.5 (drafter run at k = 0) but not 1 / 3 (drafter skipped)
+    assert best_k([0.5], 1, 2.0, 0.5, 1) == 1
+    assert best_k([0.5], 1, 2.0, 0.5, 1, drafter_skips=True) == 0
+
+
+def test_table_with_skipping_drafter_equals_brute_force():
+    rng = random.Random(7)
+    for _ in range(30):
+        k_max = rng.randint(1, 4)
+        pol = DraftLengthPolicy(PolicyConfig(max_k=k_max, draft_cost=rng.choice([0.0, 0.1, 0.5]), drafter_skips=True))
+        pol.window.observe(1, [(k_max, rng.randint(0, k_max)) for _ in range(rng.randint(1, 30))])
+        F, D = rng.choice([0.0, 5.0, 64.0]), rng.choice([0.0, 3.0, 30.0])
+        for b in (1, 3, 9, 27, 81) * 6:
+            for k in (0, 1):
+                u = pol.units(b, k)
+                pol.cost.observe(u, 1e-4 * (F + (D if k else 0.0) + u), drafted=k > 0)
+        f, d = pol.cost.costs()
+        brute = [best_k(pol.acceptance(), b, f, pol.config.draft_cost, k_max, 0.01, d, True) for b in range(1, 301)]
+        assert pol.table(300)[1:] == brute

@@ -7,22 +7,59 @@ import types
 
 import pytest
 
-from vllm_frontier.spec_decode import FIXED_SCHEDULER_CLS, SCHEDULER_CLS, update_vllm_config
+from vllm_frontier.spec_decode import FIXED_SCHEDULER_CLS, SCHEDULER_CLS, WORKER_CLS, update_vllm_config, worker_cls
 
 
-def fake_config(method="mtp", scheduler_cls=None, async_scheduling=False):
+def fake_config(method="mtp", scheduler_cls=None, async_scheduling=False,
+                worker_cls="vllm.v1.worker.cpu_worker.CPUWorker", dp=1):
     spec = None if method is None else types.SimpleNamespace(method=method, num_speculative_tokens=3)
     sched = types.SimpleNamespace(scheduler_cls=scheduler_cls, async_scheduling=async_scheduling)
-    return types.SimpleNamespace(speculative_config=spec, scheduler_config=sched)
+    parallel = types.SimpleNamespace(worker_cls=worker_cls, data_parallel_size=dp)
+    return types.SimpleNamespace(speculative_config=spec, scheduler_config=sched, parallel_config=parallel)
 
 
-def test_update_vllm_config_installs_the_adaptive_scheduler_for_mtp_only():
+def test_update_vllm_config_installs_the_adaptive_scheduler_and_skipping_worker_for_mtp_only():
     cfg = fake_config()
     assert update_vllm_config(cfg) and cfg.scheduler_config.scheduler_cls == SCHEDULER_CLS
-    for cfg in (fake_config(method=None), fake_config(method="ngram"),
-                fake_config(scheduler_cls=FIXED_SCHEDULER_CLS), fake_config(async_scheduling=True)):
-        before = cfg.scheduler_config.scheduler_cls
-        assert not update_vllm_config(cfg) and cfg.scheduler_config.scheduler_cls == before
+    assert cfg.parallel_config.worker_cls == WORKER_CLS["cpu"]
+    cfg = fake_config(worker_cls="vllm.v1.worker.gpu_worker.Worker")
+    assert update_vllm_config(cfg) and cfg.parallel_config.worker_cls == WORKER_CLS["gpu"]
+    # a user-chosen scheduler stays, the worker is still installed (vLLM's own table can ask for k = 0)
+    cfg = fake_config(scheduler_cls=FIXED_SCHEDULER_CLS)
+    assert not update_vllm_config(cfg) and cfg.scheduler_config.scheduler_cls == FIXED_SCHEDULER_CLS
+    assert cfg.parallel_config.worker_cls == WORKER_CLS["cpu"]
+    # someone else's worker class stays
+    cfg = fake_config(worker_cls="my.pkg.Worker")
+    assert update_vllm_config(cfg) and cfg.parallel_config.worker_cls == "my.pkg.Worker"
+    for cfg in (fake_config(method=None), fake_config(method="ngram"), fake_config(async_scheduling=True)):
+        before = (cfg.scheduler_config.scheduler_cls, cfg.parallel_config.worker_cls)
+        assert not update_vllm_config(cfg)
+        assert (cfg.scheduler_config.scheduler_cls, cfg.parallel_config.worker_cls) == before
+
+
+def test_worker_cls_maps_vllm_workers_and_auto_by_platform():
+    assert worker_cls("vllm.v1.worker.cpu_worker.CPUWorker") == WORKER_CLS["cpu"]
+    assert worker_cls("vllm.v1.worker.gpu_worker.Worker") == WORKER_CLS["gpu"]
+    assert worker_cls(WORKER_CLS["cpu"]) == WORKER_CLS["cpu"]
+    assert worker_cls("my.pkg.Worker") is None
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        assert worker_cls("auto") == WORKER_CLS["cpu"]
+
+
+def test_worker_classes_extend_vllm_workers():
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from vllm_frontier.spec_decode.scheduler import drafter_skips
+
+    assert issubclass(resolve_obj_by_qualname(WORKER_CLS["cpu"]), CPUWorker)
+    assert issubclass(resolve_obj_by_qualname(WORKER_CLS["gpu"]), Worker)
+    assert drafter_skips(fake_config(worker_cls=WORKER_CLS["cpu"]))
+    assert not drafter_skips(fake_config(worker_cls=WORKER_CLS["cpu"], dp=2))
+    assert not drafter_skips(fake_config())
 
 
 def test_scheduler_classes_import_and_resolve_by_path():
@@ -56,3 +93,15 @@ def test_draft_cost_ratio_from_the_model_config():
 
     assert draft_cost_ratio(types.SimpleNamespace(num_hidden_layers=4)) == 0.25
     assert draft_cost_ratio(types.SimpleNamespace(num_hidden_layers=61)) == pytest.approx(1 / 61)
+
+
+def test_mtp_pays_says_why_per_device():
+    from vllm_frontier.spec_decode.device import mtp_pays
+
+    on, why = mtp_pays("cpu")
+    assert not on and "no draft length beats no speculation" in why and "--plugin mtp" in why
+    on, why = mtp_pays("cuda")
+    assert on and why
+    on, why = mtp_pays("xpu")
+    assert not on and "xpu" in why
+    assert isinstance(mtp_pays()[0], bool)   # the current platform

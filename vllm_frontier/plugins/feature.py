@@ -60,8 +60,3 @@ def text_config(hf_config):
     """The language model's config (multimodal configs nest it)."""
     return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
 
-
-def is_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()

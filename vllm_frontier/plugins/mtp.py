@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .feature import Feature, is_cpu, text_config
+from .feature import Feature, text_config
 
 logger = logging.getLogger("vllm.frontier")
 
@@ -17,9 +17,9 @@ class MTPFeature(Feature):
         return None if n_mtp > 0 else "the model has no MTP layers (num_nextn_predict_layers is 0)"
 
     def not_worth_it(self) -> str | None:
-        from vllm_frontier.spec_decode import pays_on_this_device
+        from vllm_frontier.spec_decode.device import mtp_pays
 
-        pays, why = pays_on_this_device(is_cpu())
+        pays, why = mtp_pays()
         return None if pays else why
 
     def update_config(self, vllm_config) -> None:

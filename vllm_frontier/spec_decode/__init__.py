@@ -12,6 +12,12 @@ What vLLM 0.32 offers, read in its code:
   from a static batch-size table (`num_speculative_tokens_per_batch_size`, "dynamic SD").
 - Not usable for MTP: the `custom_class` proposer gets token ids only (no target hidden states), and
   `enable_adaptive_verification` exists for method "dspark" only.
+- A step asked for 0 drafts still runs the drafter's first pass (to keep its KV cache in sync): on vLLM CPU
+  an MTP engine drafting nothing ran at 0.62x of the plain engine. `proposer.SkippingMTPProposer`, put in
+  place of the model runner's drafter by the worker classes in `worker` (vLLM's `--worker-cls`,
+  `WORKER_CLS`), runs no drafter forward in such a step; it keeps the skipped positions' drafter inputs
+  (target hidden states) and replays them in one pass before the next draft, so acceptance after a pause
+  is the steady one. The vLLM internals this relies on are pinned in `compat`.
 
 So the draft length can vary per step inside vLLM 0.32 without patching it: `AdaptiveDraftScheduler`
 (`vllm_frontier.spec_decode.scheduler`, installed through vLLM's `--scheduler-cls`) rewrites the
@@ -23,17 +29,21 @@ The rule (details and symbols in `policy`):
     k*(B) = smallest k in [0, K] with B E(k) / T(B, k) >= 0.99 max_j B E(j) / T(B, j)
     E(k)  = 1 + sum_{j<=k} prod_{i<=j} a_i      a_i: acceptance of position i given 1..i-1 accepted,
                                                  counted over the last 128 engine steps
-    T(B,k) = F + B (k+1)(1+rho) + B max(k-1,0) rho
-                                                 F: per-step fixed cost in token units, fitted online from
-                                                 decode-step wall times; rho = 1 / num_hidden_layers
+    T(B,k) = F + D + B (k+1)(1+rho) + B max(k-1,0) rho   (k > 0);   T(B,0) = F + B (drafter skipped)
+                                                 F, D: per-step fixed and drafting costs in token units,
+                                                 fitted online from decode-step wall times;
+                                                 rho = 1 / num_hidden_layers
 Bounds: 0 <= k <= K. B is the number of decoding requests, so k falls as the batch grows and as acceptance
 drops. A position not drafted for 128 steps returns to an optimistic prior (the estimate of the position
-before it) and is probed again: at most one probing step per window when drafts are useless.
+before it) and is probed again: two k = 1 steps, at intervals doubling up to 1024 steps while the rule
+keeps not drafting.
 
 Limits: the rule needs synchronous scheduling (vLLM's CPU platform always uses it; on GPUs pass
 `--no-async-scheduling`), because with async scheduling the drafts already in flight cannot be trimmed;
 with async scheduling the plugin keeps vLLM's fixed K and says so in the log. One k per step for the whole
 batch (vLLM drafts one k for all requests).
+
+Whether MTP pays on the current device (the `--plugin all` decision, with its reason): `device.mtp_pays`.
 
 Metrics: vLLM's `vllm:spec_decode_num_drafts_total`, `..._num_draft_tokens_total`,
 `..._num_accepted_tokens_total` and `..._num_accepted_tokens_per_pos_total` still count; the scheduler adds
@@ -47,11 +57,15 @@ import logging
 logger = logging.getLogger("vllm.frontier.spec_decode")
 
 SCHEDULER_CLS = "vllm_frontier.spec_decode.scheduler.AdaptiveDraftScheduler"
+# Worker classes installing `SkippingMTPProposer` (no drafter forward in steps that draft nothing), per the
+# vLLM worker they extend (`worker.py`).
+WORKER_CLS = {"cpu": "vllm_frontier.spec_decode.worker.CPUMTPWorker",
+              "gpu": "vllm_frontier.spec_decode.worker.GPUMTPWorker"}
 # vLLM's own synchronous scheduler: the fixed-K baseline, and what a user passes to opt out of adaptation.
 FIXED_SCHEDULER_CLS = "vllm.v1.core.sched.scheduler.Scheduler"
 
-__all__ = ["SCHEDULER_CLS", "FIXED_SCHEDULER_CLS", "speculative_config", "update_vllm_config", "register",
-           "pays_on_this_device"]
+__all__ = ["SCHEDULER_CLS", "FIXED_SCHEDULER_CLS", "WORKER_CLS", "speculative_config", "update_vllm_config",
+           "worker_cls", "register"]
 
 
 def speculative_config(features, model_cfg: dict) -> dict | None:
@@ -69,20 +83,54 @@ def speculative_config(features, model_cfg: dict) -> dict | None:
     return {"method": "mtp", "num_speculative_tokens": k}
 
 
-def update_vllm_config(vllm_config) -> bool:
-    """Install the adaptive scheduler in a vLLM config that drafts with MTP; returns whether it did.
+def worker_cls(current: str = "auto") -> str | None:
+    """Our worker class path replacing vLLM's worker ``current`` (`parallel_config.worker_cls`), or None.
 
-    Call from the platform's `check_and_update_config` (API process and engine core). Leaves the config
-    alone when the user chose a scheduler class (`--scheduler-cls`), when the method is not MTP, or under
-    async scheduling (logged: the draft length then stays vLLM's fixed K).
+    "auto" (before the platform resolved it) maps by the current platform: CPU or CUDA/ROCm. A worker class
+    chosen by someone else (not one of vLLM's two) is left alone: None.
+    """
+    from vllm_frontier.compat import default_worker_paths
+
+    if current in WORKER_CLS.values():
+        return current
+    if current == "auto":
+        from vllm.platforms import current_platform
+
+        kind = "cpu" if current_platform.is_cpu() else "gpu" if current_platform.is_cuda_alike() else None
+    else:
+        kind = default_worker_paths().get(current)
+    return WORKER_CLS[kind] if kind else None
+
+
+def update_vllm_config(vllm_config) -> bool:
+    """Install the adaptive scheduler and the drafter-skipping worker in a vLLM config that drafts with MTP;
+    returns whether the scheduler was installed (unchanged meaning; the worker is installed on its own terms).
+
+    Call from the platform's `check_and_update_config` (API process and engine core), before or after the
+    platform resolves its worker class. Nothing changes when the method is not MTP or under async scheduling
+    (logged: the draft length then stays vLLM's fixed K, the drafter runs every step). Otherwise:
+    - the scheduler, unless the user chose one (`--scheduler-cls`);
+    - the worker (`WORKER_CLS`: k = 0 steps run no drafter), in place of vLLM's own worker classes only,
+      also under a user-chosen scheduler (vLLM's own `num_speculative_tokens_per_batch_size` table can ask
+      for k = 0 too).
     """
     spec = getattr(vllm_config, "speculative_config", None)
     sched = vllm_config.scheduler_config
-    if spec is None or spec.method != "mtp" or sched.scheduler_cls is not None:
+    if spec is None or spec.method != "mtp":
         return False
     if sched.async_scheduling:
         logger.info("vllm-frontier: MTP keeps vLLM's fixed draft length %d under async scheduling; "
                     "pass --no-async-scheduling for the adaptive draft length", spec.num_speculative_tokens)
+        return False
+    parallel = getattr(vllm_config, "parallel_config", None)
+    if parallel is not None:
+        ours = worker_cls(parallel.worker_cls)
+        if ours is None:
+            logger.info("vllm-frontier: MTP keeps worker class %s (the drafter runs in every step)",
+                        parallel.worker_cls)
+        else:
+            parallel.worker_cls = ours
+    if sched.scheduler_cls is not None:
         return False
     sched.scheduler_cls = SCHEDULER_CLS
     logger.info("vllm-frontier: MTP draft length adapts per step (k <= %d)", spec.num_speculative_tokens)
@@ -95,14 +143,3 @@ def register() -> None:
     the policy here checks, in every process, that the package's MTP code imports (fails loudly otherwise)."""
     from . import policy  # noqa: F401
 
-
-def pays_on_this_device(cpu: bool) -> tuple[bool, str]:
-    """Whether MTP is worth switching on by `--plugin all` here, and why not.
-
-    Measured on vLLM CPU (benchmarks/mtp.py): an MTP engine is slower than no speculation at every batch size
-    (the drafter's first pass runs every step). On GPUs drafting runs through vLLM's own MTP path.
-    """
-    if cpu:
-        return False, ("an MTP engine is slower than no speculation on vLLM CPU (benchmarks/mtp.py); "
-                       "`--plugin mtp` still drafts")
-    return True, ""

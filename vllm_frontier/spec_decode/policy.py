@@ -12,7 +12,9 @@ position accepted only if every earlier one was):
 
 Cost of one engine step, in units of "one token through the target model":
 
-    T(B, k) = F + D [k > 0] + B (k + 1) (1 + rho) + B max(k - 1, 0) rho
+    T(B, k) = F + D [k > 0] + B (k + 1) (1 + rho) + B max(k - 1, 0) rho      (k > 0)
+    T(B, 0) = F + B                          with the drafter-skipping proposer (`drafter_skips`)
+    T(B, 0) = F + B (1 + rho)                without it (vLLM's proposer runs its first pass every step)
 
 - F: the per-step cost that does not grow with tokens (weight reads on a GPU, Python and scheduling
   overhead on CPU), in token units.
@@ -22,7 +24,10 @@ Cost of one engine step, in units of "one token through the target model":
   at batch 1 and 16), and without it the rule keeps drafting where no drafting is fastest.
 - rho: cost of one token through the MTP module relative to the target (about one decoder layer out of
   `num_hidden_layers`). The drafter's first pass runs over all B (k + 1) verified tokens, each further draft
-  position is one more pass over B tokens.
+  position is one more pass over B tokens. A step that drafts nothing runs no drafter with
+  `proposer.SkippingMTPProposer` (the positions it skipped are replayed in one pass when drafting resumes,
+  a cost of B rho per skipped step paid only if drafting resumes, left out of T(B, 0)): it costs what a
+  plain step costs.
 
 F and D are fitted online (`CostModel`) from the wall times of recent decode-only steps, kept in two
 windows: steps that drafted (k > 0) and steps that did not (k = 0). F + D: least squares of
@@ -35,7 +40,10 @@ non-drafting steps are measured.
 Probing: a rule that stops drafting never measures drafting again (and vice versa), so every `probe_every`
 steps (every `probe_every // 8` while the other class has fewer than `probe_min_points` points) the policy
 runs the other class: one step at k = 0 while drafting, two steps at k = 1 while not (the first step drafts,
-the second verifies those drafts, which also re-measures acceptance).
+the second verifies those drafts, which also re-measures acceptance). While the rule keeps not drafting,
+the interval between k = 1 probes doubles after each probe, up to `probe_max_every` steps (a probe costs
+two drafting steps; on a device where drafting never pays it stays under 1 % of the steps), and returns to
+`probe_every` as soon as the rule drafts again.
 
 The rule: k*(B) = the smallest k in [0, K] whose throughput B E(k) / T(B, k) is within `tie_margin` (1 %)
 of the best. Larger batches make each extra position cost more (the B terms grow while F does not), so k*
@@ -70,6 +78,8 @@ class PolicyConfig:
     min_cost_points: int = 24
     probe_every: int = 64
     probe_min_points: int = 4
+    probe_max_every: int = 1024
+    drafter_skips: bool = False
 
     def __post_init__(self):
         if not isinstance(self.max_k, int) or self.max_k < 0:
@@ -80,8 +90,8 @@ class PolicyConfig:
             raise ValueError(f"fixed_cost must be >= 0 (token units), got {self.fixed_cost!r}")
         if self.window_steps < 1 or self.cost_window < 2:
             raise ValueError("window_steps must be >= 1 and cost_window >= 2")
-        if self.probe_every < 8 or self.probe_min_points < 1:
-            raise ValueError("probe_every must be >= 8 and probe_min_points >= 1")
+        if self.probe_every < 8 or self.probe_min_points < 1 or self.probe_max_every < self.probe_every:
+            raise ValueError("probe_every must be >= 8, probe_max_every >= probe_every and probe_min_points >= 1")
         if not 0.0 <= self.first_prior <= 1.0 or self.prior_strength <= 0:
             raise ValueError("first_prior must be in [0, 1] and prior_strength > 0")
 
@@ -95,18 +105,22 @@ def expected_tokens(acceptance: list[float], k: int) -> float:
     return total
 
 
-def step_cost(batch: int, k: int, fixed_cost: float, draft_cost: float, drafting_cost: float = 0.0) -> float:
+def step_cost(batch: int, k: int, fixed_cost: float, draft_cost: float, drafting_cost: float = 0.0,
+              drafter_skips: bool = False) -> float:
     """T(B, k) in target-token units (module docstring)."""
+    if k == 0 and drafter_skips:
+        return fixed_cost + batch
     return (fixed_cost + (drafting_cost if k > 0 else 0.0) + batch * (k + 1) * (1.0 + draft_cost)
             + batch * max(k - 1, 0) * draft_cost)
 
 
 def best_k(acceptance: list[float], batch: int, fixed_cost: float, draft_cost: float, max_k: int,
-           tie_margin: float = 0.01, drafting_cost: float = 0.0) -> int:
+           tie_margin: float = 0.01, drafting_cost: float = 0.0, drafter_skips: bool = False) -> int:
     """The smallest k in [0, max_k] whose B E(k) / T(B, k) is within tie_margin of the best."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    rates = [expected_tokens(acceptance, k) / step_cost(batch, k, fixed_cost, draft_cost, drafting_cost)
+    rates = [expected_tokens(acceptance, k) / step_cost(batch, k, fixed_cost, draft_cost, drafting_cost,
+                                                        drafter_skips)
              for k in range(max_k + 1)]
     best = max(rates)
     return next(k for k, r in enumerate(rates) if r >= best * (1.0 - tie_margin))
@@ -218,32 +232,47 @@ class DraftLengthPolicy:
         self.config = config
         self.window = AcceptanceWindow(config.max_k, config.window_steps)
         self.cost = CostModel(config.fixed_cost, config.cost_window, config.min_cost_points)
+        self._idle_every = config.probe_every   # current interval between k = 1 probes while not drafting
+        self._last_probe = 0
+        self._probe_left = 0
 
     def acceptance(self) -> list[float]:
         return self.window.estimates(self.config.first_prior, self.config.prior_strength)
 
     def units(self, batch: int, k: int) -> float:
         """T(B, k) - F - D [k > 0]: the token-proportional part of a step's cost."""
-        return step_cost(batch, k, 0.0, self.config.draft_cost)
+        return step_cost(batch, k, 0.0, self.config.draft_cost, drafter_skips=self.config.drafter_skips)
 
     def choose(self, batch: int) -> int:
         c = self.config
         fixed, drafting = self.cost.costs()
-        return best_k(self.acceptance(), max(batch, 1), fixed, c.draft_cost, c.max_k, c.tie_margin, drafting)
+        return best_k(self.acceptance(), max(batch, 1), fixed, c.draft_cost, c.max_k, c.tie_margin, drafting,
+                      c.drafter_skips)
 
     def probe(self, step: int, chosen_k: int) -> int | None:
         """The k of an exploration step at engine step ``step``, or None (module docstring, Probing).
 
         chosen_k: what the rule picked for this step. A drafting rule gets one k = 0 step; a non-drafting
-        rule gets k = 1 on two consecutive steps (drafts are made in one step and verified in the next).
+        rule gets k = 1 on two consecutive steps (drafts are made in one step and verified in the next),
+        at intervals that double while the rule keeps not drafting. Call once per step.
         """
         c = self.config
         drafting = chosen_k > 0
         few = self.cost.count(not drafting) < c.probe_min_points
-        every = max(c.probe_every // 8, 4) if few else c.probe_every
         if drafting:
+            self._idle_every, self._probe_left = c.probe_every, 0
+            every = max(c.probe_every // 8, 4) if few else c.probe_every
             return 0 if step % every == 0 else None
-        return 1 if step >= every and step % every in (0, 1) else None
+        if self._probe_left > 0:
+            self._probe_left -= 1
+            return 1
+        every = max(c.probe_every // 8, 4) if few else self._idle_every
+        if step - self._last_probe < every:
+            return None
+        self._last_probe, self._probe_left = step, 1
+        if not few:
+            self._idle_every = min(2 * self._idle_every, c.probe_max_every)
+        return 1
 
     def table(self, max_batch: int) -> list[int]:
         """[k*(B) for B in 0..max_batch]; entry 0 (no decode requests) repeats entry 1.
@@ -258,7 +287,7 @@ class DraftLengthPolicy:
         fixed, drafting = self.cost.costs()
 
         def k_of(b: int) -> int:
-            return best_k(acc, b, fixed, c.draft_cost, c.max_k, c.tie_margin, drafting)
+            return best_k(acc, b, fixed, c.draft_cost, c.max_k, c.tie_margin, drafting, c.drafter_skips)
 
         table = [0] * (max_batch + 1)
         lo = 1

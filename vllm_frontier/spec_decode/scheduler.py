@@ -14,7 +14,10 @@ are those of the target model (greedy: identical token ids).
 step). One MTP engine then serves adaptive and fixed-k runs side by side.
 
 Counters (cumulative, for benchmarks): `stats()`; with `FRONTIER_MTP_STATS=/path.json` they are also written
-to that file (atomically) whenever the scheduler becomes idle and at most every 2 s while busy.
+to that file (atomically) whenever the scheduler becomes idle and at most every 2 s while busy. Acceptance is
+also counted by the drafting run the drafts came from (`run_reached_per_pos[r]`, `run_accepted_per_pos[r]`:
+drafts made in the (r + 1)-th consecutive drafting step, the last entry for that run length and more), so
+the first drafts after a pause (r = 0) can be compared with steady drafting.
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ logger = logging.getLogger("vllm.frontier.spec_decode")
 
 STATS_ENV = "FRONTIER_MTP_STATS"
 PIN_ENV = "FRONTIER_MTP_PIN_FILE"
+RUN_BUCKETS = 4   # drafting-run lengths counted apart: 1, 2, 3, >= 4 consecutive drafting steps
+
+
+def drafter_skips(vllm_config) -> bool:
+    """Whether the workers run `SkippingMTPProposer` (k = 0 steps run no drafter), read from the config."""
+    from . import WORKER_CLS
+
+    parallel = vllm_config.parallel_config
+    return parallel.worker_cls in WORKER_CLS.values() and parallel.data_parallel_size == 1
 
 
 def draft_cost_ratio(hf_config) -> float:
@@ -57,23 +69,29 @@ class AdaptiveDraftScheduler(Scheduler):
                         None if spec is None else spec.method)
             return
         rho = draft_cost_ratio(self.vllm_config.model_config.hf_config)
+        self._skips = drafter_skips(self.vllm_config)
         self._policy = DraftLengthPolicy(self.policy_config(self.num_spec_tokens, rho))
         self._table = self._policy.table(self.max_num_running_reqs)   # the rule's k per batch size
         self.dynamic_sd_lookup = self._table
         self._step = 0
         self._pending: tuple[float, float | None, bool] | None = None
+        self._run = 0          # consecutive drafting steps up to the last scheduled one
+        self._verify_run = 0   # the drafting run of the step whose drafts this step verifies
         self._stats_path = os.environ.get(STATS_ENV) or None
         self._last_write = 0.0
         self._counts = {
             "steps": 0, "decode_request_steps": 0, "decode_tokens": 0,
             "reached_per_pos": [0] * self.num_spec_tokens, "accepted_per_pos": [0] * self.num_spec_tokens,
             "k_histogram": [0] * (self.num_spec_tokens + 1), "draft_tokens_verified": 0,
+            "run_reached_per_pos": [[0] * self.num_spec_tokens for _ in range(RUN_BUCKETS)],
+            "run_accepted_per_pos": [[0] * self.num_spec_tokens for _ in range(RUN_BUCKETS)],
         }
-        logger.info("vllm-frontier: adaptive MTP draft length, k in [0, %d], rho %.3f", self.num_spec_tokens, rho)
+        logger.info("vllm-frontier: adaptive MTP draft length, k in [0, %d], rho %.3f, drafter skipped at k = 0: %s",
+                    self.num_spec_tokens, rho, self._skips)
 
     def policy_config(self, max_k: int, rho: float) -> PolicyConfig:
         """The rule's parameters (a subclass may override)."""
-        return PolicyConfig(max_k=max_k, draft_cost=rho)
+        return PolicyConfig(max_k=max_k, draft_cost=rho, drafter_skips=self._skips)
 
     def choose_table(self) -> list[int]:
         """k per batch size for the coming step (a subclass may override, e.g. tests forcing a pattern)."""
@@ -112,6 +130,8 @@ class AdaptiveDraftScheduler(Scheduler):
         self._pending = (time.perf_counter(), units, out.num_spec_tokens_to_schedule > 0)
         if out.num_scheduled_tokens:
             self._counts["k_histogram"][min(out.num_spec_tokens_to_schedule, self.num_spec_tokens)] += 1
+            self._verify_run = self._run
+            self._run = self._run + 1 if out.num_spec_tokens_to_schedule > 0 else 0
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -143,6 +163,8 @@ class AdaptiveDraftScheduler(Scheduler):
         rho = self._policy.config.draft_cost
         batch = len(out.num_scheduled_tokens)
         k = out.num_spec_tokens_to_schedule
+        if k == 0 and self._skips:
+            return float(out.total_num_scheduled_tokens)   # no drafter pass
         return (1.0 + rho) * out.total_num_scheduled_tokens + rho * batch * max(k - 1, 0)
 
     def _observe(self, scheduler_output, model_runner_output) -> None:
@@ -168,15 +190,19 @@ class AdaptiveDraftScheduler(Scheduler):
                 accepted = min(max(accepted, 0), len(drafts))
                 outcomes.append((len(drafts), accepted))
                 c["draft_tokens_verified"] += len(drafts)
+                bucket = min(max(self._verify_run, 1), RUN_BUCKETS) - 1
                 for p in range(min(accepted + 1, len(drafts))):
                     c["reached_per_pos"][p] += 1
+                    c["run_reached_per_pos"][bucket][p] += 1
                 for p in range(accepted):
                     c["accepted_per_pos"][p] += 1
+                    c["run_accepted_per_pos"][bucket][p] += 1
         self._policy.window.observe(self._step, outcomes)
 
     def stats(self) -> dict:
         """Cumulative counters plus the current estimates (JSON-ready)."""
         c = dict(self._counts)
+        c["drafter_skips"] = self._skips
         c["tokens_per_target_forward"] = (c["decode_tokens"] / c["decode_request_steps"]
                                           if c["decode_request_steps"] else None)
         c["conditional_acceptance_per_pos"] = [a / r if r else None

@@ -1,0 +1,79 @@
+"""The kept drafter inputs of skipped MTP steps (torch only): runs per request, truncation, pass planning."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from vllm_frontier.spec_decode.skipped import SkippedPositions, plan_passes
+
+
+def chunk(first: int, n: int, hidden: int = 3):
+    """ids = position + 1000, hidden rows = position: what was kept can be read back from the values."""
+    pos = torch.arange(first, first + n)
+    return (pos + 1000).to(torch.int32), pos.float()[:, None].expand(n, hidden).clone()
+
+
+def test_consecutive_steps_extend_one_run_and_take_returns_them_in_order():
+    s = SkippedPositions()
+    for first, n in [(10, 1), (11, 4), (15, 1)]:   # a prefill tail, a step with 4 accepted, a plain step
+        s.keep("a", first, *chunk(first, n))
+    assert s.total == 6 and "a" in s and s.runs["a"].first == 10 and s.runs["a"].end == 16
+    first, ids, hidden = s.take("a", 4)
+    assert first == 10 and ids.tolist() == [1010, 1011, 1012, 1013] and hidden[:, 0].tolist() == [10, 11, 12, 13]
+    first, ids, hidden = s.take("a", 10)
+    assert first == 14 and ids.tolist() == [1014, 1015] and not s and "a" not in s
+
+
+def test_recomputed_positions_replace_kept_ones():
+    s = SkippedPositions()
+    s.keep("a", 0, *chunk(0, 8))
+    s.keep("a", 5, *chunk(5, 2))   # positions 5, 6 computed again (e.g. drafts rejected, then recomputed)
+    assert s.total == 7 and s.runs["a"].end == 7
+    _, ids, _ = s.take("a", 7)
+    assert ids.tolist() == [1000 + p for p in range(7)]
+    s.keep("a", 20, *chunk(20, 3))
+    s.keep("a", 0, *chunk(0, 2))   # recomputed from the start after preemption: the old run goes
+    assert s.total == 2 and s.runs["a"].first == 0
+
+
+def test_a_run_that_does_not_follow_on_replaces_the_old_one():
+    s = SkippedPositions()
+    s.keep("a", 0, *chunk(0, 4))
+    s.keep("a", 9, *chunk(9, 2))   # a hole at 4..8 (computed by a drafter pass): only the new run is replayable
+    assert s.total == 2 and s.runs["a"].first == 9
+
+
+def test_truncate_retain_and_drop_keep_the_total_right():
+    s = SkippedPositions()
+    s.keep("a", 0, *chunk(0, 5))
+    s.keep("b", 3, *chunk(3, 4))
+    s.truncate("a", 2)             # a's positions >= 2 are being computed now
+    assert s.total == 6 and s.runs["a"].length == 2
+    s.truncate("b", 3)
+    assert "b" not in s and s.total == 2
+    s.keep("c", 0, *chunk(0, 1))
+    s.retain({"c"})                # a finished
+    assert list(s.runs) == ["c"] and s.total == 1
+    s.drop("c")
+    assert not s and s.total == 0
+
+
+@pytest.mark.parametrize("budget", [1, 3, 8, 64])
+def test_plan_passes_covers_every_position_within_the_budget(budget):
+    rng = random.Random(budget)
+    for _ in range(50):
+        lengths = [rng.choice([0, 1, 2, 7, 30]) for _ in range(rng.randint(1, 6))]
+        passes = plan_passes(lengths, budget)
+        assert [sum(col) for col in zip(*passes)] == lengths if passes else not any(lengths)
+        assert all(0 < sum(p) <= budget for p in passes)
+        # as few passes as the budget allows
+        assert len(passes) == -(-sum(lengths) // budget)
+
+
+def test_plan_passes_one_pass_when_everything_fits():
+    assert plan_passes([3, 0, 5], 16) == [[3, 0, 5]]
+    with pytest.raises(ValueError, match="budget"):
+        plan_passes([1], 0)

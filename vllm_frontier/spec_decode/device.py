@@ -1,0 +1,44 @@
+"""Whether MTP is expected to pay on a device: the `--plugin all` decision for MTP, with its reason.
+
+With the adaptive draft length and the drafter-skipping proposer, an MTP engine that stops drafting costs
+what a plain engine costs (within a few percent: the rule's probes), so MTP is never a large loss. It is a
+gain only where some draft length beats no speculation, which depends on what a drafting step costs next to
+a plain one: the drafter's passes (one decoder layer each, about 1 / num_hidden_layers of the target's
+compute) plus the per-pass fixed cost of launching them (input preparation, attention metadata, sampling).
+
+- CPU (vLLM's CPU build): measured with `benchmarks/mtp.py` on the embedded model (V3 and V3.2 views,
+  batch 1 to 16): no fixed k beats no speculation. A drafting step costs about 2.5-6x a plain step
+  (quiet-machine run `benchmarks/results/mtp/mtp_cpu_v4.json`: k = 1 gives 1.74 / 1.68 tokens per target
+  forward at 0.64x / 0.30x the plain engine's tokens/s at batch 1 / 16; drafting steps are vLLM's), because
+  each drafter pass and the verification carry vLLM's per-pass Python and metadata work, which on CPU is of
+  the order of a whole forward of a small model; even 1.5-2.7 tokens per target forward do not make up for
+  it. The adaptive rule then holds k = 0 and MTP only adds its probes: left off.
+- GPUs (CUDA, ROCm): a drafter pass is one decoder layer on a device where decoding is bound by reading
+  the weights, so a draft costs a few percent of a step; DeepSeek-V3 reports 85-90 % acceptance of the
+  second token and 1.8x tokens per second with one MTP module. Expected to pay at small and medium batch
+  sizes, where the adaptive rule drafts; at large batch sizes it stops drafting. Not measured in this
+  project: vLLM does not run on the GPU machine lent to it.
+"""
+
+from __future__ import annotations
+
+CPU_RESULT = "benchmarks/results/mtp/mtp_cpu.json"
+
+
+def mtp_pays(device_type: str | None = None) -> tuple[bool, str]:
+    """(switch MTP on under `--plugin all`, one-line reason) for a vLLM device type ("cpu", "cuda", ...).
+
+    ``device_type`` None: vLLM's current platform. A device not listed (xpu, tpu, ...): off, no measurement.
+    """
+    if device_type is None:
+        from vllm.platforms import current_platform
+
+        device_type = current_platform.device_type
+    if device_type == "cpu":
+        return False, ("on vLLM CPU no draft length beats no speculation (a drafting step costs 2.5-6x a plain "
+                       f"step: per-pass overhead of the drafter and verification; {CPU_RESULT}); pass "
+                       "--plugin mtp to switch it on anyway (the adaptive rule then holds k = 0)")
+    if device_type in ("cuda", "rocm"):
+        return True, ("on GPUs a draft costs about one decoder layer of a weight-bound decode step; the "
+                      "adaptive draft length stops drafting where it does not pay (not measured here)")
+    return False, f"MTP is not measured on device type {device_type!r}; pass --plugin mtp to switch it on"

@@ -1,0 +1,150 @@
+"""The drafter inputs of positions whose MTP pass was skipped, kept until drafting resumes (torch only, no vLLM).
+
+vLLM's MTP drafter writes its own KV cache in a "first pass" over every token the target computed: position
+p of a request gets the drafter input (token p + 1, target hidden state at p). A step that drafts nothing
+(k = 0) skips that pass; its inputs are kept here, per request, and replayed in one catch-up pass before the
+next step that drafts, so the drafter's KV cache has no hole and acceptance after a pause is what it would
+have been without the pause.
+
+Per request the kept positions form one contiguous run ``[first, first + n)``: a step schedules the positions
+that follow the last accepted token, so consecutive skipped steps extend the run; a run that does not follow
+on (a request recomputed after preemption, or positions being recomputed now) replaces what it overlaps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class Run:
+    """Skipped drafter inputs of one request: positions ``first .. first + len - 1``.
+
+    ids ``[n]`` int32 (token at position + 1), hidden ``[n, H]`` (target hidden state at the position).
+    Each is a list of chunks, concatenated when replayed (one chunk per skipped step).
+    """
+
+    first: int
+    ids: list[torch.Tensor]
+    hidden: list[torch.Tensor]
+    length: int = 0
+
+    @property
+    def end(self) -> int:
+        """One past the last kept position."""
+        return self.first + self.length
+
+    def truncate(self, before: int) -> None:
+        """Drop kept positions >= ``before``."""
+        keep = max(before - self.first, 0)
+        if keep >= self.length:
+            return
+        ids, hidden = torch.cat(self.ids)[:keep], torch.cat(self.hidden)[:keep]
+        self.ids, self.hidden, self.length = [ids], [hidden], keep
+
+    def take(self, n: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Remove and return the first ``n`` kept positions: (first position, ids [n], hidden [n, H])."""
+        ids, hidden = torch.cat(self.ids), torch.cat(self.hidden)
+        first = self.first
+        self.ids, self.hidden = [ids[n:]], [hidden[n:]]
+        self.first, self.length = first + n, self.length - n
+        return first, ids[:n], hidden[:n]
+
+
+class SkippedPositions:
+    """Per-request runs of skipped drafter inputs (module docstring)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, Run] = {}
+        self.total = 0   # kept positions over all requests
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    def __contains__(self, req_id: str) -> bool:
+        run = self.runs.get(req_id)
+        return run is not None and run.length > 0
+
+    def keep(self, req_id: str, first: int, ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Keep the drafter inputs of positions ``first .. first + len(ids) - 1`` of a request."""
+        n = ids.shape[0]
+        if n == 0:
+            return
+        run = self.runs.get(req_id)
+        if run is not None and run.length and run.first <= first <= run.end:
+            self.truncate(req_id, first)   # recomputed positions replace the kept ones
+            run.ids.append(ids)
+            run.hidden.append(hidden)
+            run.length += n
+        else:   # first kept run, or a run that does not follow on: the older one is not replayable
+            self.drop(req_id)
+            self.runs[req_id] = Run(first, [ids], [hidden], n)
+        self.total += n
+
+    def truncate(self, req_id: str, before: int) -> None:
+        """Forget the kept positions >= ``before`` of a request (they are being computed again)."""
+        run = self.runs.get(req_id)
+        if run is None:
+            return
+        old = run.length
+        run.truncate(before)
+        self.total -= old - run.length
+        if run.length == 0:
+            del self.runs[req_id]
+
+    def drop(self, req_id: str) -> None:
+        run = self.runs.pop(req_id, None)
+        if run is not None:
+            self.total -= run.length
+
+    def retain(self, live: set[str] | dict) -> None:
+        """Forget requests that are no longer live (finished or aborted)."""
+        for req_id in [r for r in self.runs if r not in live]:
+            self.drop(req_id)
+
+    def take(self, req_id: str, n: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Remove and return the first ``n`` kept positions of a request (see `Run.take`)."""
+        run = self.runs[req_id]
+        n = min(n, run.length)
+        out = run.take(n)
+        self.total -= n
+        if run.length == 0:
+            del self.runs[req_id]
+        return out
+
+
+def plan_passes(lengths: list[int], budget: int) -> list[list[int]]:
+    """Split per-request catch-up lengths into passes of at most ``budget`` tokens.
+
+    Returns one list per pass with the number of positions each request replays in it (0: none). A request
+    replays its positions in order, so a later pass continues where the earlier one stopped; every pass gives
+    each request with positions left an equal share of the budget (at least 1 position).
+    """
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1 token, got {budget}")
+    left = list(lengths)
+    passes = []
+    while any(left):
+        active = [i for i, n in enumerate(left) if n > 0]
+        share = max(budget // len(active), 1)
+        take = [0] * len(left)
+        room = budget
+        for i in active:
+            t = min(left[i], share, room)
+            take[i] = t
+            room -= t
+            if room == 0:
+                break
+        # hand what the equal shares left over to requests with positions left, in order
+        for i in active:
+            if room == 0:
+                break
+            extra = min(left[i] - take[i], room)
+            take[i] += extra
+            room -= extra
+        for i in active:
+            left[i] -= take[i]
+        passes.append(take)
+    return passes
