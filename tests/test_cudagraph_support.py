@@ -138,7 +138,8 @@ for dtype_name, cache in (("auto", torch.zeros(NB, BS, 576, dtype=torch.bfloat16
         decode=types.SimpleNamespace(seq_lens=dec_seq, block_table=bt), query_start_loc=torch.arange(4, dtype=torch.int32),
         num_decodes=3)
     # what FrontierMLAMetadataBuilder.build adds once per step
-    dmd.frontier_schedule = dense_mla.get_mla_metadata(dec_seq, H, 1, H)[0]
+    splits = dense_mla.plan_num_splits(3, 1, H, 200, dec_seq.device)  # from host numbers (max_seq_len)
+    dmd.frontier_schedule = dense_mla.get_mla_metadata(num_splits=splits)[0]
     run(f"dense MLA forward_mqa ({{dtype_name}})", lambda: dn.forward_mqa(torch.randn(3, H, 576, dtype=torch.bfloat16), cache, dmd, None))
 
 # the indexer: k cache write, logits over the paged FP8 K cache, top-k into the shared buffer

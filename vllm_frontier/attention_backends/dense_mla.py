@@ -19,7 +19,7 @@ from vllm.model_executor.layers.attention.mla_attention import (
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
 
-from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache, get_mla_metadata
+from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache, get_mla_metadata, plan_num_splits
 
 from .capabilities import LatentBackendCapabilities
 from .latent_cache_io import check_kv_cache_dtype, is_fp8_cache, write_rows
@@ -48,11 +48,13 @@ class FrontierMLAMetadataBuilder(MLACommonMetadataBuilder[MLACommonMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False) -> MLACommonMetadata:
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        # The key-split schedule, once per step for every layer: get_mla_metadata reads the longest context on
-        # the host, which the per-layer forward must not do (CUDA graphs).
+        # The key-split schedule, once per step for every layer, from host numbers: the per-layer forward must
+        # not read the longest context from the device (CUDA graphs).
         md.frontier_schedule = None
         if md.decode is not None and md.num_decodes > 0:
-            md.frontier_schedule, _ = get_mla_metadata(md.decode.seq_lens, self.num_heads, 1, self.num_heads)
+            splits = plan_num_splits(md.num_decode_tokens, 1, self.num_heads, common_attn_metadata.max_seq_len,
+                                     self.device)
+            md.frontier_schedule, _ = get_mla_metadata(num_splits=splits)
         return md
 
 

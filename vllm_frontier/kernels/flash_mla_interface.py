@@ -206,6 +206,16 @@ def _splits(programs: int, keys: int, cfg: KernelConfig, device: torch.device) -
     return max(1, min(cdiv(num_sms, max(programs, 1)), cdiv(max(keys, 1), cfg.block_n) // 4, _MAX_SPLITS))
 
 
+def plan_num_splits(batch: int, s_q: int, h_q: int, max_seqlen_k: int, device: torch.device) -> int:
+    """The key splits dense decode would choose for this shape, computed from host numbers (no device read),
+    rounded down to a power of two: a serving engine then compiles at most log2(32) + 1 variants of the
+    kernel (NUM_SPLITS is a compile-time constant) and a CUDA graph never meets a new one mid-serving.
+    Pass the result to ``get_mla_metadata(num_splits=...)``."""
+    kcfg = default_config(device, s_q * h_q)
+    n = _splits(batch * cdiv(s_q * h_q, kcfg.block_m), max_seqlen_k, kcfg, device)
+    return 1 << (n.bit_length() - 1)
+
+
 def _no_key_to_neg(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == float("inf"), float("-inf"))
 
