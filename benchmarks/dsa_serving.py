@@ -198,7 +198,11 @@ def main() -> int:
                      "decode": crossover(contexts, [r["decode_ratio_dsa_over_dense"] for r in rows], False)}
             for b, rows in by_batch.items()},
             "covered_context_greedy_equal": all(s["covered_tokens"] == samples["dense"][0]["covered_tokens"]
-                                                for s in samples["dsa"])}
+                                                for s in samples["dsa"]),
+            # bf16 near-ties: where each DSA prompt's greedy tokens first leave the dense ones (None: never)
+            "covered_context_first_divergence": [
+                next((i for i, (x, y) in enumerate(zip(a_, b_)) if x != y), None)
+                for a_, b_ in zip(samples["dsa"][0]["covered_tokens"], samples["dense"][0]["covered_tokens"])]}
         report.data["summary"] = summary
         report.write()
         print(json.dumps(summary, indent=2))
