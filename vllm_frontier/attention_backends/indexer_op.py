@@ -4,8 +4,16 @@ only; on CPU limited to index_topk == 512 without MTP).
 Per step: quantize this step's indexer keys into vLLM's indexer K cache (fp8 + one fp32 scale per token),
 score every visible token of the request, `sum_h w_h * relu(q_h . k)`, and write each query token's top-k
 request-local positions (stable ties: lower position wins; -1 = unused) into the shared top-k buffer that
-the sparse MLA backend reads. One kernel row per query token, so decode, MTP verification and chunked
-prefill share one path.
+the sparse MLA backend reads.
+
+Two paths, one result:
+- CPU: decode / MTP tokens of all requests together through vLLM's paged C++ kernel
+  (`fp8_paged_mqa_logits_cpu`), prefill chunks request by request against their keys read once as a
+  contiguous matrix, in row tiles (`kernels/indexer_topk.py`); the step's layout comes from the metadata
+  builder (no host syncs here).
+- GPU (Triton): one kernel row per query token over the paged cache, in row chunks.
+Both keep the working memory of one layer call under `WORKSPACE_BYTES`, and the profile run (no attention
+metadata) runs the same path on one full-size tile, so vLLM's memory profile sees that peak.
 """
 
 from __future__ import annotations
@@ -15,9 +23,29 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.custom_op import CustomOp
 from vllm.model_executor.layers.sparse_attn_indexer import SparseAttnIndexer
 
+from vllm_frontier.kernels._common import use_triton
 from vllm_frontier.kernels.indexer import indexer_paged_logits, topk_indices, write_indexer_k_cache
+from vllm_frontier.kernels.indexer_topk import (
+    WORKSPACE_BYTES,
+    indexer_topk_request,
+    request_keys,
+    stable_topk_prefix,
+    tile_rows,
+)
 
 from .sparse_mla import FrontierSparseMLAMetadata
+
+# fp32 [rows, max_len] buffers alive at once on the Triton path: logits and the top-k kernel's input view
+_FLAT_BUFFERS = 2
+
+
+def flat_chunk_rows(max_len: int, workspace_bytes: int = WORKSPACE_BYTES) -> int:
+    """Query rows per chunk on the Triton path so that its logits stay under `workspace_bytes`."""
+    return max(1, workspace_bytes // (max(1, max_len) * 4 * _FLAT_BUFFERS))
+
+
+def _paged_logits_cpp():
+    return getattr(torch.ops._C, "fp8_paged_mqa_logits_cpu", None)
 
 
 class FrontierSparseAttnIndexer(SparseAttnIndexer):
@@ -45,30 +73,85 @@ class FrontierSparseAttnIndexer(SparseAttnIndexer):
         self.dcp_world_size = 1
 
     def forward_native(self, hidden_states: torch.Tensor, q_quant, k: torch.Tensor | None, weights: torch.Tensor):
+        if isinstance(q_quant, tuple):
+            raise NotImplementedError("FP4 indexer queries are not supported")
         metadata = get_forward_context().attn_metadata
         if not isinstance(metadata, dict):
-            return self.topk_indices_buffer  # profiling run: no batch layout
+            self._profile_run(q_quant, weights)
+            return self.topk_indices_buffer
         index_md = metadata.get(self.k_cache.prefix)
         mla_md = next((m for m in metadata.values() if isinstance(m, FrontierSparseMLAMetadata)), None)
         if index_md is None or mla_md is None:
             return self.topk_indices_buffer
-        if isinstance(q_quant, tuple):
-            raise NotImplementedError("FP4 indexer queries are not supported")
         n = mla_md.num_actual_tokens
         kv_cache = self.k_cache.kv_cache
+        out = self.topk_indices_buffer[:n]
+        if mla_md.cpu_layout is not None and not use_triton(None, q_quant):
+            with mla_md.cpu_layout.threads():
+                if k is not None:
+                    write_indexer_k_cache(k[:n], kv_cache, index_md.slot_mapping[:n], scale_fmt=self.scale_fmt)
+                if n:
+                    self._forward_cpu_tiles(q_quant[:n], weights[:n], kv_cache, index_md.block_table, mla_md, out)
+            return self.topk_indices_buffer
         if k is not None:
             write_indexer_k_cache(k[:n], kv_cache, index_md.slot_mapping[:n], scale_fmt=self.scale_fmt)
-        req, visible = mla_md.token_req[:n], mla_md.token_visible[:n]
-        out = self.topk_indices_buffer[:n, : self.topk_tokens]
-        if n == 0:
-            return self.topk_indices_buffer
-        max_len = int(visible.max().item())
-        logits = indexer_paged_logits(
-            q_quant[:n].unsqueeze(1), weights[:n].float().unsqueeze(1), kv_cache, index_md.block_table[req],
-            visible, max_len, causal=False,
-        )
-        out.copy_(topk_indices(logits[:, 0], self.topk_tokens, lengths=visible))
+        if n:
+            self._forward_flat(q_quant[:n], weights[:n], kv_cache, index_md.block_table[mla_md.token_req[:n]],
+                               mla_md.token_visible[:n], mla_md.max_seq_len, out)
         return self.topk_indices_buffer
+
+    def _forward_cpu_tiles(self, q, weights, kv_cache, block_table, md: FrontierSparseMLAMetadata, out) -> None:
+        layout, k = md.cpu_layout, self.topk_tokens
+        cache = kv_cache.squeeze(2) if kv_cache.dim() == 4 else kv_cache
+        paged_cpp = _paged_logits_cpp()
+        short = layout.short_tokens
+        if short.numel():
+            if paged_cpp is not None and layout.short_max_len * 4 * short.numel() <= WORKSPACE_BYTES:
+                vis = md.token_visible[short]
+                logits = paged_cpp(q[short], cache.view(cache.shape[0], -1), weights[short].float(), vis,
+                                   block_table[md.token_req[short]], cache.shape[1], layout.short_max_len)
+                out[short, :k] = stable_topk_prefix(logits, vis, k)
+            else:
+                self._forward_flat(q[short], weights[short], kv_cache, block_table[md.token_req[short]],
+                                   md.token_visible[short], layout.short_max_len, out, rows=short)
+        for r, q0, q1, seq_len in layout.long_requests:
+            keys = request_keys(cache, block_table[r], seq_len)
+            indexer_topk_request(q[q0:q1], weights[q0:q1], keys, k, out[q0:q1])
+
+    def _forward_flat(self, q, weights, kv_cache, block_rows, visible, max_len: int, out,
+                      rows: torch.Tensor | None = None) -> None:
+        """One row per query token over the paged cache, `flat_chunk_rows` rows at a time."""
+        step = flat_chunk_rows(max_len)
+        for t0 in range(0, q.shape[0], step):
+            t1 = min(q.shape[0], t0 + step)
+            logits = indexer_paged_logits(q[t0:t1].unsqueeze(1), weights[t0:t1].float().unsqueeze(1), kv_cache,
+                                          block_rows[t0:t1], visible[t0:t1], max_len, causal=False)
+            top = topk_indices(logits[:, 0], self.topk_tokens, lengths=visible[t0:t1])
+            if rows is None:
+                out[t0:t1, : self.topk_tokens] = top
+            else:
+                out[rows[t0:t1], : self.topk_tokens] = top
+
+    def _profile_run(self, q, weights) -> None:
+        """vLLM's memory profile has no attention metadata: run one full-size tile of the real path on dummy
+        keys at the model's maximum length, so the peak it measures includes the indexer's workspace."""
+        T, H, D = q.shape
+        if T == 0:
+            return
+        L = self.max_model_len
+        if use_triton(None, q):
+            bs = 64
+            cache = torch.zeros(1, bs, D + 4, dtype=torch.uint8, device=q.device)
+            step = min(T, flat_chunk_rows(L))
+            bt = torch.zeros(step, -(-L // bs), dtype=torch.int32, device=q.device)
+            vis = torch.full((step,), L, dtype=torch.int32, device=q.device)
+            scratch = torch.empty(step, self.topk_tokens, dtype=torch.int32, device=q.device)
+            self._forward_flat(torch.zeros_like(q[:step]), torch.zeros_like(weights[:step]), cache, bt, vis, L, scratch)
+        else:
+            step = min(T, tile_rows(L, H, D))
+            keys = torch.zeros(L, D, dtype=torch.float32, device=q.device)
+            scratch = torch.empty(step, self.topk_tokens, dtype=torch.int32, device=q.device)
+            indexer_topk_request(torch.zeros_like(q[:step]), torch.zeros_like(weights[:step]), keys, self.topk_tokens, scratch)
 
     forward_cpu = forward_native
     forward_cuda = forward_native

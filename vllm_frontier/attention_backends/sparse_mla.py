@@ -9,7 +9,8 @@ Any `index_topk`, any block size, bf16/fp32 or FP8 cache.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -25,7 +26,9 @@ from vllm.v1.attention.backend import (
     MLAAttentionImpl,
 )
 
+from vllm_frontier.kernels._common import use_triton
 from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache, request_positions_to_slots
+from vllm_frontier.kernels.sparse_mla_tokens import sparse_mla_tokens
 
 from .capabilities import LatentBackendCapabilities
 from .latent_cache_io import check_kv_cache_dtype, is_fp8_cache, write_rows
@@ -56,6 +59,38 @@ class FrontierSparseMLABackend(LatentBackendCapabilities, AttentionBackend):
         return True
 
 
+# Requests with at most this many query tokens (decode, MTP verification) are scored together by vLLM's
+# paged C++ indexer kernel on CPU; longer ones (prefill chunks) against their contiguous keys.
+SHORT_QUERY_LEN = 16
+# A CPU step scoring at most this many (query token, key) pairs runs its DSA ops on one thread: a few
+# milliseconds of work, where waking the other OpenMP threads for each small op costs more than it saves.
+ONE_THREAD_PAIRS = 1 << 22
+
+
+@dataclass
+class CpuStepLayout:
+    """Host-side layout of one step for the CPU path, built once per step by the metadata builder."""
+
+    short_tokens: torch.Tensor  # [n_short] int64 tokens of short-query requests
+    short_max_len: int  # max keys any of them sees
+    long_requests: list[tuple[int, int, int, int]] = field(default_factory=list)  # (req, q0, q1, seq_len)
+    one_thread: bool = False
+
+    def threads(self):
+        """Context in which this step's DSA ops run (one thread for small decode steps)."""
+        return _one_thread() if self.one_thread else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @dataclass
 class FrontierSparseMLAMetadata(AttentionMetadata):
     """One step's layout. Every token is an MQA ("decode") token: there is no separate prefill path."""
@@ -76,6 +111,25 @@ class FrontierSparseMLAMetadata(AttentionMetadata):
     num_prefills: int = 0
     prefill: None = None
     decode: None = None
+    cpu_layout: CpuStepLayout | None = None  # None off CPU
+
+
+def cpu_step_layout(query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tensor, token_visible: torch.Tensor,
+                    device: torch.device) -> CpuStepLayout:
+    qsl = query_start_loc_cpu.tolist()
+    seq = seq_lens_cpu.tolist()
+    short, long_reqs = [], []
+    for r, (q0, q1) in enumerate(zip(qsl[:-1], qsl[1:])):
+        if q1 == q0:
+            continue
+        if q1 - q0 <= SHORT_QUERY_LEN:
+            short.extend(range(q0, q1))
+        else:
+            long_reqs.append((r, q0, q1, int(seq[r])))
+    short_t = torch.tensor(short, dtype=torch.int64, device=device)
+    short_max = int(token_visible[short_t].max()) if short else 0
+    small = not long_reqs and len(short) * short_max <= ONE_THREAD_PAIRS
+    return CpuStepLayout(short_t, short_max, long_reqs, one_thread=small)
 
 
 class FrontierSparseMLAMetadataBuilder(AttentionMetadataBuilder[FrontierSparseMLAMetadata]):
@@ -93,12 +147,15 @@ class FrontierSparseMLAMetadataBuilder(AttentionMetadataBuilder[FrontierSparseML
         m = common_attn_metadata
         n = m.num_actual_tokens
         req, visible = token_rows(m.query_start_loc, m.seq_lens, n)
+        layout = None
+        if self.device.type == "cpu":
+            layout = cpu_step_layout(m.query_start_loc_cpu, m.seq_lens, visible, self.device)
         return FrontierSparseMLAMetadata(
             num_reqs=m.num_reqs, num_actual_tokens=n, query_start_loc=m.query_start_loc,
             slot_mapping=m.slot_mapping[:n], block_table=m.block_table_tensor, seq_lens=m.seq_lens,
             token_req=req, token_visible=visible, max_seq_len=m.max_seq_len,
             block_size=self.kv_cache_spec.block_size, topk_tokens=self.topk_tokens,
-            num_decodes=m.num_reqs, num_decode_tokens=n, num_prefills=0,
+            num_decodes=m.num_reqs, num_decode_tokens=n, num_prefills=0, cpu_layout=layout,
         )
 
 
@@ -133,6 +190,11 @@ class FrontierSparseMLAImpl(MLAAttentionImpl[FrontierSparseMLAMetadata], SharedT
         n = q.shape[0]
         md = attn_metadata
         topk = self.topk_indices_buffer[:n, : md.topk_tokens]
+        if md.cpu_layout is not None and not use_triton(None, q):
+            # CPU: gather each token's selected rows once per tile, batched products (no per-position masks)
+            cache = kv_c_and_k_pe_cache.squeeze(2) if kv_c_and_k_pe_cache.dim() == 4 else kv_c_and_k_pe_cache
+            with md.cpu_layout.threads():
+                return sparse_mla_tokens(q, cache, md.block_table, md.token_req[:n], topk, self.scale)
         # the indexer's request-local positions -> physical cache slots (FlashMLA's sparse indices)
         slots = request_positions_to_slots(
             topk, md.block_table[md.token_req[:n]], kv_c_and_k_pe_cache.shape[1], md.token_visible[:n]

@@ -8,7 +8,11 @@ Public API:
   ``request_positions_to_slots`` (request-local positions + block table -> slots).
 - :mod:`.indexer`: ``write_indexer_k_cache``, ``indexer_paged_logits``, ``indexer_ragged_logits``,
   ``topk_indices``.
-- :mod:`.ref`: the torch references (``ref_*``), also the CPU execution path.
+- :mod:`.indexer_topk`: ``indexer_topk_request`` (indexer logits fused with a stable top-k over one request's
+  contiguous keys, in tiles of bounded memory) and ``stable_topk_prefix``: DSA's CPU path.
+- :mod:`.sparse_mla_tokens`: ``sparse_mla_tokens`` (sparse MLA with rows gathered once per token tile): DSA's
+  CPU path.
+- :mod:`.ref`: the torch references (``ref_*``), also the CPU execution path of the dense kernels.
 
 Every op takes ``backend=None|"triton"|"torch"``: None runs Triton on CUDA tensors and the reference elsewhere.
 Triton on CPU tensors needs ``TRITON_INTERPRET=1`` set before this package is imported.
