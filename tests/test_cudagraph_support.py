@@ -180,9 +180,6 @@ def test_no_host_sync_in_the_attention_forward(probe, label):
     assert len(lines) == 2 and all(ln.startswith("OK ") for ln in lines), "\n".join(lines)
 
 
-@pytest.mark.xfail(strict=True, reason="indexer_op.py reads the longest visible length on the host "
-                   "(int(visible.max().item())) to size its logits; removed with the chunked, bounded-memory "
-                   "indexer. strict: this test fails once the sync is gone, so the marker goes with it")
 def test_no_host_sync_in_the_indexer_forward(probe):
     lines = _outcome(probe, "indexer forward")
     assert all(ln.startswith("OK ") for ln in lines), "\n".join(lines)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernel_testing import assert_close, nan_cache, poisoned_block_table
-from vllm_frontier.kernels import quantize_fp8_e4m3, write_indexer_k_cache, write_latent_cache
+from vllm_frontier.kernels import quantize_fp8_e4m3, request_positions_to_slots, write_indexer_k_cache, write_latent_cache
 from vllm_frontier.kernels.indexer_topk import (
     WORKSPACE_BYTES,
     indexer_topk_request,
@@ -96,7 +96,8 @@ def test_sparse_mla_tokens_matches_reference(dtype, fp8, lse_tol):
         idx[t, : p.numel()] = p.sort().values.int()
     q = torch.randn(6, H, 576, generator=gen).to(dtype)
     out, lse = sparse_mla_tokens(q, cache, bt, req, idx, 0.07)
-    ref_out, ref_lse = ref_mla_sparse_decode(q.unsqueeze(1), cache, bt[req], vis.int(), idx.unsqueeze(1), 0.07)
+    slots = request_positions_to_slots(idx, bt[req], 16, vis.int())  # FlashMLA's physical-slot indices
+    ref_out, ref_lse = ref_mla_sparse_decode(q.unsqueeze(1), cache, slots.unsqueeze(1), 0.07)
     assert_close(out.float(), ref_out[:, 0].float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-4, what="out")
     assert_close(lse, ref_lse[:, :, 0], atol=lse_tol, what="lse")
 
