@@ -134,7 +134,7 @@ def cpu_step_layout(query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tenso
 
 class FrontierSparseMLAMetadataBuilder(AttentionMetadataBuilder[FrontierSparseMLAMetadata]):
     # Decode batches of one shape (1 token per request, or 1 + MTP drafts) replay as full CUDA graphs, as vLLM's
-    # FLASHMLA_SPARSE: the forward path reads nothing on the host (tests/test_cudagraph_support.py).
+    # FLASHMLA_SPARSE: the forward path reads nothing on the host (tests/attention_backends/test_cudagraph_support.py).
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
