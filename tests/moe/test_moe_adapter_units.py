@@ -176,3 +176,4 @@ def test_counters_from_log_keeps_each_workers_last_line():
            "(Worker_TP0 pid=11) INFO x vllm-frontier spec_moe: {'calls': 2, 'tokens': 9}\n"
            "(APIServer pid=10) INFO unrelated line\n")
     assert counters_from_log(log) == {"11": {"calls": 2, "tokens": 9}, "12": {"calls": 1, "tokens": 4}}
+

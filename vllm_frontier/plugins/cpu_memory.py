@@ -21,7 +21,6 @@ logger = logging.getLogger("vllm.frontier")
 GiB = 1 << 30
 # Share of the memory available at start-up the KV cache may take (weights and activations need the rest).
 KV_SHARE = 0.25
-FP8_DS_MLA_ROW_BYTES = 656
 
 
 def kv_bytes_per_token(vllm_config) -> int:
@@ -34,7 +33,9 @@ def kv_bytes_per_token(vllm_config) -> int:
     elem = model_config.dtype.itemsize if cache_dtype in ("auto", None) else (
         2 if cache_dtype in ("bfloat16", "float16") else 1)
     if getattr(text, "kv_lora_rank", None) is not None:
-        row = (FP8_DS_MLA_ROW_BYTES if cache_dtype == "fp8_ds_mla"
+        from vllm_frontier.kernels.ref import FP8_ROW_BYTES
+
+        row = (FP8_ROW_BYTES if cache_dtype == "fp8_ds_mla"
                else (text.kv_lora_rank + text.qk_rope_head_dim) * elem)
         if getattr(text, "index_topk", None) is not None:
             head = getattr(text, "index_head_dim", 128)

@@ -13,15 +13,15 @@ logger = logging.getLogger("vllm.frontier")
 SPARSE_MLA_BACKEND = "vllm_frontier.attention_backends.sparse_mla.FrontierSparseMLABackend"
 # vLLM's indexer-cache backend supports block size 64 only; every KV cache group must agree on one size.
 DSA_BLOCK_SIZE = 64
-# Latent row of the MLA cache: kv_lora_rank 512 + rope 64 (the kernels' fixed geometry, DeepSeek's).
-MLA_HEAD_SIZE = 576
 
 
 def check_mla_geometry(text) -> None:
-    """Our kernels serve DeepSeek's latent geometry only: one clear line for any other."""
+    """Our kernels serve DeepSeek's latent geometry only (512 latent + 64 rope): one clear line for any other."""
+    from vllm_frontier.kernels.ref import LATENT_DIM
+
     head = (getattr(text, "kv_lora_rank", 0) or 0) + (getattr(text, "qk_rope_head_dim", 0) or 0)
-    if head != MLA_HEAD_SIZE:
-        raise FeatureError(f"the DSA/MLA backends need kv_lora_rank + qk_rope_head_dim = {MLA_HEAD_SIZE} "
+    if head != LATENT_DIM:
+        raise FeatureError(f"the DSA/MLA backends need kv_lora_rank + qk_rope_head_dim = {LATENT_DIM} "
                            f"(DeepSeek's 512 + 64); this model has {getattr(text, 'kv_lora_rank', None)} + "
                            f"{getattr(text, 'qk_rope_head_dim', None)}")
 
