@@ -7,8 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/serving.py
+
+# Triton decides at decoration time (its own `tl.cdiv`, ... included, when triton is first imported) whether
+# kernels run under the interpreter, so on a machine without CUDA the flag is set here, before any test module
+# imports triton: test folders are collected in name order and `attention_backends/` imports the kernels before
+# `kernels/conftest.py` could set it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests must not inherit feature toggles from the shell that runs them.
 for _k in [k for k in os.environ if k.startswith("FRONTIER_")]:
