@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from vllm_frontier.kernels.fp8 import AMAX_FLOOR
 from vllm_frontier.kv_connectors import wire
 
 
@@ -55,8 +56,10 @@ def test_fp8_layout_field_by_field():
     enc, p = wire.encode_rows(rows, "fp8")
     assert enc == "fp8" and p.dtype == torch.uint8 and p.shape == (2, 656)
     scales = p[:, 512:528].contiguous().view(torch.float32)
-    assert scales[0].tolist() == [1.0, pytest.approx(8 / 448), 1.0, 1.0]  # zero groups keep scale 1
-    assert scales[1].tolist() == [1.0, 1.0, pytest.approx(2 / 448), pytest.approx(0.5 / 448)]
+    # zero groups take the FP8 latent cache's scale floor: the wire and the cache share one codec
+    floor = pytest.approx(AMAX_FLOOR / 448)
+    assert scales[0].tolist() == [1.0, pytest.approx(8 / 448), floor, floor]
+    assert scales[1].tolist() == [floor, floor, pytest.approx(2 / 448), pytest.approx(0.5 / 448)]
     assert torch.all(p[0, :128] == 0x7E) and p[1, 300] == 0xFE and p[1, 400] == 0x7E
     assert torch.all(p[1, :300] == 0) and torch.all(p[1, 301:400] == 0) and torch.all(p[1, 401:512] == 0)
     assert torch.equal(p[0, 528:].contiguous().view(torch.bfloat16), torch.full((64,), 1.5, dtype=torch.bfloat16))
