@@ -56,6 +56,11 @@ PINNED: list[tuple[str, str, tuple[str, ...] | None]] = [
     ("vllm.model_executor.custom_op", "op_registry_oot", None),
     ("vllm.model_executor.layers.sparse_attn_indexer", "SparseAttnIndexer.register_oot", None),
     ("vllm.model_executor.models.deepseek_v2", "DeepseekV32IndexerCache", None),
+    # DSA: our indexer op joins the attention ops vLLM splits compiled graphs at
+    ("vllm.config.compilation", "CompilationConfig._attention_ops", None),
+    ("vllm.compilation.breakable_cudagraph", "eager_break_during_capture", ("fn",)),
+    ("vllm.utils.torch_utils", "direct_register_custom_op",
+     ("op_name", "op_func", "mutates_args", "fake_impl", "target_lib", "dispatch_key", "tags")),
     # CPU torch replacements registered by qualname for vLLM Triton kernels (attention_backends/cpu_overrides.py)
     ("vllm.model_executor.layers.quantization.utils.fp8_utils", "per_token_group_quant_fp8",
      ("x", "group_size", "eps", "dtype", "column_major_scales", "tma_aligned_scales", "out_q", "use_ue8m0")),
@@ -204,6 +209,15 @@ def op_registry_oot() -> dict:
     from vllm.model_executor.custom_op import op_registry_oot as registry
 
     return registry
+
+
+def add_attention_op(op_name: str) -> None:
+    """Make `op_name` one of the attention ops vLLM splits piecewise-compiled graphs at (its default
+    `splitting_ops`), as its own indexer op `vllm::sparse_attn_indexer` is. Once per process."""
+    from vllm.config.compilation import CompilationConfig
+
+    if op_name not in CompilationConfig._attention_ops:
+        CompilationConfig._attention_ops.append(op_name)
 
 
 def is_indexer_cache(module) -> bool:

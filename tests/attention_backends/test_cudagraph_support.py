@@ -17,7 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import types
+
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,6 +70,70 @@ def test_dense_backend_keeps_full_decode_graphs_without_mtp():
     assert _resolve(support, 1).decode_mode() == CUDAGraphMode.FULL
     # multi-token decode (MTP) is prefill to vLLM's dense MLA builder: vLLM drops full decode graphs
     assert _resolve(support, 2).decode_mode() != CUDAGraphMode.FULL
+
+
+# ------------------------------------------------------------------------------ the indexer's op boundary
+def _bare_indexer(rows: int = 4, topk: int = 8):
+    from vllm_frontier.attention_backends.indexer_op import INDEXER_SUFFIX, FrontierSparseAttnIndexer
+
+    ix = FrontierSparseAttnIndexer.__new__(FrontierSparseAttnIndexer)  # no vLLM config here
+    torch.nn.Module.__init__(ix)
+    ix.topk_indices_buffer = torch.zeros(rows, topk, dtype=torch.int32)
+    ix.layer_name = "model.layers.0.self_attn.indexer.k_cache" + INDEXER_SUFFIX
+    return ix
+
+
+def test_indexer_forward_is_one_opaque_registered_op(monkeypatch):
+    """torch.compile sees the indexer as one node of `torch.ops.vllm_frontier.sparse_attn_indexer` (fullgraph:
+    tracing into its Python would break the graph at the forward context), and the op runs the layer it names,
+    found in the forward context, writing the shared top-k buffer in place."""
+    from vllm_frontier.attention_backends import indexer_op
+
+    ix = _bare_indexer()
+    calls = []
+
+    def run(q, k, w):
+        calls.append(tuple(q.shape))
+        ix.topk_indices_buffer.copy_(torch.arange(ix.topk_indices_buffer.numel()).view_as(ix.topk_indices_buffer))
+
+    ix.run = run
+    monkeypatch.setattr(indexer_op, "get_forward_context",
+                        lambda: types.SimpleNamespace(no_compile_layers={ix.layer_name: ix}))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, w: ix.forward_cuda(None, q, k, w), backend=backend, fullgraph=True)
+    q, k, w = torch.randn(4, 2, 16), torch.randn(4, 16), torch.randn(4, 2)
+    out = fn(q, k, w)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert targets == ["vllm_frontier.sparse_attn_indexer"], targets
+    assert calls == [(4, 2, 16)]
+    assert out is ix.topk_indices_buffer and out.flatten().tolist() == list(range(32))
+    schema = torch.ops.vllm_frontier.sparse_attn_indexer.default._schema
+    mutated = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert mutated == ["topk_indices_buffer"] and not schema.returns
+
+
+def test_compiled_graphs_split_at_our_indexer_op():
+    """With the DSA feature registered, vLLM's default piecewise splitting ops (VLLM_COMPILE on CUDA) hold our
+    indexer op beside vLLM's own, so the graphs around it can be captured while it runs between them."""
+    code = ("import vllm_frontier.plugins as p; p.register()\n"
+            "from vllm.config import CompilationConfig, CompilationMode\n"
+            "cc = CompilationConfig(mode=CompilationMode.VLLM_COMPILE)\n"
+            "cc.set_splitting_ops_for_v1(all2all_backend='naive')\n"
+            "print('SPLIT', sorted(cc.splitting_ops))")
+    ops = {}
+    for dsa in ("1", "0"):
+        env = {**os.environ, "FRONTIER_DSA": dsa}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        ops[dsa] = next(ln for ln in r.stdout.splitlines() if ln.startswith("SPLIT"))
+    assert "vllm_frontier::sparse_attn_indexer" in ops["1"] and "vllm::sparse_attn_indexer" in ops["1"], ops
+    assert "vllm_frontier::sparse_attn_indexer" not in ops["0"], ops
 
 
 # ------------------------------------------------------------------------------------------- host syncs
@@ -150,8 +217,10 @@ ix.k_cache, ix.quant_block_size, ix.scale_fmt, ix.topk_tokens, ix.head_dim = kc,
 ix.max_model_len = ix.max_total_seq_len = 4096
 ix.topk_indices_buffer = torch.zeros(n, TOPK, dtype=torch.int32)
 ix.skip_k_cache_insert, ix.use_fp4_cache, ix.compress_ratio, ix.dcp_world_size = False, False, 1, 1
+ix.layer_name = "idx" + indexer_op.INDEXER_SUFFIX
 index_md = types.SimpleNamespace(slot_mapping=slots, block_table=bt)
-indexer_op.get_forward_context = lambda: types.SimpleNamespace(attn_metadata={{"idx": index_md, "mla": md}})
+indexer_op.get_forward_context = lambda: types.SimpleNamespace(attn_metadata={{"idx": index_md, "mla": md}},
+                                                               no_compile_layers={{ix.layer_name: ix}})
 run("indexer forward", lambda: ix.forward_native(torch.randn(n, 64), torch.randn(n, 64, 128).to(torch.float8_e4m3fn),
                                                  torch.randn(n, 128, dtype=torch.bfloat16), torch.randn(n, 64)))
 """

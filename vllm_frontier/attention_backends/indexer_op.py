@@ -14,6 +14,12 @@ Two paths, one result:
 - GPU (Triton): one kernel row per query token over the paged cache, in row chunks.
 Both keep the working memory of one layer call under `WORKSPACE_BYTES`, and the profile run (no attention
 metadata) runs the same path on one full-size tile, so vLLM's memory profile sees that peak.
+
+The layer's forward is the registered custom op `torch.ops.vllm_frontier.sparse_attn_indexer` (it mutates the
+top-k buffer, returns nothing), as vLLM's own indexer is `torch.ops.vllm.sparse_attn_indexer`: torch.compile
+sees one opaque node, vLLM's piecewise compilation splits its graphs there (`register_indexer` adds it to the
+attention ops vLLM's default `splitting_ops` hold), and breakable CUDA graphs end their capture segment there. The op finds its layer
+by name in vLLM's static forward context, as vLLM's attention ops do.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import torch
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.custom_op import CustomOp
 from vllm.model_executor.layers.sparse_attn_indexer import SparseAttnIndexer
+from vllm.utils.torch_utils import direct_register_custom_op
+from torch.library import Library
 
 from vllm_frontier.kernels._common import use_triton
 from vllm_frontier.kernels.indexer import indexer_paged_logits, topk_indices, write_indexer_k_cache
@@ -71,18 +79,28 @@ class FrontierSparseAttnIndexer(SparseAttnIndexer):
         self.use_fp4_cache = use_fp4_cache
         self.compress_ratio = compress_ratio
         self.dcp_world_size = 1
+        self.layer_name = register_layer(k_cache.prefix + INDEXER_SUFFIX, self)
 
     def forward_native(self, hidden_states: torch.Tensor, q_quant, k: torch.Tensor | None, weights: torch.Tensor):
         if isinstance(q_quant, tuple):
             raise NotImplementedError("FP4 indexer queries are not supported")
+        torch.ops.vllm_frontier.sparse_attn_indexer(q_quant, k, weights, self.topk_indices_buffer, self.layer_name)
+        return self.topk_indices_buffer
+
+    forward_cpu = forward_native
+    forward_cuda = forward_native
+    forward_oot = forward_native
+
+    def run(self, q_quant: torch.Tensor, k: torch.Tensor | None, weights: torch.Tensor) -> None:
+        """The op's body: K cache write, scores, top-k into `topk_indices_buffer`."""
         metadata = get_forward_context().attn_metadata
         if not isinstance(metadata, dict):
             self._profile_run(q_quant, weights)
-            return self.topk_indices_buffer
+            return
         index_md = metadata.get(self.k_cache.prefix)
         mla_md = next((m for m in metadata.values() if isinstance(m, FrontierSparseMLAMetadata)), None)
         if index_md is None or mla_md is None:
-            return self.topk_indices_buffer
+            return
         n = mla_md.num_actual_tokens
         kv_cache = self.k_cache.kv_cache
         out = self.topk_indices_buffer[:n]
@@ -92,13 +110,12 @@ class FrontierSparseAttnIndexer(SparseAttnIndexer):
                     write_indexer_k_cache(k[:n], kv_cache, index_md.slot_mapping[:n], scale_fmt=self.scale_fmt)
                 if n:
                     self._forward_cpu_tiles(q_quant[:n], weights[:n], kv_cache, index_md.block_table, mla_md, out)
-            return self.topk_indices_buffer
+            return
         if k is not None:
             write_indexer_k_cache(k[:n], kv_cache, index_md.slot_mapping[:n], scale_fmt=self.scale_fmt)
         if n:
             self._forward_flat(q_quant[:n], weights[:n], kv_cache, index_md.block_table[mla_md.token_req[:n]],
                                mla_md.token_visible[:n], mla_md.max_seq_len, out)
-        return self.topk_indices_buffer
 
     def _forward_cpu_tiles(self, q, weights, kv_cache, block_table, md: FrontierSparseMLAMetadata, out) -> None:
         layout, k = md.cpu_layout, self.topk_tokens
@@ -153,14 +170,58 @@ class FrontierSparseAttnIndexer(SparseAttnIndexer):
             scratch = torch.empty(step, self.topk_tokens, dtype=torch.int32, device=q.device)
             indexer_topk_request(torch.zeros_like(q[:step]), torch.zeros_like(weights[:step]), keys, self.topk_tokens, scratch)
 
-    forward_cpu = forward_native
-    forward_cuda = forward_native
-    forward_oot = forward_native
+
+# ------------------------------------------------------------------------------------------ the custom op
+OP_NAME = "vllm_frontier::sparse_attn_indexer"
+INDEXER_SUFFIX = ".frontier_indexer"
+
+
+def register_layer(name: str, layer) -> str:
+    """Put the layer into vLLM's static forward context under `name` (what the op looks it up by)."""
+    from vllm.config import get_current_vllm_config
+
+    context = get_current_vllm_config().compilation_config.static_forward_context
+    if name in context:
+        raise ValueError(f"duplicate layer name in the forward context: {name}")
+    context[name] = layer
+    return name
+
+
+def _sparse_attn_indexer(q_quant: torch.Tensor, k: torch.Tensor | None, weights: torch.Tensor,
+                         topk_indices_buffer: torch.Tensor, layer_name: str) -> None:
+    get_forward_context().no_compile_layers[layer_name].run(q_quant, k, weights)
+
+
+def _sparse_attn_indexer_fake(q_quant: torch.Tensor, k: torch.Tensor | None, weights: torch.Tensor,
+                              topk_indices_buffer: torch.Tensor, layer_name: str) -> None:
+    return None
+
+
+_breakable_op = None
+
+
+def _op(q_quant: torch.Tensor, k: torch.Tensor | None, weights: torch.Tensor, topk_indices_buffer: torch.Tensor,
+        layer_name: str) -> None:
+    # A breakable CUDA graph (V3.2's default on CUDA) ends its capture segment here and runs the indexer eagerly,
+    # as at vLLM's attention ops. Wrapped at the first call: vLLM turns the mode on after plugins load.
+    global _breakable_op
+    if _breakable_op is None:
+        from vllm.compilation.breakable_cudagraph import eager_break_during_capture
+
+        _breakable_op = eager_break_during_capture(_sparse_attn_indexer)
+    _breakable_op(q_quant, k, weights, topk_indices_buffer, layer_name)
+
+
+_LIB = Library("vllm_frontier", "FRAGMENT")  # noqa: TID251 - the op's lifetime is this module's
+direct_register_custom_op(op_name="sparse_attn_indexer", op_func=_op, mutates_args=["topk_indices_buffer"],
+                          fake_impl=_sparse_attn_indexer_fake, target_lib=_LIB)
 
 
 def register_indexer() -> None:
-    """Make vLLM build our indexer wherever a model asks for `SparseAttnIndexer` (once per process)."""
-    from vllm_frontier.compat import op_registry_oot
+    """Make vLLM build our indexer wherever a model asks for `SparseAttnIndexer`, and split compiled graphs at
+    its op as at vLLM's own indexer op (once per process)."""
+    from vllm_frontier.compat import add_attention_op, op_registry_oot
 
     if op_registry_oot().get("SparseAttnIndexer") is not FrontierSparseAttnIndexer:
         SparseAttnIndexer.register_oot(FrontierSparseAttnIndexer)
+    add_attention_op(OP_NAME)
