@@ -10,6 +10,7 @@ is shown when it fails to start. Engine start takes ~30 s on 2 cores, so share s
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,6 +44,12 @@ def server_env(env: dict[str, str] | None = None) -> dict[str, str]:
     e.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     e.update(env or {})
     return e
+
+
+def draft_tokens(metrics_text: str) -> float:
+    """Draft tokens proposed so far, from a vLLM server's Prometheus text (0 without speculative decoding)."""
+    m = re.search(r"^vllm:spec_decode_num_draft_tokens_total\{[^}]*\} ([0-9.e+]+)$", metrics_text, re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 class ServerError(RuntimeError):

@@ -221,6 +221,17 @@ ix.layer_name = "idx" + indexer_op.INDEXER_SUFFIX
 index_md = types.SimpleNamespace(slot_mapping=slots, block_table=bt)
 indexer_op.get_forward_context = lambda: types.SimpleNamespace(attn_metadata={{"idx": index_md, "mla": md}},
                                                                no_compile_layers={{ix.layer_name: ix}})
+# warm-up: every split count of SPLIT_CHOICES, for dense and sparse decode, bf16 and FP8 cache
+from vllm_frontier.kernels import flash_mla_interface as fmi
+for sparse in (False, True):
+    for fp8 in (False, True):
+        rec = gpu_compile._Recorder()
+        with _common.assume_target((9, 0)), rec.active():
+            made = fmi.warm_up_split_variants(128, torch.bfloat16, fp8, sparse, torch.device("cpu"))
+            again = fmi.warm_up_split_variants(128, torch.bfloat16, fp8, sparse, torch.device("cpu"))
+        seen = sorted({{v for l in rec.launches for k, v in l.constexprs.items()
+                        if l.fn.params[k[0]].name == "NUM_SPLITS"}})
+        print(f"WARM sparse={{sparse}} fp8={{fp8}}: made={{made}} again={{again}} splits={{seen}}")
 run("indexer forward", lambda: ix.forward_native(torch.randn(n, 64), torch.randn(n, 64, 128).to(torch.float8_e4m3fn),
                                                  torch.randn(n, 128, dtype=torch.bfloat16), torch.randn(n, 64)))
 """
@@ -247,6 +258,33 @@ def _outcome(probe, label):
 def test_no_host_sync_in_the_attention_forward(probe, label):
     lines = _outcome(probe, label)
     assert len(lines) == 2 and all(ln.startswith("OK ") for ln in lines), "\n".join(lines)
+
+
+def test_warm_up_compiles_every_split_variant_once(probe):
+    from vllm_frontier.kernels.flash_mla_interface import SPLIT_CHOICES
+
+    lines = [ln for ln in probe["_raw"].splitlines() if ln.startswith("WARM ")]
+    assert len(lines) == 4, probe["_raw"][-2000:]
+    for ln in lines:
+        assert f"made={len(SPLIT_CHOICES)} again=0 splits={sorted(SPLIT_CHOICES)}" in ln, ln
+
+
+def test_split_counts_come_from_the_fixed_set(monkeypatch):
+    """Whatever the batch and context, dense and sparse decode pick a split count of SPLIT_CHOICES (each a
+    separate compiled kernel), the largest one not above the SM-filling count."""
+    from vllm_frontier.kernels import flash_mla_interface as fmi
+    from vllm_frontier.kernels.mla_attention import KernelConfig
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    cfg = KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
+    seen = set()
+    for programs in range(1, 140):
+        for keys in (1, 100, 1000, 2048, 5000, 131072):
+            n = fmi._splits(programs, keys, cfg, torch.device("cuda"))
+            want = max(1, min(-(-132 // programs), -(-keys // 32) // 4, 32)) if programs < 132 else 1
+            assert n in fmi.SPLIT_CHOICES and n <= want < 2 * n, (programs, keys, n, want)
+            seen.add(n)
+    assert seen == set(fmi.SPLIT_CHOICES)
 
 
 def test_no_host_sync_in_the_indexer_forward(probe):

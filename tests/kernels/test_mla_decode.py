@@ -81,13 +81,15 @@ def test_reference_equals_unabsorbed_attention(causal):
 
 
 @pytest.mark.parametrize("programs,keys,want", [
-    # 132 SMs, block_n 32: splits = min(ceil(SMs / programs), key tiles // 4, 32)
+    # 132 SMs, block_n 32: splits = min(ceil(SMs / programs), key tiles // 4, 32), rounded down to a power of two
     (1, 4096, 32),  # 128 key tiles -> 32, capped at 32
     (1, 512, 4),  # 16 key tiles -> 4
-    (64, 4096, 3),  # 64 programs -> ceil(132 / 64) = 3
+    (64, 4096, 2),  # 64 programs -> ceil(132 / 64) = 3 -> 2
+    (3, 4096, 32),  # 3 programs -> ceil(132 / 3) = 44, capped at 32
+    (10, 4096, 8),  # 10 programs -> 14 -> 8
     (200, 4096, 1),  # more programs than SMs: no split
     (4, 2048, 16),  # sparse shape: 4 row blocks, top-k 2048 -> 64 tiles -> 16
-], ids=["long", "short", "batch64", "batch200", "sparse"])
+], ids=["long", "short", "batch64", "batch3", "batch10", "batch200", "sparse"])
 def test_split_count_on_a_gpu_shape(monkeypatch, programs, keys, want):
     """The key-split heuristic as it runs on a 132-SM GPU (on CPU tensors it always answers 1)."""
     import types

@@ -19,7 +19,7 @@ import textwrap
 
 import pytest
 
-from serving import REPO, VllmServer, free_port, server_env
+from serving import REPO, VllmServer, draft_tokens, free_port, server_env
 
 from vllm_frontier.models.embedded import embedded_model_path
 
@@ -56,11 +56,6 @@ def _vllm_cli(stub_dir) -> list[str]:
             "main()", "serve"]
 
 
-def _drafts_from_metrics(text: str) -> float:
-    m = re.search(r"^vllm:spec_decode_num_draft_tokens_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def _serve(path: str, model: str, names: str, tp: int, extra: list[str], tmp_path) -> tuple[str, float]:
     env = _engine_env(names, tp)
     args = COMMON + extra
@@ -76,7 +71,7 @@ def _serve(path: str, model: str, names: str, tp: int, extra: list[str], tmp_pat
     with srv:
         for p in PROMPTS:
             srv.complete(p, max_tokens=12)
-        drafts = _drafts_from_metrics(srv.metrics())
+        drafts = draft_tokens(srv.metrics())
         return srv.log_text(), drafts
 
 

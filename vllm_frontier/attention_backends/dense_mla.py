@@ -19,7 +19,13 @@ from vllm.model_executor.layers.attention.mla_attention import (
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.mla.cpu_mla import CPUMLAImpl
 
-from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache, get_mla_metadata, plan_num_splits
+from vllm_frontier.kernels._common import current_device
+from vllm_frontier.kernels.flash_mla_interface import (
+    flash_mla_with_kvcache,
+    get_mla_metadata,
+    plan_num_splits,
+    warm_up_split_variants,
+)
 
 from .capabilities import LatentBackendCapabilities
 from .latent_cache_io import check_kv_cache_dtype, is_fp8_cache, write_rows
@@ -67,6 +73,12 @@ class FrontierMLAImpl(CPUMLAImpl):
         super().__init__(*args, **kwargs)
         check_kv_cache_dtype(self.kv_cache_dtype, "the vllm-frontier MLA backend")
         logger.info_once("vllm-frontier: dense MLA backend (kv cache %s)", self.kv_cache_dtype)
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        super().process_weights_after_loading(act_dtype)
+        # every key-split variant of the decode kernel compiles now, not in the middle of serving
+        warm_up_split_variants(self.num_heads, act_dtype, is_fp8_cache(self.kv_cache_dtype), sparse=False,
+                               device=current_device())
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache: torch.Tensor, attn_metadata: MLACommonMetadata, layer):
         decode = attn_metadata.decode

@@ -26,8 +26,12 @@ from vllm.v1.attention.backend import (
     MLAAttentionImpl,
 )
 
-from vllm_frontier.kernels._common import use_triton
-from vllm_frontier.kernels.flash_mla_interface import flash_mla_with_kvcache, request_positions_to_slots
+from vllm_frontier.kernels._common import current_device, use_triton
+from vllm_frontier.kernels.flash_mla_interface import (
+    flash_mla_with_kvcache,
+    request_positions_to_slots,
+    warm_up_split_variants,
+)
 from vllm_frontier.kernels.sparse_mla_tokens import sparse_mla_tokens
 
 from .capabilities import LatentBackendCapabilities
@@ -180,6 +184,12 @@ class FrontierSparseMLAImpl(MLAAttentionImpl[FrontierSparseMLAMetadata], SharedT
         self.dcp_world_size = 1
         self.init_topk_indices_buffer(indexer, topk_indices_buffer)
         logger.info_once("vllm-frontier: sparse MLA (DSA) backend (kv cache %s)", kv_cache_dtype)
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        super().process_weights_after_loading(act_dtype)
+        # every key-split variant of the decode kernel compiles now, not in the middle of serving
+        warm_up_split_variants(self.num_heads, act_dtype, is_fp8_cache(self.kv_cache_dtype), sparse=True,
+                               device=current_device())
 
     def record_logical_topk_ready(self) -> None:
         """The indexer has filled the shared top-k buffer (nothing to synchronize on one stream)."""

@@ -66,6 +66,11 @@ def assume_target(capability: tuple[int, int] | None):
         _PINNED_TARGET[0] = old
 
 
+def current_device() -> torch.device:
+    """The CUDA device in use, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def target_capability(device: torch.device) -> tuple[int, int] | None:
     """Compute capability the launch targets: the pinned one, the CUDA device's, or None (CPU interpreter)."""
     if _PINNED_TARGET[0] is not None:

@@ -33,7 +33,7 @@ import dataclasses
 
 import torch
 
-from ._common import cdiv, check_dtype, use_triton
+from ._common import INTERPRET, cdiv, check_dtype, target_capability, use_triton
 from .mla_attention import KernelConfig, default_config, mla_attention_fwd
 from .ref import FP8_ROW_BYTES, LATENT_DIM, ref_mla_decode, ref_mla_sparse_decode, ref_mla_sparse_prefill
 
@@ -43,11 +43,15 @@ __all__ = [
     "flash_mla_with_kvcache",
     "flash_mla_sparse_fwd",
     "request_positions_to_slots",
+    "warm_up_split_variants",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _FP8_DTYPES = (torch.uint8, torch.float8_e4m3fn)
 _MAX_SPLITS = 32
+# Every key-split count a launch can use (NUM_SPLITS is a compile-time constant: a value met for the first time
+# compiles a kernel, seconds on a GPU). Powers of two: at most six variants per kernel, all compiled at warm-up.
+SPLIT_CHOICES = tuple(1 << i for i in range(_MAX_SPLITS.bit_length()))
 _D_V = 512
 
 
@@ -199,21 +203,50 @@ def _as_sink(attn_sink: torch.Tensor | None, h_q: int) -> torch.Tensor | None:
 
 
 def _splits(programs: int, keys: int, cfg: KernelConfig, device: torch.device) -> int:
-    """Key splits so that ``programs * splits`` approaches the SM count (1 off CUDA)."""
+    """Key splits so that ``programs * splits`` approaches the SM count (1 off CUDA), rounded down to one of
+    ``SPLIT_CHOICES``."""
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     if programs >= num_sms:
         return 1
-    return max(1, min(cdiv(num_sms, max(programs, 1)), cdiv(max(keys, 1), cfg.block_n) // 4, _MAX_SPLITS))
+    n = max(1, min(cdiv(num_sms, max(programs, 1)), cdiv(max(keys, 1), cfg.block_n) // 4, _MAX_SPLITS))
+    return 1 << (n.bit_length() - 1)
 
 
 def plan_num_splits(batch: int, s_q: int, h_q: int, max_seqlen_k: int, device: torch.device) -> int:
     """The key splits dense decode would choose for this shape, computed from host numbers (no device read),
-    rounded down to a power of two: a serving engine then compiles at most log2(32) + 1 variants of the
-    kernel (NUM_SPLITS is a compile-time constant) and a CUDA graph never meets a new one mid-serving.
-    Pass the result to ``get_mla_metadata(num_splits=...)``."""
+    one of ``SPLIT_CHOICES``. Pass the result to ``get_mla_metadata(num_splits=...)``."""
     kcfg = default_config(device, s_q * h_q)
-    n = _splits(batch * cdiv(s_q * h_q, kcfg.block_m), max_seqlen_k, kcfg, device)
-    return 1 << (n.bit_length() - 1)
+    return _splits(batch * cdiv(s_q * h_q, kcfg.block_m), max_seqlen_k, kcfg, device)
+
+
+_WARM: set[tuple] = set()
+
+
+def warm_up_split_variants(num_heads: int, dtype: torch.dtype, is_fp8_kvcache: bool, sparse: bool,
+                           device: torch.device, block_size: int = 64, topk: int = 64) -> int:
+    """Compile the single-token decode kernel (dense, or sparse with ``topk`` indices) at every split count of
+    ``SPLIT_CHOICES`` for this head count, query dtype and cache format, on two blocks of dummy cache, so serving
+    never meets a new variant (and never compiles during CUDA-graph capture). Once per process and shape;
+    returns the launches made (0 when already warm, or where nothing is compiled)."""
+    key = (num_heads, dtype, is_fp8_kvcache, sparse, str(device), block_size, topk, target_capability(device))
+    q = torch.zeros(1, 1, num_heads, LATENT_DIM, dtype=dtype, device=device)
+    if key in _WARM or not use_triton(None, q) or (INTERPRET and target_capability(device) is None):
+        return 0  # done once per process; the torch reference or the interpreter compile nothing
+    _WARM.add(key)
+    width = FP8_ROW_BYTES if is_fp8_kvcache else LATENT_DIM
+    cache = torch.zeros(2, block_size, 1, width, dtype=torch.uint8 if is_fp8_kvcache else dtype, device=device)
+    table = torch.arange(2, dtype=torch.int32, device=device).view(1, 2)
+    lens = torch.full((1,), 2 * block_size, dtype=torch.int32, device=device)
+    idx = torch.arange(topk, dtype=torch.int32, device=device).remainder(2 * block_size).view(1, 1, topk)
+    for n in SPLIT_CHOICES:
+        meta, _ = get_mla_metadata(num_splits=n)
+        if sparse:
+            flash_mla_with_kvcache(q, cache, None, None, head_dim_v=_D_V, tile_scheduler_metadata=meta,
+                                   softmax_scale=1.0, is_fp8_kvcache=is_fp8_kvcache, indices=idx)
+        else:
+            flash_mla_with_kvcache(q, cache, table, lens, head_dim_v=_D_V, tile_scheduler_metadata=meta,
+                                   softmax_scale=1.0, is_fp8_kvcache=is_fp8_kvcache)
+    return len(SPLIT_CHOICES)
 
 
 def _no_key_to_neg(lse: torch.Tensor) -> torch.Tensor:
