@@ -44,7 +44,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                ["tests/schedulers/test_router_accounting.py", "tests/schedulers/test_router_fake.py"]),
     "simulator": ("vllm_frontier/schedulers/simulator.py",
                   ["tests/schedulers/test_simulator_physics.py", "tests/schedulers/test_simulator.py"]),
-    "controller": ("vllm_frontier/schedulers/controller.py", ["tests/schedulers/test_controller.py"]),
+    "controller": ("vllm_frontier/schedulers/controller.py",
+                   ["tests/schedulers/test_controller.py", "tests/schedulers/test_controller_model.py"]),
     "pregroup": ("vllm_frontier/moe/pregroup.py", ["tests/moe/test_pregroup.py"]),
     "features": ("vllm_frontier/plugins/features.py", ["tests/plugins/test_features.py"]),
 }
