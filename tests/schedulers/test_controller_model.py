@@ -122,9 +122,9 @@ def test_sample_accepts_zeros_and_a_short_window():
 # ---- step 1: Holt's forecast of the arrival rate ----
 
 def test_holt_forecast_by_hand():
-    """level' = s r + (1 - s)(level + trend); trend' = ts (level' - level) / dt + (1 - ts) trend, with dt the
-    time since the last sample (the window when the clock did not move); forecast = max(0, level,
-    level + trend * horizon)."""
+    """Holt's linear method with a per-second trend: level' = s r + (1 - s)(level + trend dt);
+    trend' = ts (level' - level) / dt + (1 - ts) trend, with dt the time since the last sample (the window
+    when the clock did not move); forecast = max(0, level, level + trend * horizon)."""
     ctrl = RatioController(cfg(smoothing=0.5, trend_smoothing=0.5, horizon_s=10.0))
     assert ctrl.forecast_rate() == 0.0  # nothing seen yet
     ctrl.step(ls(t=1.0, prompts=[10] * 4))  # 4 req/s: level 4, trend 0
@@ -135,9 +135,22 @@ def test_holt_forecast_by_hand():
     assert ctrl.forecast_rate() == approx(6.0 + 0.5 * 10.0)
     # Same clock reading (dt falls back to the 2 s window): 4 arrivals in 2 s = 2 req/s.
     ctrl.step(ls(t=3.0, window=2.0, prompts=[10] * 4))
-    assert ctrl._s.level == approx(0.5 * 2 + 0.5 * (6.0 + 0.5))  # 4.25
-    assert ctrl._s.trend == approx(0.5 * (4.25 - 6.0) / 2.0 + 0.5 * 0.5)  # -0.1875
-    assert ctrl.forecast_rate() == approx(4.25)  # a falling trend does not lower the forecast below the level
+    assert ctrl._s.level == approx(0.5 * 2 + 0.5 * (6.0 + 0.5 * 2.0))  # 4.5
+    assert ctrl._s.trend == approx(0.5 * (4.5 - 6.0) / 2.0 + 0.5 * 0.5)  # -0.125
+    assert ctrl.forecast_rate() == approx(4.5)  # a falling trend does not lower the forecast below the level
+
+
+@pytest.mark.parametrize("dt", [1.0, 2.0, 5.0])
+def test_holt_tracks_a_linear_ramp_without_lag(dt):
+    """Holt's method follows a linear ramp with no steady-state error, whatever the sampling interval:
+    the rate rises 0.5 req/s per second, so the level converges to the latest rate and the trend to 0.5."""
+    ctrl = RatioController(cfg(horizon_s=10.0))
+    for k in range(1, 201):
+        rate = 0.5 * k * dt  # k * dt arrivals in the last 2 s
+        ctrl.step(ls(t=k * dt, window=2.0, prompts=[10] * round(k * dt)))
+    assert ctrl._s.level == pytest.approx(rate, abs=0.05)
+    assert ctrl._s.trend == pytest.approx(0.5, abs=0.01)
+    assert ctrl.forecast_rate() == pytest.approx(rate + 5.0, abs=0.15)
 
 
 def test_forecast_never_negative():
