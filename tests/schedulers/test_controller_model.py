@@ -482,8 +482,14 @@ def test_decode_scale_is_dropped_when_the_output_mix_moves():
     ctrl.step(ls(t=1.0, n_p=1, n_d=1, **STEADY))
     ctrl.step(ls(t=2.0, n_p=1, n_d=1, tpot_p90_s=2 * 0.02 / (1 - 2 * 0.13125), **STEADY))
     assert ctrl._s.decode_scale == approx(2 ** 0.3)
-    ctrl.step(ls(t=3.0, n_p=1, n_d=1, prompts=(100, 300, 300)))  # E[O] (50 + 300) / 3 = 116.7: 1.17 x, kept
-    assert ctrl._s.decode_scale == approx(2 ** 0.3)
+    # E[O] (50 + 2 x 150) / 3 = 116.7: 1.17 x, kept. TPOT as the model predicts (3 req/s -> level
+    # 0.3 x 3 + 0.7 x 2 = 2.3, w = 2^0.3 (1e-3 E[O] + 1e-6 E[O (L + O/2)])): dead band, the scale keeps the
+    # mix it was learnt on.
+    w = 2 ** 0.3 * (1e-3 * 350 / 3 + 1e-6 * (50 * 125 + 2 * 150 * 375) / 3)
+    pred = 0.02 / (1 - 2.3 * w)
+    ctrl.step(ls(t=3.0, n_p=1, n_d=1, prompts=(100, 300, 300), tpot_p90_s=1.1 * pred))
+    assert ctrl.predicted_step_s(2.3, 1) == approx(pred)
+    assert ctrl._s.decode_scale == approx(2 ** 0.3) and ctrl._s.decode_scale_out == approx(100.0)
     ctrl.step(ls(t=4.0, n_p=1, n_d=1, prompts=(100,)))  # E[O] 50: 2 x, dropped
     assert (ctrl._s.decode_scale, ctrl._s.decode_scale_out) == (1.0, None)
 
@@ -593,6 +599,11 @@ def test_best_split_stays_within_min_per_role():
     assert not d[0].changed and d[0].reason == "current split is best"
     d = decide([(0.0, 4.0)], [(2, 2)], max_step_frac=1.0)
     assert (d[0].n_prefill, d[0].n_decode) == (1, 3)
+    # All decode: 1:3 is the best allowed split (0:4 would have pressure 1 < 4/3, but is not allowed).
+    d = decide([(0.0, 4.0)], [(1, 3)], max_step_frac=1.0)
+    assert not d[0].changed and d[0].reason == "current split is best"
+    d = decide([(0.0, 6.0)], [(2, 4)], max_step_frac=1.0, min_per_role=2)
+    assert not d[0].changed and d[0].reason == "current split is best"
 
 
 def test_ties_keep_the_current_split():
