@@ -44,7 +44,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
                ["tests/schedulers/test_router_accounting.py", "tests/schedulers/test_router_fake.py"]),
     "simulator": ("vllm_frontier/schedulers/simulator.py",
                   ["tests/schedulers/test_simulator_physics.py", "tests/schedulers/test_simulator.py"]),
-    "controller": ("vllm_frontier/schedulers/controller.py", ["tests/schedulers/test_controller.py"]),
+    "controller": ("vllm_frontier/schedulers/controller.py",
+                   ["tests/schedulers/test_controller.py", "tests/schedulers/test_controller_model.py"]),
     "pregroup": ("vllm_frontier/moe/pregroup.py", ["tests/moe/test_pregroup.py"]),
     "features": ("vllm_frontier/plugins/features.py", ["tests/plugins/test_features.py"]),
 }
@@ -60,6 +61,8 @@ _CLAMP = ("equivalent: scale = amax / 448, so |x / scale| <= 448 up to one fp32 
           "e4m3 code of 448 anyway; the clamp never changes a code")
 _ON_DEVICE = ("not equivalent on a GPU (the payload would be built on the host, against encode_rows' contract); "
               "test_payload_stays_on_the_rows_device catches it, but it is skipped on a CPU-only machine")
+_PENDING = ("equivalent: a pending direction of None never equals a proposed direction (+1 or -1), so the next "
+            "proposal restarts the count at 1, exactly as after a reset to 0; nothing else reads them")
 JUDGEMENTS: dict[str, str] = {
     "vllm_frontier.kv_connectors.auth.x__mac__mutmut_12":
         "equivalent on Python >= 3.11: int.to_bytes defaults to byteorder 'big' (on 3.10 it raises TypeError "
@@ -152,6 +155,23 @@ JUDGEMENTS: dict[str, str] = {
         "x_pregroup__mutmut_121": "equivalent: every rank holds at least one expert, so one_hot infers N classes",
         "x_pregroup__mutmut_127": "equivalent in practice: the search converges well within 2E swaps on every "
                                   "input tried; the bound only caps the run time",
+    }.items()},
+    **{f"vllm_frontier.schedulers.controller.{k}": v for k, v in {
+        "xǁRatioControllerǁ_prefill_time__mutmut_37": "equivalent: cv^2 is only used when D > 0; with D = 0 the "
+                                                      "P90 TTFT is 0 and the utilisation cap max_util for any cv^2",
+        "xǁRatioControllerǁ_prefill_rho__mutmut_10": "equivalent: at slack exactly 0 the formula gives g = 0, "
+                                                     "floored to the same 0.05",
+        "xǁRatioControllerǁ_feedback__mutmut_56": "equivalent: at r = 1 the feedback step is 1 (dead band), so "
+                                                  "skipping it or not changes nothing",
+        "xǁRatioControllerǁstep__mutmut_62": _PENDING,
+        "xǁRatioControllerǁstep__mutmut_114": _PENDING,
+        "xǁRatioControllerǁstep__mutmut_163": _PENDING,
+        "xǁRatioControllerǁstep__mutmut_232": _PENDING,
+        "xǁRatioControllerǁstep__mutmut_103": "equivalent: the spare split is the largest p within the cap, and "
+                                              "the least-pressure split (>= lo) is within it, so no p < lo wins",
+        "xǁRatioControllerǁstep__mutmut_170": "equivalent: best == n_prefill has returned before this line",
+        "xǁRatioControllerǁstep__mutmut_239": "equivalent: an applied target always differs from n_prefill (a "
+                                              "move of at least one, or a repair from outside [lo, hi] into it)",
     }.items()},
     **{f"vllm_frontier.schedulers.router.x_main__mutmut_{k}":
        "equivalent: only the log level / format of the router process changes (cosmetic)" for k in range(7, 13)},

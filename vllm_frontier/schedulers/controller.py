@@ -254,8 +254,10 @@ class RatioController:
             s.level = rate
         else:
             prev = s.level
-            s.level = cfg.smoothing * rate + (1 - cfg.smoothing) * (s.level + s.trend)
             dt = (x.t - s.last_t) if s.last_t is not None and x.t > s.last_t else x.window_s
+            # the trend is per second (the forecast looks horizon_s seconds ahead), so the level one interval
+            # on is level + trend * dt
+            s.level = cfg.smoothing * rate + (1 - cfg.smoothing) * (s.level + s.trend * dt)
             s.trend = cfg.trend_smoothing * (s.level - prev) / dt + (1 - cfg.trend_smoothing) * s.trend
         s.last_t = x.t
         a = cfg.mix_smoothing if cfg.mix_smoothing is not None else cfg.smoothing
