@@ -34,7 +34,7 @@ class FakeInstance:
         self.runner = None
 
     async def start(self):
-        app = web.Application()
+        app = web.Application(client_max_size=64 << 20)  # as vLLM: long prompts are accepted
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.metrics)
@@ -77,7 +77,7 @@ class FakeInstance:
             await self.gate.wait()
         if self.drop:  # the instance dies: drop the connection
             request.transport.close()
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.1)
         if self.status != 200:
             return web.json_response({"error": {"message": self.error_text}}, status=self.status)
         if kp.get("frontier_pd") == "produce":

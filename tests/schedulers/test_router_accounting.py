@@ -183,7 +183,7 @@ def test_decode_timeout_takes_the_instance_out_with_the_error_type():
             assert r.status == 502
         assert pool.get(D.url).down_reason == "TimeoutError"  # the exception has no message: its type
 
-    run_router([FakeInstance("P"), FakeInstance("D", first_s=5.0)], ["prefill", "decode"], fn, "--request-timeout", "0.5",
+    run_router([FakeInstance("P"), FakeInstance("D", first_s=1.0)], ["prefill", "decode"], fn, "--request-timeout", "0.5",
          "--max-retries", "0")
 
 
@@ -232,9 +232,10 @@ SLACK = 0.15
 def test_streaming_ttft_is_the_first_token_and_tpot_the_mean_gap_after_it():
     async def fn(s, url, insts, pool, router):
         async with s.post(url + "/v1/completions",
-                          json={"prompt": "hi", "max_tokens": TOKENS, "stream": True}) as r:
+                          json={"prompt": "hi", "max_tokens": TOKENS, "stream": True,
+                                "stream_options": {"include_usage": True}}) as r:
             body = await r.text()
-        assert body.count("data: {") == TOKENS
+        assert body.count("data: {") == TOKENS + 1  # and the usage chunk, which is no token
         snap = pool.snapshot()
         (ttft,), (tpot,) = snap.ttft_s, snap.tpot_s
         # sequential: P's answer, then D's first token
@@ -245,6 +246,8 @@ def test_streaming_ttft_is_the_first_token_and_tpot_the_mean_gap_after_it():
         text = await metrics(s, url)
         assert "frontier_router_ttft_seconds_count 1.0" in text
         assert "frontier_router_tpot_seconds_count 1.0" in text
+        (e2e,) = [float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("frontier_router_e2e_seconds_sum")]
+        assert PREFILL_S + FIRST_S + GAP_S * (TOKENS - 1) <= e2e < PREFILL_S + FIRST_S + GAP_S * (TOKENS - 1) + SLACK
 
     run_router([FakeInstance("P", prefill_s=PREFILL_S), FakeInstance("D", first_s=FIRST_S, gap_s=GAP_S, tokens=TOKENS)],
          ["prefill", "decode"], fn, "--dispatch", "sequential")
@@ -269,8 +272,13 @@ def test_single_token_answer_has_a_ttft_and_no_tpot():
         async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1, "stream": True}) as r:
             await r.text()
         snap = pool.snapshot()
-        assert len(snap.ttft_s) == 1 and snap.tpot_s == ()
+        assert len(snap.ttft_s) == 1 and snap.tpot_s == () and snap.completed == 1
         assert "frontier_router_tpot_seconds_count 0.0" in await metrics(s, url)
+        # two tokens: one gap, one TPOT sample
+        async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True}) as r:
+            await r.text()
+        snap = pool.snapshot()
+        assert len(snap.ttft_s) == 2 and len(snap.tpot_s) == 1 and snap.completed == 2
 
     run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
