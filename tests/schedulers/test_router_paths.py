@@ -260,3 +260,18 @@ def test_main_with_auto_ratio_starts_the_controller_on_the_router_pool(monkeypat
     ((pool, args, registry),) = started
     assert pool is router.pool and registry is router.metrics.registry
     assert (args.slo_ttft, args.slo_tpot, args.auto_ratio) == (100.0, 20.0, True)
+
+
+def test_wire_accepts_its_two_encodings_only(capsys):
+    assert R.parse_args(["--both", "http://a:1", "--wire", "raw"]).wire == "raw"
+    assert R.parse_args(["--both", "http://a:1", "--wire", "fp8"]).wire == "fp8"
+    with pytest.raises(SystemExit):
+        R.parse_args(["--both", "http://a:1", "--wire", "zstd"])
+    assert "invalid choice: 'zstd'" in capsys.readouterr().err
+
+
+def test_auto_ratio_without_slos_is_one_error_line(capsys):
+    with pytest.raises(SystemExit):
+        R.parse_args(["--both", "http://a:1", "--auto-ratio", "--slo-tpot", "20"])
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "vllm-frontier router: error: --auto-ratio needs --slo-ttft MS and --slo-tpot MS"
