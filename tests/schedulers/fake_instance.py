@@ -106,6 +106,12 @@ class FakeInstance:
                                   "usage": {"prompt_tokens": 7, "completion_tokens": n}})
 
 
+async def metrics(session, router_url):
+    """The router's Prometheus text."""
+    async with session.get(router_url + "/metrics") as r:
+        return await r.text()
+
+
 def run_router(instances, roles, fn, *extra):
     """Start the fakes, a router in front of them (`roles`: prefill/decode/both per instance; `extra`:
     more router flags, later ones win), and run ``await fn(session, router_url, instances, pool, router)``."""

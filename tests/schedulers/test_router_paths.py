@@ -6,18 +6,13 @@ import json
 
 import pytest
 from aiohttp import web
-from fake_instance import FakeInstance, run_router
+from fake_instance import FakeInstance, metrics, run_router
 
 from vllm_frontier.pd_protocol import hello_params
 from vllm_frontier.schedulers import router as R
 
 NO_KV_REASON = ("it did not report a KV listener; start it with FRONTIER_PD=1 and "
                 "--kv-transfer-config '{\"kv_connector\":\"FrontierPDConnector\",...}'")
-
-
-async def metrics(s, url):
-    async with s.get(url + "/metrics") as r:
-        return await r.text()
 
 
 async def until(cond, seconds=3.0):
@@ -170,7 +165,8 @@ def test_decode_error_reason_keeps_the_first_200_characters_of_its_answer():
         async with s.post(url + "/v1/completions", json={"prompt": "hi"}) as r:
             assert r.status == 502
         answer = json.dumps({"error": {"message": "e" * 300}})  # what the fake sends
-        assert pool.get(D.url).down_reason == "decode answered 500: " + answer[:200]
+        inst = pool.get(D.url)
+        assert not inst.healthy and inst.down_reason == "decode answered 500: " + answer[:200]
 
     run_router([FakeInstance("P"), FakeInstance("D", status=500, error_text="e" * 300)],
                ["prefill", "decode"], fn, "--max-retries", "0")
