@@ -41,7 +41,8 @@ MODULES: dict[str, tuple[str, list[str]]] = {
     "instance_pool": ("vllm_frontier/schedulers/instance_pool.py",
                       ["tests/schedulers/test_instance_pool_accounting.py", "tests/schedulers/test_instance_pool.py"]),
     "router": ("vllm_frontier/schedulers/router.py",
-               ["tests/schedulers/test_router_accounting.py", "tests/schedulers/test_router_fake.py"]),
+               ["tests/schedulers/test_router_accounting.py", "tests/schedulers/test_router_fake.py",
+                "tests/schedulers/test_router_paths.py"]),
     "simulator": ("vllm_frontier/schedulers/simulator.py",
                   ["tests/schedulers/test_simulator_physics.py", "tests/schedulers/test_simulator.py"]),
     "controller": ("vllm_frontier/schedulers/controller.py",
@@ -175,6 +176,45 @@ JUDGEMENTS: dict[str, str] = {
     }.items()},
     **{f"vllm_frontier.schedulers.router.x_main__mutmut_{k}":
        "equivalent: only the log level / format of the router process changes (cosmetic)" for k in range(7, 13)},
+    **{f"vllm_frontier.schedulers.router.{k}": v for k, v in {
+        "x_main__mutmut_3": "equivalent: argparse reads sys.argv[1:] itself when given None",
+        "xǁRouterǁ__init____mutmut_4": "equivalent: start() (the app's first startup handler) sets the session "
+                                       "before anything reads it",
+        **{f"xǁRouterǁ_health_loop__mutmut_{k}": "equivalent: Router._probe turns every error an instance can "
+           "cause (connection, timeout, status, malformed JSON) into mark_down, so no probe raises into the "
+           "health loop's gather" for k in (3, 5, 7)},
+        "xǁRouterǁ_prefill__mutmut_38": "equivalent: None and False are both falsy",
+        "xǁRouterǁhandle__mutmut_124": "equivalent: None and False are both falsy",
+        "xǁRouterǁhandle__mutmut_68": "equivalent: None and '' are both falsy (no KV to pull)",
+        "xǁRouterǁhandle__mutmut_84": "equivalent with the current failure handling (see _lease__mutmut_5)",
+        "xǁRouterǁhandle__mutmut_94": "equivalent: unreachable, every path that sets resp returns, so resp is "
+                                      "None whenever no decode instance is left",
+        "xǁRouterǁhandle__mutmut_98": "equivalent: the decode body only gets top-level keys set or popped, so a "
+                                      "shallow copy leaves the client's body untouched as well",
+        "xǁRouterǁhandle__mutmut_151": "equivalent: media types are case-insensitive (RFC 9110)",
+        "xǁRouterǁhandle__mutmut_164": "equivalent: the token count is only compared with > 1; 0 and 1 agree",
+        "xǁRouterǁhandle__mutmut_173": "equivalent: 200 is StreamResponse's default status",
+        **{f"xǁRouterǁhandle__mutmut_{k}": "equivalent: HTTP header names are case-insensitive"
+           for k in (177, 178, 184, 185, 189, 190)},
+        "xǁRouterǁhandle__mutmut_187": "equivalent: media types are case-insensitive (RFC 9110)",
+        **{f"xǁRouterǁhandle__mutmut_{k}": "not covered: the fallback Content-Type only shows with a decode "
+           "server that streams without one; vLLM (and the aiohttp fakes) always send it" for k in (180, 182, 186)},
+        **{f"xǁRouterǁ_probe__mutmut_{k}": "equivalent: the hello's prompt text is arbitrary; it only asks the "
+           "instance for its KV address" for k in (37, 38)},
+        "xǁRouterǁ_probe__mutmut_96": "equivalent: only whether the 'back in rotation' line is logged changes",
+        **{f"xǁRouterǁ_probe__mutmut_{k}": "not covered: a probe's own timeout (5 s /health, 10 s /v1/models, "
+           "60 s hello) only shows with an instance that hangs longer; too slow for the unit suite"
+           for k in (2, 4, 8, 9, 18, 20, 24, 25, 46, 49, 53, 54)},
+        "xǁRouterǁ_probe__mutmut_94": "not covered: the only caught error without a message is a probe timeout "
+                                      "(>= 5 s); the decode path's TimeoutError name is tested",
+        **{f"xǁRouterǁstart__mutmut_{k}": "not covered: the 5 s connect timeout only shows with an address that "
+           "drops SYNs; a refused local connection fails at once" for k in (4, 6, 7)},
+        **{f"x_build_app__mutmut_{k}": "not covered: the 64 MiB body cap only shows with a body above it; the "
+           "test sends 2 MiB (above aiohttp's 1 MiB default)" for k in (7, 8, 9, 10)},
+        **{f"x_parse_args__mutmut_{k}": "equivalent: only the --help text changes (cosmetic)"
+           for k in (9, 96, 97, 98, 99, 100, 101)},
+        **{f"x_parse_args__mutmut_{k}": "equivalent: argparse's default is None already" for k in (107, 188, 199)},
+    }.items()},
 }
 
 

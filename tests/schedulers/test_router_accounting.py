@@ -6,106 +6,11 @@ TTFT / TPOT as the router measures them, against the delays the fake instances a
 
 import asyncio
 
-import aiohttp
 import pytest
 from aiohttp import web
+from fake_instance import FakeInstance, metrics, run_router
 
 from vllm_frontier.schedulers import router as R
-
-
-class Timed:
-    """A fake vLLM instance. Prefill calls (max_tokens=1 with produce params) answer after
-    `prefill_s`; other calls stream `tokens` tokens, the first after `first_s`, then one every
-    `gap_s` (non-streaming: the JSON after the same total time). `status` != 200 answers that code;
-    `drop` closes the connection. `gate` (an asyncio.Event) holds every completion until set."""
-
-    def __init__(self, name, *, prefill_s=0.0, first_s=0.0, gap_s=0.0, tokens=4, status=200,
-                 drop=False, gate=None):
-        self.name, self.prefill_s, self.first_s, self.gap_s = name, prefill_s, first_s, gap_s
-        self.tokens, self.status, self.drop, self.gate = tokens, status, drop, gate
-        self.seen: list[dict] = []
-
-    async def start(self):
-        app = web.Application()
-
-        async def health(r):
-            return web.json_response({})
-
-        app.router.add_get("/health", health)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/completions", self.complete)
-        app.router.add_post("/v1/chat/completions", self.complete)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def stop(self):
-        await self.runner.cleanup()
-
-    async def models(self, request):
-        return web.json_response({"data": [{"id": "m"}]})
-
-    async def complete(self, request):
-        body = await request.json()
-        kp = body.get("kv_transfer_params") or {}
-        if kp.get("frontier_pd") == "hello":
-            return web.json_response({"kv_transfer_params": {"kv_addr": f"tcp://{self.name}:1"}})
-        self.seen.append(body)
-        if self.gate is not None:
-            await self.gate.wait()
-        if self.drop:
-            request.transport.close()
-            await asyncio.sleep(1)
-        if self.status != 200:
-            return web.json_response({"error": {"message": "nope"}}, status=self.status)
-        if kp.get("frontier_pd") == "produce":
-            await asyncio.sleep(self.prefill_s)
-            return web.json_response({"choices": [{"text": "p"}],
-                                      "usage": {"prompt_tokens": 7, "completion_tokens": 1}})
-        n = min(body.get("max_tokens", 16), self.tokens)
-        if body.get("stream"):
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            await asyncio.sleep(self.first_s)
-            for i in range(n):
-                if i:
-                    await asyncio.sleep(self.gap_s)
-                await resp.write(b'data: {"choices": [{"text": "t%d"}]}\n\n' % i)
-            await resp.write(b"data: [DONE]\n\n")
-            return resp
-        await asyncio.sleep(self.first_s + self.gap_s * (n - 1))
-        return web.json_response({"choices": [{"text": self.name * n}],
-                                  "usage": {"prompt_tokens": 7, "completion_tokens": n}})
-
-
-def _run(instances, roles, fn, *extra):
-    async def main():
-        insts = [await i.start() for i in instances]
-        argv = ["--health-interval", "60", "--queue-timeout", "0.2", *extra]
-        for role in ("prefill", "decode", "both"):
-            urls = [i.url for i, r in zip(insts, roles) if r == role]
-            if urls:
-                argv += [f"--{role}", *urls]
-        args = R.parse_args(argv)
-        pool = R.make_pool(args)
-        app, router = R.build_app(pool, args)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        try:
-            async with aiohttp.ClientSession() as s:
-                return await fn(s, url, insts, pool, router)
-        finally:
-            await runner.cleanup()
-            for i in insts:
-                await i.stop()
-
-    return asyncio.run(main())
 
 
 def served(pool):
@@ -114,11 +19,6 @@ def served(pool):
 
 def no_leases(pool):
     return all(i.inflight_prefill == 0 and i.inflight_decode == 0 for i in pool.snapshot().instances)
-
-
-async def metrics(s, url):
-    async with s.get(url + "/metrics") as r:
-        return await r.text()
 
 
 def test_served_counts_the_stage_each_instance_ran():
@@ -131,7 +31,7 @@ def test_served_counts_the_stage_each_instance_ran():
         snap = pool.snapshot()
         assert (snap.completed, snap.failed) == (3, 0) and no_leases(pool)
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
 
 def test_leases_are_counted_per_stage_while_a_request_runs():
@@ -166,7 +66,7 @@ def test_leases_are_counted_per_stage_while_a_request_runs():
         text = await metrics(s, url)
         assert f'frontier_router_inflight{{instance="{D.url}",stage="decode"}} 0.0' in text
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
 
 
 def test_retry_after_a_failed_decode_recomputes_the_prompt_elsewhere():
@@ -198,7 +98,7 @@ def test_retry_after_a_failed_decode_recomputes_the_prompt_elsewhere():
         assert 'frontier_router_retries_total{stage="decode"} 1.0' in text
         assert 'frontier_router_requests_total{endpoint="completions",outcome="ok"} 1.0' in text
 
-    _run([Timed("P"), Timed("B", status=500), Timed("G")], ["prefill", "decode", "decode"], fn,
+    run_router([FakeInstance("P"), FakeInstance("B", status=500), FakeInstance("G")], ["prefill", "decode", "decode"], fn,
          "--dispatch", "sequential")
 
 
@@ -214,7 +114,7 @@ def test_no_retry_left_is_a_502_counted_as_failed():
         assert (snap.completed, snap.failed) == (0, 1) and snap.ttft_s == () and no_leases(pool)
         assert 'frontier_router_requests_total{endpoint="completions",outcome="decode_failed"} 1.0' in await metrics(s, url)
 
-    _run([Timed("P"), Timed("D", drop=True)], ["prefill", "decode"], fn, "--max-retries", "0")
+    run_router([FakeInstance("P"), FakeInstance("D", drop=True)], ["prefill", "decode"], fn, "--max-retries", "0")
 
 
 def test_client_error_from_decode_is_passed_through_not_retried():
@@ -230,7 +130,7 @@ def test_client_error_from_decode_is_passed_through_not_retried():
         assert all(i.served_decode == 0 for i in snap.instances)
         assert 'frontier_router_requests_total{endpoint="completions",outcome="http_400"} 1.0' in await metrics(s, url)
 
-    _run([Timed("P"), Timed("D", status=400), Timed("E", status=400)], ["prefill", "decode", "decode"], fn)
+    run_router([FakeInstance("P"), FakeInstance("D", status=400), FakeInstance("E", status=400)], ["prefill", "decode", "decode"], fn)
 
 
 def test_failed_prefill_is_not_served_and_the_decode_computes_the_prompt():
@@ -246,7 +146,7 @@ def test_failed_prefill_is_not_served_and_the_decode_computes_the_prompt():
         assert (snap.completed, snap.failed) == (1, 0) and no_leases(pool)
 
     for status in (500, 503):
-        _run([Timed("P", status=status), Timed("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
+        run_router([FakeInstance("P", status=status), FakeInstance("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
 
 
 def test_prefill_refusing_the_request_is_not_a_failed_instance():
@@ -257,7 +157,7 @@ def test_prefill_refusing_the_request_is_not_a_failed_instance():
         assert "kv_transfer_params" not in D.seen[0]  # no KV was produced: D computes the prompt
         assert pool.get(P.url).healthy and served(pool)[P.url] == (0, 0)
 
-    _run([Timed("P", status=400), Timed("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
+    run_router([FakeInstance("P", status=400), FakeInstance("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
 
 
 def test_prefill_connection_drop_is_recorded_with_its_cause():
@@ -268,7 +168,7 @@ def test_prefill_connection_drop_is_recorded_with_its_cause():
         reason = pool.get(P.url).down_reason
         assert reason not in (None, "None", "") and "disconnect" in reason.lower(), reason
 
-    _run([Timed("P", drop=True), Timed("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
+    run_router([FakeInstance("P", drop=True), FakeInstance("D")], ["prefill", "decode"], fn, "--dispatch", "sequential")
 
 
 def test_decode_timeout_takes_the_instance_out_with_the_error_type():
@@ -278,7 +178,7 @@ def test_decode_timeout_takes_the_instance_out_with_the_error_type():
             assert r.status == 502
         assert pool.get(D.url).down_reason == "TimeoutError"  # the exception has no message: its type
 
-    _run([Timed("P"), Timed("D", first_s=5.0)], ["prefill", "decode"], fn, "--request-timeout", "0.5",
+    run_router([FakeInstance("P"), FakeInstance("D", first_s=1.0)], ["prefill", "decode"], fn, "--request-timeout", "0.5",
          "--max-retries", "0")
 
 
@@ -293,7 +193,7 @@ def test_no_prefill_instance_is_a_503_counted_as_failed():
         assert (snap.completed, snap.failed) == (0, 1) and snap.waiting_prefill == 0
         assert 'frontier_router_requests_total{endpoint="completions",outcome="no_instance"} 1.0' in await metrics(s, url)
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
 
 def test_waiting_requests_are_counted_until_an_instance_comes_back():
@@ -314,7 +214,7 @@ def test_waiting_requests_are_counted_until_an_instance_comes_back():
         assert pool.snapshot().waiting_prefill == 0
         assert 'frontier_router_queue{stage="prefill"} 0.0' in await metrics(s, url)
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn, "--queue-timeout", "5")
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn, "--queue-timeout", "5")
 
 
 # ---- TTFT and TPOT --------------------------------------------------------------------------
@@ -327,9 +227,10 @@ SLACK = 0.15
 def test_streaming_ttft_is_the_first_token_and_tpot_the_mean_gap_after_it():
     async def fn(s, url, insts, pool, router):
         async with s.post(url + "/v1/completions",
-                          json={"prompt": "hi", "max_tokens": TOKENS, "stream": True}) as r:
+                          json={"prompt": "hi", "max_tokens": TOKENS, "stream": True,
+                                "stream_options": {"include_usage": True}}) as r:
             body = await r.text()
-        assert body.count("data: {") == TOKENS
+        assert body.count("data: {") == TOKENS + 1  # and the usage chunk, which is no token
         snap = pool.snapshot()
         (ttft,), (tpot,) = snap.ttft_s, snap.tpot_s
         # sequential: P's answer, then D's first token
@@ -340,8 +241,10 @@ def test_streaming_ttft_is_the_first_token_and_tpot_the_mean_gap_after_it():
         text = await metrics(s, url)
         assert "frontier_router_ttft_seconds_count 1.0" in text
         assert "frontier_router_tpot_seconds_count 1.0" in text
+        (e2e,) = [float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("frontier_router_e2e_seconds_sum")]
+        assert PREFILL_S + FIRST_S + GAP_S * (TOKENS - 1) <= e2e < PREFILL_S + FIRST_S + GAP_S * (TOKENS - 1) + SLACK
 
-    _run([Timed("P", prefill_s=PREFILL_S), Timed("D", first_s=FIRST_S, gap_s=GAP_S, tokens=TOKENS)],
+    run_router([FakeInstance("P", prefill_s=PREFILL_S), FakeInstance("D", first_s=FIRST_S, gap_s=GAP_S, tokens=TOKENS)],
          ["prefill", "decode"], fn, "--dispatch", "sequential")
 
 
@@ -355,7 +258,7 @@ def test_non_streaming_ttft_is_when_the_prefill_answered():
         decode_s = FIRST_S + GAP_S * (TOKENS - 1)
         assert decode_s / (TOKENS - 1) <= tpot < (decode_s + SLACK) / (TOKENS - 1), tpot
 
-    _run([Timed("P", prefill_s=PREFILL_S), Timed("D", first_s=FIRST_S, gap_s=GAP_S, tokens=TOKENS)],
+    run_router([FakeInstance("P", prefill_s=PREFILL_S), FakeInstance("D", first_s=FIRST_S, gap_s=GAP_S, tokens=TOKENS)],
          ["prefill", "decode"], fn, "--dispatch", "sequential")
 
 
@@ -364,10 +267,15 @@ def test_single_token_answer_has_a_ttft_and_no_tpot():
         async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1, "stream": True}) as r:
             await r.text()
         snap = pool.snapshot()
-        assert len(snap.ttft_s) == 1 and snap.tpot_s == ()
+        assert len(snap.ttft_s) == 1 and snap.tpot_s == () and snap.completed == 1
         assert "frontier_router_tpot_seconds_count 0.0" in await metrics(s, url)
+        # two tokens: one gap, one TPOT sample
+        async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True}) as r:
+            await r.text()
+        snap = pool.snapshot()
+        assert len(snap.ttft_s) == 2 and len(snap.tpot_s) == 1 and snap.completed == 2
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
 
 def test_failed_request_records_no_latency():
@@ -378,7 +286,7 @@ def test_failed_request_records_no_latency():
         assert snap.ttft_s == () and snap.tpot_s == () and snap.failed == 1
         assert "frontier_router_e2e_seconds_count 0.0" in await metrics(s, url)
 
-    _run([Timed("P"), Timed("D", status=500)], ["prefill", "decode"], fn, "--max-retries", "0")
+    run_router([FakeInstance("P"), FakeInstance("D", status=500)], ["prefill", "decode"], fn, "--max-retries", "0")
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -431,7 +339,7 @@ def test_health_lists_every_instance_and_is_503_without_a_decode_instance():
         async with s.get(url + "/health") as r:
             assert r.status == 503
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
 
 def test_prometheus_reports_health_per_instance_and_sums_kv_bytes_of_healthy_ones():
@@ -452,31 +360,7 @@ def test_prometheus_reports_health_per_instance_and_sums_kv_bytes_of_healthy_one
              "D1": 'frontier_pd_recv_bytes_total{engine="0"} 1000.0\n',
              "D2": 'other_metric 3\nfrontier_pd_recv_bytes_total{engine="0"} 7.0\n'}
 
-    class WithMetrics(Timed):
-        async def start(self):
-            app = web.Application()
-
-            async def health(r):
-                return web.json_response({})
-
-            async def models(r):
-                return web.json_response({"data": [{"id": "m"}]})
-
-            async def metrics(r):
-                return web.Response(text=lines[self.name])
-
-            app.router.add_get("/health", health)
-            app.router.add_get("/v1/models", models)
-            app.router.add_get("/metrics", metrics)
-            app.router.add_post("/v1/completions", self.complete)
-            self.runner = web.AppRunner(app)
-            await self.runner.setup()
-            site = web.TCPSite(self.runner, "127.0.0.1", 0)
-            await site.start()
-            self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-            return self
-
-    _run([WithMetrics("P"), WithMetrics("D1"), WithMetrics("D2")], ["prefill", "decode", "decode"], fn)
+    run_router([FakeInstance(n, metrics_text=lines[n]) for n in ("P", "D1", "D2")], ["prefill", "decode", "decode"], fn)
 
 
 def test_models_come_from_the_first_healthy_instance():
@@ -492,7 +376,7 @@ def test_models_come_from_the_first_healthy_instance():
             assert await r.json() == {"error": {"message": "no healthy instance", "type": "frontier_router_error",
                                                 "code": 503}}
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
 
 def test_models_skips_an_instance_that_refuses_connections():
@@ -504,7 +388,7 @@ def test_models_skips_an_instance_that_refuses_connections():
         P.runner = web.AppRunner(web.Application())  # stop() again at the end is harmless
         await P.runner.setup()
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
 
 def test_error_bodies_are_openai_shaped():
@@ -515,18 +399,7 @@ def test_error_bodies_are_openai_shaped():
                                                 "type": "frontier_router_error", "code": 400}}
         assert 'frontier_router_requests_total{endpoint="completions",outcome="bad_request"} 1.0' in await metrics(s, url)
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
-
-
-def test_failed_instance_records_why():
-    async def fn(s, url, insts, pool, router):
-        P, D = insts
-        async with s.post(url + "/v1/completions", json={"prompt": "hi"}) as r:
-            assert r.status == 502
-        inst = pool.get(D.url)
-        assert not inst.healthy and inst.down_reason.startswith("decode answered 500")
-
-    _run([Timed("P"), Timed("D", status=500)], ["prefill", "decode"], fn, "--max-retries", "0")
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
 
 def test_probe_learns_the_model_and_kv_address_and_marks_health():
@@ -541,16 +414,13 @@ def test_probe_learns_the_model_and_kv_address_and_marks_health():
         D.runner = web.AppRunner(web.Application())
         await D.runner.setup()
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
 
 def test_probe_marks_down_an_instance_without_a_kv_listener_or_health():
-    class NoKV(Timed):
-        async def complete(self, request):
-            body = await request.json()
-            if (body.get("kv_transfer_params") or {}).get("frontier_pd") == "hello":
-                return web.json_response({"choices": [{"text": "x"}]})
-            return await super().complete(request)
+    class NoKV(FakeInstance):
+        def hello_answer(self):
+            return {"choices": [{"text": "x"}]}
 
     async def fn(s, url, insts, pool, router):
         P, D = insts
@@ -559,7 +429,7 @@ def test_probe_marks_down_an_instance_without_a_kv_listener_or_health():
         assert "FRONTIER_PD=1" in inst.down_reason
         assert pool.get(P.url).healthy
 
-    _run([Timed("P"), NoKV("D")], ["prefill", "decode"], fn)
+    run_router([FakeInstance("P"), NoKV("D")], ["prefill", "decode"], fn)
 
 
 def test_prefill_request_is_one_token_and_carries_the_wire_choice():
@@ -581,7 +451,7 @@ def test_prefill_request_is_one_token_and_carries_the_wire_choice():
         assert db["kv_transfer_params"] == {"frontier_pd": "consume", "transfer_id": kp["transfer_id"],
                                             "remote_addr": "tcp://P:1", "do_remote_prefill": True}
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn, "--wire", "fp8")
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn, "--wire", "fp8")
 
 
 def test_without_wire_choice_the_prefill_keeps_its_own():
@@ -592,7 +462,7 @@ def test_without_wire_choice_the_prefill_keeps_its_own():
         assert "wire" not in P.seen[0]["kv_transfer_params"] and "max_completion_tokens" not in P.seen[0]
         assert P.seen[0]["model"] == "x" and D.seen[0]["model"] == "x"  # the client's model name is kept
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
 
 def test_main_reports_a_bad_instance_url_in_one_line(capsys, monkeypatch):
@@ -605,7 +475,7 @@ def test_main_reports_a_bad_instance_url_in_one_line(capsys, monkeypatch):
 
 
 def test_models_passes_the_instance_status_through():
-    class Locked(Timed):
+    class Locked(FakeInstance):
         """Serves its model name once (the router's probe), then refuses."""
         calls = 0
 
@@ -619,7 +489,7 @@ def test_models_passes_the_instance_status_through():
         async with s.get(url + "/v1/models") as r:
             assert r.status == 401 and await r.json() == {"error": "no"}
 
-    _run([Locked("P"), Timed("D")], ["prefill", "decode"], fn)
+    run_router([Locked("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
 
 def test_chat_requests_are_routed_and_counted_as_chat():
@@ -635,4 +505,4 @@ def test_chat_requests_are_routed_and_counted_as_chat():
         assert 'frontier_router_requests_total{endpoint="chat",outcome="ok"} 1.0' in text
         assert 'frontier_router_requests_total{endpoint="chat",outcome="bad_request"} 1.0' in text
 
-    _run([Timed("P"), Timed("D")], ["prefill", "decode"], fn)
+    run_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)

@@ -1,107 +1,18 @@
 """Router behaviour against fake OpenAI instances (no engines): routing, retries, errors, metrics."""
 
-import asyncio
-import json
-import socket
-import sys
-
-import aiohttp
 import pytest
-from aiohttp import web
+from fake_instance import FakeInstance, run_router
 
 from vllm_frontier.schedulers import router as R
 
 
-class FakeInstance:
-    """Speaks the slice of vLLM's API the router uses; records what it was sent."""
-
-    def __init__(self, name, tokens=4, fail_completions=False):
-        self.name, self.tokens, self.fail = name, tokens, fail_completions
-        self.seen: list[dict] = []
-        self.runner = None
-
-    async def start(self):
-        app = web.Application()
-        async def health(r):
-            return web.json_response({})
-
-        async def models(r):
-            return web.json_response({"data": [{"id": "m"}]})
-
-        async def metrics(r):
-            return web.Response(text=f'frontier_pd_recv_bytes_total{{engine="0"}} {1000 * len(self.seen)}.0\n')
-
-        app.router.add_get("/health", health)
-        app.router.add_get("/v1/models", models)
-        app.router.add_get("/metrics", metrics)
-        app.router.add_post("/v1/completions", self.complete)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def stop(self):
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
-
-    async def complete(self, request):
-        body = await request.json()
-        kp = body.get("kv_transfer_params") or {}
-        if kp.get("frontier_pd") == "hello":
-            return web.json_response({"choices": [{"text": "x"}],
-                                      "kv_transfer_params": {"kv_addr": f"tcp://{self.name}:1"}})
-        self.seen.append(body)
-        if self.fail:  # the instance dies: drop the connection
-            request.transport.close()
-            await asyncio.sleep(1)
-        n = body.get("max_tokens", 16)
-        if body.get("stream"):
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            for i in range(min(n, self.tokens)):
-                await resp.write(b'data: {"choices":[{"text":"t%d"}]}\n\n' % i)
-                await asyncio.sleep(0.01)
-            await resp.write(b"data: [DONE]\n\n")
-            return resp
-        k = min(n, self.tokens)
-        return web.json_response({"choices": [{"text": self.name * k}],
-                                  "usage": {"prompt_tokens": 3, "completion_tokens": k}})
-
-
-def _args(**kw):
-    argv = []
-    for k in ("prefill", "decode", "both"):
-        if kw.get(k):
-            argv += [f"--{k}", *kw[k]]
-    argv += ["--health-interval", "0.2", "--queue-timeout", str(kw.get("queue_timeout", 0.2)),
-             "--dispatch", kw.get("dispatch", "concurrent")]
-    return R.parse_args(argv)
-
-
-async def _with_router(instances, roles, fn, **kw):
-    insts = [await i.start() for i in instances]
-    args = _args(**{role: [i.url for i, r in zip(insts, roles) if r == role] for role in set(roles)}, **kw)
-    pool = R.make_pool(args)
-    app, router = R.build_app(pool, args)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    try:
-        async with aiohttp.ClientSession() as s:
-            return await fn(s, url, insts, pool)
-    finally:
-        await runner.cleanup()
-        for i in insts:
-            await i.stop()
+def _with_router(instances, roles, fn, dispatch="concurrent"):
+    # a short health interval: the health loop runs during these tests
+    return run_router(instances, roles, fn, "--health-interval", "0.2", "--dispatch", dispatch)
 
 
 def test_request_goes_through_prefill_then_decode():
-    async def fn(s, url, insts, pool):
+    async def fn(s, url, insts, pool, router):
         P, D = insts
         async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 5}) as r:
             assert r.status == 200
@@ -114,7 +25,7 @@ def test_request_goes_through_prefill_then_decode():
         assert db["max_tokens"] == 5 and db["model"] == "m"
         snap = pool.snapshot()
         assert snap.completed == 1 and len(snap.ttft_s) == 1 and len(snap.tpot_s) == 1
-        assert snap.prompt_tokens == (3,)
+        assert snap.prompt_tokens == (7,)  # from the prefill answer
         assert all(i.inflight_prefill == 0 and i.inflight_decode == 0 for i in snap.instances)
         async with s.get(url + "/metrics") as r:
             text = await r.text()
@@ -122,22 +33,22 @@ def test_request_goes_through_prefill_then_decode():
         assert "frontier_router_ttft_seconds_count 1.0" in text
         assert "frontier_router_kv_bytes_moved 2000.0" in text  # P and D each report 1000
 
-    asyncio.run(_with_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn))
+    _with_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
 
 def test_streaming_passthrough_counts_tokens():
-    async def fn(s, url, insts, pool):
+    async def fn(s, url, insts, pool, router):
         async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "stream": True}) as r:
             body = await r.text()
         assert body.count("data: {") == 3 and body.rstrip().endswith("data: [DONE]")
         snap = pool.snapshot()
         assert len(snap.tpot_s) == 1 and snap.tpot_s[0] > 0.005  # fake sleeps 10 ms between tokens
 
-    asyncio.run(_with_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn))
+    _with_router([FakeInstance("P"), FakeInstance("D", gap_s=0.01)], ["prefill", "decode"], fn)
 
 
 def test_dead_decode_is_retried_elsewhere_and_leaves_rotation():
-    async def fn(s, url, insts, pool):
+    async def fn(s, url, insts, pool, router):
         P, D1, D2 = insts
         for _ in range(3):
             async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
@@ -156,12 +67,12 @@ def test_dead_decode_is_retried_elsewhere_and_leaves_rotation():
             h = await r.json()
         assert h["ok"] and [i["healthy"] for i in h["instances"]] == [True, False, True]
 
-    asyncio.run(_with_router([FakeInstance("P"), FakeInstance("B", fail_completions=True), FakeInstance("G")],
-                             ["prefill", "decode", "decode"], fn))
+    _with_router([FakeInstance("P"), FakeInstance("B", drop=True), FakeInstance("G")],
+                             ["prefill", "decode", "decode"], fn)
 
 
 def test_no_decode_instance_is_a_clear_503():
-    async def fn(s, url, insts, pool):
+    async def fn(s, url, insts, pool, router):
         P, D = insts
         await D.stop()  # the only decode instance dies
         async with s.post(url + "/v1/completions", json={"prompt": "hi"}) as r:
@@ -171,11 +82,11 @@ def test_no_decode_instance_is_a_clear_503():
             assert r.status == 400
         assert pool.snapshot().instances[0].inflight_prefill == 0  # nothing leaked
 
-    asyncio.run(_with_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn))
+    _with_router([FakeInstance("P"), FakeInstance("D")], ["prefill", "decode"], fn)
 
 
 def test_set_role_moves_traffic():
-    async def fn(s, url, insts, pool):
+    async def fn(s, url, insts, pool, router):
         A, B = insts
         pool.set_role(B.url, "prefill")
         pool.set_role(A.url, "decode")
@@ -183,7 +94,7 @@ def test_set_role_moves_traffic():
             assert (await r.json())["choices"][0]["text"] == "AA"
         assert B.seen[0]["kv_transfer_params"]["frontier_pd"] == "produce"
 
-    asyncio.run(_with_router([FakeInstance("A"), FakeInstance("B")], ["prefill", "decode"], fn))
+    _with_router([FakeInstance("A"), FakeInstance("B")], ["prefill", "decode"], fn)
 
 
 def test_cli_errors(capsys, monkeypatch):
@@ -196,12 +107,12 @@ def test_cli_errors(capsys, monkeypatch):
 
 
 def test_sequential_dispatch_with_dead_prefill_computes_on_decode():
-    async def fn(s, url, insts, pool):
+    async def fn(s, url, insts, pool, router):
         P, D = insts
         async with s.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}) as r:
             assert r.status == 200 and (await r.json())["choices"][0]["text"] == "DD"
         assert "kv_transfer_params" not in D.seen[0]  # no KV to pull: the prompt is computed on D
         assert len(P.seen) == 1
 
-    asyncio.run(_with_router([FakeInstance("P", fail_completions=True), FakeInstance("D")],
-                             ["prefill", "decode"], fn, dispatch="sequential"))
+    _with_router([FakeInstance("P", drop=True), FakeInstance("D")],
+                             ["prefill", "decode"], fn, dispatch="sequential")

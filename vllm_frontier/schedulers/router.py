@@ -97,7 +97,7 @@ class Router:
                     )
                 self.pool.set_kv_addr(url, params["kv_addr"])
         except (aiohttp.ClientError, asyncio.TimeoutError, InstanceError, KeyError, IndexError,
-                ValueError) as e:
+                TypeError, AttributeError, ValueError) as e:  # the last four: a malformed answer
             if self.pool.get(url).healthy:
                 logger.warning("router: %s out of rotation: %s", url, e or type(e).__name__)
             self.pool.mark_down(url, str(e) or type(e).__name__)
@@ -214,8 +214,7 @@ class Router:
                     dinst = await self._acquire_waiting(Stage.DECODE, exclude=tried)
                 except NoInstanceAvailable as e:
                     if resp is None:
-                        self.metrics.requests.labels(endpoint, "no_instance").inc()
-                        outcome = "no_instance"
+                        outcome = "no_instance"  # counted in `finally`
                         return _error(503, f"{e}; check the instances' /health and the router log")
                     break
                 tried.append(dinst.url)
