@@ -18,18 +18,18 @@ metadata) runs the same path on one full-size tile, so vLLM's memory profile see
 The layer's forward is the registered custom op `torch.ops.vllm_frontier.sparse_attn_indexer` (it mutates the
 top-k buffer, returns nothing), as vLLM's own indexer is `torch.ops.vllm.sparse_attn_indexer`: torch.compile
 sees one opaque node, vLLM's piecewise compilation splits its graphs there (`register_indexer` adds it to the
-attention ops vLLM's default `splitting_ops` hold), and breakable CUDA graphs end their capture segment there. The op finds its layer
-by name in vLLM's static forward context, as vLLM's attention ops do.
+attention ops vLLM's default `splitting_ops` hold), and breakable CUDA graphs end their capture segment there.
+The op finds its layer by name in vLLM's static forward context, as vLLM's attention ops do.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.library import Library
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.custom_op import CustomOp
 from vllm.model_executor.layers.sparse_attn_indexer import SparseAttnIndexer
 from vllm.utils.torch_utils import direct_register_custom_op
-from torch.library import Library
 
 from vllm_frontier.kernels._common import use_triton
 from vllm_frontier.kernels.indexer import indexer_paged_logits, topk_indices, write_indexer_k_cache

@@ -228,11 +228,14 @@ def warm_up_split_variants(num_heads: int, dtype: torch.dtype, is_fp8_kvcache: b
     ``SPLIT_CHOICES`` for this head count, query dtype and cache format, on two blocks of dummy cache, so serving
     never meets a new variant (and never compiles during CUDA-graph capture). Once per process and shape;
     returns the launches made (0 when already warm, or where nothing is compiled)."""
-    key = (num_heads, dtype, is_fp8_kvcache, sparse, str(device), block_size, topk, target_capability(device))
-    q = torch.zeros(1, 1, num_heads, LATENT_DIM, dtype=dtype, device=device)
-    if key in _WARM or not use_triton(None, q) or (INTERPRET and target_capability(device) is None):
-        return 0  # done once per process; the torch reference or the interpreter compile nothing
+    capability = target_capability(device)
+    key = (num_heads, dtype, is_fp8_kvcache, sparse, str(device), block_size, topk, capability)
+    if key in _WARM:
+        return 0
     _WARM.add(key)
+    q = torch.zeros(1, 1, num_heads, LATENT_DIM, dtype=dtype, device=device)
+    if not use_triton(None, q) or (INTERPRET and capability is None):
+        return 0  # the torch reference or the interpreter: nothing is compiled
     width = FP8_ROW_BYTES if is_fp8_kvcache else LATENT_DIM
     cache = torch.zeros(2, block_size, 1, width, dtype=torch.uint8 if is_fp8_kvcache else dtype, device=device)
     table = torch.arange(2, dtype=torch.int32, device=device).view(1, 2)
