@@ -64,3 +64,32 @@ def test_dsa_registration_is_idempotent():
                        env={**__import__("os").environ, "FRONTIER_DSA": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "OK True" in r.stdout
+
+
+def test_absorbed_weights_are_made_contiguous_once_and_bmm_stops_copying_them():
+    """vLLM's MLA layer keeps W_UK_T / W_UV as strided views of the split kv_b_proj weight; torch.bmm copies
+    such a bf16 weight on every call. After `make_absorbed_weights_contiguous` the values are the same and a decode
+    bmm copies nothing."""
+    from vllm_frontier.attention_backends.absorbed_weights import make_absorbed_weights_contiguous
+
+    L, N, P, V = 512, 4, 128, 128   # the embedded model's geometry (small shapes take a path that does not copy)
+    kv_b = torch.randn(L, N, P + V).bfloat16()   # vLLM: kv_b_proj.weight.T viewed per head, then split
+    layer = torch.nn.Module()
+    layer.W_UK_T = torch.nn.Parameter(kv_b[..., :P].permute(1, 2, 0), requires_grad=False)   # [N, P, L]
+    layer.W_UV = torch.nn.Parameter(kv_b[..., P:].transpose(0, 1), requires_grad=False)      # [N, L, V]
+    want_uk, want_uv = layer.W_UK_T.clone(), layer.W_UV.clone()
+    q = torch.randn(N, 1, P).bfloat16()   # bf16 (a bf16 model): torch.bmm copies such weights; fp32 does not
+
+    def copies():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            torch.bmm(torch.bmm(q, layer.W_UK_T), layer.W_UV)
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::copy_")
+
+    assert not layer.W_UK_T.is_contiguous() and copies() >= 2
+    make_absorbed_weights_contiguous(layer)
+    assert layer.W_UK_T.is_contiguous() and layer.W_UV.is_contiguous()
+    assert torch.equal(layer.W_UK_T, want_uk) and torch.equal(layer.W_UV, want_uv)
+    assert copies() == 0
+    uk = layer.W_UK_T
+    make_absorbed_weights_contiguous(layer)   # already contiguous: left as is
+    assert layer.W_UK_T is uk

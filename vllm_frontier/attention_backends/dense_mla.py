@@ -27,6 +27,7 @@ from vllm_frontier.kernels.flash_mla_interface import (
     warm_up_split_variants,
 )
 
+from .absorbed_weights import make_absorbed_weights_contiguous
 from .capabilities import LatentBackendCapabilities
 from .latent_cache_io import check_kv_cache_dtype, is_fp8_cache, write_rows
 from .token_layout import token_rows
@@ -68,6 +69,7 @@ class FrontierMLAImpl(CPUMLAImpl):
     """CPU-safe attribute setup from vLLM's CPU MLA impl; decode and cache writes are ours."""
 
     can_return_lse_for_decode: bool = True
+    _absorbed_contiguous = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -81,6 +83,9 @@ class FrontierMLAImpl(CPUMLAImpl):
                                device=current_device())
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache: torch.Tensor, attn_metadata: MLACommonMetadata, layer):
+        if not self._absorbed_contiguous:   # once per layer: vLLM leaves them strided (absorbed_weights.py)
+            make_absorbed_weights_contiguous(layer)
+            self._absorbed_contiguous = True
         decode = attn_metadata.decode
         assert decode is not None
         if isinstance(q, tuple):

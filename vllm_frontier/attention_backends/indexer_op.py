@@ -7,10 +7,11 @@ request-local positions (stable ties: lower position wins; -1 = unused) into the
 the sparse MLA backend reads.
 
 Two paths, one result:
-- CPU: decode / MTP tokens of all requests together through vLLM's paged C++ kernel
-  (`fp8_paged_mqa_logits_cpu`), prefill chunks request by request against their keys read once as a
-  contiguous matrix, in row tiles (`kernels/indexer_topk.py`); the step's layout comes from the metadata
-  builder (no host syncs here).
+- CPU: decode / MTP tokens of all requests together in one call of our C++ kernel (`kernels/dsa_cpu.py`: scores
+  and top-k; it also writes the K cache), or where it cannot be built, through vLLM's paged C++ scores
+  (`fp8_paged_mqa_logits_cpu`) and a torch top-k; prefill chunks request by request against their keys read
+  once as a contiguous matrix, in row tiles (`kernels/indexer_topk.py`); the step's layout comes from the
+  metadata builder (no host syncs here).
 - GPU (Triton): one kernel row per query token over the paged cache, in row chunks.
 Both keep the working memory of one layer call under `WORKSPACE_BYTES`, and the profile run (no attention
 metadata) runs the same path on one full-size tile, so vLLM's memory profile sees that peak.
@@ -31,6 +32,7 @@ from vllm.model_executor.custom_op import CustomOp
 from vllm.model_executor.layers.sparse_attn_indexer import SparseAttnIndexer
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from vllm_frontier.kernels import dsa_cpu
 from vllm_frontier.kernels._common import use_triton
 from vllm_frontier.kernels.indexer import indexer_paged_logits, topk_indices, write_indexer_k_cache
 from vllm_frontier.kernels.indexer_topk import (
@@ -105,6 +107,9 @@ class FrontierSparseAttnIndexer(SparseAttnIndexer):
         kv_cache = self.k_cache.kv_cache
         out = self.topk_indices_buffer[:n]
         if mla_md.cpu_layout is not None and not use_triton(None, q_quant):
+            if dsa_cpu.available():
+                self._forward_cpu_kernel(q_quant[:n], k, weights[:n], kv_cache, index_md, mla_md, out)
+                return
             with mla_md.cpu_layout.threads():
                 if k is not None:
                     write_indexer_k_cache(k[:n], kv_cache, index_md.slot_mapping[:n], scale_fmt=self.scale_fmt)
@@ -116,6 +121,25 @@ class FrontierSparseAttnIndexer(SparseAttnIndexer):
         if n:
             self._forward_flat(q_quant[:n], weights[:n], kv_cache, index_md.block_table[mla_md.token_req[:n]],
                                mla_md.token_visible[:n], mla_md.max_seq_len, out)
+
+    def _forward_cpu_kernel(self, q, k, weights, kv_cache, index_md, md: FrontierSparseMLAMetadata, out) -> None:
+        """CPU with the C++ kernel: the K-cache write and the short-query tokens' scores and top-k in one call
+        each; prefill chunks as in `_forward_cpu_tiles`."""
+        n, topk = q.shape[0], self.topk_tokens
+        cache = kv_cache.squeeze(2) if kv_cache.dim() == 4 else kv_cache
+        if k is not None:
+            dsa_cpu.write_k(k[:n], cache, index_md.slot_mapping[:n], self.scale_fmt)
+        layout = md.cpu_layout
+        short = layout.short_tokens
+        if short.numel() == n:   # a decode / MTP step: every token, no gather
+            out[:, :topk] = dsa_cpu.indexer_topk(q, weights, cache, index_md.block_table, md.token_req[:n],
+                                                 md.token_visible[:n], topk)
+        elif short.numel():
+            out[short, :topk] = dsa_cpu.indexer_topk(q[short], weights[short], cache, index_md.block_table,
+                                                     md.token_req[short], md.token_visible[short], topk)
+        for r, q0, q1, seq_len in layout.long_requests:
+            keys = request_keys(cache, index_md.block_table[r], seq_len)
+            indexer_topk_request(q[q0:q1], weights[q0:q1], keys, topk, out[q0:q1])
 
     def _forward_cpu_tiles(self, q, weights, kv_cache, block_table, md: FrontierSparseMLAMetadata, out) -> None:
         layout, k = md.cpu_layout, self.topk_tokens

@@ -26,6 +26,7 @@ from vllm.v1.attention.backend import (
     MLAAttentionImpl,
 )
 
+from vllm_frontier.kernels import dsa_cpu
 from vllm_frontier.kernels._common import current_device, use_triton
 from vllm_frontier.kernels.flash_mla_interface import (
     flash_mla_with_kvcache,
@@ -34,6 +35,7 @@ from vllm_frontier.kernels.flash_mla_interface import (
 )
 from vllm_frontier.kernels.sparse_mla_tokens import sparse_mla_tokens
 
+from .absorbed_weights import make_absorbed_weights_contiguous
 from .capabilities import LatentBackendCapabilities
 from .latent_cache_io import check_kv_cache_dtype, is_fp8_cache, write_rows
 from .token_layout import token_rows
@@ -166,6 +168,7 @@ class FrontierSparseMLAMetadataBuilder(AttentionMetadataBuilder[FrontierSparseML
 class FrontierSparseMLAImpl(MLAAttentionImpl[FrontierSparseMLAMetadata], SharedTopkIndicesBuffer):
     is_sparse = True
     can_return_lse_for_decode = True
+    _absorbed_contiguous = False
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                  logits_soft_cap, attn_type, kv_sharing_target_layer_name, topk_indices_buffer=None,
@@ -195,14 +198,20 @@ class FrontierSparseMLAImpl(MLAAttentionImpl[FrontierSparseMLAMetadata], SharedT
         """The indexer has filled the shared top-k buffer (nothing to synchronize on one stream)."""
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache: torch.Tensor, attn_metadata: FrontierSparseMLAMetadata, layer):
+        if not self._absorbed_contiguous:   # once per layer: vLLM leaves them strided (absorbed_weights.py)
+            make_absorbed_weights_contiguous(layer)
+            self._absorbed_contiguous = True
         if isinstance(q, tuple):
             q = torch.cat(q, dim=-1)
         n = q.shape[0]
         md = attn_metadata
         topk = self.topk_indices_buffer[:n, : md.topk_tokens]
         if md.cpu_layout is not None and not use_triton(None, q):
-            # CPU: gather each token's selected rows once per tile, batched products (no per-position masks)
             cache = kv_c_and_k_pe_cache.squeeze(2) if kv_c_and_k_pe_cache.dim() == 4 else kv_c_and_k_pe_cache
+            if not md.cpu_layout.long_requests and cache.dtype != torch.uint8 and dsa_cpu.available():
+                # decode / MTP steps: one C++ call (the per-op cost of the torch path is what such a step pays)
+                return dsa_cpu.sparse_mla(q, cache, md.block_table, md.token_req[:n], topk, self.scale)
+            # gather each token's selected rows once per tile, batched products (no per-position masks)
             with md.cpu_layout.threads():
                 return sparse_mla_tokens(q, cache, md.block_table, md.token_req[:n], topk, self.scale)
         # the indexer's request-local positions -> physical cache slots (FlashMLA's sparse indices)

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from vllm_frontier.kernels.cpp_build import build_library, cpu_flags
 
 from .fp4_formats import FP4Tensor
 
@@ -50,54 +48,15 @@ ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 _ABI = 1
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vllm_frontier" / "fp4_cpu"
-
-
-def _build() -> Path:
-    """Compile the kernel unless a build of the same source and flags is cached; returns the .so path."""
-    src = _SRC.read_bytes()
-    key = hashlib.sha256(src + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    out = _cache_dir() / key / "libfp4_cpu.so"
-    if out.is_file():
-        return out
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (g++) on PATH")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # build beside, rename: concurrent builders are safe
-    os.close(fd)
-    try:
-        proc = subprocess.run([cxx, *_FLAGS, str(_SRC), "-o", tmp], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
-
-
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("FRONTIER_FP4_CPU_KERNEL", "1") == "0":
         return None, "disabled by FRONTIER_FP4_CPU_KERNEL=0"
-    missing = [f for f in _CPU_FLAGS_NEEDED if f not in _cpu_flags()]
+    missing = [f for f in _CPU_FLAGS_NEEDED if f not in cpu_flags()]
     if missing:
         return None, f"the CPU lacks {', '.join(missing)}"
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = ctypes.CDLL(str(build_library(_SRC, _FLAGS, "fp4_cpu")))
     except Exception as e:  # noqa: BLE001 - any build/load failure means: use the torch path, say why
         return None, f"building the kernel failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     if lib.fp4_cpu_abi_version() != _ABI:
