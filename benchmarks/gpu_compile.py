@@ -216,6 +216,19 @@ def project_launches(cc: int, heads: int = 128, only: set[str] | None = None) ->
                     for M in (1, 256):
                         with rec.as_label(f"w4a16 {fmt} M={M} N={N} K={K}"):
                             wg.w4a16_gemm(torch.randn(M, K, dtype=bf16), qw)
+                # the decode-shape kernel (layout permuted at load), as fp4_methods runs it at M <= 16
+                from vllm_frontier.quantization import w4a16_decode_gemm as wd
+
+                orig_d = wd._num_sms
+                wd._num_sms = lambda device: SM_COUNT[cc]
+                try:
+                    for fmt in ("nvfp4", "mxfp4"):
+                        dw = wd.permute_fp4(fp4_formats.quantize(w, fmt))
+                        for M in (1, 16):
+                            with rec.as_label(f"w4a16 decode {fmt} M={M} N={N} K={K}"):
+                                wd.w4a16_decode_gemm(torch.randn(M, K, dtype=bf16), dw)
+                finally:
+                    wd._num_sms = orig_d
                 qe = fp4_formats.quantize(torch.randn(4, 2048, 512) * 0.02, "nvfp4")
                 with rec.as_label("w4a16 grouped nvfp4 (4 experts N=2048 K=512)"):
                     wg.w4a16_grouped_gemm(torch.randn(8, 512, dtype=bf16), qe,

@@ -72,7 +72,8 @@ def _replace_with_fp4(layer: torch.nn.Module, name: str, fmt: str) -> None:
     if layout == "decode":
         d = permute_fp4(q)
         if d.exact:  # else (MXFP4 block scales spanning > 24 binades) the pairs kernel, exact for any scales
-            for suffix, t in (("words", d.words), ("dscale", d.scales), ("post", d.post), ("exp_bias", d.exp_bias)):
+            # `<stem>_packed` holds the int32 words (vLLM's MLA finds kv_b_proj's device through `weight_packed`)
+            for suffix, t in (("packed", d.words), ("scale", d.scales), ("post", d.post), ("exp_bias", d.exp_bias)):
                 layer.register_parameter(f"{stem}_{suffix}", torch.nn.Parameter(t, requires_grad=False))
             setattr(layer, f"{stem}_fp4_layout", layout)
             setattr(layer, f"{stem}_fp4_kb", (d.k, d.kb))
@@ -87,7 +88,7 @@ def _replace_with_fp4(layer: torch.nn.Module, name: str, fmt: str) -> None:
 def _fp4_of(layer: torch.nn.Module, stem: str, fmt: str) -> FP4Tensor | FP4Decode:
     if getattr(layer, f"{stem}_fp4_layout") == "decode":
         k, kb = getattr(layer, f"{stem}_fp4_kb")
-        return FP4Decode(fmt, getattr(layer, f"{stem}_words"), getattr(layer, f"{stem}_dscale"),
+        return FP4Decode(fmt, getattr(layer, f"{stem}_packed"), getattr(layer, f"{stem}_scale"),
                          getattr(layer, f"{stem}_post"), getattr(layer, f"{stem}_exp_bias"), k, kb)
     return FP4Tensor(fmt, getattr(layer, f"{stem}_packed"), getattr(layer, f"{stem}_scale"),
                      getattr(layer, f"{stem}_global_scale"), getattr(layer, f"{stem}_fp4_layout"))
