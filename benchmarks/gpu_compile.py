@@ -224,7 +224,7 @@ def project_launches(cc: int, heads: int = 128, only: set[str] | None = None) ->
                 try:
                     for fmt in ("nvfp4", "mxfp4"):
                         dw = wd.permute_fp4(fp4_formats.quantize(w, fmt))
-                        for M in (1, 16):
+                        for M in (1, 16, 256):  # 256: prefill runs the same layout with 64-row tiles
                             with rec.as_label(f"w4a16 decode {fmt} M={M} N={N} K={K}"):
                                 wd.w4a16_decode_gemm(torch.randn(M, K, dtype=bf16), dw)
                 finally:
@@ -257,7 +257,7 @@ def problems(row: dict) -> list[str]:
 
 # Launches whose code is compiled by another row too (same kernel, another flag): left out by --quick.
 QUICK_SKIP = ("mla dense decode fp8 cache", "mla sparse prefill", "latent cache write bf16", "indexer ragged logits",
-              "w4a16 mxfp4")
+              "w4a16 mxfp4", "w4a16 decode nvfp4 M=16", "w4a16 decode mxfp4 M=16", "w4a16 decode mxfp4 M=256")
 
 
 def _arch_rows(cc: int, heads: int, only: set[str] | None, quick: bool) -> list[dict]:

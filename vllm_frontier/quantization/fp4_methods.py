@@ -62,7 +62,8 @@ def _return_freed_memory() -> None:
 
 
 def _replace_with_fp4(layer: torch.nn.Module, name: str, fmt: str) -> None:
-    """Quantize parameter `name`, drop it, and register `<stem>_packed`, `_scale`, `_global_scale`."""
+    """Quantize parameter `name`, drop it, and register `<stem>_packed`, `_scale`, `_global_scale` (pairs / chunk32
+    layouts) or `<stem>_packed` (int32 words), `_scale`, `_post`, `_exp_bias` (the decode layout)."""
     stem = name[: -len("_weight")] if name.endswith("_weight") else name
     w = getattr(layer, name).data
     layout = _kernel_layout(w)

@@ -182,8 +182,9 @@ def default_decode_config(M: int, N: int, K: int, device: torch.device, kb: int 
     than on weights, and 1-warp programs leave SM sub-partitions idle. Split-K (fp32 atomics: two more launches,
     for the zeroed output and the cast) only while there are fewer than two programs per SM and each part
     still streams >= 4 K blocks. Offline compile (benchmarks/gpu_compile.py): no spills on sm_80 / sm_90."""
-    if M > DECODE_M:  # prefill through the same layout (no second copy of the weights): 64 x 64 tiles
-        return DecodeConfig(block_m=64, block_n=64, split_k=1, num_warps=4, num_stages=3)
+    if M > DECODE_M:  # prefill through the same layout (no second copy of the weights): 64 x 64 tiles, 8 warps
+        # and 2 stages: 4 warps spill on sm_80 / sm_120 and 3 stages need 112 KiB of shared memory for MXFP4
+        return DecodeConfig(block_m=64, block_n=64, split_k=1, num_warps=8, num_stages=2)
     sms = _num_sms(device)
     block_n = 32
     tiles = triton.cdiv(N, block_n)
