@@ -77,6 +77,13 @@ def test_permute_round_trips(fmt, shape):
     assert torch.equal(dequantize(back), dequantize(q))
 
 
+def test_word_packing_in_row_chunks_round_trips():
+    """Rows are packed a few at a time (bounded temporaries at load): a chunk border must not shift anything."""
+    codes = torch.randint(0, 16, (5, 2**20), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    words = layout._pack_words(codes)  # 4 rows per chunk at this K: two chunks
+    assert torch.equal(layout._words_to_codes(words), codes)
+
+
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_layout_matches_the_kernels_bit_expressions(fmt):
     """Every code through every k slot: the kernel's shift / mask expressions (emulated from the docstring)

@@ -71,6 +71,21 @@ def _layout_kb(k: int, group: int, kb: int | None) -> int:
     return kb
 
 
+def _pack_words(codes: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes [R, Kp] (uint8, Kp % 8 == 0) -> int32 words [R, Kp / 8] (bits per `_SLOT_BITS`), a few rows at a
+    time: the int64 temporaries stay ~32 MB instead of 8 bytes per weight value (this runs at load, per layer)."""
+    r, kp = codes.shape
+    out = torch.empty((r, kp // 8), dtype=torch.int32, device=codes.device)
+    step = max(1, (1 << 22) // max(kp, 1))
+    for i in range(0, r, step):
+        c = codes[i:i + step].reshape(-1, kp // 8, 8).to(torch.int64)
+        word = torch.zeros(c.shape[:-1], dtype=torch.int64, device=c.device)
+        for t, (mag, sign) in enumerate(_SLOT_BITS):
+            word |= ((c[..., t] & 7) << mag) | (((c[..., t] >> 3) & 1) << sign)
+        out[i:i + step] = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+    return out
+
+
 def permute_fp4(q: FP4Tensor, kb: int | None = None) -> FP4Decode:
     """Re-lay an FP4 weight [..., N, K] (any layout) for `w4a16_decode_gemm`. Done once, at load.
 
@@ -85,11 +100,7 @@ def permute_fp4(q: FP4Tensor, kb: int | None = None) -> FP4Decode:
     codes = q.codes()  # [..., N, K] uint8
     if kp != k:
         codes = torch.nn.functional.pad(codes, (0, kp - k))
-    c = codes.reshape(*lead, n, kp // 8, 8).to(torch.int64)
-    word = torch.zeros(c.shape[:-1], dtype=torch.int64, device=c.device)
-    for t, (mag, sign) in enumerate(_SLOT_BITS):
-        word |= ((c[..., t] & 7) << mag) | (((c[..., t] >> 3) & 1) << sign)
-    words = torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
+    words = _pack_words(codes.reshape(-1, kp)).reshape(*lead, n, kp // 8)
     s = q.scales
     if kp != k:
         s = torch.nn.functional.pad(s, (0, (kp - k) // group))  # zero scales: the padding decodes to 0
