@@ -108,9 +108,10 @@ def gpu_section(args) -> int:
     sweep = [] if args.smoke else [GemmConfig(16, bn, bk, sk, w, st) for bn, bk, sk, w, st in [
         (64, 128, 4, 4, 4), (32, 256, 2, 4, 3), (64, 256, 2, 4, 3)]]
     # the decode kernel's sweep: (block_m, block_n, split_k, num_warps, num_stages); BLOCK_K is the layout's 256
-    decode_sweep = [DecodeConfig(16, 32, 1, 2, 3)] if args.smoke else [DecodeConfig(16, bn, sk, w, st) for bn, sk, w, st in [
-        (32, 1, 2, 4), (32, 2, 2, 4), (32, 4, 2, 4), (16, 1, 1, 4), (16, 2, 1, 4), (64, 1, 4, 4), (64, 2, 4, 4),
-        (64, 4, 4, 3), (32, 1, 1, 4), (32, 2, 1, 3), (128, 2, 8, 3)]]
+    decode_sweep = [DecodeConfig(16, 32, 1, 2, 3)] if args.smoke else [
+        DecodeConfig(16, bn, sk, w, st) for bn, sk, w, st in [
+            (32, 1, 2, 4), (32, 2, 2, 4), (32, 4, 2, 4), (16, 1, 1, 4), (16, 2, 1, 4), (64, 1, 4, 4), (64, 2, 4, 4),
+            (64, 4, 4, 3), (32, 1, 1, 4), (32, 2, 1, 3), (128, 2, 8, 3)]]
     iters = 3 if args.smoke else 50
     copy = harness.copy_bandwidth(2**28 if on_gpu else 2**20, dev)
     report.data["copy_bandwidth"] = copy

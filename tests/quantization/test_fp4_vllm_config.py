@@ -150,7 +150,8 @@ def test_linear_method_on_cuda_stores_the_decode_layout_and_runs_the_decode_gemm
     monkeypatch.setattr(fp4_ops, "triton_available", lambda device: True)
     calls = []
     real = w4a16_decode_gemm.w4a16_decode_gemm
-    monkeypatch.setattr(w4a16_decode_gemm, "w4a16_decode_gemm", lambda x, d, *a: calls.append(x.shape) or real(x, d, *a))
+    monkeypatch.setattr(w4a16_decode_gemm, "w4a16_decode_gemm",
+                        lambda x, d, *a: calls.append(x.shape) or real(x, d, *a))
     w = torch.randn(48, 64)
     method = fp4_methods.FP4LinearMethod(fmt, "model.layers.0.self_attn.kv_b_proj")
     layer = _loaded_layer(method, [32, 16], 64, w)

@@ -188,7 +188,8 @@ _SCALE_CASES_FP32 = [
 @pytest.mark.parametrize("dtype,fmt,scale_bytes,what",
                          [(dt, *c) for dt in (torch.float32, torch.float16) for c in _SCALE_CASES]
                          + [(torch.float32, *c) for c in _SCALE_CASES_FP32],
-                         ids=lambda v: v if isinstance(v, str) else (str(v)[6:] if isinstance(v, torch.dtype) else None))
+                         ids=lambda v: v if isinstance(v, str) else (
+                             str(v)[6:] if isinstance(v, torch.dtype) else None))
 def test_decode_zero_and_subnormal_scales(fmt, scale_bytes, what, dtype):
     q = _hand_weight(fmt, scale_bytes)
     if what == "e8m0-all-zero-codes":

@@ -16,8 +16,8 @@ from .fp4_formats import GROUP_SIZE, FP4Tensor, pack_fp4
 __all__ = ["FP4Decode", "permute_fp4", "unpermute_fp4"]
 
 # Bit positions in a word, per k slot t = 0..7 of its 8 codes: (lowest magnitude bit, sign bit). The kernel's
-# shift / mask expressions (`w4a16_decode_gemm` docstring) move them to fp16 bits 9..11 and 15 of the low (even slots) or high
-# (odd slots) half; the slot order A, C, B, D is the order tl.join produces in `_e2m1x8_to_fp16`.
+# shift / mask expressions (`w4a16_decode_gemm` docstring) move them to fp16 bits 9..11 and 15 of the high (even
+# slots) or low (odd slots) half; the slot order A, C, B, D is the order tl.join produces in `_e2m1x8_to_fp16`.
 _SLOT_BITS = ((25, 31), (9, 15), (19, 30), (3, 14), (22, 28), (6, 12), (16, 29), (0, 13))
 _FP16_MAX_EXP = 15  # the largest MXFP4 block scale maps to fp16 2^15
 _FP16_EXACT_SPAN = 24  # 2^(15 - 24) * 0.5 * 2^-14 = 2^-24, fp16's smallest subnormal

@@ -3,9 +3,12 @@
 Imports torch and triton only (never vllm). y[M, N] = x[M, K] @ W[N, K]^T, W held as an `FP4Decode` built by
 `permute_fp4` from an `FP4Tensor` (the canonical "pairs" layout of `fp4_formats`); `unpermute_fp4` inverts it.
 
-Why a new layout: at M <= 16 the GEMM should be bound by reading 4.25-4.5 bits per weight, so the per-value
-decode must cost about one instruction. The "pairs" kernel (`w4a16_gemm`) spends ~8 per value (nibble split
-into even / odd K, per-value bit placement, fp16 -> fp32 convert, fp32 scale multiply, convert back).
+Why a new layout: at M <= 16 the GEMM should be bound by reading 4.25-4.5 bits per weight, so the work per weight
+value must stay at a few instructions. The "pairs" kernel (`w4a16_gemm`: nibble split into even / odd K, per-value
+bit placement, fp16 -> fp32 convert, fp32 scale multiply, convert back) runs 12.8 SASS instructions per weight
+value per thread in its main loop at M = 1 (sm_90, NVFP4, bf16 x); this kernel 6.3, of which the decode proper is
+~1.4 integer ops + 0.5 HMUL2, the bf16 conversion ~1.5 (F2F + PRMT; none with fp16 x), the rest MMA operand moves
+and addressing (`python benchmarks/gpu_compile.py --only w4a16 --sass`, benchmarks/results/gpu_compile/).
 
 Layout (`FP4Decode`):
   words   int32 [..., N, Kp / 8], Kp = K rounded up to `kb` (the layout's K block; zero codes in the padding).
@@ -17,8 +20,8 @@ Layout (`FP4Decode`):
               D = ((w << 9) & 0x0E000E00) | ((w << 2) & 0x80008000)   (k slots 6, 7)
           Each half then holds the E2M1 code with its exponent and mantissa bits in fp16's bits 11..9 and its
           sign in bit 15: the fp16 value is E2M1 * 2^-14 exactly (the +-0.5 codes as fp16 subnormals).
-          11 integer ops per 8 values (a Marlin-style placement, adapted to E2M1: no magic-number subtract is
-          needed because E2M1's exponent / mantissa bits are copied into fp16's).
+          11 integer ops per 8 values in SASS (ptxas fuses each `(a & m1) | (b & m2)` into one LOP3): a Marlin-style
+          placement adapted to E2M1 (no magic-number subtract: E2M1's exponent / mantissa bits are fp16's).
   scales  uint8 [..., Kp / kb, N, kb / G]: the block scales of one K block of a row range are contiguous, so
           one load serves a [BLOCK_N, kb] weight tile. E4M3 bits (NVFP4) / E8M0 codes (MXFP4), as in FP4Tensor.
   post    float32 [..., 2]: (2^(14 + R), global_scale), applied to the fp32 accumulator, in that order.
