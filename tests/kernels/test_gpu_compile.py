@@ -2,8 +2,8 @@
 picks there, within that target's shared memory, and without spills on sm_80 / sm_90 (no GPU needed: Triton's
 compiler and the ptxas in the Triton wheel, through benchmarks/gpu_compile.py).
 
-The default run compiles one launch per kernel and code path (``--quick``: 66 compiles, two targets at a time,
-about 105 s of CPU time); ``FRONTIER_COMPILE_ALL=1`` compiles all 102 launches of the README table (~200 s).
+The default run compiles one launch per kernel and code path (``--quick``: 84 compiles, two targets at a time,
+about 3 minutes on 2 loaded cores); ``FRONTIER_COMPILE_ALL=1`` compiles all 138 launches of the README table.
 """
 
 import json
