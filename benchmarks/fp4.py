@@ -10,11 +10,15 @@ CPU sections (need vLLM):
   --model defaults to the embedded trained model (view "v3") when it exists, else a tiny random model.
 GPU section (torch + triton + numpy only, no vLLM):
     python benchmarks/fp4.py --gpu --out $OUT/fp4_gpu.json
-  Triton W4A16 GEMM vs the bf16 torch.matmul at decode shapes (M in 1, 4, 16; K = N in 4096, 7168), after
-  checking agreement with the torch reference. Speedup = bf16 ms / FP4 ms.
-  Timed as CUDA graphs of 24 calls cycling through weight copies larger than L2 (launch overhead and L2
-  reuse excluded; eager single-weight timings also recorded).
-  Bytes per call: bf16 2*N*K; FP4 N*K*bits/8 (+ x and y, negligible at M <= 16). GB/s = bytes / time.
+  Both Triton W4A16 GEMMs vs the bf16 torch.matmul at decode shapes (M in 1, 4, 16; N, K in {4096, 7168}),
+  after checking agreement with the torch reference (M = 1, 3, 4, 16 for the decode kernel): the pairs-layout
+  kernel (`w4a16_gemm`) and the decode kernel on weights permuted at load (`w4a16_decode_gemm`).
+  Speedup = bf16 ms / FP4 ms. Timed as CUDA graphs of 24 calls cycling through weight copies larger than L2
+  (launch overhead and L2 reuse excluded; eager single-weight timings also recorded).
+  Bytes per call: bf16 2*N*K; FP4 the bytes each kernel reads for the weight (codes + block scales; the decode
+  layout's K padding included) (+ x and y, negligible at M <= 16). GB/s = bytes / time. Roofline: the weight
+  bytes at the measured device-to-device copy bandwidth (read + write bytes / time), `roofline_fraction` =
+  roofline ms / measured ms.
 Self-test of the GPU section on CPU (Triton interpreter, tiny shapes, timings meaningless): --smoke.
 
 CPU decode speed and memory (needs vLLM), on the size presets of `vllm-frontier tiny-model` (made on first use):
@@ -29,6 +33,7 @@ CPU decode speed and memory (needs vLLM), on the size presets of `vllm-frontier 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -75,6 +80,13 @@ def gpu_section(args) -> int:
 
     import harness
     from vllm_frontier.quantization.fp4_formats import FP4Tensor, bits_per_value, quantize
+    from vllm_frontier.quantization.w4a16_decode_gemm import (
+        DecodeConfig,
+        default_decode_config,
+        permute_fp4,
+        ref_w4a16_decode_gemm,
+        w4a16_decode_gemm,
+    )
     from vllm_frontier.quantization.w4a16_gemm import (
         GemmConfig,
         default_config,
@@ -89,12 +101,20 @@ def gpu_section(args) -> int:
     act = torch.bfloat16 if on_gpu else torch.float16  # the interpreter's bf16 arithmetic is broken
     report = harness.Report(args.out, meta={"script": "benchmarks/fp4.py --gpu" + (" --smoke" if args.smoke else ""),
                                             "act_dtype": str(act)})
-    sizes = [(256, 256)] if args.smoke else [(4096, 4096), (7168, 7168), (4096, 7168)]
+    sizes = [(256, 256)] if args.smoke else [(4096, 4096), (7168, 7168), (4096, 7168), (7168, 4096)]
     ms = [1, 16] if args.smoke else [1, 4, 16]
+    # the pairs kernel's sweep: the three best of the 10-config sweep on an H100 (fp4_gpu_h100.json), to leave
+    # the time budget to the decode kernel's sweep
     sweep = [] if args.smoke else [GemmConfig(16, bn, bk, sk, w, st) for bn, bk, sk, w, st in [
-        (32, 256, 1, 4, 3), (32, 256, 2, 4, 3), (16, 256, 2, 4, 4), (64, 128, 4, 4, 4), (32, 512, 1, 4, 3),
-        (64, 256, 2, 4, 3), (64, 256, 4, 8, 3), (128, 256, 1, 8, 3), (32, 512, 2, 4, 2), (16, 512, 4, 4, 3)]]
+        (64, 128, 4, 4, 4), (32, 256, 2, 4, 3), (64, 256, 2, 4, 3)]]
+    # the decode kernel's sweep: (block_m, block_n, split_k, num_warps, num_stages); BLOCK_K is the layout's 256
+    decode_sweep = [DecodeConfig(16, 32, 1, 2, 3)] if args.smoke else [
+        DecodeConfig(16, bn, sk, w, st) for bn, sk, w, st in [
+            (32, 1, 2, 4), (32, 2, 2, 4), (32, 4, 2, 4), (16, 1, 1, 4), (16, 2, 1, 4), (64, 1, 4, 4), (64, 2, 4, 4),
+            (64, 4, 4, 3), (32, 1, 1, 4), (32, 2, 1, 3), (128, 2, 8, 3)]]
     iters = 3 if args.smoke else 50
+    copy = harness.copy_bandwidth(2**28 if on_gpu else 2**20, dev)
+    report.data["copy_bandwidth"] = copy
 
     def timed(fn):
         """Per-call ms of fn(i) (i selects the weight copy). On a GPU: a CUDA graph of 24 back-to-back calls, replayed (decode runs under CUDA graphs
@@ -134,6 +154,18 @@ def gpu_section(args) -> int:
                     rec[f"{fmt}_N{N}_K{K}_sweep_ok"] = all(
                         harness.compare(w4a16_gemm(x, q, c), want.to(act), atol=2 * eps * scale, rtol=2 * eps)["ok"]
                         for c in sweep)
+                # the decode kernel on the permuted layout: decode sizes (and 3, not a power of two), every sweep
+                # config; its reference is the canonical weight's, so a wrong permutation cannot agree with itself
+                d = permute_fp4(q)
+                weights[("decode", fmt, N, K)] = d
+                for M in (1, 3, 4, 16):
+                    want_m, x_m = want[:M].to(act), x[:M]
+                    s_m = want[:M].abs().max().item()
+                    rec[f"decode_{fmt}_N{N}_K{K}_M{M}"] = harness.compare(
+                        w4a16_decode_gemm(x_m, d), want_m, atol=2 * eps * s_m, rtol=2 * eps)
+                rec[f"decode_{fmt}_N{N}_K{K}_sweep_ok"] = all(
+                    harness.compare(w4a16_decode_gemm(x, d, c), want.to(act), atol=2 * eps * scale, rtol=2 * eps)["ok"]
+                    for c in decode_sweep)
             # grouped kernel: 8 experts, uneven rows (one empty)
             E, N, K = 8, 256 if args.smoke else 2048, 256 if args.smoke else 7168
             qe = quantize((torch.randn(E, N, K, generator=g) * 0.02).to(dev), fmt)
@@ -166,6 +198,12 @@ def gpu_section(args) -> int:
                 w16s = [w16] + [w16.clone() for _ in range(n_copies - 1)]
                 qs = [q] + [FP4Tensor(q.fmt, q.packed.clone(), q.scales.clone(), q.global_scale.clone())
                             for _ in range(n_copies - 1)]
+                d = weights.get(("decode", fmt, N, K)) or permute_fp4(q)
+                ds = [d] + [dataclasses.replace(d, words=d.words.clone(), scales=d.scales.clone())
+                            for _ in range(n_copies - 1)]
+                rec["weight_bytes"]["fp4_decode_layout"] = d.nbytes()
+                roofline_ms = d.nbytes() / (copy["gbps"] * 1e9) * 1e3
+                rec["decode_roofline_ms"] = roofline_ms
                 rec["weight_copies_cycled"] = n_copies
                 del w
                 rows = []
@@ -179,25 +217,43 @@ def gpu_section(args) -> int:
                         t = timed(lambda i: w4a16_gemm(x, qs[i % n_copies], c))
                         if t < best:
                             best_cfg, best = c, t
+                    dcfg = default_decode_config(M, N, K, x.device, d.kb)
+                    t_dec = timed(lambda i: w4a16_decode_gemm(x, ds[i % n_copies], dcfg))
+                    dbest_cfg, dbest = dcfg, t_dec
+                    for c in decode_sweep:
+                        t = timed(lambda i: w4a16_decode_gemm(x, ds[i % n_copies], c))
+                        if t < dbest:
+                            dbest_cfg, dbest = c, t
                     eager = {}
                     if on_gpu:  # launch overhead included, for reference
                         eager = {"bf16_eager_ms": harness.time_fn(lambda: torch.matmul(x, w16.T), 5, iters)["ms_median"],
                                  "fp4_default_eager_ms": harness.time_fn(lambda: w4a16_gemm(x, q, cfg), 5,
-                                                                         iters)["ms_median"]}
+                                                                         iters)["ms_median"],
+                                 "decode_default_eager_ms": harness.time_fn(lambda: w4a16_decode_gemm(x, d, dcfg), 5,
+                                                                            iters)["ms_median"]}
                     row = {
                         "M": M, "bf16_ms": t_ref, "fp4_default_ms": t_def, "fp4_best_ms": best,
                         "default_config": cfg.as_dict(), "best_config": best_cfg.as_dict(),
                         "speedup_default": t_ref / t_def, "speedup_best": t_ref / best,
                         "bf16_gbps": 2 * N * K / (t_ref * 1e-3) / 1e9,
-                        "fp4_best_gbps": fp4_bytes / (best * 1e-3) / 1e9, **eager,
+                        "fp4_best_gbps": fp4_bytes / (best * 1e-3) / 1e9,
+                        "decode_default_ms": t_dec, "decode_best_ms": dbest,
+                        "decode_default_config": dcfg.as_dict(), "decode_best_config": dbest_cfg.as_dict(),
+                        "decode_speedup_default": t_ref / t_dec, "decode_speedup_best": t_ref / dbest,
+                        "decode_default_gbps": d.nbytes() / (t_dec * 1e-3) / 1e9,
+                        "decode_best_gbps": d.nbytes() / (dbest * 1e-3) / 1e9,
+                        "decode_roofline_fraction_default": roofline_ms / t_dec, **eager,
                     }
                     rows.append(row)
-                    print(f"  {fmt} N={N} K={K} M={M}: bf16 {row['bf16_ms']:.4f} ms, fp4 default "
-                          f"{row['fp4_default_ms']:.4f} ms (x{row['speedup_default']:.2f}), best "
-                          f"{row['fp4_best_ms']:.4f} ms (x{row['speedup_best']:.2f})", flush=True)
+                    print(f"  {fmt} N={N} K={K} M={M}: bf16 {row['bf16_ms']:.4f} ms, pairs kernel "
+                          f"{row['fp4_default_ms']:.4f} ms (x{row['speedup_default']:.2f}), decode kernel "
+                          f"{t_dec:.4f} ms (x{row['decode_speedup_default']:.2f}, "
+                          f"{row['decode_default_gbps']:.0f} GB/s, {row['decode_roofline_fraction_default']:.2f} of "
+                          f"roofline), decode best {dbest:.4f} ms (x{row['decode_speedup_best']:.2f})", flush=True)
                 rec["rows"] = rows
                 rec["target_speedup"] = 2.5
                 rec["meets_target_default"] = all(r["speedup_default"] >= 2.5 for r in rows)
+                rec["decode_meets_target_at_M1"] = all(r["decode_speedup_default"] >= 2.5 for r in rows if r["M"] == 1)
     report.write()
     return 0
 

@@ -6,7 +6,11 @@ signature, constexprs, divisibility attributes, num_warps / num_stages the launc
 then compiled with Triton's compiler and the ptxas in the Triton wheel; ``ptxas -v`` gives registers and spills,
 Triton's metadata the shared memory. Speed, occupancy in practice and correctness are NOT measured here.
 
-    python benchmarks/gpu_compile.py [--arch 80,86,89,90,100,120] [--heads 128] [--out FILE.json]
+    python benchmarks/gpu_compile.py [--arch 80,86,89,90,100,120] [--heads 128] [--out FILE.json] [--sass]
+
+--sass also disassembles each kernel (nvdisasm from the Triton wheel) and counts the instructions of its main loop
+(the longest backward branch), by opcode; for the W4A16 kernels also per weight value per thread
+(BLOCK_N * BLOCK_K / threads values per iteration): the decode cost the M <= 16 GEMMs must keep near one.
 
 Exit status 1 when a launch fails to compile, needs more shared memory than its target has, or spills at the
 default configs on sm_80 / sm_90. Imports torch, triton and vllm_frontier.kernels / .quantization (no vLLM).
@@ -76,13 +80,47 @@ class Result:
     smem: int | None = None
     error: str | None = None
     seconds: float = 0.0
+    loop: dict | None = None  # --sass: {"instructions", "ops": {opcode: count}} of the main loop
 
 
 _PTXAS = {"regs": re.compile(r"Used (\d+) registers"), "spill_stores": re.compile(r"(\d+) bytes spill stores"),
           "spill_loads": re.compile(r"(\d+) bytes spill loads")}
 
 
-def compile_launch(launch: Launch, cc: int) -> Result:
+def main_loop(cubin: bytes) -> dict | None:
+    """Instruction count and opcode histogram of the longest loop (backward branch) in a cubin's SASS."""
+    import collections
+    import subprocess
+    import tempfile
+
+    nvdisasm = Path(knobs.nvidia.ptxas.path).parent / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    ins, labels, pending = [], {}, None
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.L_x_(\d+):", line)
+        if m:
+            pending = m.group(1)
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            addr = int(m.group(1), 16)
+            if pending is not None:
+                labels[pending], pending = addr, None
+            ins.append((addr, m.group(2)))
+    loops = [(labels[m.group(1)], addr) for addr, text in ins
+             if (m := re.search(r"BRA.*\.L_x_(\d+)", text)) and labels.get(m.group(1), addr + 1) < addr]
+    if not loops:
+        return None
+    start, end = max(loops, key=lambda ab: ab[1] - ab[0])
+    ops = collections.Counter(t.split()[1 if t.startswith("@") else 0].split(".")[0]
+                              for a, t in ins if start <= a <= end)
+    return {"instructions": sum(ops.values()), "ops": dict(ops.most_common())}
+
+
+def compile_launch(launch: Launch, cc: int, sass: bool = False) -> Result:
     """Compile for sm_<cc>; read ptxas -v (printed by Triton's own ptxas call when dump_ptxas_log is on)."""
     t0 = time.perf_counter()
     buf = io.StringIO()
@@ -103,6 +141,8 @@ def compile_launch(launch: Launch, cc: int) -> Result:
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old
     r = Result(smem=int(getattr(k.metadata, "shared", 0) or 0), seconds=time.perf_counter() - t0)
+    if sass:
+        r.loop = main_loop(k.asm["cubin"])
     log = buf.getvalue()
     for field, rx in _PTXAS.items():
         found = rx.findall(log)
@@ -216,6 +256,19 @@ def project_launches(cc: int, heads: int = 128, only: set[str] | None = None) ->
                     for M in (1, 256):
                         with rec.as_label(f"w4a16 {fmt} M={M} N={N} K={K}"):
                             wg.w4a16_gemm(torch.randn(M, K, dtype=bf16), qw)
+                # the decode-shape kernel (layout permuted at load), as fp4_methods runs it at M <= 16
+                from vllm_frontier.quantization import w4a16_decode_gemm as wd
+
+                orig_d = wd._num_sms
+                wd._num_sms = lambda device: SM_COUNT[cc]
+                try:
+                    for fmt in ("nvfp4", "mxfp4"):
+                        dw = wd.permute_fp4(fp4_formats.quantize(w, fmt))
+                        for M in (1, 16, 256):  # 256: prefill runs the same layout with 64-row tiles
+                            with rec.as_label(f"w4a16 decode {fmt} M={M} N={N} K={K}"):
+                                wd.w4a16_decode_gemm(torch.randn(M, K, dtype=bf16), dw)
+                finally:
+                    wd._num_sms = orig_d
                 qe = fp4_formats.quantize(torch.randn(4, 2048, 512) * 0.02, "nvfp4")
                 with rec.as_label("w4a16 grouped nvfp4 (4 experts N=2048 K=512)"):
                     wg.w4a16_grouped_gemm(torch.randn(8, 512, dtype=bf16), qe,
@@ -244,24 +297,38 @@ def problems(row: dict) -> list[str]:
 
 # Launches whose code is compiled by another row too (same kernel, another flag): left out by --quick.
 QUICK_SKIP = ("mla dense decode fp8 cache", "mla sparse prefill", "latent cache write bf16", "indexer ragged logits",
-              "w4a16 mxfp4")
+              "w4a16 mxfp4", "w4a16 decode nvfp4 M=16", "w4a16 decode mxfp4 M=16", "w4a16 decode mxfp4 M=256")
 
 
-def _arch_rows(cc: int, heads: int, only: set[str] | None, quick: bool) -> list[dict]:
+def _values_per_thread(launch: Launch) -> int | None:
+    """Weight values one thread decodes per main-loop iteration, for the W4A16 kernels (else None)."""
+    names = [p.name for p in launch.fn.params]
+    cx = {names[k[0]]: v for k, v in launch.constexprs.items()}
+    block_k = cx.get("KB", cx.get("BLOCK_K"))
+    if not launch.fn.__name__.startswith("_w4a16") or block_k is None:
+        return None
+    return cx["BLOCK_N"] * block_k // (32 * launch.options.get("num_warps", 4))
+
+
+def _arch_rows(cc: int, heads: int, only: set[str] | None, quick: bool, sass: bool = False) -> list[dict]:
     rows = []
     for launch in project_launches(cc, heads, only):
         if quick and launch.label.startswith(QUICK_SKIP):
             continue
-        r = compile_launch(launch, cc)
+        r = compile_launch(launch, cc, sass)
         row = {"sm": cc, "kernel": launch.fn.__name__, "use": launch.label, "config": launch.config(),
                **dataclasses.asdict(r)}
+        per = _values_per_thread(launch)
+        if row["loop"] and per:
+            row["loop"]["weight_values_per_thread"] = per
+            row["loop"]["instructions_per_value"] = round(row["loop"]["instructions"] / per, 2)
         row["problems"] = problems(row)
         rows.append(row)
     return rows
 
 
 def compile_table(archs=TARGETS, heads: int = 128, only: set[str] | None = None, quick: bool = False,
-                  jobs: int = 1, log=None) -> list[dict]:
+                  jobs: int = 1, log=None, sass: bool = False) -> list[dict]:
     """Rows for every launch on every target; ``jobs`` targets compile in parallel processes."""
     rows = []
     if jobs > 1 and len(archs) > 1:
@@ -270,13 +337,14 @@ def compile_table(archs=TARGETS, heads: int = 128, only: set[str] | None = None,
 
         ctx = multiprocessing.get_context("fork")  # no CUDA in this process: fork is safe and skips re-imports
         with concurrent.futures.ProcessPoolExecutor(min(jobs, len(archs)), mp_context=ctx) as ex:
-            for part in ex.map(_arch_rows, archs, [heads] * len(archs), [only] * len(archs), [quick] * len(archs)):
+            for part in ex.map(_arch_rows, archs, [heads] * len(archs), [only] * len(archs), [quick] * len(archs),
+                               [sass] * len(archs)):
                 rows += part
                 for row in part if log else ():
                     log(format_row(row))
         return rows
     for cc in archs:
-        part = _arch_rows(cc, heads, only, quick)
+        part = _arch_rows(cc, heads, only, quick, sass)
         rows += part
         for row in part if log else ():
             log(format_row(row))
@@ -290,6 +358,9 @@ def format_row(row: dict) -> str:
         cell = (f"regs {row['regs']:>3}  spill {row['spill_stores']}/{row['spill_loads']}  "
                 f"smem {row['smem'] // 1024:>3} KiB")
     flag = ("  <-- " + "; ".join(row["problems"])) if row["problems"] and not row["error"] else ""
+    loop = row.get("loop") or {}
+    if "instructions_per_value" in loop:
+        cell += f"  loop {loop['instructions']} instr, {loop['instructions_per_value']}/value"
     return f"sm_{row['sm']:<4} {row['kernel']:<22} {row['use']:<46} {cell}{flag}"
 
 
@@ -301,6 +372,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"leave out launches another row covers: {QUICK_SKIP}")
     ap.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 4), help="targets compiled in parallel")
     ap.add_argument("--out", default=None, help="write the rows as JSON (with the harness header)")
+    ap.add_argument("--sass", action="store_true", help="also count the main loop's SASS instructions by opcode")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("this compiles for GPUs: run it without TRITON_INTERPRET=1")
@@ -309,7 +381,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown targets {unknown}; known: {sorted(SMEM_LIMIT)}")
     t0 = time.perf_counter()
-    rows = compile_table(archs, a.heads, set(a.only.split(",")) if a.only else None, a.quick, a.jobs, log=print)
+    rows = compile_table(archs, a.heads, set(a.only.split(",")) if a.only else None, a.quick, a.jobs, log=print,
+                         sass=a.sass)
     bad = [r for r in rows if r["problems"]]
     print(f"\n{len(rows)} compiles in {time.perf_counter() - t0:.0f} s; {len(bad)} with problems")
     if a.out:

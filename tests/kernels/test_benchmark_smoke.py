@@ -44,4 +44,14 @@ def test_gpu_check_dry_run_writes_agreeing_json(tmp_path):
                 "fp8_decode_speedup_vs_bf16", "sparse_decode_tflops"):
         assert isinstance(values[key], float) and values[key] > 0, key
     assert {f"{fmt}_N256_K256_M{m}" for fmt in ("nvfp4", "mxfp4") for m in (1, 16)} <= set(values["w4a16_speedup_vs_bf16"])
+    # the decode-layout GEMM: agreement at M = 1, 3, 4, 16 and every swept config, then timed beside bf16
+    fp4 = parts["fp4"]["result"]["sections"]
+    for fmt in ("nvfp4", "mxfp4"):
+        assert all(fp4["agreement"][f"decode_{fmt}_N256_K256_M{m}"]["ok"] for m in (1, 3, 4, 16))
+        assert fp4["agreement"][f"decode_{fmt}_N256_K256_sweep_ok"] is True
+    assert {f"{fmt}_N256_K256_M{m}" for fmt in ("nvfp4", "mxfp4") for m in (1, 16)} <= set(
+        values["w4a16_decode_speedup_vs_bf16"])
+    assert values["w4a16_decode_speedup_vs_bf16_M1_min"] > 0
+    row = fp4["gemm_nvfp4_N256_K256"]["rows"][0]
+    assert row["decode_default_gbps"] > 0 and 0 < row["decode_roofline_fraction_default"]
     assert set(table["met"]) == set(table["targets"])

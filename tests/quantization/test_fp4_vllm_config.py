@@ -135,3 +135,45 @@ def test_linear_method_quantizes_while_loading_one_layer_at_a_time():
     want = dequantize(quantize(torch.cat([gate, up]).float(), "nvfp4"))
     x = torch.randn(2, 64)
     torch.testing.assert_close(method.apply(layer, x), x @ want.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_linear_method_on_cuda_stores_the_decode_layout_and_runs_the_decode_gemm(monkeypatch, fmt):
+    """What process_weights_after_loading does on CUDA (the device choice pinned, the kernel run by Triton's
+    interpreter): the weight is permuted once into the decode GEMM's layout, no pairs copy is kept, and apply
+    runs the decode kernel for decode (M = 3) and prefill-sized inputs (MLA's identity read, M = 64)."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import get_and_maybe_dequant_weights
+
+    from vllm_frontier.quantization import fp4_methods, fp4_ops, w4a16_decode_gemm
+
+    monkeypatch.setattr(fp4_methods, "_kernel_layout", lambda w: "decode" if w.dim() == 2 else "pairs")
+    monkeypatch.setattr(fp4_ops, "triton_available", lambda device: True)
+    calls = []
+    real = w4a16_decode_gemm.w4a16_decode_gemm
+    monkeypatch.setattr(w4a16_decode_gemm, "w4a16_decode_gemm",
+                        lambda x, d, *a: calls.append(x.shape) or real(x, d, *a))
+    w = torch.randn(48, 64)
+    method = fp4_methods.FP4LinearMethod(fmt, "model.layers.0.self_attn.kv_b_proj")
+    layer = _loaded_layer(method, [32, 16], 64, w)
+    method.process_weights_after_loading(layer)
+    assert layer.weight_fp4_layout == "decode" and not hasattr(layer, "weight_global_scale")  # no pairs copy
+    assert layer.weight_packed.dtype == torch.int32 and layer.weight_packed.shape == (48, 8)  # the words
+    want = dequantize(quantize(w, fmt))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(method.apply(layer, x), x @ want.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(get_and_maybe_dequant_weights(layer), want, rtol=0, atol=0)
+    assert calls == [(3, 64), (64, 64)]
+
+
+def test_linear_method_keeps_pairs_for_mxfp4_scales_beyond_the_fp16_window(monkeypatch):
+    from vllm_frontier.quantization import fp4_methods
+
+    monkeypatch.setattr(fp4_methods, "_kernel_layout", lambda w: "decode")
+    w = torch.randn(8, 64)
+    w[:, 32:] *= 2.0**-40  # one block column 40 binades below the other: the decode kernel would flush it
+    method = fp4_methods.FP4LinearMethod("mxfp4", "model.layers.0.o_proj")
+    layer = _loaded_layer(method, [8], 64, w)
+    method.process_weights_after_loading(layer)
+    assert layer.weight_fp4_layout == "pairs" and layer.weight_packed.shape == (8, 32)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(method.apply(layer, x), x @ dequantize(quantize(w, "mxfp4")).T, rtol=1e-5, atol=0)

@@ -9,7 +9,9 @@ materializes that one layer, loads it and calls `process_weights_after_loading`,
 chunks) and drops the bf16 weight. Peak memory while loading is the FP4 model plus about one layer in bf16,
 never the whole bf16 model.
 
-On CPU with the AVX-512 kernel available (`fp4_cpu`), weights are stored in its chunk32 layout.
+On CPU with the AVX-512 kernel available (`fp4_cpu`), weights are stored in its chunk32 layout. On CUDA, linear
+layers are permuted once, here, into the layout of the decode GEMM (`w4a16_decode_gemm.permute_fp4`, used for every
+M); experts keep the pairs layout of the grouped GEMM.
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from .fp4_cpu import cpu_fused_experts, cpu_linear
 from .fp4_formats import GROUP_SIZE, FP4Tensor, quantize_chunked
-from .fp4_ops import fp4_fused_experts, fp4_linear
+from .fp4_ops import fp4_fused_experts, fp4_linear, triton_available
+from .fp4_decode_layout import FP4Decode, permute_fp4
 
 logger = logging.getLogger("vllm.frontier.quantization")
 
 
 def _kernel_layout(weight: torch.Tensor) -> str:
-    """The layout the device's kernel reads: chunk32 for the CPU kernel (when it runs here), else pairs."""
+    """The layout the device's kernel reads: chunk32 for the CPU kernel (when it runs here), decode for a linear
+    layer's weight on CUDA (the decode GEMM), else pairs (the experts' grouped GEMM, the torch fallback)."""
+    if weight.device.type == "cuda" and weight.dim() == 2 and triton_available(weight.device):
+        return "decode"
     if weight.device.type == "cpu" and weight.shape[-1] % 32 == 0:
         from .fp4_cpu import kernel_available
 
@@ -56,19 +62,35 @@ def _return_freed_memory() -> None:
 
 
 def _replace_with_fp4(layer: torch.nn.Module, name: str, fmt: str) -> None:
-    """Quantize parameter `name`, drop it, and register `<stem>_packed`, `_scale`, `_global_scale`."""
+    """Quantize parameter `name`, drop it, and register `<stem>_packed`, `_scale`, `_global_scale` (pairs / chunk32
+    layouts) or `<stem>_packed` (int32 words), `_scale`, `_post`, `_exp_bias` (the decode layout)."""
     stem = name[: -len("_weight")] if name.endswith("_weight") else name
     w = getattr(layer, name).data
     layout = _kernel_layout(w)
-    q = quantize_chunked(w, fmt).with_layout(layout)
+    q = quantize_chunked(w, fmt)
     delattr(layer, name)
     del w
+    if layout == "decode":
+        d = permute_fp4(q)
+        if d.exact:  # else (MXFP4 block scales spanning > 24 binades) the pairs kernel, exact for any scales
+            # `<stem>_packed` holds the int32 words (vLLM's MLA finds kv_b_proj's device through `weight_packed`)
+            for suffix, t in (("packed", d.words), ("scale", d.scales), ("post", d.post), ("exp_bias", d.exp_bias)):
+                layer.register_parameter(f"{stem}_{suffix}", torch.nn.Parameter(t, requires_grad=False))
+            setattr(layer, f"{stem}_fp4_layout", layout)
+            setattr(layer, f"{stem}_fp4_kb", (d.k, d.kb))
+            return
+        layout = "pairs"
+    q = q.with_layout(layout)
     for suffix, t in (("packed", q.packed), ("scale", q.scales), ("global_scale", q.global_scale)):
         layer.register_parameter(f"{stem}_{suffix}", torch.nn.Parameter(t.contiguous(), requires_grad=False))
     setattr(layer, f"{stem}_fp4_layout", layout)
 
 
-def _fp4_of(layer: torch.nn.Module, stem: str, fmt: str) -> FP4Tensor:
+def _fp4_of(layer: torch.nn.Module, stem: str, fmt: str) -> FP4Tensor | FP4Decode:
+    if getattr(layer, f"{stem}_fp4_layout") == "decode":
+        k, kb = getattr(layer, f"{stem}_fp4_kb")
+        return FP4Decode(fmt, getattr(layer, f"{stem}_packed"), getattr(layer, f"{stem}_scale"),
+                         getattr(layer, f"{stem}_post"), getattr(layer, f"{stem}_exp_bias"), k, kb)
     return FP4Tensor(fmt, getattr(layer, f"{stem}_packed"), getattr(layer, f"{stem}_scale"),
                      getattr(layer, f"{stem}_global_scale"), getattr(layer, f"{stem}_fp4_layout"))
 

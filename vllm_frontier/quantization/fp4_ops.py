@@ -1,5 +1,6 @@
-"""Device dispatch for FP4 weight-only compute: the Triton kernels on CUDA, the AVX-512 kernel on CPU
-(`fp4_cpu`, weights in the chunk32 layout), a torch path for anything else.
+"""Device dispatch for FP4 weight-only compute: the Triton kernels on CUDA (linear layers in the decode layout of
+`w4a16_decode_gemm`, experts in the pairs layout), the AVX-512 kernel on CPU (`fp4_cpu`, weights in the chunk32
+layout), a torch path for anything else.
 
 Imports torch (and triton when present), never vllm. The torch path dequantizes a weight to the activation
 dtype just before its matmul and drops it right after, so only the FP4 bytes stay resident; it is the
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .fp4_formats import FP4Tensor, dequantize
+from .fp4_decode_layout import FP4Decode, unpermute_fp4
 
 __all__ = ["fp4_linear", "fp4_fused_experts", "triton_available", "ACTIVATIONS", "BACKENDS"]
 
@@ -48,15 +50,28 @@ def _backend(backend: str, x: torch.Tensor, q: FP4Tensor) -> str:
     return "torch"
 
 
-def fp4_linear(x: torch.Tensor, q: FP4Tensor, bias: torch.Tensor | None = None, *,
+def fp4_linear(x: torch.Tensor, q: FP4Tensor | FP4Decode, bias: torch.Tensor | None = None, *,
                backend: str = "auto") -> torch.Tensor:
     """y = x @ W^T (+ bias) with W [N, K] in FP4. x: [..., K] -> y: [..., N] in x.dtype.
 
+    q: an FP4Tensor (any layout) or an FP4Decode (the decode kernel's layout, `permute_fp4`).
     backend: "auto" (Triton on CUDA, the CPU kernel for a chunk32 weight, torch otherwise), "triton" (also
         under TRITON_INTERPRET=1), "cpu" (chunk32 weight, bf16/fp32 x), "torch".
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if isinstance(q, FP4Decode):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} unknown; choose one of {', '.join(BACKENDS)}")
+        if backend == "triton" or (backend == "auto" and triton_available(x2.device)):
+            from .w4a16_decode_gemm import w4a16_decode_gemm
+
+            y = w4a16_decode_gemm(x2, q)
+        else:  # the decode layout is a GPU layout: anything else dequantizes its canonical form
+            y = F.linear(x2, dequantize(unpermute_fp4(q), x.dtype))
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*lead, y.shape[-1])
     which = _backend(backend, x2, q)
     if which == "triton":
         from .w4a16_gemm import w4a16_gemm
