@@ -17,7 +17,9 @@ Module forward hooks open a named range around each component, so the report spl
 - `mlp`: dense MLP and MoE layers;
 - `model.other`: the decoder stack outside the ranges above (embedding, layer norms, residuals, final norm);
 - `step.other`: everything else in an engine step (scheduler, input preparation, attention metadata builders,
-  logits, sampling, output processing), the step's time minus the ranges above.
+  logits, sampling, output processing), the step's time minus the ranges above; of it, the runner's
+  `_prepare_inputs` (slot mappings, positions), `_build_attention_metadata` (every backend's builder) and
+  `_sample` are reported on their own (`step_other_includes_ms`).
 
 Times are per decode step (mean over `--steps`), in milliseconds, and per layer call where that helps. Runs
 one engine at a time; the numbers move with machine load (the JSON records the load average), the split
@@ -27,6 +29,7 @@ between components much less.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -54,6 +57,9 @@ RANGES = {
 OP_RANGE = "indexer.op"
 VIEW_ENV = {"v32": {"FRONTIER_DSA": "1"}, "v32-torch": {"FRONTIER_DSA": "1", "FRONTIER_DSA_CPU_KERNEL": "0"},
             "v3": {}}
+# runner phases outside the forward (their time is part of `step.other`, reported beside it)
+RUNNER_RANGES = {"_prepare_inputs": "step.prepare_inputs", "_build_attention_metadata": "step.attn_metadata",
+                 "_sample": "step.sample"}
 COMPONENTS = ("indexer.vllm", "indexer.op", "attention", "mla.other", "mlp", "model.other", "step.other")
 
 
@@ -101,6 +107,23 @@ def _instrument(model, torch):
     return totals, calls
 
 
+def _time_methods(obj, names: dict[str, str], totals: dict, calls: dict) -> None:
+    """Wrap bound methods of `obj` so their time (own, outside model ranges: these run outside the forward)
+    adds to `totals[label]`."""
+    for name, label in names.items():
+        method = getattr(obj, name)
+
+        def timed(*a, _m=method, _l=label, **k):
+            t0 = CLOCK()
+            try:
+                return _m(*a, **k)
+            finally:
+                totals[_l] = totals.get(_l, 0.0) + CLOCK() - t0
+                calls[_l] = calls.get(_l, 0) + 1
+
+        setattr(obj, name, timed)
+
+
 def _worker(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     import torch
@@ -116,10 +139,12 @@ def _worker(spec_path: str, out_path: str) -> None:
     engine = llm.llm_engine
     runner = engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
     totals, calls = _instrument(runner.model, torch)
+    _time_methods(runner, RUNNER_RANGES, totals, calls)
     vocab = json.loads((Path(spec["model"]) / "config.json").read_text())["vocab_size"]
     gen = torch.Generator().manual_seed(0)
     warm = spec["warmup_steps"]
-    params = SamplingParams(temperature=0.0, max_tokens=spec["steps"] + warm + 2, ignore_eos=True)
+    steps_total = spec["steps"] * (2 if spec["python_top"] else 1) + warm + 2
+    params = SamplingParams(temperature=0.0, max_tokens=steps_total, ignore_eos=True)
     for i in range(spec["batch"]):
         ids = torch.randint(10, vocab, (spec["context"],), generator=gen).tolist()
         engine.add_request(f"r{i}", TokensPrompt(prompt_token_ids=ids), params)
@@ -136,19 +161,36 @@ def _worker(spec_path: str, out_path: str) -> None:
     totals.clear()
     calls.clear()
     t0 = CLOCK()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                record_shapes=spec["shapes"]) as prof:
+    # the operator profiler costs a few microseconds per op (more ops, more cost): `--top-ops 0` leaves it off
+    prof = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=spec["shapes"])
+            if spec["top_ops"] else contextlib.nullcontext())
+    with prof:
         for _ in range(spec["steps"]):
             step()
     wall = CLOCK() - t0
+    python_top = None
+    if spec["python_top"]:   # a second run of the same steps under cProfile: Python functions by own time
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(spec["steps"]):
+            step()
+        pr.disable()
+        rows = sorted(pstats.Stats(pr).stats.items(), key=lambda kv: -kv[1][2])[: spec["python_top"]]
+        python_top = [[f"{Path(f).name}:{line}:{fn}", n, round(tt * 1e3 / spec["steps"], 4),
+                       round(ct * 1e3 / spec["steps"], 4)] for (f, line, fn), (_, n, tt, ct, _) in rows]
     while engine.has_unfinished_requests():
         engine.step()
-    averages = prof.key_averages(group_by_input_shape=spec["shapes"])
-    ops = sorted(((e.key + (f" {e.input_shapes}" if spec["shapes"] else ""), e.self_cpu_time_total / 1e3, e.count)
-                  for e in averages),
-                 key=lambda r: -r[1])[: spec["top_ops"]]
+    ops = []
+    if spec["top_ops"]:
+        averages = prof.key_averages(group_by_input_shape=spec["shapes"])
+        ops = sorted(((e.key + (f" {e.input_shapes}" if spec["shapes"] else ""), e.self_cpu_time_total / 1e3,
+                       e.count) for e in averages), key=lambda r: -r[1])[: spec["top_ops"]]
     Path(out_path).write_text(json.dumps({"wall_s": wall, "totals_s": totals, "calls": calls,
-                                          "top_ops_ms": [[k, round(t, 3), c] for k, t, c in ops]}))
+                                          "top_ops_ms": [[k, round(t, 3), c] for k, t, c in ops],
+                                          "python_top": python_top}))
 
 
 def run_view(model: str, env: dict, spec: dict, timeout: float) -> dict:
@@ -176,7 +218,9 @@ def breakdown(raw: dict, steps: int) -> dict:
     per_step = {c: raw["totals_s"].get(c, 0.0) * 1e3 / steps for c in COMPONENTS if c != "step.other"}
     step_ms = raw["wall_s"] * 1e3 / steps
     per_step["step.other"] = step_ms - sum(per_step.values())
+    within = {label: raw["totals_s"].get(label, 0.0) * 1e3 / steps for label in RUNNER_RANGES.values()}
     return {"step_ms": round(step_ms, 3), "components_ms": {k: round(v, 3) for k, v in per_step.items()},
+            "step_other_includes_ms": {k: round(v, 3) for k, v in within.items()},
             "share": {k: round(v / step_ms, 3) for k, v in per_step.items()},
             "calls_per_step": {k: v / steps for k, v in raw["calls"].items()}}
 
@@ -189,10 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=32, help="profiled decode steps (default 32)")
     p.add_argument("--warmup-steps", type=int, default=4)
-    p.add_argument("--top-ops", type=int, default=25)
+    p.add_argument("--top-ops", type=int, default=25, help="operators to keep by own time (0: no operator "
+                   "profiler, whose per-op cost then stays out of the step times)")
     p.add_argument("--threads", type=int, choices=(0, 1), default=0,
                    help="1: run the engine's ops on one thread and time CPU time of that thread (robust to other "
                    "load on the machine); 0 (default): the engine's threads, wall time")
+    p.add_argument("--python-top", type=int, default=0, help="also run the steps under cProfile and keep this many "
+                   "Python functions by own time (ms per step: own, cumulative)")
     p.add_argument("--shapes", action="store_true", help="split the top operators by input shapes")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--json")
@@ -209,13 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_frontier.models.embedded import embedded_model_path
 
     max_len = json.loads((embedded_model_path("v32") / "config.json").read_text())["max_position_embeddings"]
-    needed = args.context + args.steps + args.warmup_steps + 2
+    needed = args.context + args.steps * (2 if args.python_top else 1) + args.warmup_steps + 2
     if needed > max_len:
-        p.error(f"--context {args.context} + {args.steps + args.warmup_steps + 2} generated tokens exceed the "
+        p.error(f"--context {args.context} + {needed - args.context} generated tokens exceed the "
                 f"model's {max_len} positions")
     spec = {"context": args.context, "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup_steps,
             "top_ops": args.top_ops, "max_model_len": needed,
-            "shapes": args.shapes, "threads": args.threads}
+            "shapes": args.shapes, "threads": args.threads, "python_top": args.python_top}
     report = Report(args.json, meta={"command": " ".join([sys.executable, *sys.argv]), **spec,
                                      "loadavg_start": os.getloadavg()})
     for view in views:
@@ -223,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             raw = run_view(str(embedded_model_path(view.split("-")[0])), VIEW_ENV[view], spec, args.timeout)
             rec.update(breakdown(raw, args.steps))
             rec["top_ops_ms_total"] = raw["top_ops_ms"]
-            print(view, json.dumps({"step_ms": rec["step_ms"], **rec["components_ms"]}), flush=True)
+            if raw["python_top"]:
+                rec["python_top_ms_per_step"] = raw["python_top"]
+            print(view, json.dumps({"step_ms": rec["step_ms"], **rec["components_ms"],
+                                    **rec["step_other_includes_ms"]}), flush=True)
     report.data["meta"]["loadavg_end"] = os.getloadavg()
     report.write()
     return 0

@@ -116,3 +116,20 @@ def test_bad_inputs_raise_one_line_errors():
     with pytest.raises(TypeError, match="q must be"):
         dsa_cpu.sparse_mla(torch.zeros(1, 4, 576, dtype=torch.int32), torch.zeros(2, 16, 576), torch.zeros(1, 2),
                            torch.zeros(1, dtype=torch.int64), torch.zeros(1, 4, dtype=torch.int32), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_latent_equals_the_reference(dtype):
+    from vllm_frontier.kernels.ref import ref_write_latent_cache
+
+    gen = torch.Generator().manual_seed(9)
+    T, nb, bs = 11, 4, 16
+    kv_c = torch.randn(T, 512, generator=gen).to(dtype)
+    k_pe = torch.randn(T, 64, generator=gen)             # another dtype than the cache: converted
+    slots = torch.randperm(nb * bs, generator=gen)[:T]
+    slots[3] = -1
+    want = torch.full((nb, bs, 576), float("nan"), dtype=dtype)
+    got = want.clone()
+    ref_write_latent_cache(kv_c, k_pe, want, slots, fp8=False)
+    dsa_cpu.write_latent(kv_c, k_pe, got, slots)
+    assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))

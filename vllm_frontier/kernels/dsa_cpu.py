@@ -9,6 +9,7 @@ rule as those references (kernels/ref.py); products and softmax in fp32.
 
 Ops (shapes as in the references):
 - `write_k(k [T, D], cache [num_blocks, block_size, D + 4] uint8, slots [T], scale_fmt)`;
+- `write_latent(kv_c [T, 512], k_pe [T, 64], cache [num_blocks, block_size, 576] float, slots [T])`;
 - `indexer_topk(q [T, H, D], weights [T, H], cache, block_table [R, max_blocks], token_req [T], visible [T], k)
   -> [T, k] int32` request-local positions, ascending, -1 padded;
 - `sparse_mla(q [T, H, 576], cache [num_blocks, block_size, 576] float, block_table, token_req, indices [T, K],
@@ -28,13 +29,13 @@ import torch
 from .cpp_build import build_library, cpu_flags
 from .ref import KV_LORA_RANK
 
-__all__ = ["available", "status", "write_k", "indexer_topk", "sparse_mla", "DISABLE_ENV"]
+__all__ = ["available", "status", "write_k", "write_latent", "indexer_topk", "sparse_mla", "DISABLE_ENV"]
 
 logger = logging.getLogger("vllm.frontier.kernels")
 
 _SRC = Path(__file__).resolve().parent / "csrc" / "dsa_cpu.cpp"
 _BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno"]
-_ABI = 1
+_ABI = 2
 # "0" keeps the torch path (a switch for comparisons and tests, not a user setting)
 DISABLE_ENV = "FRONTIER_DSA_CPU_KERNEL"
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float8_e4m3fn: 3}
@@ -58,11 +59,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "stale kernel build (ABI mismatch)"
     P, I64, I, F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.dsa_write_k.argtypes = [P, I, I64, I64, I64, P, P, I64, I64, I]
+    lib.dsa_write_latent.argtypes = [P, I, I64, P, I, I64, I64, I64, I64, P, P, I, I64, I64, I64]
     lib.dsa_indexer_topk.argtypes = [P, I, I64, I64, I64, I64, I64, P, I64, I64, P, I64, I64, P, I64, P, P, I64, P,
                                      I64]
     lib.dsa_sparse_mla.argtypes = [P, I, I64, I64, I64, I64, I64, I64, P, I, I64, I64, I64, P, I64, P, P, I64, I64,
                                    F, P, I, I64, I64, P]
-    for fn in (lib.dsa_write_k, lib.dsa_indexer_topk, lib.dsa_sparse_mla):
+    for fn in (lib.dsa_write_k, lib.dsa_write_latent, lib.dsa_indexer_topk, lib.dsa_sparse_mla):
         fn.restype = None
     return lib, "C++ kernel (kernels/csrc/dsa_cpu.cpp)"
 
@@ -120,6 +122,27 @@ def write_k(k: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, scale_fmt
     blk_stride, bs = _block_layout(cache)
     _lib().dsa_write_k(k.data_ptr(), code, T, D, k.stride(0), slots.data_ptr(), cache.data_ptr(), blk_stride, bs,
                        int(scale_fmt == "ue8m0"))
+
+
+def write_latent(kv_c: torch.Tensor, k_pe: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write latent rows ``[kv_c | k_pe]`` (``[T, 512]``, ``[T, 64]``) into a float paged cache at ``slots [T]``
+    (-1: skip), converted to the cache's dtype (round to nearest even)."""
+    T, dc = kv_c.shape
+    dr = k_pe.shape[-1]
+    if k_pe.shape != (T, dr) or cache.dim() != 3 or cache.shape[-1] != dc + dr or slots.shape != (T,):
+        raise ValueError(f"shape mismatch: kv_c {list(kv_c.shape)}, k_pe {list(k_pe.shape)}, cache "
+                         f"{list(cache.shape)}, slots {list(slots.shape)}")
+    _check_cpu(kv_c=kv_c, k_pe=k_pe, cache=cache, slots=slots)
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    cc, rc = _dtype_code("kv_c", kv_c, floats), _dtype_code("k_pe", k_pe, floats)
+    ca = _dtype_code("cache", cache, floats)
+    kv_c = kv_c if kv_c.stride(1) == 1 else kv_c.contiguous()
+    k_pe = k_pe if k_pe.stride(1) == 1 else k_pe.contiguous()
+    if cache.stride(2) != 1:
+        raise ValueError("the latent cache rows must be contiguous")
+    slots = slots.to(torch.int64).contiguous()
+    _lib().dsa_write_latent(kv_c.data_ptr(), cc, kv_c.stride(0), k_pe.data_ptr(), rc, k_pe.stride(0), T, dc, dr,
+                            slots.data_ptr(), cache.data_ptr(), ca, cache.stride(0), cache.stride(1), cache.shape[1])
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,

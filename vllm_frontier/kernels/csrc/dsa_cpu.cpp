@@ -1,5 +1,6 @@
 // DeepSeek Sparse Attention on CPU for decode-sized steps: the indexer's K-cache write, its scores and top-k,
-// and the sparse MLA attention over the selected latent rows, each one call per layer instead of tens of
+// the latent-cache write, and the sparse MLA attention over the selected latent rows, each one call per layer
+// instead of tens of
 // small torch ops (on a small model the op count, not the arithmetic, is what a decode step costs).
 // Plain C ABI (loaded with ctypes by kernels/dsa_cpu.py), OpenMP when a call has enough work (the runtime is
 // the one PyTorch already loaded: same soname libgomp.so.1). Math as the torch references in kernels/ref.py:
@@ -126,7 +127,7 @@ const int64_t kParallelWork = 1 << 19;
 
 extern "C" {
 
-int dsa_cpu_abi_version() { return 1; }
+int dsa_cpu_abi_version() { return 2; }
 
 // Indexer keys -> FP8 codes + one fp32 scale per token, written by slot (slot < 0: skipped).
 void dsa_write_k(const void* k, int k_dtype, int64_t T, int64_t D, int64_t k_stride, const int64_t* slots,
@@ -146,6 +147,19 @@ void dsa_write_k(const void* k, int k_dtype, int64_t T, int64_t D, int64_t k_str
     int64_t off = slot % bs;
     for (int64_t d = 0; d < D; ++d) blk[off * D + d] = f32_to_e4m3(v[d] / scale);
     memcpy(blk + bs * D + off * 4, &scale, 4);
+  }
+}
+
+// Latent rows [kv_c (dc values) | k_pe (dr values)] written by slot into a float paged cache (slot < 0: skipped).
+void dsa_write_latent(const void* kv_c, int c_dtype, int64_t c_stride, const void* k_pe, int r_dtype,
+                      int64_t r_stride, int64_t T, int64_t dc, int64_t dr, const int64_t* slots, void* cache,
+                      int cache_dtype, int64_t blk_stride, int64_t row_stride, int64_t bs) {
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t slot = slots[t];
+    if (slot < 0) continue;
+    int64_t base = (slot / bs) * blk_stride + (slot % bs) * row_stride;
+    for (int64_t d = 0; d < dc; ++d) store(cache, cache_dtype, base + d, load(kv_c, c_dtype, t * c_stride + d));
+    for (int64_t d = 0; d < dr; ++d) store(cache, cache_dtype, base + dc + d, load(k_pe, r_dtype, t * r_stride + d));
   }
 }
 
