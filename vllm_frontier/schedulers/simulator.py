@@ -16,6 +16,11 @@ the `InstanceProfile` cost models (one step intercept, not two, when both kinds 
   leases the instance with the fewest in-flight leases of the stage asked for), an instance re-roled to
   prefill takes prompts as soon as it has the fewest queued, while it still drains its decodes.
 
+Latency SLOs (`SimConfig.slo_kind`): the TTFT, and for the decode side either the per-request mean TPOT
+(``tpot-mean``: ``(finish - first token) / (output - 1)``, DistServe's definition) or a per-token one: the
+P90 (``tbt-p90``) or P99 (``tbt-p99``) of the request's own gaps between consecutive tokens (Sarathi-Serve's
+time between tokens). Every request records the times its tokens came out, so one run serves all three.
+
 The same `RatioController` object as the live router is called every `interval_s` with a `LoadSample`
 built from the simulated measurements. Nothing is ever dropped: requests not finished by the end of
 the run count as SLO misses.
@@ -29,13 +34,22 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import simpy
 
 from vllm_frontier.schedulers.controller import LoadSample, RatioController
 from vllm_frontier.schedulers.cost_model import InstanceProfile
 from vllm_frontier.schedulers.traces import Request
 
-__all__ = ["SimConfig", "SimResult", "RequestRecord", "simulate", "percentile"]
+__all__ = ["SimConfig", "SimResult", "RequestRecord", "simulate", "percentile", "SLO_KINDS"]
+
+# Decode-side SLO kinds: per-request mean TPOT, or the P90 / P99 of a request's gaps between tokens.
+SLO_KINDS = ("tpot-mean", "tbt-p90", "tbt-p99")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in SLO_KINDS:
+        raise ValueError(f"slo_kind must be one of {', '.join(SLO_KINDS)}, got {kind!r}")
 
 
 @dataclass(frozen=True)
@@ -47,7 +61,8 @@ class SimConfig:
         n_instances: cluster size.
         n_prefill: initial prefill instances (the rest decode); None = colocated (every instance ``both``).
         chunk_tokens: colocated prefill token budget per step (vLLM's ``max_num_batched_tokens``).
-        slo_ttft_s / slo_tpot_s: SLOs used for attainment.
+        slo_ttft_s / slo_tpot_s: SLOs used for attainment (`slo_tpot_s` bounds the decode metric of `slo_kind`).
+        slo_kind: decode-side SLO, one of `SLO_KINDS` (mean TPOT, or the P90 / P99 of the token gaps).
         interval_s: controller period (ignored without a controller).
         drain_s: how long after the last arrival the run continues before unfinished requests count as missed.
     """
@@ -60,8 +75,10 @@ class SimConfig:
     chunk_tokens: int = 2048
     interval_s: float = 2.0
     drain_s: float = 60.0
+    slo_kind: str = "tpot-mean"
 
     def __post_init__(self) -> None:
+        _check_kind(self.slo_kind)
         if self.n_instances < 1:
             raise ValueError("n_instances must be >= 1")
         if self.n_prefill is not None and not 1 <= self.n_prefill <= self.n_instances - 1:
@@ -74,9 +91,33 @@ class SimConfig:
 
 @dataclass
 class RequestRecord:
+    """Latencies of one request. `tbt_p90_s` / `tbt_p99_s`: nearest-rank P90 / P99 of its gaps between
+    consecutive output tokens (0 with fewer than two tokens; None until it finishes)."""
+
     req: Request
     first_token_s: float | None = None
     finish_s: float | None = None
+    tbt_p90_s: float | None = None
+    tbt_p99_s: float | None = None
+
+    def set_token_times(self, times: Sequence[float]) -> None:
+        """Record the per-token SLO metrics from the times its output tokens came out."""
+        if len(times) < 2:
+            self.tbt_p90_s = self.tbt_p99_s = 0.0
+            return
+        gaps = np.sort(np.diff(np.asarray(times, dtype=float)))
+        n = len(gaps)
+        self.tbt_p90_s = float(gaps[max(0, math.ceil(0.9 * n) - 1)])
+        self.tbt_p99_s = float(gaps[max(0, math.ceil(0.99 * n) - 1)])
+
+    def decode_metric(self, kind: str) -> float:
+        """The request's decode-side latency under SLO kind `kind` (inf while unfinished)."""
+        if kind == "tpot-mean":
+            return self.tpot_s
+        if self.finish_s is None:
+            return math.inf
+        v = self.tbt_p90_s if kind == "tbt-p90" else self.tbt_p99_s
+        return math.inf if v is None else v
 
     @property
     def ttft_s(self) -> float:
@@ -98,14 +139,24 @@ class SimResult:
     slo_tpot_s: float
     # (t, n_prefill, n_decode) after every applied change, starting with the initial split.
     ratio_timeline: list[tuple[float, int, int]] = field(default_factory=list)
+    slo_kind: str = "tpot-mean"
 
-    def attainment(self, records: Sequence[RequestRecord] | None = None) -> float:
-        """Fraction of `records` (default: all) meeting both SLOs (unfinished ones miss; 1.0 when empty)."""
+    def attainment(self, records: Sequence[RequestRecord] | None = None, kind: str | None = None,
+                   slo_tpot_s: float | None = None) -> float:
+        """Fraction of `records` (default: all) meeting the TTFT SLO and the decode SLO of `kind` (default:
+        the run's) at `slo_tpot_s` (default: the run's); unfinished ones miss; 1.0 when empty."""
         records = self.records if records is None else records
+        kind = self.slo_kind if kind is None else kind
+        _check_kind(kind)
+        tpot = self.slo_tpot_s if slo_tpot_s is None else slo_tpot_s
         if not records:
             return 1.0
-        ok = sum(1 for r in records if r.ttft_s <= self.slo_ttft_s and r.tpot_s <= self.slo_tpot_s)
+        ok = sum(1 for r in records if r.ttft_s <= self.slo_ttft_s and r.decode_metric(kind) <= tpot)
         return ok / len(records)
+
+    def decode_p(self, q: float, kind: str) -> float:
+        """Percentile `q` over requests of the decode metric of SLO kind `kind`."""
+        return percentile([r.decode_metric(kind) for r in self.records], q)
 
     def finished(self) -> int:
         return sum(1 for r in self.records if r.finish_s is not None)
@@ -127,12 +178,14 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 
 class _Job:
-    __slots__ = ("rec", "left", "done_pref")
+    __slots__ = ("rec", "left", "done_pref", "token_times", "seg_start")
 
     def __init__(self, rec: RequestRecord) -> None:
         self.rec = rec
         self.left = rec.req.prompt_len  # prompt tokens still to prefill
         self.done_pref = 0
+        self.token_times: list[float] = []  # when each output token came out
+        self.seg_start = 0  # the instance's decode-step count when this job joined its batch
 
 
 class _Instance:
@@ -145,6 +198,7 @@ class _Instance:
         self.kv_used = 0
         self.kv_pending = 0  # KV tokens reserved by jobs in admit_q
         self.steps = 0
+        self.step_times: list[float] = []  # end time of decode step k at index k - 1
         self.finish_heap: list[tuple[int, int, _Job]] = []  # (finish step, seq, job)
         self.ctx = 0  # context tokens of running decodes
         self.wake = sim.env.event()
@@ -189,11 +243,13 @@ class _Instance:
             if remaining <= 0:
                 self._finish(job)
                 continue
+            job.seg_start = self.steps
             self.ctx += job.rec.req.prompt_len + 1
             heapq.heappush(self.finish_heap, (self.steps + remaining, job.rec.req.rid, job))
 
     def _finish(self, job: _Job) -> None:
         job.rec.finish_s = self.sim.env.now
+        job.rec.set_token_times(job.token_times)
         self.kv_used -= job.rec.req.prompt_len + job.rec.req.output_len
         self.sim.on_finish(job)
 
@@ -236,9 +292,11 @@ class _Instance:
             # Decode progress: every running request produced one token.
             if b:
                 self.steps += 1
+                self.step_times.append(env.now)
                 self.ctx += b
                 while self.finish_heap and self.finish_heap[0][0] <= self.steps:
                     _, _, job = heapq.heappop(self.finish_heap)
+                    job.token_times.extend(self.step_times[job.seg_start:self.steps])
                     self.ctx -= job.rec.req.prompt_len + job.rec.req.output_len
                     self._finish(job)
             for job, take in chunks:
@@ -249,6 +307,7 @@ class _Instance:
                 job = self.prefill_q.popleft()
                 self.queued_sq -= job.rec.req.prompt_len ** 2
                 job.rec.first_token_s = env.now
+                job.token_times.append(env.now)
                 self.sim.on_prefilled(self, job)
             # Jobs that finished their prompt but sit behind an unfinished one are handled next step.
 
@@ -356,7 +415,7 @@ class _Sim:
         end = (self.trace[-1].arrival_s if self.trace else 0.0) + self.cfg.drain_s
         done_check = self.env.process(self._until_done())
         self.env.run(until=simpy.AnyOf(self.env, [done_check, self.env.timeout(end)]))
-        return SimResult(self.records, self.cfg.slo_ttft_s, self.cfg.slo_tpot_s, self.timeline)
+        return SimResult(self.records, self.cfg.slo_ttft_s, self.cfg.slo_tpot_s, self.timeline, self.cfg.slo_kind)
 
     def _until_done(self):
         while self.open > 0 or self.env.now < (self.trace[-1].arrival_s if self.trace else 0.0):
