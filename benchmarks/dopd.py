@@ -72,7 +72,8 @@ class Bench:
         ctrl = self.controller() if policy["kind"] == "controller" else (
             ScheduledSplit(policy["schedule"]) if policy["kind"] == "schedule" else None)
         cfg = SimConfig(self.prof, n, policy.get("n_prefill"), a.slo_ttft, a.slo_tpot,
-                        chunk_tokens=policy.get("chunk", 2048), interval_s=a.interval, slo_kind=a.slo_kind)
+                        chunk_tokens=policy.get("chunk", 2048), interval_s=a.interval, slo_kind=a.slo_kind,
+                        kv=a.kv, block_size=a.block_size)
         self.sims += 1
         return simulate(cfg, self.trace(rate), ctrl), ctrl
 
@@ -80,7 +81,7 @@ class Bench:
         res, _ = self.run(n, policy, rate)
         att = res.attainment()
         curve.append({"rate": rate, "attainment": att, "ttft_p90_s": _num(res.ttft_p(90)),
-                      "tpot_p90_s": _num(res.tpot_p(90)),
+                      "tpot_p90_s": _num(res.tpot_p(90)), "preemptions": res.preemptions,
                       "attainment_by_kind": {k: res.attainment(kind=k) for k in SLO_KINDS}})
         return att >= GOAL
 
@@ -343,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds: bound on the decode metric of --slo-kind")
     ap.add_argument("--slo-kind", default="tpot-mean", choices=SLO_KINDS,
                     help="decode SLO: a request's mean TPOT, or the P90 / P99 of its gaps between tokens")
+    ap.add_argument("--kv", default="paged", choices=["paged", "reserve"],
+                    help="KV model: vLLM's pages with recompute preemption, or prompt + output reserved at admission")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV page (--kv paged)")
     ap.add_argument("--interval", type=float, default=2.0, help="controller period, seconds")
     ap.add_argument("--horizon", type=float, default=10.0, help="controller forecast look-ahead, seconds")
     ap.add_argument("--chunks", type=int, nargs="+", default=[512, 2048, 8192],
@@ -387,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
         "host": {"python": platform.python_version(), "machine": platform.machine(), "simulated": True},
         "config": {"profile": prof.name, "profile_source": prof.source, "workload": args.workload,
                    "arrivals": args.arrivals, "duration_s": args.duration, "slo_ttft_s": args.slo_ttft,
-                   "slo_tpot_s": args.slo_tpot, "slo_kind": args.slo_kind, "goal_attainment": GOAL, "interval_s": args.interval,
+                   "slo_tpot_s": args.slo_tpot, "slo_kind": args.slo_kind, "kv": args.kv,
+                   "block_size": args.block_size, "goal_attainment": GOAL, "interval_s": args.interval,
                    "horizon_s": args.horizon, "seed": args.seed, "spare_to_prefill": args.spare_to_prefill,
                    "kinds": {k: {"prompt_median": p.median, "output_median": o.median} for k, (p, o) in KINDS.items()},
                    "phases": [{"fraction": ph.duration_s, "mix": dict(ph.mix)} for ph in WORKLOADS[args.workload]]},

@@ -63,6 +63,11 @@ class SimConfig:
         chunk_tokens: colocated prefill token budget per step (vLLM's ``max_num_batched_tokens``).
         slo_ttft_s / slo_tpot_s: SLOs used for attainment (`slo_tpot_s` bounds the decode metric of `slo_kind`).
         slo_kind: decode-side SLO, one of `SLO_KINDS` (mean TPOT, or the P90 / P99 of the token gaps).
+        kv: ``reserve`` (a decode instance admits a request when its prompt + output fits, and keeps that
+            reservation to the end) or ``paged`` (vLLM's paged KV: pages of `block_size` tokens are taken as
+            tokens come; when a decode step needs a page and none is free the newest running request is
+            preempted: its KV is freed and it is prefilled again, prompt + tokens so far, on the same instance
+            ahead of every other prompt; no new request starts in a step that preempted).
         interval_s: controller period (ignored without a controller).
         drain_s: how long after the last arrival the run continues before unfinished requests count as missed.
     """
@@ -76,9 +81,15 @@ class SimConfig:
     interval_s: float = 2.0
     drain_s: float = 60.0
     slo_kind: str = "tpot-mean"
+    kv: str = "reserve"
+    block_size: int = 16
 
     def __post_init__(self) -> None:
         _check_kind(self.slo_kind)
+        if self.kv not in ("reserve", "paged"):
+            raise ValueError(f"kv must be 'reserve' or 'paged', got {self.kv!r}")
+        if self.block_size < 1 or self.profile.kv_capacity_tokens < self.block_size:
+            raise ValueError("block_size must be >= 1 and at most the profile's kv_capacity_tokens")
         if self.n_instances < 1:
             raise ValueError("n_instances must be >= 1")
         if self.n_prefill is not None and not 1 <= self.n_prefill <= self.n_instances - 1:
@@ -99,9 +110,11 @@ class RequestRecord:
     finish_s: float | None = None
     tbt_p90_s: float | None = None
     tbt_p99_s: float | None = None
+    n_tokens: int = 0  # output tokens that came out (set when it finishes)
 
     def set_token_times(self, times: Sequence[float]) -> None:
         """Record the per-token SLO metrics from the times its output tokens came out."""
+        self.n_tokens = len(times)
         if len(times) < 2:
             self.tbt_p90_s = self.tbt_p99_s = 0.0
             return
@@ -140,6 +153,7 @@ class SimResult:
     # (t, n_prefill, n_decode) after every applied change, starting with the initial split.
     ratio_timeline: list[tuple[float, int, int]] = field(default_factory=list)
     slo_kind: str = "tpot-mean"
+    preemptions: int = 0  # recompute preemptions (paged KV)
 
     def attainment(self, records: Sequence[RequestRecord] | None = None, kind: str | None = None,
                    slo_tpot_s: float | None = None) -> float:
@@ -178,97 +192,198 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 
 class _Job:
-    __slots__ = ("rec", "left", "done_pref", "token_times", "seg_start")
+    __slots__ = ("rec", "left", "done_pref", "pref_len", "token_times", "seg_start", "g", "kv_base", "epoch",
+                 "recompute")
 
     def __init__(self, rec: RequestRecord) -> None:
         self.rec = rec
-        self.left = rec.req.prompt_len  # prompt tokens still to prefill
+        self.left = rec.req.prompt_len  # tokens still to prefill (prompt, or prompt + output for a recompute)
+        self.pref_len = rec.req.prompt_len  # tokens of the prefill in progress
         self.done_pref = 0
         self.token_times: list[float] = []  # when each output token came out
         self.seg_start = 0  # the instance's decode-step count when this job joined its batch
+        self.g = 0  # output tokens produced so far
+        self.kv_base = 0  # KV tokens it held when it joined the batch (prompt + g - 1)
+        self.epoch = 0  # bumped on preemption: finish-heap entries of an older epoch are stale
+        self.recompute = False  # prefilling again after a preemption (KV was freed)
 
 
 class _Instance:
     def __init__(self, sim: "_Sim", idx: int, role: str) -> None:
         self.sim, self.idx, self.role = sim, idx, role
+        self.paged = sim.cfg.kv == "paged"
+        self.bs = sim.cfg.block_size
+        self.cap_blocks = sim.profile.kv_capacity_tokens // self.bs
         self.prefill_q: collections.deque[_Job] = collections.deque()
         self.queued_tokens = 0
         self.queued_sq = 0
         self.admit_q: collections.deque[_Job] = collections.deque()  # waiting for KV on this instance
-        self.kv_used = 0
-        self.kv_pending = 0  # KV tokens reserved by jobs in admit_q
+        self.kv_used = 0  # KV tokens held (reserve: prompt + output per request; paged: blocks x block size)
+        self.kv_pending = 0  # KV tokens asked for by jobs in admit_q
+        self.blocks_used = 0
+        # paged: running decodes whose next new block falls on a decode step k with k % block_size == r
+        self.cross = [0] * self.bs
+        self.run_order: dict[_Job, None] = {}  # running decodes, oldest first (vLLM preempts the newest)
+        self.preemptions = 0
         self.steps = 0
         self.step_times: list[float] = []  # end time of decode step k at index k - 1
-        self.finish_heap: list[tuple[int, int, _Job]] = []  # (finish step, seq, job)
+        self.finish_heap: list[tuple[int, int, int, _Job]] = []  # (finish step, rid, epoch, job)
         self.ctx = 0  # context tokens of running decodes
         self.wake = sim.env.event()
         self.proc = sim.env.process(self.loop())
 
     @property
     def running(self) -> int:
-        return len(self.finish_heap)
+        return len(self.run_order)
 
     @property
     def draining_decodes(self) -> int:
         """Decodes in flight here (running or waiting for KV)."""
-        return len(self.finish_heap) + len(self.admit_q)
+        return len(self.run_order) + len(self.admit_q)
 
     def kick(self) -> None:
         if not self.wake.triggered:
             self.wake.succeed()
 
-    def enqueue_prefill(self, job: _Job) -> None:
-        self.prefill_q.append(job)
+    def enqueue_prefill(self, job: _Job, front: bool = False) -> None:
+        if front:  # ahead of every waiting prompt, behind the ones partly prefilled (vLLM runs those first)
+            i = 0
+            while i < len(self.prefill_q) and self.prefill_q[i].done_pref:
+                i += 1
+            self.prefill_q.insert(i, job)
+        else:
+            self.prefill_q.append(job)
         self.queued_tokens += job.left
         self.queued_sq += job.left * job.left
         self.kick()
 
     def enqueue_decode(self, job: _Job) -> None:
         self.admit_q.append(job)
-        self.kv_pending += job.rec.req.prompt_len + job.rec.req.output_len
+        self.kv_pending += self._kv_need(job)
         self.kick()
+
+    # ---- KV accounting ---------------------------------------------------------------------------
+    def _kv_need(self, job: _Job) -> int:
+        """KV tokens a job waiting for admission asks for: its whole life (reserve) or its prompt's pages."""
+        if self.paged:
+            return -(-job.rec.req.prompt_len // self.bs) * self.bs
+        return job.rec.req.prompt_len + job.rec.req.output_len
+
+    def _blocks(self, delta: int) -> None:
+        self.blocks_used += delta
+        self.kv_used = self.blocks_used * self.bs
+
+    def _free_blocks(self) -> int:
+        return self.cap_blocks - self.blocks_used
 
     def _admit(self) -> None:
         cap = self.sim.profile.kv_capacity_tokens
         while self.admit_q:
             job = self.admit_q[0]
-            need = job.rec.req.prompt_len + job.rec.req.output_len
-            if self.kv_used + need > cap and self.running > 0:
+            need = self._kv_need(job)
+            if self.paged:
+                # preempted requests waiting to recompute go first (vLLM puts them at the head of the queue)
+                if (self.prefill_q and self.prefill_q[0].recompute) or (
+                        need // self.bs > self._free_blocks() and self.running > 0):
+                    break
+            elif self.kv_used + need > cap and self.running > 0:
                 break
             self.admit_q.popleft()
             self.kv_pending -= need
-            self.kv_used += need
+            if self.paged:
+                self._blocks(need // self.bs)
+            else:
+                self.kv_used += need
             # The first output token came from prefill: output_len - 1 decode steps remain.
-            remaining = job.rec.req.output_len - 1
-            if remaining <= 0:
+            job.g = 1
+            if job.rec.req.output_len <= 1:
                 self._finish(job)
                 continue
-            job.seg_start = self.steps
-            self.ctx += job.rec.req.prompt_len + 1
-            heapq.heappush(self.finish_heap, (self.steps + remaining, job.rec.req.rid, job))
+            self._start_decode(job)
+
+    def _start_decode(self, job: _Job) -> None:
+        """Join the decode batch with `job.g` tokens out and their KV (but the last token's) held here."""
+        job.kv_base = job.rec.req.prompt_len + job.g - 1
+        job.seg_start = self.steps
+        self.run_order[job] = None
+        self.ctx += job.kv_base + 1
+        if self.paged:  # decode step k = seg_start + j processes position kv_base + j: a new block when it is 1 mod bs
+            self.cross[(job.seg_start + 1 - job.kv_base) % self.bs] += 1
+        heapq.heappush(self.finish_heap, (self.steps + job.rec.req.output_len - job.g, job.rec.req.rid,
+                                          job.epoch, job))
+
+    def _leave_batch(self, job: _Job) -> int:
+        """Take `job` out of the decode batch; returns the KV tokens it holds."""
+        k = self.steps - job.seg_start
+        job.token_times.extend(self.step_times[job.seg_start:self.steps])
+        job.g += k
+        del self.run_order[job]
+        self.ctx -= job.kv_base + 1 + k
+        if self.paged:
+            self.cross[(job.seg_start + 1 - job.kv_base) % self.bs] -= 1
+        return job.kv_base + k
 
     def _finish(self, job: _Job) -> None:
         job.rec.finish_s = self.sim.env.now
         job.rec.set_token_times(job.token_times)
-        self.kv_used -= job.rec.req.prompt_len + job.rec.req.output_len
+        if not self.paged:
+            self.kv_used -= job.rec.req.prompt_len + job.rec.req.output_len
         self.sim.on_finish(job)
 
+    def _preempt(self, job: _Job) -> None:
+        """vLLM's recompute preemption: free the job's KV and queue its prompt + generated tokens for a fresh
+        prefill on this instance, ahead of every other prompt."""
+        held = self._leave_batch(job)
+        self._blocks(-self._pages(held))
+        job.epoch += 1
+        job.recompute = True
+        job.left = job.pref_len = job.rec.req.prompt_len + job.g
+        job.done_pref = 0
+        self.preemptions += 1
+        self.sim.preemptions += 1
+        self.enqueue_prefill(job, front=True)
+
+    def _make_room(self) -> int:
+        """Paged KV: blocks the next decode step needs, preempting the newest decodes until they fit."""
+        nxt = (self.steps + 1) % self.bs
+        while self.run_order:
+            need = self.cross[nxt]
+            if need <= self._free_blocks():
+                return need
+            victim = next(reversed(self.run_order))
+            self._preempt(victim)
+        return 0
+
+    def _pages(self, tokens: int) -> int:
+        return -(-tokens // self.bs)
+
+    def _prefill_blocks(self, job: _Job, take: int) -> int:
+        """New blocks a chunk of `take` tokens of `job` needs (pages already held by its earlier chunks)."""
+        return self._pages(job.done_pref + take) - self._pages(job.done_pref)
+
+    # ---- engine loop -----------------------------------------------------------------------------
     def loop(self):
-        env, prof = self.sim.env, self.sim.profile
+        env, prof, cfg = self.sim.env, self.sim.profile, self.sim.cfg
         while True:
             self._admit()
-            if not self.prefill_q and not self.finish_heap:
+            if not self.prefill_q and not self.run_order:
                 self.wake = env.event()
                 yield self.wake
                 continue
+            preempted = self.preemptions
+            new_dec_blocks = self._make_room() if self.paged and self.run_order else 0
+            if self.paged:
+                self._blocks(new_dec_blocks)
             # Prefill part of this step.
             # Steps that carry decodes use chunked prefill (vLLM's token budget); pure prefill steps batch
             # whole prompts up to max_batch_tokens.
-            mixed = self.role == "both" or bool(self.finish_heap)
-            budget = self.sim.cfg.chunk_tokens if mixed else prof.max_batch_tokens
+            b = self.running
+            mixed = self.role == "both" or b > 0
+            budget = cfg.chunk_tokens if mixed else prof.max_batch_tokens
             chunks: list[tuple[_Job, int]] = []
             tok = sq = 0.0
             used = 0
+            free = self._free_blocks() if self.paged else 0
             for job in self.prefill_q:
                 if used >= budget:
                     break
@@ -278,26 +393,48 @@ class _Instance:
                     take = job.left  # whole prompts; at least one per step
                     if used and used + take > budget:
                         break
+                if self.paged:
+                    # vLLM V1 starts no new request in a step that preempted; a chunk needs its pages
+                    if job.done_pref == 0 and self.preemptions != preempted:
+                        break
+                    nb = self._prefill_blocks(job, take)
+                    if nb > free:
+                        if mixed and free > 0:  # the part of the chunk whose pages fit
+                            take = min(take, (self._pages(job.done_pref) + free) * self.bs - job.done_pref)
+                            nb = self._prefill_blocks(job, take)
+                        if nb > free or take <= 0:
+                            if chunks or b or self.blocks_used - self._partial_blocks() > 0:
+                                break
+                            # nothing else can free pages: let the head prompt run over the capacity
+                            take = job.left if not mixed else min(job.left, budget)
+                            nb = self._prefill_blocks(job, take)
+                    free -= nb
+                    self._blocks(nb)
                 s0 = job.done_pref
                 tok += take
                 sq += (s0 + take) ** 2 - s0 ** 2  # attention of the chunk over its prefix
                 used += take
                 chunks.append((job, take))
-            b = self.running
-            t_pref = prof.prefill.tokens_s(tok, sq) if chunks else 0.0
-            t_dec = prof.decode.step_s(b, self.ctx) if b else 0.0
-            if chunks and b:
-                t_dec -= min(prof.prefill.a, prof.decode.coeffs(b)[0])  # one step overhead, not two
-            yield env.timeout(t_pref + t_dec)
+            if not chunks and not b:
+                if self.preemptions != preempted:
+                    continue  # the step preempted every decode: the recomputes start next step
+                # every queued prompt waits for pages that only a transfer or admission frees
+                self.wake = env.event()
+                yield self.wake
+                continue
+            yield env.timeout(self._step_s(chunks, tok, sq, b))
             # Decode progress: every running request produced one token.
             if b:
                 self.steps += 1
                 self.step_times.append(env.now)
                 self.ctx += b
                 while self.finish_heap and self.finish_heap[0][0] <= self.steps:
-                    _, _, job = heapq.heappop(self.finish_heap)
-                    job.token_times.extend(self.step_times[job.seg_start:self.steps])
-                    self.ctx -= job.rec.req.prompt_len + job.rec.req.output_len
+                    _, _, epoch, job = heapq.heappop(self.finish_heap)
+                    if epoch != job.epoch or job not in self.run_order:
+                        continue  # preempted since
+                    held = self._leave_batch(job)
+                    if self.paged:
+                        self._blocks(-self._pages(held))
                     self._finish(job)
             for job, take in chunks:
                 job.left -= take
@@ -305,11 +442,34 @@ class _Instance:
                 self.queued_tokens -= take
             while self.prefill_q and self.prefill_q[0].left == 0:
                 job = self.prefill_q.popleft()
-                self.queued_sq -= job.rec.req.prompt_len ** 2
-                job.rec.first_token_s = env.now
+                self.queued_sq -= job.pref_len ** 2
                 job.token_times.append(env.now)
+                if job.recompute:
+                    job.recompute = False
+                    job.g += 1
+                    if job.g >= job.rec.req.output_len:
+                        self._blocks(-self._pages(job.done_pref))
+                        self._finish(job)
+                    else:
+                        self._start_decode(job)
+                    continue
+                job.rec.first_token_s = env.now
+                if self.paged and not self.sim.stays(self):
+                    self._blocks(-self._pages(job.done_pref))  # the KV leaves with the transfer
                 self.sim.on_prefilled(self, job)
             # Jobs that finished their prompt but sit behind an unfinished one are handled next step.
+
+    def _partial_blocks(self) -> int:
+        """Pages held by prompts partly prefilled here."""
+        return sum(self._pages(j.done_pref) for j in self.prefill_q if j.done_pref)
+
+    def _step_s(self, chunks: list, tok: float, sq: float, b: int) -> float:
+        prof = self.sim.profile
+        t_pref = prof.prefill.tokens_s(tok, sq) if chunks else 0.0
+        t_dec = prof.decode.step_s(b, self.ctx) if b else 0.0
+        if chunks and b:
+            t_dec -= min(prof.prefill.a, prof.decode.coeffs(b)[0])  # one step overhead, not two
+        return t_pref + t_dec
 
 
 class _Sim:
@@ -332,6 +492,11 @@ class _Sim:
         self.win_ttft: list[float] = []
         self.win_tpot: list[float] = []
         self.open = len(trace)
+        self.preemptions = 0
+
+    def stays(self, inst: _Instance) -> bool:
+        """Whether a prompt prefilled on `inst` decodes there (colocated deployment)."""
+        return inst.role == "both" and self.cfg.n_prefill is None
 
     # ---- routing -------------------------------------------------------------------------------
     def _pick_prefill(self) -> _Instance:
@@ -349,8 +514,16 @@ class _Sim:
         return min(cands, key=lambda i: (i.kv_used + i.kv_pending, i.idx))
 
     def on_prefilled(self, inst: _Instance, job: _Job) -> None:
-        if inst.role == "both" and self.cfg.n_prefill is None:
-            inst.enqueue_decode(job)
+        if self.stays(inst):
+            if not inst.paged:
+                inst.enqueue_decode(job)
+                return
+            job.g = 1  # paged: its prompt's pages are already here
+            if job.rec.req.output_len <= 1:
+                inst._blocks(-inst._pages(job.done_pref))
+                inst._finish(job)
+            else:
+                inst._start_decode(job)
             return
         target = self._pick_decode()
         delay = job.rec.req.prompt_len * self.profile.kv_transfer_s_per_token
@@ -415,7 +588,8 @@ class _Sim:
         end = (self.trace[-1].arrival_s if self.trace else 0.0) + self.cfg.drain_s
         done_check = self.env.process(self._until_done())
         self.env.run(until=simpy.AnyOf(self.env, [done_check, self.env.timeout(end)]))
-        return SimResult(self.records, self.cfg.slo_ttft_s, self.cfg.slo_tpot_s, self.timeline, self.cfg.slo_kind)
+        return SimResult(self.records, self.cfg.slo_ttft_s, self.cfg.slo_tpot_s, self.timeline, self.cfg.slo_kind,
+                         self.preemptions)
 
     def _until_done(self):
         while self.open > 0 or self.env.now < (self.trace[-1].arrival_s if self.trace else 0.0):
