@@ -5,8 +5,10 @@
 
 For each cluster size N and each policy, a binary search finds the goodput: the highest arrival rate
 (requests/s, whole cluster) at which >= 90% of requests meet both the TTFT and the TPOT SLO (DistServe's
-definition). Policies: colocated (every instance prefills and decodes, chunked prefill, best of the
-`--chunks` budgets at the first size, reused for the others), static P:D = 1:1, 1:2, 2:1 (rounded to N), the best static split found by search (every N/16-th
+definition; the decode SLO is the mean TPOT or the P90 / P99 time between tokens, `--slo-kind`). Policies:
+colocated (every instance prefills and decodes, chunked prefill, best of the `--chunks` budgets under the
+SLO at the first size, reused for the others), colocated prefill-first (vLLM without chunked prefill: a
+step prefills whole prompts whenever one is queued and fits, and decodes otherwise), static P:D = 1:1, 1:2, 2:1 (rounded to N), the best static split found by search (every N/16-th
 split, then halving steps around the best; a split is searched fully only if it beats the best so far), and
 the `RatioController` starting at 1:1, and the phase oracle (a reference, not a policy: it knows the mix
 schedule and runs each phase's best split; `--no-oracle` skips it, it is the slowest part). Every rate tried
@@ -72,7 +74,8 @@ class Bench:
         ctrl = self.controller() if policy["kind"] == "controller" else (
             ScheduledSplit(policy["schedule"]) if policy["kind"] == "schedule" else None)
         cfg = SimConfig(self.prof, n, policy.get("n_prefill"), a.slo_ttft, a.slo_tpot,
-                        chunk_tokens=policy.get("chunk", 2048), interval_s=a.interval, slo_kind=a.slo_kind,
+                        chunk_tokens=policy.get("chunk", 2048), colocated=policy.get("mode", "chunked"),
+                        interval_s=a.interval, slo_kind=a.slo_kind,
                         kv=a.kv, block_size=a.block_size)
         self.sims += 1
         return simulate(cfg, self.trace(rate), ctrl), ctrl
@@ -193,6 +196,8 @@ def bench_size(b: Bench, n: int, log) -> dict:
             best_c, best_cg = chunk, g
     out["policies"]["colocated"] = dict(out["policies"][f"colocated-chunk{best_c}"])
     b.best_chunk = best_c
+    # vLLM without chunked prefill (the baseline DistServe and DOPD compared against): prefill-first steps.
+    record("colocated-prefill-first", {"kind": "colocated", "mode": "prefill-first"})
     for name, (p, d) in {"static-1:1": (1, 1), "static-1:2": (1, 2), "static-2:1": (2, 1)}.items():
         record(name, {"kind": "static", "n_prefill": static_split(n, p, d)})
     # Best static split: every split for small N, a grid then its neighbourhood for large N. A split only
@@ -249,6 +254,8 @@ def bench_size(b: Bench, n: int, log) -> dict:
         out["oracle_vs_best_static"] = g / g_static if g_static else None
         out["oracle_vs_colocated"] = g / g_col if g_col else None
         out["controller_vs_oracle"] = g_ctrl / g if g else None
+    g_pf = pol["colocated-prefill-first"]["goodput_rps"]
+    out["controller_vs_prefill_first"] = g_ctrl / g_pf if g_pf else None
     out["controller_vs_colocated"] = g_ctrl / pol["colocated"]["goodput_rps"] if pol["colocated"]["goodput_rps"] else None
     out["controller_vs_best_static"] = g_ctrl / pol["static-best"]["goodput_rps"] if pol["static-best"]["goodput_rps"] else None
     # P90 TTFT at static 1:1's goodput rate.
@@ -291,7 +298,7 @@ def plot(result: dict, path: Path) -> str | None:
     fig, axes = plt.subplots(2, len(sizes), figsize=(5.5 * len(sizes), 8.5), squeeze=False)
     for col, res in enumerate(sizes):
         ax = axes[0][col]
-        for name in ("colocated", "static-1:1", "static-1:2", "static-2:1", "static-best", "controller",
+        for name in ("colocated", "colocated-prefill-first", "static-1:1", "static-1:2", "static-2:1", "static-best", "controller",
                      "phase-oracle"):
             if name not in res["policies"]:
                 continue

@@ -61,6 +61,10 @@ class SimConfig:
         n_instances: cluster size.
         n_prefill: initial prefill instances (the rest decode); None = colocated (every instance ``both``).
         chunk_tokens: colocated prefill token budget per step (vLLM's ``max_num_batched_tokens``).
+        colocated: how a colocated instance (role ``both``) mixes the phases: ``chunked`` (each step carries
+            the running decodes and up to `chunk_tokens` prompt tokens) or ``prefill-first`` (vLLM without
+            chunked prefill, the baseline of DistServe and DOPD: a step prefills whole prompts, up to the
+            profile's `max_batch_tokens`, whenever one is queued and its KV fits, and decodes otherwise).
         slo_ttft_s / slo_tpot_s: SLOs used for attainment (`slo_tpot_s` bounds the decode metric of `slo_kind`).
         slo_kind: decode-side SLO, one of `SLO_KINDS` (mean TPOT, or the P90 / P99 of the token gaps).
         kv: ``reserve`` (a decode instance admits a request when its prompt + output fits, and keeps that
@@ -83,9 +87,12 @@ class SimConfig:
     slo_kind: str = "tpot-mean"
     kv: str = "reserve"
     block_size: int = 16
+    colocated: str = "chunked"
 
     def __post_init__(self) -> None:
         _check_kind(self.slo_kind)
+        if self.colocated not in ("chunked", "prefill-first"):
+            raise ValueError(f"colocated must be 'chunked' or 'prefill-first', got {self.colocated!r}")
         if self.kv not in ("reserve", "paged"):
             raise ValueError(f"kv must be 'reserve' or 'paged', got {self.kv!r}")
         if self.block_size < 1 or self.profile.kv_capacity_tokens < self.block_size:
@@ -371,20 +378,25 @@ class _Instance:
                 yield self.wake
                 continue
             preempted = self.preemptions
-            new_dec_blocks = self._make_room() if self.paged and self.run_order else 0
-            if self.paged:
-                self._blocks(new_dec_blocks)
+            # Prefill-first colocated (vLLM without chunked prefill): a step is a prefill batch whenever a
+            # queued prompt fits, and a decode batch otherwise; prompts never share a step with decodes.
+            pf_only = self.role == "both" and cfg.colocated == "prefill-first"
+            pf_step = pf_only and bool(self.prefill_q) and (
+                not self.paged or not self.run_order
+                or self._prefill_blocks(self.prefill_q[0], self.prefill_q[0].left) <= self._free_blocks())
+            if self.paged and self.run_order and not pf_step:
+                self._blocks(self._make_room())
             # Prefill part of this step.
             # Steps that carry decodes use chunked prefill (vLLM's token budget); pure prefill steps batch
             # whole prompts up to max_batch_tokens.
-            b = self.running
-            mixed = self.role == "both" or b > 0
+            b = 0 if pf_step else self.running
+            mixed = not pf_step and (self.role == "both" or b > 0)
             budget = cfg.chunk_tokens if mixed else prof.max_batch_tokens
             chunks: list[tuple[_Job, int]] = []
             tok = sq = 0.0
             used = 0
             free = self._free_blocks() if self.paged else 0
-            for job in self.prefill_q:
+            for job in (self.prefill_q if not (pf_only and not pf_step) else ()):
                 if used >= budget:
                     break
                 if mixed:
