@@ -72,6 +72,9 @@ class SimConfig:
             tokens come; when a decode step needs a page and none is free the newest running request is
             preempted: its KV is freed and it is prefilled again, prompt + tokens so far, on the same instance
             ahead of every other prompt; no new request starts in a step that preempted).
+        prefill_profile: cost model of prefill-role instances when it differs from `profile` (e.g. a TP=2
+            prefill instance beside TP=1 decode ones, as DistServe deploys OPT-13B; its `tensor_parallel`
+            counts the GPUs); None: `profile` for every role.
         interval_s: controller period (ignored without a controller).
         drain_s: how long after the last arrival the run continues before unfinished requests count as missed.
     """
@@ -88,6 +91,7 @@ class SimConfig:
     kv: str = "reserve"
     block_size: int = 16
     colocated: str = "chunked"
+    prefill_profile: InstanceProfile | None = None
 
     def __post_init__(self) -> None:
         _check_kind(self.slo_kind)
@@ -95,6 +99,8 @@ class SimConfig:
             raise ValueError(f"colocated must be 'chunked' or 'prefill-first', got {self.colocated!r}")
         if self.kv not in ("reserve", "paged"):
             raise ValueError(f"kv must be 'reserve' or 'paged', got {self.kv!r}")
+        if self.prefill_profile is not None and self.n_prefill is None:
+            raise ValueError("prefill_profile needs a disaggregated deployment (n_prefill given)")
         if self.block_size < 1 or self.profile.kv_capacity_tokens < self.block_size:
             raise ValueError("block_size must be >= 1 and at most the profile's kv_capacity_tokens")
         if self.n_instances < 1:
@@ -161,6 +167,7 @@ class SimResult:
     ratio_timeline: list[tuple[float, int, int]] = field(default_factory=list)
     slo_kind: str = "tpot-mean"
     preemptions: int = 0  # recompute preemptions (paged KV)
+    gpus: int = 0  # GPUs of the initial deployment (sum of the instances' tensor-parallel sizes)
 
     def attainment(self, records: Sequence[RequestRecord] | None = None, kind: str | None = None,
                    slo_tpot_s: float | None = None) -> float:
@@ -220,7 +227,6 @@ class _Instance:
         self.sim, self.idx, self.role = sim, idx, role
         self.paged = sim.cfg.kv == "paged"
         self.bs = sim.cfg.block_size
-        self.cap_blocks = sim.profile.kv_capacity_tokens // self.bs
         self.prefill_q: collections.deque[_Job] = collections.deque()
         self.queued_tokens = 0
         self.queued_sq = 0
@@ -238,6 +244,15 @@ class _Instance:
         self.ctx = 0  # context tokens of running decodes
         self.wake = sim.env.event()
         self.proc = sim.env.process(self.loop())
+
+    @property
+    def prof(self) -> InstanceProfile:
+        """Cost model of this instance in its current role (`SimConfig.prefill_profile` on prefill)."""
+        return self.sim.profile_for(self.role)
+
+    @property
+    def cap_blocks(self) -> int:
+        return self.prof.kv_capacity_tokens // self.bs
 
     @property
     def running(self) -> int:
@@ -284,7 +299,7 @@ class _Instance:
         return self.cap_blocks - self.blocks_used
 
     def _admit(self) -> None:
-        cap = self.sim.profile.kv_capacity_tokens
+        cap = self.prof.kv_capacity_tokens
         while self.admit_q:
             job = self.admit_q[0]
             need = self._kv_need(job)
@@ -370,8 +385,9 @@ class _Instance:
 
     # ---- engine loop -----------------------------------------------------------------------------
     def loop(self):
-        env, prof, cfg = self.sim.env, self.sim.profile, self.sim.cfg
+        env, cfg = self.sim.env, self.sim.cfg
         while True:
+            prof = self.prof
             self._admit()
             if not self.prefill_q and not self.run_order:
                 self.wake = env.event()
@@ -476,12 +492,19 @@ class _Instance:
         return sum(self._pages(j.done_pref) for j in self.prefill_q if j.done_pref)
 
     def _step_s(self, chunks: list, tok: float, sq: float, b: int) -> float:
-        prof = self.sim.profile
+        """One engine step: prompt tokens `tok` (sum of squares `sq`) and `b` decodes (context `self.ctx`).
+        A hybrid step uses the profile's measured `mixed` cost when it has one, else prefill + decode with
+        one intercept; every step adds the profile's per-step overhead."""
+        prof = self.prof
+        ctx = self.ctx if b else 0
+        over = prof.step_overhead_s + prof.overhead_s_per_token * (tok + ctx)
+        if chunks and b and prof.mixed is not None:
+            return prof.mixed.step_s(tok, sq, b, ctx) + over
         t_pref = prof.prefill.tokens_s(tok, sq) if chunks else 0.0
-        t_dec = prof.decode.step_s(b, self.ctx) if b else 0.0
+        t_dec = prof.decode.step_s(b, ctx) if b else 0.0
         if chunks and b:
-            t_dec -= min(prof.prefill.a, prof.decode.coeffs(b)[0])  # one step overhead, not two
-        return t_pref + t_dec
+            t_dec -= min(prof.prefill.a, prof.decode.coeffs(b)[0])  # one step intercept, not two
+        return t_pref + t_dec + over
 
 
 class _Sim:
@@ -505,6 +528,13 @@ class _Sim:
         self.win_tpot: list[float] = []
         self.open = len(trace)
         self.preemptions = 0
+
+    def profile_for(self, role: str) -> InstanceProfile:
+        return self.cfg.prefill_profile if role == "prefill" and self.cfg.prefill_profile else self.profile
+
+    def gpus(self) -> int:
+        """GPUs in use: every instance's tensor-parallel size in its current role."""
+        return sum(self.profile_for(i.role).tensor_parallel for i in self.instances)
 
     def stays(self, inst: _Instance) -> bool:
         """Whether a prompt prefilled on `inst` decodes there (colocated deployment)."""
@@ -538,7 +568,7 @@ class _Sim:
                 inst._start_decode(job)
             return
         target = self._pick_decode()
-        delay = job.rec.req.prompt_len * self.profile.kv_transfer_s_per_token
+        delay = job.rec.req.prompt_len * self.profile_for(inst.role).kv_transfer_s_per_token
         self.win_ttft.append(job.rec.ttft_s)
 
         def ship():
@@ -594,6 +624,7 @@ class _Sim:
         self.timeline.append((self.env.now, n_p, len(self.instances) - n_p))
 
     def run(self) -> SimResult:
+        self.gpus0 = self.gpus()
         self.env.process(self.arrivals())
         if self.controller is not None and self.cfg.n_prefill is not None:
             self.env.process(self.control())
@@ -601,7 +632,7 @@ class _Sim:
         done_check = self.env.process(self._until_done())
         self.env.run(until=simpy.AnyOf(self.env, [done_check, self.env.timeout(end)]))
         return SimResult(self.records, self.cfg.slo_ttft_s, self.cfg.slo_tpot_s, self.timeline, self.cfg.slo_kind,
-                         self.preemptions)
+                         self.preemptions, self.gpus0)
 
     def _until_done(self):
         while self.open > 0 or self.env.now < (self.trace[-1].arrival_s if self.trace else 0.0):
