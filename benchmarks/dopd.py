@@ -67,7 +67,7 @@ class Bench:
         return RatioController(ControllerConfig(
             slo_ttft_s=a.slo_ttft, slo_tpot_s=a.slo_tpot, prefill=self.prof.prefill, decode=self.prof.decode,
             kv_capacity_tokens=self.prof.kv_capacity_tokens, horizon_s=a.horizon,
-            spare_to_prefill=a.spare_to_prefill), history=100000)
+            spare_to_prefill=a.spare_to_prefill, slo_kind=a.slo_kind), history=100000)
 
     def run(self, n: int, policy: dict, rate: float) -> tuple[SimResult, RatioController | None]:
         a = self.args

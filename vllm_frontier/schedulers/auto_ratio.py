@@ -89,7 +89,7 @@ def controller_from_args(args: argparse.Namespace) -> RatioController:
     return RatioController(ControllerConfig(
         slo_ttft_s=args.slo_ttft / 1000.0, slo_tpot_s=args.slo_tpot / 1000.0,
         prefill=prof.prefill, decode=prof.decode, kv_capacity_tokens=prof.kv_capacity_tokens,
-        horizon_s=2 * interval, cooldown_s=interval,
+        horizon_s=2 * interval, cooldown_s=interval, slo_kind=getattr(args, "slo_kind", None) or "tpot-mean",
     ))
 
 

@@ -22,7 +22,9 @@ is our design in its spirit):
    adds ``w = b O + c O (L + O / 2)`` step-seconds over its life. By Little's law a step of ``n_d``
    instances takes ``t = a + lam w t / n_d``; keeping ``t`` under ``tau = tpot_headroom * SLO`` needs
    ``n_d >= lam w / (1 - a / tau)``, and KV memory ``n_d >= lam w + lam E[O (L + O)] a / kv_capacity``.
-4. **Feedback.** When the measured P90 TTFT (TPOT) exceeds the model's prediction for the current
+4. **Feedback.** The decode signal is the one the SLO is written on (`slo_kind`): the P90 over requests of
+   their mean TPOT, or of their own P90 / P99 gap between tokens (the per-token SLOs; the router measures
+   every streamed token's arrival). When the measured P90 TTFT (decode signal) exceeds the model's prediction for the current
    split by more than 25% (or falls 20% below it), the prefill (decode) cost is scaled by
    ``ratio ** 0.3`` (clamped to 0.5..4 x; for decode, the per-request work, not the step intercept), so a
    wrong cost model is corrected by the measurements.
@@ -51,7 +53,10 @@ from dataclasses import dataclass, field, replace
 
 from vllm_frontier.schedulers.cost_model import DecodeCost, PrefillCost
 
-__all__ = ["ControllerConfig", "LoadSample", "RatioDecision", "RatioController", "split_pressure"]
+__all__ = ["ControllerConfig", "LoadSample", "RatioDecision", "RatioController", "split_pressure", "SLO_KINDS"]
+
+# Decode-side SLO kinds: a request's mean TPOT, or the P90 / P99 of its own gaps between tokens.
+SLO_KINDS = ("tpot-mean", "tbt-p90", "tbt-p99")
 
 _P90_EXP = math.log(10.0)  # P90 of an exponential distribution, in units of its mean
 
@@ -82,6 +87,9 @@ class ControllerConfig:
             still draining, so the measured SLOs describe a transient, not a wrong cost model).
         rescale_shift: a feedback cost scale is dropped (back to 1) when the mix it was learnt on moves by
             more than this factor: E[L] for the prefill scale, the predicted E[O] for the decode scale.
+        slo_kind: what `slo_tpot_s` bounds: ``tpot-mean`` (a request's mean time per output token), ``tbt-p90``
+            / ``tbt-p99`` (the P90 / P99 of a request's gaps between tokens); the decode feedback compares
+            the matching measurement (`LoadSample.tpot_p90_s`, `tbt_p90_s`, `tbt_p99_s`) with the model.
         spare_to_prefill: when the least pressure of any split is at most this value, the spare
             instances go to prefill: the split with the most prefill instances whose pressure stays at
             or below it (None, the default: plain pressure balancing, so the split follows the mix at any
@@ -112,6 +120,7 @@ class ControllerConfig:
     spare_to_prefill: float | None = None
     mix_smoothing: float | None = 0.6
     rescale_shift: float = 1.5
+    slo_kind: str = "tpot-mean"
 
     def __post_init__(self) -> None:
         if not (self.slo_ttft_s > 0 and self.slo_tpot_s > 0):
@@ -136,6 +145,8 @@ class ControllerConfig:
             raise ValueError(f"mix_smoothing must be in (0, 1] or None, got {self.mix_smoothing}")
         if not self.rescale_shift > 1:
             raise ValueError(f"rescale_shift must be > 1, got {self.rescale_shift}")
+        if self.slo_kind not in SLO_KINDS:
+            raise ValueError(f"slo_kind must be one of {', '.join(SLO_KINDS)}, got {self.slo_kind!r}")
         if self.spare_to_prefill is not None and not 0 < self.spare_to_prefill <= 1:
             raise ValueError(f"spare_to_prefill must be in (0, 1] or None, got {self.spare_to_prefill}")
 
@@ -153,6 +164,8 @@ class LoadSample:
             prefill (router or engine queues).
         running_decode: requests currently decoding (all decode instances); informational.
         ttft_p90_s / tpot_p90_s: measured P90 over the window (None: no samples).
+        tbt_p90_s / tbt_p99_s: P90 over the window's requests of each request's own P90 / P99 gap between
+            tokens (None: no samples, e.g. no streamed request).
     """
 
     t: float
@@ -166,6 +179,14 @@ class LoadSample:
     running_decode: int = 0
     ttft_p90_s: float | None = None
     tpot_p90_s: float | None = None
+    tbt_p90_s: float | None = None
+    tbt_p99_s: float | None = None
+
+    def decode_signal(self, kind: str) -> float | None:
+        """The measured decode latency SLO kind `kind` is written on; the mean-TPOT P90 when no per-token
+        sample exists (non-streamed requests)."""
+        v = self.tbt_p90_s if kind == "tbt-p90" else self.tbt_p99_s if kind == "tbt-p99" else None
+        return self.tpot_p90_s if v is None else v
 
     def __post_init__(self) -> None:
         if self.window_s <= 0:
@@ -396,9 +417,10 @@ class RatioController:
                 s.prefill_scale = _clamp(s.prefill_scale * step, 0.5, 4.0)
                 if step != 1.0:
                     s.prefill_scale_len = s.len_mean
-        if x.tpot_p90_s is not None and x.n_decode > 0:
+        measured = x.decode_signal(cfg.slo_kind)
+        if measured is not None and x.n_decode > 0:
             pred = self.predicted_step_s(lam, x.n_decode)
-            r = _measured_ratio(x.tpot_p90_s, pred, cfg.slo_tpot_s)
+            r = _measured_ratio(measured, pred, cfg.slo_tpot_s)
             if r is not None:
                 step = _ratio_step(r)
                 s.decode_scale = _clamp(s.decode_scale * step, 0.5, 4.0)

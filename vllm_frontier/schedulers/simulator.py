@@ -37,14 +37,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from vllm_frontier.schedulers.controller import LoadSample, RatioController
+from vllm_frontier.schedulers.controller import SLO_KINDS, LoadSample, RatioController
 from vllm_frontier.schedulers.cost_model import InstanceProfile
 from vllm_frontier.schedulers.traces import Request
 
 __all__ = ["SimConfig", "SimResult", "RequestRecord", "simulate", "percentile", "SLO_KINDS"]
-
-# Decode-side SLO kinds: per-request mean TPOT, or the P90 / P99 of a request's gaps between tokens.
-SLO_KINDS = ("tpot-mean", "tbt-p90", "tbt-p99")
 
 
 def _check_kind(kind: str) -> None:
@@ -526,6 +523,8 @@ class _Sim:
         self.win_outputs: list[tuple[int, int]] = []
         self.win_ttft: list[float] = []
         self.win_tpot: list[float] = []
+        self.win_tbt90: list[float] = []
+        self.win_tbt99: list[float] = []
         self.open = len(trace)
         self.preemptions = 0
 
@@ -580,6 +579,9 @@ class _Sim:
         self.open -= 1
         self.win_outputs.append((job.rec.req.prompt_len, job.rec.req.output_len))
         self.win_tpot.append(job.rec.tpot_s)
+        if job.rec.req.output_len > 1:
+            self.win_tbt90.append(job.rec.tbt_p90_s)
+            self.win_tbt99.append(job.rec.tbt_p99_s)
 
     # ---- processes -----------------------------------------------------------------------------
     def arrivals(self):
@@ -605,8 +607,11 @@ class _Sim:
                 running_decode=sum(i.running + len(i.admit_q) for i in insts),
                 ttft_p90_s=percentile(self.win_ttft, 90) if self.win_ttft else None,
                 tpot_p90_s=percentile(self.win_tpot, 90) if self.win_tpot else None,
+                tbt_p90_s=percentile(self.win_tbt90, 90) if self.win_tbt90 else None,
+                tbt_p99_s=percentile(self.win_tbt99, 90) if self.win_tbt99 else None,
             )
             self.win_prompts, self.win_outputs, self.win_ttft, self.win_tpot = [], [], [], []
+            self.win_tbt90, self.win_tbt99 = [], []
             d = self.controller.step(sample)
             if d.changed:
                 self.apply(d.n_prefill)
