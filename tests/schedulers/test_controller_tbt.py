@@ -1,5 +1,5 @@
-"""The controller learns from the per-token signal its SLO is written on (P90 / P99 gap between tokens),
-and the live path carries it: router gap percentiles -> pool snapshot -> monitor sample -> controller.
+"""The controller learns from the per-token signal its SLO is written on (P90 / P99 gap between tokens:
+the tail factor that tightens its step-time target), and the live path carries it: router gap percentiles -> pool snapshot -> monitor sample -> controller.
 Same hand-computed STEADY mix as test_controller_model (one decode instance at 2 req/s: model step time
 0.02 / (1 - 2 x 0.13125) s)."""
 
@@ -25,19 +25,49 @@ def _steady(kind):
     return ctrl
 
 
-@pytest.mark.parametrize("kind, scale", [("tpot-mean", 1.0), ("tbt-p90", 2 ** 0.3), ("tbt-p99", 1.0)])
-def test_decode_feedback_reads_the_signal_of_its_slo_kind(kind, scale):
-    """Mean TPOT in the dead band (1.1 x the model), P90 gap 2 x, P99 gap 1.2 x: only the kind whose signal
-    is off the model moves the decode scale."""
-    ctrl = _steady(kind)
-    ctrl.step(ls(t=2.0, n_p=1, n_d=1, tpot_p90_s=1.1 * PRED, tbt_p90_s=2 * PRED, tbt_p99_s=1.2 * PRED, **STEADY))
-    assert ctrl._s.decode_scale == approx(scale)
+def test_tail_factor_is_learnt_from_the_per_token_signal_and_tightens_the_step_target():
+    """Mean TPOT on the model (ratio 1: the decode cost stays), P90 gap 2 x it: the tail factor moves
+    0.3 x 2 + 0.7 x 1 = 1.3, the step target becomes 0.85 x 0.1 / 1.3, and the decode demand
+    lam w / (1 - a / tau) = 2 x 0.13125 / (1 - 0.02 x 1.3 / 0.085) grows with it."""
+    ctrl = _steady("tbt-p90")
+    ctrl.step(ls(t=2.0, n_p=1, n_d=1, tpot_p90_s=PRED, tbt_p90_s=2 * PRED, tbt_p99_s=3 * PRED, **STEADY))
+    assert ctrl._s.decode_scale == 1.0  # the gaps' spread is not read as a wrong cost
+    assert ctrl._s.tail == approx(1.3) and ctrl.step_target_s() == approx(0.085 / 1.3)
+    need_d = ctrl.demand(ls(t=3.0, n_p=1, n_d=1, **STEADY))[1]
+    assert need_d == approx(2 * 0.13125 / (1 - 0.02 * 1.3 / 0.085))
+    p99 = _steady("tbt-p99")
+    p99.step(ls(t=2.0, n_p=1, n_d=1, tpot_p90_s=PRED, tbt_p90_s=2 * PRED, tbt_p99_s=3 * PRED, **STEADY))
+    assert p99._s.tail == approx(0.3 * 3 + 0.7)
+    mean = _steady("tpot-mean")
+    mean.step(ls(t=2.0, n_p=1, n_d=1, tpot_p90_s=PRED, tbt_p90_s=2 * PRED, **STEADY))
+    assert mean._s.tail == 1.0 and mean.step_target_s() == approx(0.085)
 
 
-def test_tbt_kind_falls_back_to_the_mean_without_streamed_samples():
-    ctrl = _steady("tbt-p99")
-    ctrl.step(ls(t=2.0, n_p=1, n_d=1, tpot_p90_s=2 * PRED, **STEADY))
-    assert ctrl._s.decode_scale == approx(2 ** 0.3)
+def test_tail_factor_is_clamped_and_needs_both_signals():
+    ctrl = _steady("tbt-p90")
+    ctrl.step(ls(t=2.0, n_p=1, n_d=1, tpot_p90_s=PRED, tbt_p90_s=10 * PRED, **STEADY))  # g clamped to 4
+    assert ctrl._s.tail == approx(0.3 * 4 + 0.7)
+    ctrl.step(ls(t=3.0, n_p=1, n_d=1, tbt_p90_s=PRED, **STEADY))  # no mean TPOT sample: unchanged
+    assert ctrl._s.tail == approx(0.3 * 4 + 0.7)
+    ctrl.step(ls(t=4.0, n_p=1, n_d=1, tpot_p90_s=PRED, tbt_p90_s=0.5 * PRED, **STEADY))  # g clamped to 1
+    assert ctrl._s.tail == approx(0.3 + 0.7 * (0.3 * 4 + 0.7))
+
+
+def test_decode_cost_feedback_still_reads_the_mean_tpot_under_a_per_token_slo():
+    ctrl = _steady("tbt-p90")
+    ctrl.step(ls(t=2.0, n_p=1, n_d=1, tpot_p90_s=2 * PRED, tbt_p90_s=2 * PRED, **STEADY))
+    # g = 1 (tail stays 1): the mean TPOT is 2 x the model -> decode scale 2^0.3
+    assert ctrl._s.tail == 1.0 and ctrl._s.decode_scale == approx(2 ** 0.3)
+
+
+@pytest.mark.parametrize("paged, held", [(False, 37500), (True, 31250)])
+def test_kv_term_uses_the_average_holding_when_kv_is_paged(paged, held):
+    """KV capacity 1000 tokens: need_d = lam w + lam E[held] a / capacity, E[O (L + O)] = 37500 reserved,
+    E[O (L + O/2)] = 31250 paged."""
+    ctrl = RatioController(cfg(feedback_settle_s=0.0, kv_capacity_tokens=1000, kv_paged=paged))
+    ctrl.step(ls(t=1.0, n_p=1, n_d=1, **STEADY))
+    need_d = ctrl.demand(ls(t=2.0, n_p=1, n_d=1, **STEADY))[1]
+    assert need_d == approx(2 * 0.13125 + 2 * held * 0.02 / 1000)
 
 
 def test_slo_kind_is_validated():

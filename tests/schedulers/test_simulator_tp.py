@@ -55,3 +55,15 @@ def dstep_toy(ctx):
 def test_prefill_profile_needs_a_disaggregated_deployment():
     with pytest.raises(ValueError, match="prefill_profile needs a disaggregated deployment"):
         SimConfig(TP1, 2, None, 1.0, 0.1, prefill_profile=TP2)
+
+
+def test_with_overhead_folds_the_step_overhead_into_the_controller_costs():
+    pre, dec = TP1.with_overhead()
+    # prefill of 1000 tokens: DistServe's fit + 2 ms + 1e-4 ms x 1000 (ms)
+    assert pre.batch_s([1000]) == approx((18.10254647486372 + 101.9122572698738 + 7.122264314252114 + 2 + 0.1) / 1e3)
+    # decode step of 10 requests with 5000 context tokens, small and large batch sets
+    assert dec.step_s(10, 5000) == approx(TP1.decode.step_s(10, 5000) + 2e-3 + 1e-7 * 5000)
+    assert dec.step_s(100, 5000) == approx(TP1.decode.step_s(100, 5000) + 2e-3 + 1e-7 * 5000)
+    plain = InstanceProfile(name="x", prefill=PrefillCost(1, 2, 3), decode=DecodeCost(4, 5, 6), kv_capacity_tokens=16,
+                            max_batch_tokens=1, kv_transfer_s_per_token=0, max_len=1, source="t")
+    assert plain.with_overhead() == (plain.prefill, plain.decode)

@@ -163,6 +163,16 @@ class InstanceProfile:
     overhead_s_per_token: float = 0.0
     tensor_parallel: int = 1
 
+    def with_overhead(self) -> tuple[PrefillCost, DecodeCost]:
+        """The prefill and decode costs with the per-step overhead folded in (what a model of one step
+        should use): the fixed part joins each intercept, the per-token part the prefill's per-token and the
+        decode's per-context-token coefficients."""
+        o, t = self.step_overhead_s, self.overhead_s_per_token
+        p, d = self.prefill, self.decode
+        large = None if d.large is None else (d.large[0] + o, d.large[1], d.large[2] + t)
+        return (PrefillCost(p.a + o, p.b + t, p.c),
+                DecodeCost(d.a + o, d.b, d.c + t, large=large, large_from=d.large_from))
+
 
 # DistServe A100-80GB OPT-13B TP=1 (see module docstring); ms -> s.
 GPU_OPT13B_A100 = InstanceProfile(

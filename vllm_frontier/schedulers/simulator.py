@@ -165,6 +165,8 @@ class SimResult:
     slo_kind: str = "tpot-mean"
     preemptions: int = 0  # recompute preemptions (paged KV)
     gpus: int = 0  # GPUs of the initial deployment (sum of the instances' tensor-parallel sizes)
+    # (t, direction, seconds) per re-roled instance: how long it kept running work of its old role
+    drains: list[tuple[float, str, float]] = field(default_factory=list)
 
     def attainment(self, records: Sequence[RequestRecord] | None = None, kind: str | None = None,
                    slo_tpot_s: float | None = None) -> float:
@@ -235,6 +237,7 @@ class _Instance:
         self.cross = [0] * self.bs
         self.run_order: dict[_Job, None] = {}  # running decodes, oldest first (vLLM preempts the newest)
         self.preemptions = 0
+        self.drain: tuple[str, float] | None = None
         self.steps = 0
         self.step_times: list[float] = []  # end time of decode step k at index k - 1
         self.finish_heap: list[tuple[int, int, int, _Job]] = []  # (finish step, rid, epoch, job)
@@ -259,6 +262,20 @@ class _Instance:
     def draining_decodes(self) -> int:
         """Decodes in flight here (running or waiting for KV)."""
         return len(self.run_order) + len(self.admit_q)
+
+    def start_drain(self, direction: str) -> None:
+        """A role change: time how long the work of the old role keeps running here (`SimResult.drains`)."""
+        self.drain = (direction, self.sim.env.now)
+        self.check_drain()
+
+    def check_drain(self) -> None:
+        if self.drain is None:
+            return
+        direction, since = self.drain
+        busy = (self.run_order or self.admit_q) if direction == "decode->prefill" else self.prefill_q
+        if not busy:
+            self.sim.drains.append((since, direction, self.sim.env.now - since))
+            self.drain = None
 
     def kick(self) -> None:
         if not self.wake.triggered:
@@ -483,6 +500,7 @@ class _Instance:
                     self._blocks(-self._pages(job.done_pref))  # the KV leaves with the transfer
                 self.sim.on_prefilled(self, job)
             # Jobs that finished their prompt but sit behind an unfinished one are handled next step.
+            self.check_drain()
 
     def _partial_blocks(self) -> int:
         """Pages held by prompts partly prefilled here."""
@@ -527,6 +545,7 @@ class _Sim:
         self.win_tbt99: list[float] = []
         self.open = len(trace)
         self.preemptions = 0
+        self.drains: list[tuple[float, str, float]] = []
 
     def profile_for(self, role: str) -> InstanceProfile:
         return self.cfg.prefill_profile if role == "prefill" and self.cfg.prefill_profile else self.profile
@@ -622,9 +641,11 @@ class _Sim:
         if n_prefill > len(pre):  # decode -> prefill: the least busy decoders
             for inst in sorted(dec, key=lambda i: (i.running + len(i.admit_q), i.idx))[: n_prefill - len(pre)]:
                 inst.role = "prefill"
+                inst.start_drain("decode->prefill")
         elif n_prefill < len(pre):  # prefill -> decode: the least queued prefillers
             for inst in sorted(pre, key=lambda i: (i.queued_tokens, i.idx))[: len(pre) - n_prefill]:
                 inst.role = "decode"
+                inst.start_drain("prefill->decode")
         n_p = sum(1 for i in self.instances if i.role == "prefill")
         self.timeline.append((self.env.now, n_p, len(self.instances) - n_p))
 
@@ -637,7 +658,7 @@ class _Sim:
         done_check = self.env.process(self._until_done())
         self.env.run(until=simpy.AnyOf(self.env, [done_check, self.env.timeout(end)]))
         return SimResult(self.records, self.cfg.slo_ttft_s, self.cfg.slo_tpot_s, self.timeline, self.cfg.slo_kind,
-                         self.preemptions, self.gpus0)
+                         self.preemptions, self.gpus0, self.drains)
 
     def _until_done(self):
         while self.open > 0 or self.env.now < (self.trace[-1].arrival_s if self.trace else 0.0):
