@@ -1,7 +1,8 @@
 """Goodput of P/D deployments in the cluster simulator: colocated, static ratios, and the ratio controller.
 
     .venv/bin/python benchmarks/dopd.py                      # 8, 32, 128 instances (tens of minutes)
-    .venv/bin/python benchmarks/dopd.py --sizes 8 --duration 120   # quick look
+    .venv/bin/python benchmarks/dopd.py --sizes 8 --duration 120 --slo-kind tbt-p90   # quick look
+    .venv/bin/python benchmarks/dopd.py --sizes --validate-distserve   # DistServe's OPT-13B chatbot point only
 
 For each cluster size N and each policy, a binary search finds the goodput: the highest arrival rate
 (requests/s, whole cluster) at which >= 90% of requests meet both the TTFT and the TPOT SLO (DistServe's
@@ -16,8 +17,10 @@ is kept, so the JSON holds attainment vs rate curves. Also reported: P90 TTFT of
 1:1 at static 1:1's goodput with its floor (every prompt prefilled alone), and the controller's ratio over
 time against the workload mix (PNG).
 
-Instance costs: `--profile` (default: DistServe's published A100-80GB OPT-13B profile; see
-`vllm_frontier/schedulers/cost_model.py`). Workload: `--workload` from `traces.WORKLOADS` (default
+Instance costs: `--profile` (default: DistServe's current A100-80GB OPT-13B profile with its 2 ms step
+overhead and 66,144-token KV; see `vllm_frontier/schedulers/cost_model.py`); KV: `--kv paged` (default,
+vLLM's pages with recompute preemption) or `reserve`. `--validate-distserve` adds DistServe's OPT-13B
+chatbot point (1 prefill instance at TP2 + 1 decode at TP1) against the number DistServe's simulator gives. Workload: `--workload` from `traces.WORKLOADS` (default
 ``shifting``: prefill-heavy -> decode-heavy -> prefill-heavy), Poisson or bursty arrivals.
 Writes ``--out`` (JSON) and the same path with ``.png`` (needs matplotlib; skipped with a note if absent).
 """
@@ -367,7 +370,7 @@ def plot(result: dict, path: Path) -> str | None:
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("arrival rate (req/s, cluster)")
-        ax.set_ylabel("SLO attainment (TTFT and TPOT)")
+        ax.set_ylabel(f"SLO attainment (TTFT and {result['config'].get('slo_kind', 'tpot-mean')})")
         ax.set_title(f"N = {res['n_instances']} instances")
         ax.set_ylim(0, 1.02)
         ax.legend(fontsize=7)
