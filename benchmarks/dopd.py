@@ -1,12 +1,15 @@
 """Goodput of P/D deployments in the cluster simulator: colocated, static ratios, and the ratio controller.
 
     .venv/bin/python benchmarks/dopd.py                      # 8, 32, 128 instances (tens of minutes)
-    .venv/bin/python benchmarks/dopd.py --sizes 8 --duration 120   # quick look
+    .venv/bin/python benchmarks/dopd.py --sizes 8 --duration 120 --slo-kind tbt-p90   # quick look
+    .venv/bin/python benchmarks/dopd.py --sizes --validate-distserve   # DistServe's OPT-13B chatbot point only
 
 For each cluster size N and each policy, a binary search finds the goodput: the highest arrival rate
 (requests/s, whole cluster) at which >= 90% of requests meet both the TTFT and the TPOT SLO (DistServe's
-definition). Policies: colocated (every instance prefills and decodes, chunked prefill, best of the
-`--chunks` budgets at the first size, reused for the others), static P:D = 1:1, 1:2, 2:1 (rounded to N), the best static split found by search (every N/16-th
+definition; the decode SLO is the mean TPOT or the P90 / P99 time between tokens, `--slo-kind`). Policies:
+colocated (every instance prefills and decodes, chunked prefill, best of the `--chunks` budgets under the
+SLO at the first size, reused for the others), colocated prefill-first (vLLM without chunked prefill: a
+step prefills whole prompts whenever one is queued and fits, and decodes otherwise), static P:D = 1:1, 1:2, 2:1 (rounded to N), the best static split found by search (every N/16-th
 split, then halving steps around the best; a split is searched fully only if it beats the best so far), and
 the `RatioController` starting at 1:1, and the phase oracle (a reference, not a policy: it knows the mix
 schedule and runs each phase's best split; `--no-oracle` skips it, it is the slowest part). Every rate tried
@@ -14,8 +17,10 @@ is kept, so the JSON holds attainment vs rate curves. Also reported: P90 TTFT of
 1:1 at static 1:1's goodput with its floor (every prompt prefilled alone), and the controller's ratio over
 time against the workload mix (PNG).
 
-Instance costs: `--profile` (default: DistServe's published A100-80GB OPT-13B profile; see
-`vllm_frontier/schedulers/cost_model.py`). Workload: `--workload` from `traces.WORKLOADS` (default
+Instance costs: `--profile` (default: DistServe's current A100-80GB OPT-13B profile with its 2 ms step
+overhead and 66,144-token KV; see `vllm_frontier/schedulers/cost_model.py`); KV: `--kv paged` (default,
+vLLM's pages with recompute preemption) or `reserve`. `--validate-distserve` adds DistServe's OPT-13B
+chatbot point (1 prefill instance at TP2 + 1 decode at TP1) against the number DistServe's simulator gives. Workload: `--workload` from `traces.WORKLOADS` (default
 ``shifting``: prefill-heavy -> decode-heavy -> prefill-heavy), Poisson or bursty arrivals.
 Writes ``--out`` (JSON) and the same path with ``.png`` (needs matplotlib; skipped with a note if absent).
 """
@@ -38,7 +43,7 @@ from harness import header  # noqa: E402
 
 from vllm_frontier.schedulers.controller import ControllerConfig, RatioController  # noqa: E402
 from vllm_frontier.schedulers.cost_model import PROFILES, InstanceProfile  # noqa: E402
-from vllm_frontier.schedulers.simulator import SimConfig, SimResult, percentile, simulate  # noqa: E402
+from vllm_frontier.schedulers.simulator import SLO_KINDS, SimConfig, SimResult, percentile, simulate  # noqa: E402
 from vllm_frontier.schedulers.traces import KINDS, WORKLOADS, make_trace, phase_at, phase_starts  # noqa: E402
 
 GOAL = 0.9  # SLO attainment that defines goodput
@@ -62,17 +67,21 @@ class Bench:
 
     def controller(self) -> RatioController:
         a = self.args
+        pre, dec = self.prof.with_overhead()
         return RatioController(ControllerConfig(
-            slo_ttft_s=a.slo_ttft, slo_tpot_s=a.slo_tpot, prefill=self.prof.prefill, decode=self.prof.decode,
+            slo_ttft_s=a.slo_ttft, slo_tpot_s=a.slo_tpot, prefill=pre, decode=dec, kv_paged=a.kv == "paged",
             kv_capacity_tokens=self.prof.kv_capacity_tokens, horizon_s=a.horizon,
-            spare_to_prefill=a.spare_to_prefill), history=100000)
+            spare_to_prefill=a.spare_to_prefill, slo_kind=a.slo_kind), history=100000)
 
     def run(self, n: int, policy: dict, rate: float) -> tuple[SimResult, RatioController | None]:
         a = self.args
         ctrl = self.controller() if policy["kind"] == "controller" else (
             ScheduledSplit(policy["schedule"]) if policy["kind"] == "schedule" else None)
         cfg = SimConfig(self.prof, n, policy.get("n_prefill"), a.slo_ttft, a.slo_tpot,
-                        chunk_tokens=policy.get("chunk", 2048), interval_s=a.interval)
+                        chunk_tokens=policy.get("chunk", self.best_chunk or 2048),
+                        colocated=policy.get("mode", "chunked"),
+                        interval_s=a.interval, slo_kind=a.slo_kind,
+                        kv=a.kv, block_size=a.block_size)
         self.sims += 1
         return simulate(cfg, self.trace(rate), ctrl), ctrl
 
@@ -80,7 +89,8 @@ class Bench:
         res, _ = self.run(n, policy, rate)
         att = res.attainment()
         curve.append({"rate": rate, "attainment": att, "ttft_p90_s": _num(res.ttft_p(90)),
-                      "tpot_p90_s": _num(res.tpot_p(90))})
+                      "tpot_p90_s": _num(res.tpot_p(90)), "preemptions": res.preemptions,
+                      "attainment_by_kind": {k: res.attainment(kind=k) for k in SLO_KINDS}})
         return att >= GOAL
 
     def goodput(self, n: int, policy: dict, curve: list, lo: float | None = None, hi: float | None = None,
@@ -94,11 +104,16 @@ class Bench:
         if meets is None:
             def meets(rate: float) -> bool:
                 return self.point(n, policy, rate, curve)
+        return self.search(meets, lo, hi, a.tol)
+
+    @staticmethod
+    def search(meets, lo: float, hi: float, tol: float) -> float:
+        """Geometric bisection: the highest rate in [lo, hi] that `meets` (0 if lo fails), to `tol` relative."""
         if not meets(lo):
             return 0.0
         if meets(hi):
             return hi
-        while hi / lo - 1 > a.tol:
+        while hi / lo - 1 > tol:
             mid = math.sqrt(lo * hi)
             if meets(mid):
                 lo = mid
@@ -191,6 +206,8 @@ def bench_size(b: Bench, n: int, log) -> dict:
             best_c, best_cg = chunk, g
     out["policies"]["colocated"] = dict(out["policies"][f"colocated-chunk{best_c}"])
     b.best_chunk = best_c
+    # vLLM without chunked prefill (the baseline DistServe and DOPD compared against): prefill-first steps.
+    record("colocated-prefill-first", {"kind": "colocated", "mode": "prefill-first"})
     for name, (p, d) in {"static-1:1": (1, 1), "static-1:2": (1, 2), "static-2:1": (2, 1)}.items():
         record(name, {"kind": "static", "n_prefill": static_split(n, p, d)})
     # Best static split: every split for small N, a grid then its neighbourhood for large N. A split only
@@ -247,6 +264,8 @@ def bench_size(b: Bench, n: int, log) -> dict:
         out["oracle_vs_best_static"] = g / g_static if g_static else None
         out["oracle_vs_colocated"] = g / g_col if g_col else None
         out["controller_vs_oracle"] = g_ctrl / g if g else None
+    g_pf = pol["colocated-prefill-first"]["goodput_rps"]
+    out["controller_vs_prefill_first"] = g_ctrl / g_pf if g_pf else None
     out["controller_vs_colocated"] = g_ctrl / pol["colocated"]["goodput_rps"] if pol["colocated"]["goodput_rps"] else None
     out["controller_vs_best_static"] = g_ctrl / pol["static-best"]["goodput_rps"] if pol["static-best"]["goodput_rps"] else None
     # P90 TTFT at static 1:1's goodput rate.
@@ -274,7 +293,54 @@ def bench_size(b: Bench, n: int, log) -> dict:
     out["ratio_timeline"] = {"rate_rps": max(g_ctrl, a.min_rate * n),
                              "changes": [list(x) for x in rc.ratio_timeline], "mix": bins,
                              "attainment": rc.attainment()}
+    # What re-roling costs at that rate: how long a moved instance keeps serving its old role.
+    out["drain_at_controller_goodput"] = {
+        d: {"moves": len(xs), "mean_s": sum(xs) / len(xs) if xs else None, "p90_s": _num(percentile(xs, 90)),
+            "max_s": max(xs) if xs else None}
+        for d in ("decode->prefill", "prefill->decode")
+        for xs in [[x for _, dd, x in rc.drains if dd == d]]}
+    out["preemptions_at_controller_goodput"] = rc.preemptions
     return out
+
+
+# DistServe's simulator README (github.com/LLMServe/DistServe simdistserve/README.md at 82831f1): OPT-13B on
+# ShareGPT, one node of 4 A100-80GB, TTFT SLO 200 ms and TPOT SLO 100 ms at 90 % each, 300 requests: best per-GPU
+# rate 1.56 with prefill TP=2 and decode TP=1 (one prefill and one decode instance: 3 GPUs).
+DISTSERVE_POINT = {"source": "DistServe simdistserve/README.md (github.com/LLMServe/DistServe at 82831f1)",
+                   "model": "facebook/opt-13b", "workload": "ShareGPT", "slo_ttft_s": 0.2, "slo_tpot_s": 0.1,
+                   "percent": 90, "requests": 300, "placement": "prefill TP2 + decode TP1 (3 GPUs)",
+                   "goodput_per_gpu_rps": 1.56}
+
+
+def distserve_validation(args: argparse.Namespace, log) -> dict:
+    """Per-GPU goodput of DistServe's OPT-13B chatbot placement (1 prefill instance at TP2 + 1 decode at TP1)
+    in this simulator, against the number DistServe's simulator gives for it. Our `chat` length mix stands in
+    for ShareGPT. Both of DistServe's criteria are reported (P90 TTFT <= 0.2 s and P90 mean-TPOT <= 0.1 s, each
+    separately, over 300 requests) and ours (>= 90 % of requests meeting both), over 300 requests
+    and over a 10x longer trace, each at 3 seeds, with KV reserved and paged."""
+    tp1, tp2 = PROFILES["gpu-opt13b-a100-distserve"], PROFILES["gpu-opt13b-a100-distserve-tp2"]
+    gpus = tp2.tensor_parallel + tp1.tensor_parallel
+    ttft, tpot = DISTSERVE_POINT["slo_ttft_s"], DISTSERVE_POINT["slo_tpot_s"]
+    rows = []
+    for n_req in (300, 3000):
+        for kv in ("reserve", "paged"):
+            for crit in ("distserve-p90s", "joint-90%"):
+                per_seed = []
+                for seed in range(3):
+                    def meets(rate: float) -> bool:
+                        trace = make_trace("chat", rate, n_req / rate, max_len=tp1.max_len, seed=seed)
+                        res = simulate(SimConfig(tp1, 2, 1, ttft, tpot, kv=kv, prefill_profile=tp2), trace)
+                        if crit == "joint-90%":
+                            return res.attainment() >= GOAL
+                        return res.ttft_p(90) <= ttft and res.tpot_p(90) <= tpot
+                    g = Bench.search(meets, 0.5, 12.0, 0.01)
+                    per_seed.append(g / gpus)
+                rows.append({"requests": n_req, "kv": kv, "criterion": crit, "per_gpu_rps_by_seed": per_seed,
+                             "per_gpu_rps_mean": sum(per_seed) / len(per_seed)})
+                log(f"DistServe point: {n_req} requests, kv {kv}, {crit}: {[round(x, 2) for x in per_seed]} req/s/GPU "
+                    f"(DistServe {DISTSERVE_POINT['goodput_per_gpu_rps']})")
+    return {"distserve": DISTSERVE_POINT, "ours": rows, "workload": "chat (stand-in for ShareGPT)",
+            "prefill_profile": tp2.name, "decode_profile": tp1.name}
 
 
 def plot(result: dict, path: Path) -> str | None:
@@ -289,7 +355,7 @@ def plot(result: dict, path: Path) -> str | None:
     fig, axes = plt.subplots(2, len(sizes), figsize=(5.5 * len(sizes), 8.5), squeeze=False)
     for col, res in enumerate(sizes):
         ax = axes[0][col]
-        for name in ("colocated", "static-1:1", "static-1:2", "static-2:1", "static-best", "controller",
+        for name in ("colocated", "colocated-prefill-first", "static-1:1", "static-1:2", "static-2:1", "static-best", "controller",
                      "phase-oracle"):
             if name not in res["policies"]:
                 continue
@@ -304,7 +370,7 @@ def plot(result: dict, path: Path) -> str | None:
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("arrival rate (req/s, cluster)")
-        ax.set_ylabel("SLO attainment (TTFT and TPOT)")
+        ax.set_ylabel(f"SLO attainment (TTFT and {result['config'].get('slo_kind', 'tpot-mean')})")
         ax.set_title(f"N = {res['n_instances']} instances")
         ax.set_ylim(0, 1.02)
         ax.legend(fontsize=7)
@@ -323,24 +389,31 @@ def plot(result: dict, path: Path) -> str | None:
         ax.set_title(f"ratio over time at {tl['rate_rps']:.0f} req/s")
         ax.legend(fontsize=7)
     fig.suptitle(f"{result['config']['profile']}, {result['config']['workload']} workload, "
-                 f"SLO TTFT {result['config']['slo_ttft_s']} s / TPOT {result['config']['slo_tpot_s']} s")
+                 f"SLO TTFT {result['config']['slo_ttft_s']} s / "
+                 f"{result['config'].get('slo_kind', 'tpot-mean')} {result['config']['slo_tpot_s']} s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return None
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="gpu-opt13b-a100", choices=sorted(PROFILES))
-    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--profile", default="gpu-opt13b-a100-distserve", choices=sorted(PROFILES))
+    ap.add_argument("--sizes", type=int, nargs="*", default=[8, 32, 128])
     ap.add_argument("--workload", default="shifting", choices=sorted(WORKLOADS))
     ap.add_argument("--arrivals", default="poisson", choices=["poisson", "bursty"])
     ap.add_argument("--duration", type=float, default=240.0, help="trace length in simulated seconds")
     ap.add_argument("--slo-ttft", type=float, default=1.0, help="seconds")
-    ap.add_argument("--slo-tpot", type=float, default=0.1, help="seconds")
+    ap.add_argument("--slo-tpot", type=float, default=0.1,
+                    help="seconds: bound on the decode metric of --slo-kind")
+    ap.add_argument("--slo-kind", default="tpot-mean", choices=SLO_KINDS,
+                    help="decode SLO: a request's mean TPOT, or the P90 / P99 of its gaps between tokens")
+    ap.add_argument("--kv", default="paged", choices=["paged", "reserve"],
+                    help="KV model: vLLM's pages with recompute preemption, or prompt + output reserved at admission")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV page (--kv paged)")
     ap.add_argument("--interval", type=float, default=2.0, help="controller period, seconds")
     ap.add_argument("--horizon", type=float, default=10.0, help="controller forecast look-ahead, seconds")
-    ap.add_argument("--chunks", type=int, nargs="+", default=[512, 2048, 8192],
+    ap.add_argument("--chunks", type=int, nargs="+", default=[256, 512, 1024, 2048],
                     help="colocated chunked-prefill budgets to try (the best is reported)")
     ap.add_argument("--min-rate", type=float, default=0.25, help="search floor, req/s per instance")
     ap.add_argument("--max-rate", type=float, default=8.0, help="search ceiling, req/s per instance")
@@ -356,6 +429,13 @@ def main(argv: list[str] | None = None) -> dict:
                     "(negative: after; best kept)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dopd/dopd.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
+    ap.add_argument("--validate-distserve", action="store_true",
+                    help="also reproduce DistServe's OPT-13B chatbot point (1 prefill TP2 + 1 decode TP1) and compare")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.spare_to_prefill is not None and not 0 < args.spare_to_prefill <= 1:
         ap.error("--spare-to-prefill must be in (0, 1]")
@@ -377,19 +457,22 @@ def main(argv: list[str] | None = None) -> dict:
         "host": {"python": platform.python_version(), "machine": platform.machine(), "simulated": True},
         "config": {"profile": prof.name, "profile_source": prof.source, "workload": args.workload,
                    "arrivals": args.arrivals, "duration_s": args.duration, "slo_ttft_s": args.slo_ttft,
-                   "slo_tpot_s": args.slo_tpot, "goal_attainment": GOAL, "interval_s": args.interval,
+                   "slo_tpot_s": args.slo_tpot, "slo_kind": args.slo_kind, "kv": args.kv,
+                   "block_size": args.block_size, "goal_attainment": GOAL, "interval_s": args.interval,
                    "horizon_s": args.horizon, "seed": args.seed, "spare_to_prefill": args.spare_to_prefill,
                    "kinds": {k: {"prompt_median": p.median, "output_median": o.median} for k, (p, o) in KINDS.items()},
                    "phases": [{"fraction": ph.duration_s, "mix": dict(ph.mix)} for ph in WORKLOADS[args.workload]]},
         "sizes": [],
     }
+    if args.validate_distserve:
+        result["distserve_validation"] = distserve_validation(args, log)
     for n in args.sizes:
         result["sizes"].append(bench_size(b, n, log))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
     result["simulations"] = b.sims
     result["wall_s"] = time.time() - t0
-    note = plot(result, args.out.with_suffix(".png"))
+    note = plot(result, args.out.with_suffix(".png")) if result["sizes"] else "no --sizes: no PNG"
     if note:
         result["png"] = note
         log(note)

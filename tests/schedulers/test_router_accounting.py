@@ -237,6 +237,9 @@ def test_streaming_ttft_is_the_first_token_and_tpot_the_mean_gap_after_it():
         assert PREFILL_S + FIRST_S <= ttft < PREFILL_S + FIRST_S + SLACK, ttft
         # (TOKENS - 1) gaps after the first token
         assert GAP_S <= tpot < GAP_S + SLACK / (TOKENS - 1), tpot
+        # per-token SLO samples: the P90 / P99 of its 4 gaps (each >= GAP_S; the largest of them)
+        (p90,), (p99,) = snap.tbt_p90_s, snap.tbt_p99_s
+        assert GAP_S <= p90 == p99 < GAP_S + SLACK, (p90, p99)
         assert snap.prompt_tokens == (7,)
         text = await metrics(s, url)
         assert "frontier_router_ttft_seconds_count 1.0" in text
@@ -257,6 +260,7 @@ def test_non_streaming_ttft_is_when_the_prefill_answered():
         assert PREFILL_S <= ttft < PREFILL_S + SLACK, ttft  # not P + D
         decode_s = FIRST_S + GAP_S * (TOKENS - 1)
         assert decode_s / (TOKENS - 1) <= tpot < (decode_s + SLACK) / (TOKENS - 1), tpot
+        assert snap.tbt_p90_s == () and snap.tbt_p99_s == ()  # no token arrival times without a stream
 
     run_router([FakeInstance("P", prefill_s=PREFILL_S), FakeInstance("D", first_s=FIRST_S, gap_s=GAP_S, tokens=TOKENS)],
          ["prefill", "decode"], fn, "--dispatch", "sequential")

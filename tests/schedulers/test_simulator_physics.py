@@ -298,3 +298,14 @@ def test_controller_decision_re_roles_instances():
     assert res.ratio_timeline == [(0.0, 1, 3), (1.0, 2, 2)]
     assert [i.role for i in sim.instances].count("prefill") == 2
     assert res.finished() == 10
+
+
+def test_a_reroled_decoder_reports_how_long_it_drained():
+    # A (100 tokens, 60 out) is prefilled alone (0.2001 s), B (arrives at 0.01) next (to 0.4002); A lands at
+    # 0.3001 on decoder 1, B at 0.5002 on decoder 2 (more free KV). At the 1 s tick both decoders run one
+    # request; decoder 1 (lowest index) turns prefill and drains A: 59 steps dstep(1, 100 + k) from 0.3001
+    reqs = [Request(0, 0.0, 100, 60, "x"), Request(1, 0.01, 100, 30, "x")]
+    res = simulate(SimConfig(profile(), 3, 1, 10.0, 10.0, interval_s=1.0), reqs, Recorder(move_at=1, to=2))
+    a_done = 0.3001 + sum(dstep(1, 100 + k) for k in range(1, 60))
+    assert res.records[0].finish_s == approx(a_done) and res.records[1].finish_s < 1.2
+    assert res.drains == [(1.0, "decode->prefill", approx(a_done - 1.0))]

@@ -86,10 +86,11 @@ def controller_from_args(args: argparse.Namespace) -> RatioController:
         raise ValueError(f"unknown ratio profile {name!r}; choose one of {sorted(PROFILES)}")
     prof = PROFILES[name]
     interval = float(getattr(args, "auto_ratio_interval", None) or 5.0)
+    pre, dec = prof.with_overhead()  # vLLM allocates KV in pages: kv_paged
     return RatioController(ControllerConfig(
         slo_ttft_s=args.slo_ttft / 1000.0, slo_tpot_s=args.slo_tpot / 1000.0,
-        prefill=prof.prefill, decode=prof.decode, kv_capacity_tokens=prof.kv_capacity_tokens,
-        horizon_s=2 * interval, cooldown_s=interval,
+        prefill=pre, decode=dec, kv_capacity_tokens=prof.kv_capacity_tokens, kv_paged=True,
+        horizon_s=2 * interval, cooldown_s=interval, slo_kind=getattr(args, "slo_kind", None) or "tpot-mean",
     ))
 
 

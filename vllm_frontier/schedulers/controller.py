@@ -22,7 +22,13 @@ is our design in its spirit):
    adds ``w = b O + c O (L + O / 2)`` step-seconds over its life. By Little's law a step of ``n_d``
    instances takes ``t = a + lam w t / n_d``; keeping ``t`` under ``tau = tpot_headroom * SLO`` needs
    ``n_d >= lam w / (1 - a / tau)``, and KV memory ``n_d >= lam w + lam E[O (L + O)] a / kv_capacity``.
-4. **Feedback.** When the measured P90 TTFT (TPOT) exceeds the model's prediction for the current
+4. **Feedback.** The cost model predicts the mean decode step, so the decode cost is corrected with the
+   P90 over requests of their mean TPOT. Under a per-token SLO (`slo_kind` ``tbt-p90`` / ``tbt-p99``: a
+   request's own P90 / P99 gap between tokens, which the router measures from every streamed token) the
+   tail of the gaps is learnt separately: the tail factor ``g`` = measured P90 (over requests) of the
+   per-token metric / measured P90 of the mean TPOT (EWMA, 1..4), and the step-time target becomes
+   ``tau = tpot_headroom * SLO / g`` (comparing a gap percentile with the mean-step model would read the
+   gaps' spread as a wrong cost and inflate the decode demand). When the measured P90 TTFT (TPOT) exceeds the model's prediction for the current
    split by more than 25% (or falls 20% below it), the prefill (decode) cost is scaled by
    ``ratio ** 0.3`` (clamped to 0.5..4 x; for decode, the per-request work, not the step intercept), so a
    wrong cost model is corrected by the measurements.
@@ -51,7 +57,10 @@ from dataclasses import dataclass, field, replace
 
 from vllm_frontier.schedulers.cost_model import DecodeCost, PrefillCost
 
-__all__ = ["ControllerConfig", "LoadSample", "RatioDecision", "RatioController", "split_pressure"]
+__all__ = ["ControllerConfig", "LoadSample", "RatioDecision", "RatioController", "split_pressure", "SLO_KINDS"]
+
+# Decode-side SLO kinds: a request's mean TPOT, or the P90 / P99 of its own gaps between tokens.
+SLO_KINDS = ("tpot-mean", "tbt-p90", "tbt-p99")
 
 _P90_EXP = math.log(10.0)  # P90 of an exponential distribution, in units of its mean
 
@@ -82,6 +91,12 @@ class ControllerConfig:
             still draining, so the measured SLOs describe a transient, not a wrong cost model).
         rescale_shift: a feedback cost scale is dropped (back to 1) when the mix it was learnt on moves by
             more than this factor: E[L] for the prefill scale, the predicted E[O] for the decode scale.
+        slo_kind: what `slo_tpot_s` bounds: ``tpot-mean`` (a request's mean time per output token), ``tbt-p90``
+            / ``tbt-p99`` (the P90 / P99 of a request's gaps between tokens); the decode feedback compares
+            the matching measurement (`LoadSample.tpot_p90_s`, `tbt_p90_s`, `tbt_p99_s`) with the model.
+        kv_paged: KV is paged (vLLM): a request holds ``L + O/2`` tokens on average over its life, not a
+            reservation of ``L + O`` (the KV term of the decode demand uses ``E[O (L + O/2)]``).
+        tail_smoothing: EWMA factor of the tail factor ``g`` (per-token SLO kinds).
         spare_to_prefill: when the least pressure of any split is at most this value, the spare
             instances go to prefill: the split with the most prefill instances whose pressure stays at
             or below it (None, the default: plain pressure balancing, so the split follows the mix at any
@@ -112,6 +127,9 @@ class ControllerConfig:
     spare_to_prefill: float | None = None
     mix_smoothing: float | None = 0.6
     rescale_shift: float = 1.5
+    slo_kind: str = "tpot-mean"
+    kv_paged: bool = False
+    tail_smoothing: float = 0.3
 
     def __post_init__(self) -> None:
         if not (self.slo_ttft_s > 0 and self.slo_tpot_s > 0):
@@ -136,6 +154,10 @@ class ControllerConfig:
             raise ValueError(f"mix_smoothing must be in (0, 1] or None, got {self.mix_smoothing}")
         if not self.rescale_shift > 1:
             raise ValueError(f"rescale_shift must be > 1, got {self.rescale_shift}")
+        if not 0 < self.tail_smoothing <= 1:
+            raise ValueError(f"tail_smoothing must be in (0, 1], got {self.tail_smoothing}")
+        if self.slo_kind not in SLO_KINDS:
+            raise ValueError(f"slo_kind must be one of {', '.join(SLO_KINDS)}, got {self.slo_kind!r}")
         if self.spare_to_prefill is not None and not 0 < self.spare_to_prefill <= 1:
             raise ValueError(f"spare_to_prefill must be in (0, 1] or None, got {self.spare_to_prefill}")
 
@@ -153,6 +175,8 @@ class LoadSample:
             prefill (router or engine queues).
         running_decode: requests currently decoding (all decode instances); informational.
         ttft_p90_s / tpot_p90_s: measured P90 over the window (None: no samples).
+        tbt_p90_s / tbt_p99_s: P90 over the window's requests of each request's own P90 / P99 gap between
+            tokens (None: no samples, e.g. no streamed request).
     """
 
     t: float
@@ -166,6 +190,14 @@ class LoadSample:
     running_decode: int = 0
     ttft_p90_s: float | None = None
     tpot_p90_s: float | None = None
+    tbt_p90_s: float | None = None
+    tbt_p99_s: float | None = None
+
+    def decode_signal(self, kind: str) -> float | None:
+        """The measured decode latency SLO kind `kind` is written on (None without a sample of it)."""
+        if kind == "tpot-mean":
+            return self.tpot_p90_s
+        return self.tbt_p90_s if kind == "tbt-p90" else self.tbt_p99_s
 
     def __post_init__(self) -> None:
         if self.window_s <= 0:
@@ -224,6 +256,7 @@ class _State:
     # the mix a cost scale was learnt on: E[L] for the prefill scale, E[O^] for the decode scale
     prefill_scale_len: float | None = None
     decode_scale_out: float | None = None
+    tail: float = 1.0  # per-token SLO metric / mean TPOT (P90s over requests), learnt
     need_p: float | None = None
     need_d: float | None = None
     pending_dir: int = 0
@@ -336,6 +369,11 @@ class RatioController:
         work = b * (s.dec_o or 0.0) + c * (s.dec_ctx or 0.0)
         return a, work * s.decode_scale
 
+    def step_target_s(self) -> float:
+        """Mean decode step time the split aims at: ``tpot_headroom * SLO``, divided by the learnt tail factor
+        under a per-token SLO (1 for the mean TPOT)."""
+        return self.config.tpot_headroom * self.config.slo_tpot_s / self._s.tail
+
     def predicted_step_s(self, rate: float, n_d: int) -> float:
         """Model decode step time (s) with `n_d` decode instances (inf when it cannot keep up)."""
         a, work = self._decode_work()
@@ -356,7 +394,7 @@ class RatioController:
         # Little's law: the cluster holds lam * O * t decoding requests when steps take t seconds, so a step
         # of n_d instances takes t = a + (lam * work / n_d) * t; t <= tau needs n_d >= lam * work / (1 - a / tau).
         a, work = self._decode_work()
-        tau = cfg.tpot_headroom * cfg.slo_tpot_s
+        tau = self.step_target_s()
         if a >= tau:
             need_d = math.inf if lam * work > 0 else 0.0
         else:
@@ -364,7 +402,8 @@ class RatioController:
         if cfg.kv_capacity_tokens:
             # KV held = lam * E[O (L + O)] * t tokens (reservations of prompt + output) with t = a / (1 - lam w / n_d):
             # fitting it in n_d * capacity needs n_d >= lam w + lam E[O (L + O)] a / capacity.
-            need_d = max(need_d, lam * work + lam * (s.dec_kv or 0.0) * a / cfg.kv_capacity_tokens)
+            held = s.dec_ctx if cfg.kv_paged else s.dec_kv
+            need_d = max(need_d, lam * work + lam * (held or 0.0) * a / cfg.kv_capacity_tokens)
         # Requests already decoding are not counted: an instance moved to prefill keeps decoding them
         # until they finish (draining), so they do not pin instances to the decode role.
         return need_p, need_d
@@ -396,9 +435,13 @@ class RatioController:
                 s.prefill_scale = _clamp(s.prefill_scale * step, 0.5, 4.0)
                 if step != 1.0:
                     s.prefill_scale_len = s.len_mean
+        tbt = x.decode_signal(cfg.slo_kind) if cfg.slo_kind != "tpot-mean" else None
+        if tbt is not None and x.tpot_p90_s:
+            g = _clamp(tbt / x.tpot_p90_s, 1.0, 4.0)
+            s.tail = cfg.tail_smoothing * g + (1 - cfg.tail_smoothing) * s.tail
         if x.tpot_p90_s is not None and x.n_decode > 0:
             pred = self.predicted_step_s(lam, x.n_decode)
-            r = _measured_ratio(x.tpot_p90_s, pred, cfg.slo_tpot_s)
+            r = _measured_ratio(x.tpot_p90_s, pred, cfg.slo_tpot_s / s.tail)
             if r is not None:
                 step = _ratio_step(r)
                 s.decode_scale = _clamp(s.decode_scale * step, 0.5, 4.0)

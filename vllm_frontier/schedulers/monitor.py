@@ -5,7 +5,8 @@ Per instance (vLLM 0.32 Prometheus names, see docs/vllm-0.32-extension-points.md
 ``vllm:num_requests_running``, ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc`` (gauges),
 ``vllm:request_prompt_tokens`` / ``vllm:request_generation_tokens`` (histograms: count and sum deltas
 between scrapes), ``vllm:time_to_first_token_seconds`` and ``vllm:inter_token_latency_seconds``
-(histograms: P90 of the bucket deltas). Router side (`PoolSnapshot`): end-to-end TTFT/TPOT samples,
+(histograms: P90 of the bucket deltas). Router side (`PoolSnapshot`): end-to-end TTFT/TPOT samples, each streamed request's P90 / P99 gap
+between tokens,
 prompt lengths of finished requests, requests waiting for an instance.
 
 `parse_metrics` and `MetricsDelta` are pure (testable on text); `scrape` does the HTTP.
@@ -189,7 +190,8 @@ def build_sample(
     return LoadSample(t=t, window_s=window_s, prompt_lens=arrivals, completed=tuple(completed),
                       n_prefill=n_p, n_decode=len(managed) - n_p, queued_prefill_tokens=queued,
                       queued_prefill_sq_tokens=queued_sq, running_decode=running,
-                      ttft_p90_s=ttft, tpot_p90_s=tpot)
+                      ttft_p90_s=ttft, tpot_p90_s=tpot,
+                      tbt_p90_s=_p90(snap.tbt_p90_s), tbt_p99_s=_p90(snap.tbt_p99_s))
 
 
 def _p90(xs: tuple[float, ...]) -> float | None:

@@ -39,6 +39,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from vllm_frontier.pd_protocol import consume_params, hello_params, produce_params
+from vllm_frontier.schedulers.controller import SLO_KINDS
 from vllm_frontier.schedulers.instance_pool import InstancePool, NoInstanceAvailable, Stage
 from vllm_frontier.schedulers.router_metrics import RouterMetrics
 
@@ -207,6 +208,7 @@ class Router:
         resp: web.StreamResponse | None = None
         first_at = None
         ntok = 0
+        tok_at: list[float] = []  # arrival of every streamed token (per-token SLOs)
         outcome = "error"
         try:
             for attempt in range(self.args.max_retries + 1):
@@ -247,8 +249,9 @@ class Router:
                         async for line in r.content:
                             if line.startswith(b"data: {") and b'"choices":[{' in line.replace(b" ", b""):
                                 ntok += 1
+                                tok_at.append(time.monotonic())
                                 if first_at is None:
-                                    first_at = time.monotonic()
+                                    first_at = tok_at[0]
                             await resp.write(line)
                         await resp.write_eof()
                         ok = True
@@ -286,6 +289,8 @@ class Router:
                     tpot = (end - first_at) / (ntok - 1)
                     self.metrics.tpot.observe(tpot)
                     self.pool.record_tpot(tpot)
+                if len(tok_at) > 1:
+                    self.pool.record_tbt(*gap_percentiles(tok_at))
                 self.metrics.e2e.observe(end - t0)
             self.pool.record_done(outcome == "ok")
 
@@ -333,6 +338,13 @@ async def _settle(task: asyncio.Task) -> tuple[dict | None, float | None]:
         return None, None
 
 
+def gap_percentiles(times: list[float]) -> tuple[float, float]:
+    """Nearest-rank P90 and P99 of the gaps between consecutive token arrival `times` (>= 2 of them)."""
+    gaps = sorted(b - a for a, b in zip(times, times[1:]))
+    n = len(gaps)
+    return gaps[max(0, -(-9 * n // 10) - 1)], gaps[max(0, -(-99 * n // 100) - 1)]
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": "frontier_router_error",
                                         "code": status}}, status=status)
@@ -374,6 +386,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="let the ratio controller change instance roles to meet the SLOs")
     ap.add_argument("--slo-ttft", type=float, default=None, metavar="MS")
     ap.add_argument("--slo-tpot", type=float, default=None, metavar="MS")
+    ap.add_argument("--slo-kind", default="tpot-mean", choices=SLO_KINDS,
+                    help="what --slo-tpot bounds: a request's mean time per output token, or the P90 / P99 of "
+                    "its gaps between streamed tokens (the controller's decode feedback uses the same)")
     args = ap.parse_args(argv)
     if not (args.prefill or args.both) or not (args.decode or args.both):
         ap.error("give at least one prefill-capable (--prefill/--both) and one decode-capable "
