@@ -147,15 +147,27 @@ class FrontierSparseMLAMetadataBuilder(AttentionMetadataBuilder[FrontierSparseML
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.kv_cache_spec = kv_cache_spec
         self.topk_tokens = vllm_config.model_config.hf_text_config.index_topk
+        self._aranges = torch.empty(0, dtype=torch.int64, device=device)
+
+    def _arange(self, n: int) -> torch.Tensor:
+        """``arange(n)`` int64, from one buffer grown as needed (a decode step's token -> request map)."""
+        if self._aranges.numel() < n:
+            self._aranges = torch.arange(max(n, 2 * self._aranges.numel()), device=self.device)
+        return self._aranges[:n]
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FrontierSparseMLAMetadata:
         m = common_attn_metadata
         n = m.num_actual_tokens
-        req, visible = token_rows(m.query_start_loc, m.seq_lens, n)
         layout = None
-        if self.device.type == "cpu":
-            layout = cpu_step_layout(m.query_start_loc_cpu, m.seq_lens, visible, self.device)
+        if self.device.type == "cpu" and m.max_query_len == 1 and n == m.num_reqs:
+            # a decode step (one token per request): the layout without per-token index arithmetic
+            req, visible = self._arange(n), m.seq_lens[:n].to(torch.int32)
+            layout = CpuStepLayout(req, int(m.max_seq_len), one_thread=n * int(m.max_seq_len) <= ONE_THREAD_PAIRS)
+        else:
+            req, visible = token_rows(m.query_start_loc, m.seq_lens, n)
+            if self.device.type == "cpu":
+                layout = cpu_step_layout(m.query_start_loc_cpu, m.seq_lens, visible, self.device)
         return FrontierSparseMLAMetadata(
             num_reqs=m.num_reqs, num_actual_tokens=n, query_start_loc=m.query_start_loc,
             slot_mapping=m.slot_mapping[:n], block_table=m.block_table_tensor, seq_lens=m.seq_lens,
