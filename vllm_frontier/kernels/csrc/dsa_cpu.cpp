@@ -144,8 +144,10 @@ inline void decode_key(const uint8_t* codes, float scale, float* out, int64_t D)
   for (int64_t d = 0; d < D; ++d) out[d] = kE4M3[codes[d]] * scale;
 }
 
-// Work (multiply-adds) below which a call stays on the calling thread: waking the other threads costs more.
-const int64_t kParallelWork = 1 << 19;
+// Work (multiply-adds) below which a call stays on the calling thread (8M: a batch-4 decode step at 4k context):
+// a decode step's share is a fraction of a millisecond on one core, and a parallel region's barrier waits for
+// a thread that, in vLLM's engine process on a small machine, shares its core with the API process.
+const int64_t kParallelWork = 1 << 23;
 
 }  // namespace
 
