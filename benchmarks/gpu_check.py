@@ -91,11 +91,16 @@ def _all_ok(d) -> bool | None:
     return all(found) if found else None
 
 
+def _sig(x: float) -> float:
+    """Four significant digits (a ratio far below 1, as under the interpreter, must not round to 0)."""
+    return float(f"{x:.4g}")
+
+
 def table(parts: dict) -> dict:
     k = _get(parts, "kernels", "result", "sections") or {}
     f = _get(parts, "fp4", "result") or {}
     dense = _get(k, "dense_decode_bf16", "triton_best") or {}
-    decode = {f"{name[5:]}_M{r['M']}": round(r["decode_speedup_default"], 3)
+    decode = {f"{name[5:]}_M{r['M']}": _sig(r["decode_speedup_default"])
               for name, sec in (f.get("sections") or {}).items() if name.startswith("gemm_")
               for r in sec.get("rows", [])}
     values = {
@@ -108,7 +113,7 @@ def table(parts: dict) -> dict:
         "sparse_decode_fp8_tflops": _get(k, "sparse_decode_fp8", "triton_best", "tflops"),
         "sparse_prefill_tflops": _get(k, "sparse_prefill_bf16", "triton_best", "tflops"),
         "w4a16_speedup_vs_bf16": {
-            f"{name[5:]}_M{r['M']}": round(r["speedup_default"], 3)
+            f"{name[5:]}_M{r['M']}": _sig(r["speedup_default"])
             for name, sec in (f.get("sections") or {}).items() if name.startswith("gemm_")
             for r in sec.get("rows", [])} or None,
         "w4a16_decode_speedup_vs_bf16": decode or None,
