@@ -1,27 +1,17 @@
 """Colocated baselines: prefill-first without chunking (vLLM without chunked prefill) vs chunked prefill,
-hand-computed on the toy profile of test_simulator_physics (prefill ``0.1 + 0.001 sum(l) + 1e-8 sum(l^2)``
+hand-computed on the toy profile (`toy_profile.py`: prefill ``0.1 + 0.001 sum(l) + 1e-8 sum(l^2)``
 s, decode step ``0.01 + 0.001 B + 0.0001 ctx`` s)."""
 
 import pytest
+from toy_profile import approx, dstep
+from toy_profile import profile as toy_profile
 
-from vllm_frontier.schedulers.cost_model import DecodeCost, InstanceProfile, PrefillCost
 from vllm_frontier.schedulers.simulator import SimConfig, simulate
 from vllm_frontier.schedulers.traces import Request
 
 
 def profile(max_batch_tokens=2000):
-    return InstanceProfile(
-        name="toy", prefill=PrefillCost(0.1, 0.001, 1e-8), decode=DecodeCost(0.01, 0.001, 0.0001),
-        kv_capacity_tokens=100_000, max_batch_tokens=max_batch_tokens, kv_transfer_s_per_token=0.001,
-        max_len=4096, source="test")
-
-
-def dstep(batch, ctx):
-    return 0.01 + 0.001 * batch + 0.0001 * ctx
-
-
-def approx(x):
-    return pytest.approx(x, abs=1e-9)
+    return toy_profile(kv_capacity=100_000, max_batch_tokens=max_batch_tokens)
 
 
 REQS = [Request(0, 0.0, 10, 4, "x"), Request(1, 0.05, 1000, 1, "x")]

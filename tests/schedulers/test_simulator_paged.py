@@ -3,25 +3,10 @@ of test_simulator_physics (prefill ``0.1 + 0.001 sum(l) + 1e-8 sum(l^2)`` s, dec
 ``0.01 + 0.001 B + 0.0001 ctx`` s, KV transfer 0.001 s per prompt token), pages of 4 tokens."""
 
 import pytest
+from toy_profile import approx, dstep, profile
 
-from vllm_frontier.schedulers.cost_model import DecodeCost, InstanceProfile, PrefillCost
 from vllm_frontier.schedulers.simulator import SimConfig, _Sim, simulate
 from vllm_frontier.schedulers.traces import Request, make_trace
-
-
-def profile(kv_capacity):
-    return InstanceProfile(
-        name="toy", prefill=PrefillCost(0.1, 0.001, 1e-8), decode=DecodeCost(0.01, 0.001, 0.0001),
-        kv_capacity_tokens=kv_capacity, max_batch_tokens=1000, kv_transfer_s_per_token=0.001,
-        max_len=4096, source="test")
-
-
-def dstep(batch, ctx):
-    return 0.01 + 0.001 * batch + 0.0001 * ctx
-
-
-def approx(x):
-    return pytest.approx(x, abs=1e-9)
 
 
 def test_pages_admit_what_a_reservation_cannot_then_the_newest_is_preempted_and_recomputed():

@@ -7,25 +7,10 @@ KV transfer 0.001 s per prompt token. Each expected time below is written out st
 import math
 
 import pytest
+from toy_profile import approx, dstep, profile
 
-from vllm_frontier.schedulers.cost_model import DecodeCost, InstanceProfile, PrefillCost
 from vllm_frontier.schedulers.simulator import RequestRecord, SimConfig, SimResult, percentile, simulate
 from vllm_frontier.schedulers.traces import Request
-
-
-def profile(kv_capacity=10_000, max_batch_tokens=1000):
-    return InstanceProfile(
-        name="toy", prefill=PrefillCost(0.1, 0.001, 1e-8), decode=DecodeCost(0.01, 0.001, 0.0001),
-        kv_capacity_tokens=kv_capacity, max_batch_tokens=max_batch_tokens, kv_transfer_s_per_token=0.001,
-        max_len=4096, source="test")
-
-
-def dstep(batch, ctx):
-    return 0.01 + 0.001 * batch + 0.0001 * ctx
-
-
-def approx(x):
-    return pytest.approx(x, abs=1e-9)
 
 
 def disagg(reqs, **kw):

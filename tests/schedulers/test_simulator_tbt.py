@@ -3,25 +3,10 @@ timelines on the toy profile of test_simulator_physics (prefill ``0.1 + 0.001 su
 decode step ``0.01 + 0.001 B + 0.0001 ctx`` s, KV transfer 0.001 s per prompt token)."""
 
 import pytest
+from toy_profile import approx, dstep, profile
 
-from vllm_frontier.schedulers.cost_model import DecodeCost, InstanceProfile, PrefillCost
 from vllm_frontier.schedulers.simulator import SLO_KINDS, RequestRecord, SimConfig, SimResult, simulate
 from vllm_frontier.schedulers.traces import Request
-
-
-def profile(kv_capacity=10_000):
-    return InstanceProfile(
-        name="toy", prefill=PrefillCost(0.1, 0.001, 1e-8), decode=DecodeCost(0.01, 0.001, 0.0001),
-        kv_capacity_tokens=kv_capacity, max_batch_tokens=1000, kv_transfer_s_per_token=0.001,
-        max_len=4096, source="test")
-
-
-def dstep(batch, ctx):
-    return 0.01 + 0.001 * batch + 0.0001 * ctx
-
-
-def approx(x):
-    return pytest.approx(x, abs=1e-9)
 
 
 def test_tbt_p90_sees_the_handoff_gap_that_the_mean_spreads_out():
