@@ -8,6 +8,7 @@ tolerance is spent on the weights.
 
 import pytest
 import torch
+from gemm_testing import DEV, TOL, assert_close
 
 from vllm_frontier.quantization import fp4_decode_layout as layout
 from vllm_frontier.quantization.fp4_formats import FP4Tensor, dequantize, pack_fp4, quantize
@@ -21,18 +22,6 @@ from vllm_frontier.quantization.w4a16_decode_gemm import (
     w4a16_decode_gemm,
 )
 from vllm_frontier.quantization.w4a16_gemm import ref_w4a16_gemm
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def assert_close(got, ref):
-    assert got.dtype == ref.dtype and got.shape == ref.shape
-    assert torch.isfinite(got).all()
-    scale = ref.float().abs().max().clamp(min=1.0)
-    diff = (got.float() - ref.float()).abs()
-    bad = diff > TOL[got.dtype] * (ref.float().abs() + scale)
-    assert not bad.any(), f"max diff {diff.max().item():.3g} at {bad.nonzero()[0].tolist()}"
 
 
 def _to(q: FP4Tensor, dev=DEV) -> FP4Tensor:

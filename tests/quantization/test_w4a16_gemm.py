@@ -7,6 +7,7 @@ reference's: 1 fp16 ulp (2^-10 relative) plus the fp32 order difference.
 
 import pytest
 import torch
+from gemm_testing import DEV, TOL, assert_close
 
 from vllm_frontier.quantization.fp4_formats import dequantize, quantize
 from vllm_frontier.quantization.fp4_ops import fp4_fused_experts, fp4_linear
@@ -18,19 +19,6 @@ from vllm_frontier.quantization.w4a16_gemm import (
     w4a16_gemm,
     w4a16_grouped_gemm,
 )
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def assert_close(got, ref):
-    assert got.dtype == ref.dtype and got.shape == ref.shape
-    assert torch.isfinite(got).all()
-    scale = ref.float().abs().max().clamp(min=1.0)
-    tol = TOL[got.dtype]
-    diff = (got.float() - ref.float()).abs()
-    bad = diff > tol * (ref.float().abs() + scale)
-    assert not bad.any(), f"max diff {diff.max().item():.3g} at {bad.nonzero()[0].tolist()}"
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
