@@ -45,3 +45,18 @@ def nan_cache(num_blocks: int, block_size: int, dtype, fp8: bool) -> torch.Tenso
     if fp8:
         return torch.full((num_blocks, block_size, 656), 0xFF, dtype=torch.uint8)
     return torch.full((num_blocks, block_size, 576), float("nan"), dtype=dtype)
+
+
+def written_latent_cache(seqlens: list[int], block_size: int, dtype, fp8: bool, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cache, block_table): random latent rows for requests of `seqlens` tokens in shuffled blocks, every other
+    byte poison (`nan_cache`, `poisoned_block_table`), written by the torch reference."""
+    from vllm_frontier.kernels import write_latent_cache
+
+    nb = sum(-(-n // block_size) for n in seqlens) + 2
+    bt = poisoned_block_table(len(seqlens), 20, seqlens, block_size, nb, gen)
+    cache = nan_cache(nb, block_size, dtype, fp8)
+    for r, n in enumerate(seqlens):
+        pos = torch.arange(n)
+        write_latent_cache(torch.randn(n, 512, generator=gen), torch.randn(n, 64, generator=gen), cache,
+                           bt[r, pos // block_size].long() * block_size + pos % block_size, fp8=fp8, backend="torch")
+    return cache, bt

@@ -5,8 +5,8 @@ sparse MLA attention."""
 import pytest
 import torch
 
-from kernel_testing import assert_close, nan_cache, poisoned_block_table
-from vllm_frontier.kernels import dsa_cpu, write_latent_cache
+from kernel_testing import assert_close, poisoned_block_table, written_latent_cache
+from vllm_frontier.kernels import dsa_cpu
 from vllm_frontier.kernels.ref import (
     ref_indexer_paged_logits,
     ref_indexer_write_k_cache,
@@ -85,13 +85,7 @@ def test_indexer_topk_breaks_ties_by_position_and_reads_float_queries():
 def test_sparse_mla_matches_reference(dtype, atol):
     gen = torch.Generator().manual_seed(1)
     seqlens, H, K = [90, 200, 33], 4, 48
-    nb = sum(-(-n // 16) for n in seqlens) + 2
-    bt = poisoned_block_table(3, 20, seqlens, 16, nb, gen)
-    cache = nan_cache(nb, 16, dtype, False)
-    for r, n in enumerate(seqlens):
-        pos = torch.arange(n)
-        write_latent_cache(torch.randn(n, 512, generator=gen), torch.randn(n, 64, generator=gen), cache,
-                           bt[r, pos // 16].long() * 16 + pos % 16, fp8=False, backend="torch")
+    cache, bt = written_latent_cache(seqlens, 16, dtype, False, gen)
     req = torch.tensor([0, 0, 1, 1, 1, 2, 2])
     vis = torch.tensor([89, 90, 150, 199, 200, 33, 33])
     idx = torch.full((7, K), -1, dtype=torch.int32)

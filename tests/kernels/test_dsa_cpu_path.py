@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from kernel_testing import assert_close, nan_cache, poisoned_block_table
-from vllm_frontier.kernels import quantize_fp8_e4m3, request_positions_to_slots, write_indexer_k_cache, write_latent_cache
+from kernel_testing import assert_close, poisoned_block_table, written_latent_cache
+from vllm_frontier.kernels import quantize_fp8_e4m3, request_positions_to_slots, write_indexer_k_cache
 from vllm_frontier.kernels.indexer_topk import (
     WORKSPACE_BYTES,
     indexer_topk_request,
@@ -81,13 +81,7 @@ def test_indexer_topk_request_matches_reference(L, T, k, H):
 def test_sparse_mla_tokens_matches_reference(dtype, fp8, lse_tol):
     gen = torch.Generator().manual_seed(1)
     seqlens, H, K = [90, 200, 33], 4, 48
-    nb = sum(-(-n // 16) for n in seqlens) + 2
-    bt = poisoned_block_table(3, 20, seqlens, 16, nb, gen)
-    cache = nan_cache(nb, 16, dtype, fp8)
-    for r, n in enumerate(seqlens):
-        pos = torch.arange(n)
-        write_latent_cache(torch.randn(n, 512, generator=gen), torch.randn(n, 64, generator=gen), cache,
-                           bt[r, pos // 16].long() * 16 + pos % 16, fp8=fp8, backend="torch")
+    cache, bt = written_latent_cache(seqlens, 16, dtype, fp8, gen)
     req = torch.tensor([0, 0, 1, 1, 1, 2])
     vis = torch.tensor([89, 90, 150, 199, 200, 33])
     idx = torch.full((6, K), -1, dtype=torch.int32)
