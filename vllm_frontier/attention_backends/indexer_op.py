@@ -25,6 +25,8 @@ The op finds its layer by name in vLLM's static forward context, as vLLM's atten
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.library import Library
 from vllm.forward_context import get_forward_context
@@ -107,10 +109,8 @@ class FrontierSparseAttnIndexer(SparseAttnIndexer):
         kv_cache = self.k_cache.kv_cache
         out = self.topk_indices_buffer[:n]
         if mla_md.cpu_layout is not None and not use_triton(None, q_quant):
-            if dsa_cpu.available():
-                self._forward_cpu_kernel(q_quant[:n], k, weights[:n], kv_cache, index_md, mla_md, out)
-                return
-            with mla_md.cpu_layout.threads():
+            # the torch ops of a small step run on one thread; the C++ kernel needs no switch
+            with contextlib.nullcontext() if dsa_cpu.available() else mla_md.cpu_layout.threads():
                 if k is not None:
                     write_indexer_k_cache(k[:n], kv_cache, index_md.slot_mapping[:n], scale_fmt=self.scale_fmt)
                 if n:
@@ -122,31 +122,17 @@ class FrontierSparseAttnIndexer(SparseAttnIndexer):
             self._forward_flat(q_quant[:n], weights[:n], kv_cache, index_md.block_table[mla_md.token_req[:n]],
                                mla_md.token_visible[:n], mla_md.max_seq_len, out)
 
-    def _forward_cpu_kernel(self, q, k, weights, kv_cache, index_md, md: FrontierSparseMLAMetadata, out) -> None:
-        """CPU with the C++ kernel: the K-cache write and the short-query tokens' scores and top-k in one call
-        each; prefill chunks as in `_forward_cpu_tiles`."""
-        n, topk = q.shape[0], self.topk_tokens
-        cache = kv_cache.squeeze(2) if kv_cache.dim() == 4 else kv_cache
-        if k is not None:
-            dsa_cpu.write_k(k[:n], cache, index_md.slot_mapping[:n], self.scale_fmt)
-        layout = md.cpu_layout
-        short = layout.short_tokens
-        if short.numel() == n:   # a decode / MTP step: every token, no gather
-            out[:, :topk] = dsa_cpu.indexer_topk(q, weights, cache, index_md.block_table, md.token_req[:n],
-                                                 md.token_visible[:n], topk)
-        elif short.numel():
-            out[short, :topk] = dsa_cpu.indexer_topk(q[short], weights[short], cache, index_md.block_table,
-                                                     md.token_req[short], md.token_visible[short], topk)
-        for r, q0, q1, seq_len in layout.long_requests:
-            keys = request_keys(cache, index_md.block_table[r], seq_len)
-            indexer_topk_request(q[q0:q1], weights[q0:q1], keys, topk, out[q0:q1])
-
     def _forward_cpu_tiles(self, q, weights, kv_cache, block_table, md: FrontierSparseMLAMetadata, out) -> None:
         layout, k = md.cpu_layout, self.topk_tokens
         cache = kv_cache.squeeze(2) if kv_cache.dim() == 4 else kv_cache
         paged_cpp = _paged_logits_cpp()
         short = layout.short_tokens
-        if short.numel():
+        if short.numel() and dsa_cpu.available():
+            # one C++ call; a decode / MTP step (every token short) takes views, no gather
+            rows = slice(0, q.shape[0]) if short.numel() == q.shape[0] else short
+            out[rows, :k] = dsa_cpu.indexer_topk(q[rows], weights[rows], cache, block_table, md.token_req[rows],
+                                                 md.token_visible[rows], k)
+        elif short.numel():
             if paged_cpp is not None and layout.short_max_len * 4 * short.numel() <= WORKSPACE_BYTES:
                 vis = md.token_visible[short]
                 logits = paged_cpp(q[short], cache.view(cache.shape[0], -1), weights[short].float(), vis,

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from vllm_frontier.kernels import dsa_cpu
-from vllm_frontier.kernels._common import use_triton
 from vllm_frontier.kernels.latent_cache import write_latent_cache
 
 SUPPORTED_KV_CACHE_DTYPES = ["auto", "float16", "bfloat16", "fp8_ds_mla"]
@@ -56,9 +54,5 @@ def write_rows(kv_c_normed: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Te
     if kv_cache.numel() == 0:
         return
     n = slot_mapping.shape[0]
-    kv_c, pe, slots = kv_c_normed[:n], k_pe.reshape(k_pe.shape[0], -1)[:n], slot_mapping.flatten()
-    fp8 = is_fp8_cache(kv_cache_dtype)
-    if not fp8 and kv_cache.dim() == 3 and not use_triton(None, kv_cache) and dsa_cpu.available():
-        dsa_cpu.write_latent(kv_c, pe, kv_cache, slots)   # one call instead of a mask, a cat and an index_put
-        return
-    write_latent_cache(kv_c, pe, kv_cache, slots, fp8=fp8)
+    write_latent_cache(kv_c_normed[:n], k_pe.reshape(k_pe.shape[0], -1)[:n], kv_cache, slot_mapping.flatten(),
+                       fp8=is_fp8_cache(kv_cache_dtype))

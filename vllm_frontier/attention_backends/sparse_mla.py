@@ -82,6 +82,12 @@ class CpuStepLayout:
     long_requests: list[tuple[int, int, int, int]] = field(default_factory=list)  # (req, q0, q1, seq_len)
     one_thread: bool = False
 
+    @classmethod
+    def of(cls, short_tokens: torch.Tensor, short_max_len: int, long_requests=()) -> "CpuStepLayout":
+        """The layout, on one thread when it is a small decode step (no prefill, few token-key pairs)."""
+        small = not long_requests and short_tokens.numel() * short_max_len <= ONE_THREAD_PAIRS
+        return cls(short_tokens, short_max_len, list(long_requests), one_thread=small)
+
     def threads(self):
         """Context in which this step's DSA ops run (one thread for small decode steps)."""
         return _one_thread() if self.one_thread else contextlib.nullcontext()
@@ -133,9 +139,7 @@ def cpu_step_layout(query_start_loc_cpu: torch.Tensor, seq_lens_cpu: torch.Tenso
         else:
             long_reqs.append((r, q0, q1, int(seq[r])))
     short_t = torch.tensor(short, dtype=torch.int64, device=device)
-    short_max = int(token_visible[short_t].max()) if short else 0
-    small = not long_reqs and len(short) * short_max <= ONE_THREAD_PAIRS
-    return CpuStepLayout(short_t, short_max, long_reqs, one_thread=small)
+    return CpuStepLayout.of(short_t, int(token_visible[short_t].max()) if short else 0, long_reqs)
 
 
 class FrontierSparseMLAMetadataBuilder(AttentionMetadataBuilder[FrontierSparseMLAMetadata]):
@@ -163,7 +167,7 @@ class FrontierSparseMLAMetadataBuilder(AttentionMetadataBuilder[FrontierSparseML
         if self.device.type == "cpu" and m.max_query_len == 1 and n == m.num_reqs:
             # a decode step (one token per request): the layout without per-token index arithmetic
             req, visible = self._arange(n), m.seq_lens[:n].to(torch.int32)
-            layout = CpuStepLayout(req, int(m.max_seq_len), one_thread=n * int(m.max_seq_len) <= ONE_THREAD_PAIRS)
+            layout = CpuStepLayout.of(req, int(m.max_seq_len))
         else:
             req, visible = token_rows(m.query_start_loc, m.seq_lens, n)
             if self.device.type == "cpu":

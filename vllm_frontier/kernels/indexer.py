@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dsa_cpu
 from ._common import check_dtype, check_same_device, compiles_for_gpu, native_fp8, next_pow2, use_triton
 from .fp8 import SCALE_FORMATS, e4m3_bits_to, f32_to_e4m3_bits
 from .ref import (
@@ -111,7 +112,10 @@ def write_indexer_k_cache(
     if T == 0:
         return
     if not use_triton(backend, k):
-        ref_indexer_write_k_cache(k, k_cache, slot_mapping, scale_fmt)
+        if backend != "torch" and dsa_cpu.available():
+            dsa_cpu.write_k(k, k_cache, slot_mapping, scale_fmt)   # byte-identical, one call
+        else:
+            ref_indexer_write_k_cache(k, k_cache, slot_mapping, scale_fmt)
         return
     k = k if k.stride(1) == 1 else k.contiguous()
     _write_k_kernel[(T,)](

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import dsa_cpu
 from ._common import check_dtype, check_same_device, use_triton
 from .fp8 import SCALE_FORMATS, f32_to_bf16_bits, f32_to_e4m3_bits
 from .ref import FP8_ROW_BYTES, LATENT_DIM, decode_latent_rows, ref_write_latent_cache
@@ -101,7 +102,8 @@ def write_latent_cache(
         slot_mapping: ``[T]`` int; slot = block * block_size + offset, ``-1`` = skip the token.
         fp8: write the FP8 layout (values quantized per 128 with fp32 scales, rope stored as bf16).
         scale_fmt: None or ``"ue8m0"`` (power-of-two scales), FP8 only.
-        backend: None (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``.
+        backend: None (Triton on CUDA; on CPU the C++ kernel of `dsa_cpu` for a float cache where it builds, else
+            torch), ``"triton"`` or ``"torch"`` (the reference).
     """
     cache = _check_cache(cache, fp8)
     T = kv_c.shape[0]
@@ -118,7 +120,10 @@ def write_latent_cache(
     if T == 0:
         return
     if not use_triton(backend, cache):
-        ref_write_latent_cache(kv_c, k_pe, cache, slot_mapping, fp8, scale_fmt)
+        if backend != "torch" and not fp8 and dsa_cpu.available():
+            dsa_cpu.write_latent(kv_c, k_pe, cache, slot_mapping)   # one call: no mask, cat and index_put
+        else:
+            ref_write_latent_cache(kv_c, k_pe, cache, slot_mapping, fp8, scale_fmt)
         return
     kv_c = kv_c if kv_c.stride(1) == 1 else kv_c.contiguous()
     k_pe = k_pe if k_pe.stride(1) == 1 else k_pe.contiguous()
