@@ -63,13 +63,14 @@ def _worker(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     from vllm import LLM, SamplingParams
 
-    from vllm_frontier.spec_decode import worker_cls
+    from vllm_frontier.spec_decode import executor_backend, worker_cls
 
     kw = dict(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
               max_num_seqs=max(spec["batches"]), compilation_config={"custom_ops": ["-rotary_embedding"]})
     if spec["mtp"]:
         kw.update(speculative_config={"method": "mtp", "num_speculative_tokens": CAP_K},
-                  scheduler_cls=PINNED_CLS, worker_cls=worker_cls())
+                  scheduler_cls=PINNED_CLS, worker_cls=worker_cls(),
+                  distributed_executor_backend=executor_backend("mp"))
     llm = LLM(**kw)
     import psutil
 

@@ -88,6 +88,20 @@ PINNED: list[tuple[str, str, tuple[str, ...] | None]] = [
     ("vllm.v1.worker.cpu_worker", "CPUWorker.init_device", ("self",)),
     ("vllm.v1.worker.gpu_worker", "Worker.init_device", ("self",)),
     (_RUNNER, "GPUModelRunner.propose_draft_token_ids", None),
+    # plain k = 0 steps (spec_decode/worker.py, proposer.keep_plain_step, executor.py)
+    (_RUNNER, "GPUModelRunner.execute_model", ("self", "scheduler_output", "intermediate_tensors")),
+    (_RUNNER, "GPUModelRunner.sample_tokens", ("self", "grammar_output")),
+    (_RUNNER, "GPUModelRunner._get_positions", ("self", "num_tokens")),
+    (_RUNNER, "GPUModelRunner.get_model", ("self",)),
+    (_RUNNER, "ExecuteModelState.scheduler_output", None),
+    (_RUNNER, "ExecuteModelState.hidden_states", None),
+    (_BASE, "SpecDecodeBaseProposer.prepare_next_token_ids_cpu",
+     ("self", "sampled_token_ids", "requests", "gpu_input_batch", "num_scheduled_tokens")),
+    ("vllm.v1.worker.gpu_worker", "Worker.execute_model", ("self", "scheduler_output")),
+    ("vllm.v1.worker.gpu_worker", "Worker.sample_tokens", ("self", "grammar_output")),
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.execute_model",
+     ("self", "scheduler_output", "non_block")),
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.take_draft_token_ids", ("self",)),
 ]
 
 # Behaviour relied on, checked in the source of these functions.
@@ -113,6 +127,15 @@ PINNED_SOURCE: list[tuple[str, str, str]] = [
      "self.block_size = self.draft_attn_groups[0].kv_cache_spec.block_size"),
     # the scheduler reads the step's k from dynamic_sd_lookup, indexed by the number of scheduled requests
     (_SCHED, "Scheduler.schedule", "self.dynamic_sd_lookup[\n                len(num_scheduled_tokens)\n"),
+    # a plain k = 0 step: the runner reads its speculative config per step, in the two calls the worker wraps
+    (_RUNNER, "GPUModelRunner._prepare_inputs", "use_spec_decode = self.speculative_config is not None"),
+    (_RUNNER, "GPUModelRunner.execute_model", "defer_kv_connector_finalize = self.speculative_config is not None"),
+    (_RUNNER, "GPUModelRunner.sample_tokens", "spec_config = self.speculative_config"),
+    (_RUNNER, "GPUModelRunner.sample_tokens", "self.execute_model_state = None"),
+    # the engine core takes drafts after every synchronous step through the executor
+    ("vllm.v1.engine.core", "EngineCore.post_step", "self.model_executor.take_draft_token_ids()"),
+    # the scheduler clears a request's drafts when it schedules it (None from take_draft_token_ids is safe)
+    (_SCHED, "Scheduler.schedule", "request.spec_token_ids = []"),
     # the CPU model runner loads the drafter after the target (runner.drafter at load time)
     ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner.load_model", "self.drafter.load_model(self.model)"),
 ]
@@ -233,6 +256,29 @@ def eagle_proposer_cls():
     from vllm.v1.spec_decode.eagle import EagleProposer
 
     return EagleProposer
+
+
+def multiproc_executor_cls():
+    """vLLM's multiprocess executor (the base of `spec_decode.executor.MTPMultiprocExecutor`)."""
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    return MultiprocExecutor
+
+
+class without_speculation:
+    """Context manager: a V1 model runner that sees no speculative config, so the step it runs inside takes the
+    runner's non-speculative path (`spec_decode.worker`); the config is put back on exit."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+
+    def __enter__(self):
+        self.saved = self.runner.speculative_config
+        self.runner.speculative_config = None
+        return self.runner
+
+    def __exit__(self, *exc) -> None:
+        self.runner.speculative_config = self.saved
 
 
 def worker_base_cls(kind: str):

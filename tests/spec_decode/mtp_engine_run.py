@@ -17,13 +17,14 @@ def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     from vllm import LLM, SamplingParams
 
-    from vllm_frontier.spec_decode import worker_cls
+    from vllm_frontier.spec_decode import executor_backend, worker_cls
 
     kw = dict(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=512, seed=0, max_num_seqs=8,
               compilation_config={"custom_ops": ["-rotary_embedding"]})
     if spec["mtp"]:
         kw.update(speculative_config={"method": "mtp", "num_speculative_tokens": 3},
-                  scheduler_cls="vllm_frontier.spec_decode.scheduler.PinnedDraftScheduler", worker_cls=worker_cls())
+                  scheduler_cls="vllm_frontier.spec_decode.scheduler.PinnedDraftScheduler", worker_cls=worker_cls(),
+                  distributed_executor_backend=executor_backend("mp"))
     llm = LLM(**kw)
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
     pin, stats = Path(spec["pin"]), Path(spec["stats"])

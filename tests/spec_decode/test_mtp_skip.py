@@ -1,6 +1,6 @@
 """The drafter-skipping MTP proposer inside real vLLM CPU engines, on the embedded trained model (V3 view,
 so acceptance means something): a step pinned to k = 0 runs no drafter forward at all (counted by a forward
-hook on the drafter model), drafting resumes after pauses inside one request with the skipped positions
+hook on the drafter model) and runs as a plain step (no speculative metadata, plain sampler), drafting resumes after pauses inside one request with the skipped positions
 replayed first, acceptance right after a pause is at its steady level, and greedy token ids equal the plain
 engine's in every mode (pinned k = 0, a k cycle with pauses, fixed k = 3, adaptive).
 """
@@ -63,6 +63,8 @@ def test_k0_steps_run_no_drafter_forward(engines):
     run = mtp["0"]
     assert delta(run, "drafter_forwards") == 0
     assert delta(run, "skipped_steps") >= MAX_TOKENS - 1 and delta(run, "drafting_steps") == 0
+    # every one of them ran as a plain step (no speculative metadata, plain sampler; worker.plain_step)
+    assert delta(run, "plain_steps") == delta(run, "skipped_steps")
     # the hook counts: at fixed k = 3 each drafting step is 3 drafter forwards (first pass + 2 chained),
     # plus the catch-up pass of what the k = 0 run before it skipped
     run = mtp["3"]
@@ -74,6 +76,9 @@ def test_pauses_inside_a_request_are_caught_up_and_acceptance_returns_at_once(en
     _, mtp = engines
     run = mtp[PAUSE]
     assert delta(run, "skipped_steps") > 0 and delta(run, "drafting_steps") > 0
+    # every k = 0 step runs plain, the first after drafting too (the scheduler drops drafts a k = 0 step would
+    # verify), and the positions of plain steps are caught up like the others
+    assert delta(run, "plain_steps") == delta(run, "skipped_steps")
     # one catch-up pass per resume (the skipped positions of the 4 requests fit one pass)
     assert delta(run, "catch_up_passes") > 0 and delta(run, "caught_up_tokens") >= 4 * delta(run, "catch_up_passes")
     before, after = run["before"]["stats"], run["after"]["stats"]

@@ -11,10 +11,11 @@ from vllm_frontier.spec_decode import FIXED_SCHEDULER_CLS, SCHEDULER_CLS, WORKER
 
 
 def fake_config(method="mtp", scheduler_cls=None, async_scheduling=False,
-                worker_cls="vllm.v1.worker.cpu_worker.CPUWorker", dp=1):
+                worker_cls="vllm.v1.worker.cpu_worker.CPUWorker", dp=1, backend="mp"):
     spec = None if method is None else types.SimpleNamespace(method=method, num_speculative_tokens=3)
     sched = types.SimpleNamespace(scheduler_cls=scheduler_cls, async_scheduling=async_scheduling)
-    parallel = types.SimpleNamespace(worker_cls=worker_cls, data_parallel_size=dp)
+    parallel = types.SimpleNamespace(worker_cls=worker_cls, data_parallel_size=dp,
+                                     distributed_executor_backend=backend)
     return types.SimpleNamespace(speculative_config=spec, scheduler_config=sched, parallel_config=parallel)
 
 
@@ -32,9 +33,23 @@ def test_update_vllm_config_installs_the_adaptive_scheduler_and_skipping_worker_
     cfg = fake_config(worker_cls="my.pkg.Worker")
     assert update_vllm_config(cfg) and cfg.parallel_config.worker_cls == "my.pkg.Worker"
     for cfg in (fake_config(method=None), fake_config(method="ngram"), fake_config(async_scheduling=True)):
-        before = (cfg.scheduler_config.scheduler_cls, cfg.parallel_config.worker_cls)
+        before = (cfg.scheduler_config.scheduler_cls, cfg.parallel_config.worker_cls,
+                  cfg.parallel_config.distributed_executor_backend)
         assert not update_vllm_config(cfg)
-        assert (cfg.scheduler_config.scheduler_cls, cfg.parallel_config.worker_cls) == before
+        assert (cfg.scheduler_config.scheduler_cls, cfg.parallel_config.worker_cls,
+                cfg.parallel_config.distributed_executor_backend) == before
+
+
+def test_update_vllm_config_replaces_only_vllms_multiprocess_executor():
+    from vllm_frontier.spec_decode.executor import EXECUTOR_CLS
+
+    cfg = fake_config()
+    update_vllm_config(cfg)
+    assert cfg.parallel_config.distributed_executor_backend == EXECUTOR_CLS
+    for other in ("uni", "ray", "my.pkg.Executor", EXECUTOR_CLS):
+        cfg = fake_config(backend=other)
+        update_vllm_config(cfg)
+        assert cfg.parallel_config.distributed_executor_backend == other
 
 
 def test_worker_cls_maps_vllm_workers_and_auto_by_platform():

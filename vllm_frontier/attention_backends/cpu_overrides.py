@@ -72,11 +72,16 @@ def prepare_uniform_decode(seq_lens_ptr, decode_seq_lens_ptr, block_table_ptr, b
     """vLLM's `PrepareUniformDecodeKernel.kernel`: one row per decode token (MTP: several per request)."""
     # The caller passes the decode requests' seq_lens and block table rows only: one program per token.
     n = seq_lens_ptr.shape[0] * max_decode_len
+    width = min(block_table_ptr.shape[1], expanded_block_table_ptr.shape[1])
+    if max_decode_len == 1:   # a step without drafts (MTP engine, k = 0): the rows are the requests' own
+        decode_seq_lens_ptr[:n].copy_(seq_lens_ptr)
+        expanded_block_table_ptr[:n, :width].copy_(block_table_ptr[:, :width])
+        decode_lens_ptr[:n] = 1
+        return
     idx = torch.arange(n, device=seq_lens_ptr.device)
     req, local = idx // max_decode_len, idx % max_decode_len
     decode_seq_lens_ptr[:n] = (seq_lens_ptr.long()[req] - max_decode_len + local + 1).clamp_min(0).to(
         decode_seq_lens_ptr.dtype)
-    width = min(block_table_ptr.shape[1], expanded_block_table_ptr.shape[1])
     expanded_block_table_ptr[:n, :width] = block_table_ptr[req, :width]
     decode_lens_ptr[:n] = 1
 

@@ -17,7 +17,10 @@ What vLLM 0.32 offers, read in its code:
   place of the model runner's drafter by the worker classes in `worker` (vLLM's `--worker-cls`,
   `WORKER_CLS`), runs no drafter forward in such a step; it keeps the skipped positions' drafter inputs
   (target hidden states) and replays them in one pass before the next draft, so acceptance after a pause
-  is the steady one. The vLLM internals this relies on are pinned in `compat`.
+  is the steady one. Such a step runs as a plain step in vLLM's model runner (no speculative-decoding
+  metadata, the plain sampler; `worker`), and the executor asks the workers for no drafts after it
+  (`executor`), so it costs what a step of the engine without MTP costs. The vLLM internals this relies on
+  are pinned in `compat`.
 
 So the draft length can vary per step inside vLLM 0.32 without patching it: `AdaptiveDraftScheduler`
 (`vllm_frontier.spec_decode.scheduler`, installed through vLLM's `--scheduler-cls`) rewrites the
@@ -65,7 +68,7 @@ WORKER_CLS = {"cpu": "vllm_frontier.spec_decode.worker.CPUMTPWorker",
 FIXED_SCHEDULER_CLS = "vllm.v1.core.sched.scheduler.Scheduler"
 
 __all__ = ["SCHEDULER_CLS", "FIXED_SCHEDULER_CLS", "WORKER_CLS", "speculative_config", "update_vllm_config",
-           "worker_cls", "register"]
+           "worker_cls", "executor_backend", "register"]
 
 
 def speculative_config(features, model_cfg: dict) -> dict | None:
@@ -102,6 +105,14 @@ def worker_cls(current: str = "auto") -> str | None:
     return WORKER_CLS[kind] if kind else None
 
 
+def executor_backend(current):
+    """The executor backend for an MTP engine: ours (`executor`: no worker round trip for drafts after a k = 0
+    step) in place of vLLM's "mp", anything else (a user's choice, "uni", "ray") unchanged."""
+    from .executor import EXECUTOR_CLS
+
+    return EXECUTOR_CLS if current == "mp" else current
+
+
 def update_vllm_config(vllm_config) -> bool:
     """Install the adaptive scheduler and the drafter-skipping worker in a vLLM config that drafts with MTP;
     returns whether the scheduler was installed (unchanged meaning; the worker is installed on its own terms).
@@ -112,7 +123,8 @@ def update_vllm_config(vllm_config) -> bool:
     - the scheduler, unless the user chose one (`--scheduler-cls`);
     - the worker (`WORKER_CLS`: k = 0 steps run no drafter), in place of vLLM's own worker classes only,
       also under a user-chosen scheduler (vLLM's own `num_speculative_tokens_per_batch_size` table can ask
-      for k = 0 too).
+      for k = 0 too);
+    - the executor (`executor_backend`) in place of vLLM's "mp" backend.
     """
     spec = getattr(vllm_config, "speculative_config", None)
     sched = vllm_config.scheduler_config
@@ -130,6 +142,7 @@ def update_vllm_config(vllm_config) -> bool:
                         parallel.worker_cls)
         else:
             parallel.worker_cls = ours
+        parallel.distributed_executor_backend = executor_backend(parallel.distributed_executor_backend)
     if sched.scheduler_cls is not None:
         return False
     sched.scheduler_cls = SCHEDULER_CLS

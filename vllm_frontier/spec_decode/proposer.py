@@ -48,7 +48,7 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
         row_bytes = self.hidden_size * torch.empty((), dtype=self.dtype).element_size()
         self.max_kept = max(self.max_num_tokens, self.max_kept_bytes // row_bytes)
         self.counters = {"skipped_steps": 0, "drafting_steps": 0, "catch_up_passes": 0, "caught_up_tokens": 0,
-                         "dropped_tokens": 0, "drafter_forwards": 0}
+                         "dropped_tokens": 0, "drafter_forwards": 0, "plain_steps": 0}
         self._hooked = False
 
     # -- vLLM hook ----------------------------------------------------------------------------------------
@@ -89,6 +89,42 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
 
     def _count_forward(self, module, args) -> None:
         self.counters["drafter_forwards"] += 1
+
+    # -- steps the runner ran without speculation (`worker`) ------------------------------------------------
+
+    def fits_plain_step(self, num_tokens: int) -> bool:
+        """Whether a step of ``num_tokens`` target tokens can run without speculation: its drafter inputs fit
+        under `max_kept` (else the step keeps vLLM's speculative path, whose k = 0 `propose` replays at once)."""
+        return self.catch_up_enabled and self.skipped.total + num_tokens <= self.max_kept
+
+    def keep_plain_step(self, state, output) -> None:
+        """Keep the drafter inputs of a step the runner ran as a plain (non-speculative) step, as `propose` does
+        in a k = 0 step.
+
+        ``state``: the runner's `ExecuteModelState` of the step (scheduler output, target hidden states);
+        ``output``: its `ModelRunnerOutput` (sampled token ids per batch row, [] for a partial prompt chunk).
+        The target token ids and positions are still in the runner's input buffers (the next step rewrites them).
+        """
+        self.counters["skipped_steps"] += 1
+        self.counters["plain_steps"] += 1
+        runner = self._runner
+        sched = state.scheduler_output.num_scheduled_tokens
+        req_ids, live = compat.runner_requests(runner)
+        req_ids = list(req_ids[: len(sched)])
+        if self.skipped:
+            self.skipped.retain(live)
+        lens = torch.tensor([sched[r] for r in req_ids], dtype=torch.int32)
+        qsl = torch.zeros(len(req_ids) + 1, dtype=torch.int32)
+        torch.cumsum(lens, 0, out=qsl[1:])
+        n = int(qsl[-1])
+        target_positions = runner._get_positions(n)
+        firsts = target_positions[qsl[:-1].to(target_positions.device)].tolist()
+        next_token_ids = self.prepare_next_token_ids_cpu(output.sampled_token_ids, runner.requests,
+                                                         runner.input_batch, sched)
+        hidden = getattr(runner.get_model(), "get_mtp_target_hidden_states", lambda: None)()
+        if hidden is None:
+            hidden = state.hidden_states
+        self._keep(req_ids, firsts, qsl, runner.input_ids.gpu[:n], hidden, next_token_ids, None)
 
     # -- skipped steps ------------------------------------------------------------------------------------
 

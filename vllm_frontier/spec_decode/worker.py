@@ -5,6 +5,14 @@ vLLM builds the MTP drafter (`EagleProposer`) in the model runner's constructor,
 replacing `runner.drafter` right after `init_device` puts our proposer through vLLM's whole drafter life
 cycle. One class per vLLM worker we extend (CPU, GPU); `update_vllm_config` picks the one matching the
 platform's worker. `frontier_mtp_counters` answers `LLM.collective_rpc` (tests, benchmarks).
+
+A step that drafts nothing and verifies nothing (the scheduler's k = 0, no drafts scheduled) runs as a plain
+step: the worker hides the speculative config from the model runner for that step's `execute_model` and
+`sample_tokens`, so vLLM's runner takes its non-speculative path (no speculative-decoding metadata, the plain
+sampler instead of the rejection sampler with zero drafts, no drafter call). Such a step then costs what it
+costs in an engine without MTP; the proposer keeps the step's drafter inputs for the catch-up pass
+(`SkippingMTPProposer.keep_plain_step`). vLLM's model runner reads `speculative_config` per step in those two
+calls (pinned in `compat`).
 """
 
 from __future__ import annotations
@@ -33,10 +41,40 @@ def install_proposer(runner) -> bool:
     return True
 
 
+def plain_step(scheduler_output) -> bool:
+    """Whether a step neither drafts (k = 0) nor verifies drafts, so that it can run as a plain step."""
+    return (scheduler_output.total_num_scheduled_tokens > 0 and scheduler_output.num_spec_tokens_to_schedule == 0
+            and not scheduler_output.scheduled_spec_decode_tokens)
+
+
 class _MTPWorkerMixin:
+    _plain = False   # the step in flight runs without speculation (set by execute_model, read by sample_tokens)
+
     def init_device(self):
         super().init_device()
         install_proposer(self.model_runner)
+
+    def execute_model(self, scheduler_output):
+        runner = self.model_runner
+        drafter = getattr(runner, "drafter", None)
+        self._plain = (hasattr(drafter, "keep_plain_step") and plain_step(scheduler_output)
+                       and drafter.fits_plain_step(scheduler_output.total_num_scheduled_tokens))
+        if not self._plain:
+            return super().execute_model(scheduler_output)
+        with compat.without_speculation(runner):
+            return super().execute_model(scheduler_output)
+
+    def sample_tokens(self, grammar_output):
+        if not self._plain:
+            return super().sample_tokens(grammar_output)
+        self._plain = False
+        runner = self.model_runner
+        state = runner.execute_model_state
+        with compat.without_speculation(runner):
+            output = super().sample_tokens(grammar_output)
+        if state is not None:
+            runner.drafter.keep_plain_step(state, output)
+        return output
 
     def frontier_mtp_counters(self) -> dict | None:
         """The proposer's counters (skipped steps, catch-up passes...), or None without our proposer."""

@@ -1,0 +1,76 @@
+"""Plain k = 0 steps without an engine: which steps run without speculation, the runner's config hidden and put
+back, the executor's local answer after a step that drafted nothing, the one-token fast path of the CPU
+indexer-metadata override."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from vllm_frontier import compat
+from vllm_frontier.spec_decode.worker import plain_step
+
+
+def sched_out(k: int, drafts: dict | None = None, tokens: int = 4):
+    return types.SimpleNamespace(num_spec_tokens_to_schedule=k, scheduled_spec_decode_tokens=drafts or {},
+                                 total_num_scheduled_tokens=tokens)
+
+
+def test_only_steps_that_neither_draft_nor_verify_run_plain():
+    assert plain_step(sched_out(0))
+    assert not plain_step(sched_out(2))                       # drafts after this step
+    assert not plain_step(sched_out(0, {"r": [5, 6]}))        # verifies drafts of the step before
+    assert not plain_step(sched_out(0, tokens=0))             # nothing to run
+
+
+def test_without_speculation_hides_the_config_and_puts_it_back_on_error():
+    spec = object()
+    runner = types.SimpleNamespace(speculative_config=spec)
+    with compat.without_speculation(runner):
+        assert runner.speculative_config is None
+    assert runner.speculative_config is spec
+    with pytest.raises(RuntimeError), compat.without_speculation(runner):
+        raise RuntimeError("step failed")
+    assert runner.speculative_config is spec
+
+
+def test_executor_asks_the_workers_for_drafts_only_after_a_drafting_step(monkeypatch):
+    from vllm_frontier.spec_decode.executor import MTPMultiprocExecutor
+
+    base = compat.multiproc_executor_cls()
+    calls = []
+    monkeypatch.setattr(base, "execute_model", lambda self, so, non_block=False: calls.append(("exec", non_block)))
+    monkeypatch.setattr(base, "take_draft_token_ids", lambda self: calls.append("take") or "drafts")
+    ex = MTPMultiprocExecutor.__new__(MTPMultiprocExecutor)   # no workers: only the two methods run
+    assert ex.take_draft_token_ids() == "drafts"               # before any step: asks (vLLM's behaviour)
+    ex.execute_model(sched_out(0), non_block=True)
+    assert ex.take_draft_token_ids() is None and calls == ["take", ("exec", True)]
+    ex.execute_model(sched_out(3))
+    assert ex.take_draft_token_ids() == "drafts" and calls[-1] == "take" and calls.count("take") == 2
+
+
+def test_one_token_decode_metadata_fast_path_equals_the_general_rule():
+    from vllm_frontier.attention_backends.cpu_overrides import prepare_uniform_decode
+
+    torch.manual_seed(0)
+    seq = torch.tensor([7, 1, 130, 64], dtype=torch.int32)
+    bt = torch.randint(0, 99, (4, 9), dtype=torch.int32)
+
+    def run(max_decode_len, n_rows):
+        out_seq = torch.full((16,), -5, dtype=torch.int32)
+        out_bt = torch.full((16, 12), -5, dtype=torch.int32)
+        out_lens = torch.full((16,), -5, dtype=torch.int32)
+        prepare_uniform_decode(seq[:n_rows], out_seq, bt[:n_rows], bt.stride(0), out_bt, out_bt.stride(0), out_lens,
+                               max_decode_len)
+        return out_seq, out_bt, out_lens
+
+    s1, b1, l1 = run(1, 4)
+    assert s1[:4].tolist() == seq.tolist() and (s1[4:] == -5).all()
+    assert torch.equal(b1[:4, :9], bt) and (b1[:4, 9:] == -5).all() and (b1[4:] == -5).all()
+    assert l1[:4].tolist() == [1] * 4 and (l1[4:] == -5).all()
+    # two tokens per request: each request's rows see one more key than the row before
+    s2, b2, l2 = run(2, 4)
+    assert s2[:8].tolist() == [6, 7, 0, 1, 129, 130, 63, 64]
+    assert torch.equal(b2[:8, :9], bt.repeat_interleave(2, 0)) and l2[:8].tolist() == [1] * 8
