@@ -102,6 +102,8 @@ PINNED: list[tuple[str, str, tuple[str, ...] | None]] = [
     ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.execute_model",
      ("self", "scheduler_output", "non_block")),
     ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.take_draft_token_ids", ("self",)),
+    (_RUNNER, "GPUModelRunner._attn_group_iterator", ("self",)),
+    ("vllm.v1.attention.backends.mla.indexer", "_supports_native_decode", ("next_n",)),
 ]
 
 # Behaviour relied on, checked in the source of these functions.
@@ -132,6 +134,15 @@ PINNED_SOURCE: list[tuple[str, str, str]] = [
     (_RUNNER, "GPUModelRunner.execute_model", "defer_kv_connector_finalize = self.speculative_config is not None"),
     (_RUNNER, "GPUModelRunner.sample_tokens", "spec_config = self.speculative_config"),
     (_RUNNER, "GPUModelRunner.sample_tokens", "self.execute_model_state = None"),
+    # the indexer builder derives its decode layout from the speculative config in its constructor, per step
+    # from these attributes
+    ("vllm.v1.attention.backends.mla.indexer", "DeepseekV32IndexerMetadataBuilder.__init__",
+     "self.use_flattening = _use_flattening(self.vllm_config)"),
+    ("vllm.v1.attention.backends.mla.indexer", "DeepseekV32IndexerMetadataBuilder.__init__",
+     "self.decode_threshold = next_n"),
+    ("vllm.v1.attention.backends.mla.indexer", "DeepseekV32IndexerMetadataBuilder.build",
+     "next_n = 1 + self.num_speculative_tokens"),
+    ("vllm.v1.worker.utils", "AttentionGroup.create_metadata_builders", "self.metadata_builders = ["),
     # the engine core takes drafts after every synchronous step through the executor
     ("vllm.v1.engine.core", "EngineCore.post_step", "self.model_executor.take_draft_token_ids()"),
     # the scheduler clears a request's drafts when it schedules it (None from take_draft_token_ids is safe)
@@ -265,20 +276,43 @@ def multiproc_executor_cls():
     return MultiprocExecutor
 
 
+def speculation_free_builders(runner) -> list[tuple[object, dict]]:
+    """The DSA indexer metadata builders of a V1 model runner, each with the settings its constructor derives
+    from the speculative config as they would be without one (one query row per decode, no flattening).
+
+    vLLM's indexer builder flattens decodes whenever the configured draft length has no native kernel, also
+    for a step whose decodes are one token each; a plain step (`spec_decode.worker`) builds its metadata as an
+    engine without speculation does."""
+    from vllm.v1.attention.backends.mla.indexer import DeepseekV32IndexerMetadataBuilder, _supports_native_decode
+
+    plain = {"num_speculative_tokens": 0, "decode_threshold": 1, "use_flattening": not _supports_native_decode(1)}
+    return [(b, plain) for group in runner._attn_group_iterator() for b in group.metadata_builders
+            if isinstance(b, DeepseekV32IndexerMetadataBuilder)]
+
+
 class without_speculation:
     """Context manager: a V1 model runner that sees no speculative config, so the step it runs inside takes the
-    runner's non-speculative path (`spec_decode.worker`); the config is put back on exit."""
+    runner's non-speculative path (`spec_decode.worker`), and the given builders (`speculation_free_builders`)
+    their settings without speculation; everything is put back on exit."""
 
-    def __init__(self, runner) -> None:
+    def __init__(self, runner, builders: list[tuple[object, dict]] = ()) -> None:
         self.runner = runner
+        self.builders = builders
 
     def __enter__(self):
         self.saved = self.runner.speculative_config
         self.runner.speculative_config = None
+        self.saved_builders = [(b, {k: getattr(b, k) for k in values}) for b, values in self.builders]
+        for b, values in self.builders:
+            for k, v in values.items():
+                setattr(b, k, v)
         return self.runner
 
     def __exit__(self, *exc) -> None:
         self.runner.speculative_config = self.saved
+        for b, values in self.saved_builders:
+            for k, v in values.items():
+                setattr(b, k, v)
 
 
 def worker_base_cls(kind: str):

@@ -34,6 +34,12 @@ def test_without_speculation_hides_the_config_and_puts_it_back_on_error():
     with pytest.raises(RuntimeError), compat.without_speculation(runner):
         raise RuntimeError("step failed")
     assert runner.speculative_config is spec
+    # builders get their settings without speculation for the step, and their own back after it
+    builder = types.SimpleNamespace(num_speculative_tokens=3, decode_threshold=4, use_flattening=True)
+    plain = {"num_speculative_tokens": 0, "decode_threshold": 1, "use_flattening": False}
+    with compat.without_speculation(runner, [(builder, plain)]):
+        assert vars(builder) == plain
+    assert vars(builder) == {"num_speculative_tokens": 3, "decode_threshold": 4, "use_flattening": True}
 
 
 def test_executor_asks_the_workers_for_drafts_only_after_a_drafting_step(monkeypatch):

@@ -73,7 +73,7 @@ def test_cost_model_recovers_fixed_cost_and_keeps_prior_without_spread():
 
 
 def test_cost_model_separates_the_drafting_cost_at_one_batch_size():
-    # vLLM CPU's shape: a step that drafts costs a fixed extra D on top of its tokens. All steps at one
+    # vLLM CPU's shape: a step that drafts costs a fixed extra D per position on top of its tokens. All steps at one
     # batch size (no spread: F + D stays the prior), k = 1 steps and k = 0 probes: F and D come out so that
     # the two measured step times are reproduced exactly at that batch size.
     beta, F, D, B, rho = 1e-3, 30.0, 90.0, 16, 0.5
@@ -81,12 +81,12 @@ def test_cost_model_separates_the_drafting_cost_at_one_batch_size():
     u1, u0 = step_cost(B, 1, 0.0, rho), step_cost(B, 0, 0.0, rho)
     t1, t0 = beta * (F + D + u1), beta * (F + u0)
     for _ in range(40):
-        cm.observe(u1, t1, drafted=True)
+        cm.observe(u1, t1, k=1)
     assert cm.costs() == (64.0, 0.0)  # no plain step measured yet: no drafting cost
     for _ in range(6):
-        cm.observe(u0, t0, drafted=False)
+        cm.observe(u0, t0, k=0)
     fixed, drafting = cm.costs()
-    assert fixed + drafting == 64.0 and drafting > 0
+    assert fixed + drafting == pytest.approx(64.0) and drafting > 0
     ratio = step_cost(B, 1, fixed, rho, drafting) / step_cost(B, 0, fixed, rho, drafting)
     assert ratio == pytest.approx(t1 / t0, rel=1e-9)
     # with spread (batch sizes vary), F and D are both recovered
@@ -95,10 +95,18 @@ def test_cost_model_separates_the_drafting_cost_at_one_batch_size():
     for _ in range(200):
         b, k = rng.choice([1, 2, 4, 8, 16]), rng.choice([0, 1, 2, 3])
         u = step_cost(b, k, 0.0, rho)
-        cm.observe(u, beta * (F + (D if k else 0.0) + u) * (1 + rng.uniform(-0.01, 0.01)), drafted=k > 0)
+        cm.observe(u, beta * (F + k * D + u) * (1 + rng.uniform(-0.01, 0.01)), k=k)
     fixed, drafting = cm.costs()
     assert fixed + drafting == pytest.approx(F + D, rel=0.1)
     assert drafting == pytest.approx(D, rel=0.15)
+
+
+def test_each_drafted_position_pays_the_drafting_cost():
+    # vLLM CPU's shape: every drafter forward has its own fixed cost, so k = 2 costs two of them, not one
+    assert step_cost(1, 2, 10.0, 0.5, 30.0) - step_cost(1, 1, 10.0, 0.5, 30.0) == pytest.approx(30.0 + 2.0)
+    assert step_cost(4, 3, 10.0, 0.5, 30.0) == pytest.approx(10.0 + 90.0 + 4 * 4 * 1.5 + 4 * 2 * 0.5)
+    # plain step 11 units, k = 1 step 44 (3x, as measured at batch 1): at 90 % acceptance no k pays
+    assert best_k([0.9, 0.9, 0.9], 1, 10.0, 0.5, 3, drafting_cost=30.0) == 0
 
 
 def test_a_large_drafting_cost_turns_speculation_off_even_at_full_acceptance():
@@ -114,12 +122,12 @@ def test_probes_measure_the_class_the_rule_does_not_run():
     probes = [s for s in range(1, 65) if pol.probe(s, 2) is not None]
     assert probes == list(range(8, 65, 8)) and all(pol.probe(s, 2) == 0 for s in probes)
     for _ in range(4):
-        pol.cost.observe(10.0, 0.01, drafted=False)
+        pol.cost.observe(10.0, 0.01, k=0)
     assert [s for s in range(1, 129) if pol.probe(s, 2) is not None] == [64, 128]
     # not drafting: k = 1 on two consecutive steps (one drafts, the next verifies)
     pol2 = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.5, probe_every=64, probe_min_points=4))
     for _ in range(4):
-        pol2.cost.observe(10.0, 0.01, drafted=True)
+        pol2.cost.observe(10.0, 0.01, k=1)
     got = [(s, k) for s in range(1, 1200) if (k := pol2.probe(s, 0)) is not None]
     # k = 1 on two consecutive steps; the interval doubles after each probe while the rule keeps not drafting
     assert got == [(64, 1), (65, 1), (192, 1), (193, 1), (448, 1), (449, 1), (960, 1), (961, 1)]
@@ -136,7 +144,7 @@ def test_table_with_drafting_cost_equals_brute_force():
     for b in (1, 2, 4, 8, 16, 32, 64) * 4:   # F = 10, D = 30, at several batch sizes
         for k in (0, 1):
             u = step_cost(b, k, 0.0, 0.0)
-            pol.cost.observe(u, 1e-3 * (10.0 + (30.0 if k else 0.0) + u), drafted=k > 0)
+            pol.cost.observe(u, 1e-3 * (10.0 + 30.0 * k + u), k=k)
     fixed, drafting = pol.cost.costs()
     assert fixed == pytest.approx(10.0, rel=0.05) and drafting == pytest.approx(30.0, rel=0.05)
     table = pol.table(64)
@@ -151,7 +159,7 @@ def test_table_with_drafting_cost_equals_brute_force():
         for b in (1, 3, 9, 27, 81) * 6:
             for k in (0, 1):
                 u = pol.units(b, k)
-                pol.cost.observe(u, 1e-4 * (F + (D if k else 0.0) + u), drafted=k > 0)
+                pol.cost.observe(u, 1e-4 * (F + k * D + u), k=k)
         f, d = pol.cost.costs()
         brute = [best_k(pol.acceptance(), b, f, pol.config.draft_cost, k_max, 0.01, d) for b in range(1, 301)]
         assert pol.table(300)[1:] == brute
@@ -233,7 +241,7 @@ def test_table_with_skipping_drafter_equals_brute_force():
         for b in (1, 3, 9, 27, 81) * 6:
             for k in (0, 1):
                 u = pol.units(b, k)
-                pol.cost.observe(u, 1e-4 * (F + (D if k else 0.0) + u), drafted=k > 0)
+                pol.cost.observe(u, 1e-4 * (F + k * D + u), k=k)
         f, d = pol.cost.costs()
         brute = [best_k(pol.acceptance(), b, f, pol.config.draft_cost, k_max, 0.01, d, True) for b in range(1, 301)]
         assert pol.table(300)[1:] == brute

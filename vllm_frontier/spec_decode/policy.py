@@ -12,16 +12,18 @@ position accepted only if every earlier one was):
 
 Cost of one engine step, in units of "one token through the target model":
 
-    T(B, k) = F + D [k > 0] + B (k + 1) (1 + rho) + B max(k - 1, 0) rho      (k > 0)
+    T(B, k) = F + k D + B (k + 1) (1 + rho) + B max(k - 1, 0) rho      (k > 0)
     T(B, 0) = F + B                          with the drafter-skipping proposer (`drafter_skips`)
     T(B, 0) = F + B (1 + rho)                without it (vLLM's proposer runs its first pass every step)
 
 - F: the per-step cost that does not grow with tokens (weight reads on a GPU, Python and scheduling
   overhead on CPU), in token units.
-- D: the extra per-step cost of a step that runs the drafter at all (the drafter's own forward launch,
-  input preparation and metadata of the MTP pass, the draft sampling), in token units. On vLLM CPU this is
-  the dominant cost of speculation (measured: a k = 1 step of the embedded model takes 2-2.5x a plain step
-  at batch 1 and 16), and without it the rule keeps drafting where no drafting is fastest.
+- D: the fixed cost of each drafted position (one drafter forward: its launch, input preparation and
+  attention metadata, the draft sampling; verification metadata and the rejection sampler), in token units.
+  On vLLM CPU this is the dominant cost of speculation (measured on the embedded model at batch 1: a
+  k = 1 step takes about 3x a plain step and a k = 2 step about 6x, so each position costs about the
+  same), and without it the rule keeps drafting where no drafting is fastest. One D per position, not one
+  per drafting step: priced once per step, k = 3 looked nearly as cheap as k = 1.
 - rho: cost of one token through the MTP module relative to the target (about one decoder layer out of
   `num_hidden_layers`). The drafter's first pass runs over all B (k + 1) verified tokens, each further draft
   position is one more pass over B tokens. A step that drafts nothing runs no drafter with
@@ -30,12 +32,12 @@ Cost of one engine step, in units of "one token through the target model":
   plain step costs.
 
 F and D are fitted online (`CostModel`) from the wall times of recent decode-only steps, kept in two
-windows: steps that drafted (k > 0) and steps that did not (k = 0). F + D: least squares of
-time = beta (F + D + U) over the drafting steps (U = the token-proportional part), when their U spreads
-enough (batch sizes and k vary); else the prior (64). F: time / beta - U averaged over the non-drafting
-steps (beta from that fit, or from the drafting steps' mean time under the prior), clipped to [0, F + D];
-so at a batch size where both classes ran, the rule compares their measured times exactly. D is 0 until
-non-drafting steps are measured.
+windows: steps that drafted (k > 0) and steps that did not (k = 0). beta (seconds per token unit): least
+squares of time = beta (c + U + D k) over the drafting steps (U = the token-proportional part), when their
+U spreads enough (batch sizes and k vary); else the prior F + D (64) scaled to their mean time. F:
+time / beta - U averaged over the non-drafting steps; D: (time / beta - U - F) / k averaged over the
+drafting steps; so at a batch size where both classes ran, the rule compares their measured times exactly.
+D is 0 until non-drafting steps are measured.
 
 Probing: a rule that stops drafting never measures drafting again (and vice versa), so every `probe_every`
 steps (every `probe_every // 8` while the other class has fewer than `probe_min_points` points) the policy
@@ -110,7 +112,7 @@ def step_cost(batch: int, k: int, fixed_cost: float, draft_cost: float, drafting
     """T(B, k) in target-token units (module docstring)."""
     if k == 0 and drafter_skips:
         return fixed_cost + batch
-    return (fixed_cost + (drafting_cost if k > 0 else 0.0) + batch * (k + 1) * (1.0 + draft_cost)
+    return (fixed_cost + drafting_cost * k + batch * (k + 1) * (1.0 + draft_cost)
             + batch * max(k - 1, 0) * draft_cost)
 
 
@@ -174,55 +176,77 @@ class AcceptanceWindow:
 class CostModel:
     """Fits F and D of T(B, k) from measured step times (module docstring).
 
-    Points are (U, seconds) with U = T(B, k) - F - D [k > 0], in two windows: drafting steps (k > 0, up to
-    `window` points) and non-drafting steps (k = 0, up to `window // 4`). F + D is clipped to [0, 4096].
+    Points are (U, seconds, k) with U = T(B, k) - F - k D, in two windows: drafting steps (k > 0, up to
+    `window` points) and non-drafting steps (k = 0, up to `window // 4`).
     """
 
     def __init__(self, prior: float, window: int, min_points: int):
         self.prior = prior
         self.min_points = min_points
-        self._points: collections.deque[tuple[float, float]] = collections.deque(maxlen=window)
+        self._points: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=window)
         self._plain: collections.deque[tuple[float, float]] = collections.deque(maxlen=max(window // 4, 2))
 
-    def observe(self, units: float, seconds: float, drafted: bool = True) -> None:
+    def observe(self, units: float, seconds: float, k: int = 1) -> None:
+        """One decode-only step: its token units U, wall time, and draft length k (0: a non-drafting step)."""
         if units > 0 and seconds > 0 and math.isfinite(seconds):
-            (self._points if drafted else self._plain).append((units, seconds))
+            if k > 0:
+                self._points.append((units, seconds, k))
+            else:
+                self._plain.append((units, seconds))
 
     def count(self, drafted: bool) -> int:
         """Points in the window of drafting (True) or non-drafting (False) steps."""
         return len(self._points if drafted else self._plain)
 
-    def _fit(self) -> tuple[float, float | None]:
-        """(F, beta): beta = seconds per token unit, None without drafting points."""
+    def _beta(self) -> tuple[float | None, bool]:
+        """(beta, fitted): seconds per token unit from the drafting steps, None without any.
+
+        Least squares of time = beta (c + U) (+ beta D k when k varies, so that the drafting cost that grows
+        with k does not pass for token cost) when U spreads enough (batch sizes and k vary); else beta scales
+        the prior F + D to the mean measured time (fitted False)."""
         pts = self._points
         if not pts:
-            return self.prior, None
+            return None, False
         n = len(pts)
-        mu = sum(u for u, _ in pts) / n
-        mt = sum(t for _, t in pts) / n
-        var = sum((u - mu) ** 2 for u, _ in pts) / n
-        if n >= self.min_points and var > (0.05 * mu) ** 2:
-            beta = sum((u - mu) * (t - mt) for u, t in pts) / (n * var)
-            if beta > 0:
-                return min(max((mt - beta * mu) / beta, 0.0), 4096.0), beta
-        # No usable spread: keep the prior F and scale it to the measured times.
-        return self.prior, mt / (self.prior + mu)
+        mu, mt, mk = (sum(p[i] for p in pts) / n for i in range(3))
+        var_u = sum((u - mu) ** 2 for u, _, _ in pts) / n
+        if n >= self.min_points and var_u > (0.05 * mu) ** 2:
+            cov_ut = sum((u - mu) * (t - mt) for u, t, _ in pts) / n
+            var_k = sum((k - mk) ** 2 for _, _, k in pts) / n
+            beta = None
+            if var_k > 1e-9:
+                cov_uk = sum((u - mu) * (k - mk) for u, _, k in pts) / n
+                cov_kt = sum((k - mk) * (t - mt) for _, t, k in pts) / n
+                det = var_u * var_k - cov_uk ** 2
+                if det > 1e-6 * var_u * var_k:   # U is not a function of k alone
+                    beta = (cov_ut * var_k - cov_kt * cov_uk) / det
+            else:
+                beta = cov_ut / var_u
+            if beta is not None and beta > 0:
+                return beta, True
+        return mt / (self.prior + mu), False
 
     def fixed_cost(self) -> float:
-        """F + D: the fixed cost of a drafting step (the fit over drafting steps alone)."""
-        return self._fit()[0]
+        """F + D: the fixed cost of a one-draft step (from the drafting steps alone)."""
+        return sum(self.costs())
 
     def costs(self) -> tuple[float, float]:
-        """(F, D) in token units: F of a non-drafting step, D the extra of a drafting one.
+        """(F, D) in token units: F of a non-drafting step, D the extra of each drafted position.
 
-        The drafting steps' fit gives F + D; the non-drafting steps' mean of time / beta - U gives F.
-        """
-        with_drafting, beta = self._fit()
-        if beta is None or not self._plain:
-            return with_drafting, 0.0
-        plain = sum(t / beta - u for u, t in self._plain) / len(self._plain)
-        plain = min(max(plain, 0.0), with_drafting)
-        return plain, with_drafting - plain
+        time / beta - U of a drafting step is F + k D; of a non-drafting step, F. Without non-drafting steps
+        the drafting steps' mean gives F (and D = 0)."""
+        beta, fitted = self._beta()
+        if beta is None:
+            return self.prior, 0.0
+        if not self._plain:
+            if not fitted:
+                return self.prior, 0.0
+            fixed = sum(t / beta - u for u, t, _ in self._points) / len(self._points)
+            return min(max(fixed, 0.0), 4096.0), 0.0
+        fixed = sum(t / beta - u for u, t in self._plain) / len(self._plain)
+        fixed = min(max(fixed, 0.0), 4096.0)
+        per_draft = sum((t / beta - u - fixed) / k for u, t, k in self._points) / len(self._points)
+        return fixed, min(max(per_draft, 0.0), 4096.0)
 
 
 class DraftLengthPolicy:

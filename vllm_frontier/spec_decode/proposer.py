@@ -110,20 +110,31 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
         runner = self._runner
         sched = state.scheduler_output.num_scheduled_tokens
         req_ids, live = compat.runner_requests(runner)
-        req_ids = list(req_ids[: len(sched)])
+        req_ids = req_ids[: len(sched)]
         if self.skipped:
             self.skipped.retain(live)
+        hidden = getattr(runner.get_model(), "get_mtp_target_hidden_states", lambda: None)()
+        if hidden is None:
+            hidden = state.hidden_states
+        sampled = output.sampled_token_ids
+        n = state.scheduler_output.total_num_scheduled_tokens
+        if n == len(req_ids) and all(sampled[:n]):
+            # one token per request (a decode step, the common case): position p's drafter input is the token
+            # sampled after it; a few tensor ops per step instead of the general path's
+            positions = runner._get_positions(n).tolist()
+            ids = torch.tensor([t[-1] for t in sampled[:n]], dtype=torch.int32, device=self.device)
+            rows = hidden[:n].clone()   # the runner reuses its hidden-state buffer next step
+            for i, rid in enumerate(req_ids):
+                self.skipped.keep(rid, positions[i], ids[i: i + 1], rows[i: i + 1])
+            return
+        req_ids = list(req_ids)
         lens = torch.tensor([sched[r] for r in req_ids], dtype=torch.int32)
         qsl = torch.zeros(len(req_ids) + 1, dtype=torch.int32)
         torch.cumsum(lens, 0, out=qsl[1:])
         n = int(qsl[-1])
         target_positions = runner._get_positions(n)
         firsts = target_positions[qsl[:-1].to(target_positions.device)].tolist()
-        next_token_ids = self.prepare_next_token_ids_cpu(output.sampled_token_ids, runner.requests,
-                                                         runner.input_batch, sched)
-        hidden = getattr(runner.get_model(), "get_mtp_target_hidden_states", lambda: None)()
-        if hidden is None:
-            hidden = state.hidden_states
+        next_token_ids = self.prepare_next_token_ids_cpu(sampled, runner.requests, runner.input_batch, sched)
         self._keep(req_ids, firsts, qsl, runner.input_ids.gpu[:n], hidden, next_token_ids, None)
 
     # -- skipped steps ------------------------------------------------------------------------------------

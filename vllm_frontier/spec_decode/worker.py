@@ -9,7 +9,8 @@ platform's worker. `frontier_mtp_counters` answers `LLM.collective_rpc` (tests, 
 A step that drafts nothing and verifies nothing (the scheduler's k = 0, no drafts scheduled) runs as a plain
 step: the worker hides the speculative config from the model runner for that step's `execute_model` and
 `sample_tokens`, so vLLM's runner takes its non-speculative path (no speculative-decoding metadata, the plain
-sampler instead of the rejection sampler with zero drafts, no drafter call). Such a step then costs what it
+sampler instead of the rejection sampler with zero drafts, no drafter call), and vLLM's DSA indexer metadata
+builders their layout without speculation (one query row per decode instead of flattened rows). Such a step then costs what it
 costs in an engine without MTP; the proposer keeps the step's drafter inputs for the catch-up pass
 (`SkippingMTPProposer.keep_plain_step`). vLLM's model runner reads `speculative_config` per step in those two
 calls (pinned in `compat`).
@@ -61,8 +62,14 @@ class _MTPWorkerMixin:
                        and drafter.fits_plain_step(scheduler_output.total_num_scheduled_tokens))
         if not self._plain:
             return super().execute_model(scheduler_output)
-        with compat.without_speculation(runner):
+        with compat.without_speculation(runner, self._plain_builders()):
             return super().execute_model(scheduler_output)
+
+    def _plain_builders(self):
+        builders = getattr(self, "_builders", None)
+        if builders is None:   # the attention groups exist once the KV cache is set up (before any step)
+            builders = self._builders = compat.speculation_free_builders(self.model_runner)
+        return builders
 
     def sample_tokens(self, grammar_output):
         if not self._plain:
@@ -70,7 +77,7 @@ class _MTPWorkerMixin:
         self._plain = False
         runner = self.model_runner
         state = runner.execute_model_state
-        with compat.without_speculation(runner):
+        with compat.without_speculation(runner, self._plain_builders()):
             output = super().sample_tokens(grammar_output)
         if state is not None:
             runner.drafter.keep_plain_step(state, output)
