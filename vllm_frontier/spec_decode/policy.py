@@ -45,7 +45,9 @@ runs the other class: one step at k = 0 while drafting, two steps at k = 1 while
 the second verifies those drafts, which also re-measures acceptance). While the rule keeps not drafting,
 the interval between k = 1 probes doubles after each probe, up to `probe_max_every` steps (a probe costs
 two drafting steps; on a device where drafting never pays it stays under 1 % of the steps), and returns to
-`probe_every` as soon as the rule drafts again.
+`probe_every` as soon as the rule drafts again. While the measured costs say that no k > 0 would pay even
+if every draft were accepted, the interval is `probe_max_every` from the start: such a probe can only
+re-measure the costs, and it also pays the catch-up pass over every position skipped since the last one.
 
 The rule: k*(B) = the smallest k in [0, K] whose throughput B E(k) / T(B, k) is within `tie_margin` (1 %)
 of the best. Larger batches make each extra position cost more (the B terms grow while F does not), so k*
@@ -273,12 +275,23 @@ class DraftLengthPolicy:
         return best_k(self.acceptance(), max(batch, 1), fixed, c.draft_cost, c.max_k, c.tie_margin, drafting,
                       c.drafter_skips)
 
-    def probe(self, step: int, chosen_k: int) -> int | None:
+    def drafting_can_pay(self, batch: int) -> bool:
+        """Whether some k > 0 would beat k = 0 at this batch size if every draft were accepted, at the measured
+        step costs. When not, an acceptance probe cannot change the rule's choice; only the costs can."""
+        c = self.config
+        fixed, drafting = self.cost.costs()
+        return best_k([1.0] * c.max_k, max(batch, 1), fixed, c.draft_cost, c.max_k, c.tie_margin, drafting,
+                      c.drafter_skips) > 0
+
+    def probe(self, step: int, chosen_k: int, batch: int = 1) -> int | None:
         """The k of an exploration step at engine step ``step``, or None (module docstring, Probing).
 
-        chosen_k: what the rule picked for this step. A drafting rule gets one k = 0 step; a non-drafting
-        rule gets k = 1 on two consecutive steps (drafts are made in one step and verified in the next),
-        at intervals that double while the rule keeps not drafting. Call once per step.
+        chosen_k: what the rule picked for this step, batch: the step's decoding requests. A drafting rule
+        gets one k = 0 step; a non-drafting rule gets k = 1 on two consecutive steps (drafts are made in one
+        step and verified in the next), at intervals that double while the rule keeps not drafting, and at
+        `probe_max_every` at once while the measured costs say drafting cannot pay even at full acceptance
+        (`drafting_can_pay`; a probe, with the catch-up pass it triggers, would only re-measure the costs).
+        Call once per step.
         """
         c = self.config
         drafting = chosen_k > 0
@@ -290,6 +303,8 @@ class DraftLengthPolicy:
         if self._probe_left > 0:
             self._probe_left -= 1
             return 1
+        if not few and not self.drafting_can_pay(batch):
+            self._idle_every = c.probe_max_every
         every = max(c.probe_every // 8, 4) if few else self._idle_every
         if step - self._last_probe < every:
             return None

@@ -101,10 +101,11 @@ class AdaptiveDraftScheduler(Scheduler):
         assert self._policy is not None
         return self._policy.table(self.max_num_running_reqs)
 
-    def probe_k(self, k_now: int) -> int | None:
-        """An exploration step's k instead of the rule's ``k_now``, or None (`DraftLengthPolicy.probe`)."""
+    def probe_k(self, k_now: int, batch: int = 1) -> int | None:
+        """An exploration step's k instead of the rule's ``k_now`` at ``batch`` decoding requests, or None
+        (`DraftLengthPolicy.probe`)."""
         assert self._policy is not None
-        return self._policy.probe(self._step, k_now)
+        return self._policy.probe(self._step, k_now, batch)
 
     # -- vLLM hooks ---------------------------------------------------------------------------------------
 
@@ -117,7 +118,7 @@ class AdaptiveDraftScheduler(Scheduler):
             self._stale = False
         batch = min(max(len(self.running), 1), len(self._table) - 1)
         k_now = self._table[batch]
-        probe = self.probe_k(k_now)
+        probe = self.probe_k(k_now, batch)
         # vLLM reads this step's k from dynamic_sd_lookup; an exploration step replaces it for this step only
         if probe is not None and probe != k_now:
             k_now = probe
@@ -270,5 +271,5 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
         k = ks[self._step % len(ks)]
         return [k] * (self.max_num_running_reqs + 1)
 
-    def probe_k(self, k_now: int) -> int | None:
-        return None if self._is_pinned else super().probe_k(k_now)
+    def probe_k(self, k_now: int, batch: int = 1) -> int | None:
+        return None if self._is_pinned else super().probe_k(k_now, batch)
