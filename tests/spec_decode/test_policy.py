@@ -269,3 +269,20 @@ def test_table_with_skipping_drafter_equals_brute_force():
         f, d = pol.cost.costs()
         brute = [best_k(pol.acceptance(), b, f, pol.config.draft_cost, k_max, 0.01, d, True) for b in range(1, 301)]
         assert pol.table(300)[1:] == brute
+
+
+def test_cost_fit_running_sums_equal_the_window_recomputed():
+    # the fit reads running sums (O(1) per step); after many evictions they still equal the window's own sums
+    from vllm_frontier.spec_decode.policy import _Sums
+
+    rng = random.Random(5)
+    sums = _Sums(64)
+    for _ in range(3001):
+        k = rng.choice([1, 2, 3])
+        sums.append(rng.uniform(1, 400), rng.uniform(1e-3, 5e-2), k)
+    assert len(sums) == 64
+    fresh = _Sums(64)
+    for pt in sums.points:
+        fresh.append(*pt)
+    for key in _Sums.KEYS:
+        assert sums.sums[key] == pytest.approx(fresh.sums[key], rel=1e-9, abs=1e-12), key

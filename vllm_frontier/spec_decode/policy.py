@@ -175,26 +175,58 @@ class AcceptanceWindow:
         return out
 
 
+class _Sums:
+    """Running sums over a sliding window of (U, t, k) points: every quantity the cost fit reads, kept in O(1)
+    per point (the rule reads the fit at every table refresh, which while drafting is every step)."""
+
+    KEYS = ("n", "u", "t", "k", "uu", "kk", "uk", "ut", "kt", "inv_k", "u_k", "t_k")
+
+    def __init__(self, maxlen: int):
+        self.points: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=maxlen)
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self._since_rebuild = 0
+
+    @staticmethod
+    def _terms(u: float, t: float, k: int) -> tuple[float, ...]:
+        ik = 1.0 / k if k else 0.0
+        return (1.0, u, t, k, u * u, k * k, u * k, u * t, k * t, ik, u * ik, t * ik)
+
+    def append(self, u: float, t: float, k: int) -> None:
+        if len(self.points) == self.points.maxlen:
+            for key, v in zip(self.KEYS, self._terms(*self.points[0])):
+                self.sums[key] -= v
+        self.points.append((u, t, k))
+        for key, v in zip(self.KEYS, self._terms(u, t, k)):
+            self.sums[key] += v
+        self._since_rebuild += 1
+        if self._since_rebuild >= 4 * (self.points.maxlen or 1):   # bound the rounding drift of the updates
+            self.sums = dict.fromkeys(self.KEYS, 0.0)
+            for pt in self.points:
+                for key, v in zip(self.KEYS, self._terms(*pt)):
+                    self.sums[key] += v
+            self._since_rebuild = 0
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+
 class CostModel:
     """Fits F and D of T(B, k) from measured step times (module docstring).
 
     Points are (U, seconds, k) with U = T(B, k) - F - k D, in two windows: drafting steps (k > 0, up to
-    `window` points) and non-drafting steps (k = 0, up to `window // 4`).
+    `window` points) and non-drafting steps (k = 0, up to `window // 4`). The fit reads running sums (O(1)).
     """
 
     def __init__(self, prior: float, window: int, min_points: int):
         self.prior = prior
         self.min_points = min_points
-        self._points: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=window)
-        self._plain: collections.deque[tuple[float, float]] = collections.deque(maxlen=max(window // 4, 2))
+        self._points = _Sums(window)
+        self._plain = _Sums(max(window // 4, 2))
 
     def observe(self, units: float, seconds: float, k: int = 1) -> None:
         """One decode-only step: its token units U, wall time, and draft length k (0: a non-drafting step)."""
         if units > 0 and seconds > 0 and math.isfinite(seconds):
-            if k > 0:
-                self._points.append((units, seconds, k))
-            else:
-                self._plain.append((units, seconds))
+            (self._points if k > 0 else self._plain).append(units, seconds, k)
 
     def count(self, drafted: bool) -> int:
         """Points in the window of drafting (True) or non-drafting (False) steps."""
@@ -206,19 +238,19 @@ class CostModel:
         Least squares of time = beta (c + U) (+ beta D k when k varies, so that the drafting cost that grows
         with k does not pass for token cost) when U spreads enough (batch sizes and k vary); else beta scales
         the prior F + D to the mean measured time (fitted False)."""
-        pts = self._points
-        if not pts:
+        s = self._points.sums
+        n = len(self._points)
+        if not n:
             return None, False
-        n = len(pts)
-        mu, mt, mk = (sum(p[i] for p in pts) / n for i in range(3))
-        var_u = sum((u - mu) ** 2 for u, _, _ in pts) / n
+        mu, mt, mk = s["u"] / n, s["t"] / n, s["k"] / n
+        var_u = s["uu"] / n - mu * mu
         if n >= self.min_points and var_u > (0.05 * mu) ** 2:
-            cov_ut = sum((u - mu) * (t - mt) for u, t, _ in pts) / n
-            var_k = sum((k - mk) ** 2 for _, _, k in pts) / n
+            cov_ut = s["ut"] / n - mu * mt
+            var_k = s["kk"] / n - mk * mk
             beta = None
             if var_k > 1e-9:
-                cov_uk = sum((u - mu) * (k - mk) for u, _, k in pts) / n
-                cov_kt = sum((k - mk) * (t - mt) for _, t, k in pts) / n
+                cov_uk = s["uk"] / n - mu * mk
+                cov_kt = s["kt"] / n - mk * mt
                 det = var_u * var_k - cov_uk ** 2
                 if det > 1e-6 * var_u * var_k:   # U is not a function of k alone
                     beta = (cov_ut * var_k - cov_kt * cov_uk) / det
@@ -240,14 +272,15 @@ class CostModel:
         beta, fitted = self._beta()
         if beta is None:
             return self.prior, 0.0
-        if not self._plain:
+        d, n = self._points.sums, len(self._points)
+        if not len(self._plain):
             if not fitted:
                 return self.prior, 0.0
-            fixed = sum(t / beta - u for u, t, _ in self._points) / len(self._points)
-            return min(max(fixed, 0.0), 4096.0), 0.0
-        fixed = sum(t / beta - u for u, t in self._plain) / len(self._plain)
-        fixed = min(max(fixed, 0.0), 4096.0)
-        per_draft = sum((t / beta - u - fixed) / k for u, t, k in self._points) / len(self._points)
+            return min(max(d["t"] / (n * beta) - d["u"] / n, 0.0), 4096.0), 0.0
+        p, m = self._plain.sums, len(self._plain)
+        fixed = min(max(p["t"] / (m * beta) - p["u"] / m, 0.0), 4096.0)
+        # mean over drafting points of (t / beta - u - F) / k
+        per_draft = (d["t_k"] / beta - d["u_k"] - fixed * d["inv_k"]) / n
         return fixed, min(max(per_draft, 0.0), 4096.0)
 
 
@@ -303,11 +336,13 @@ class DraftLengthPolicy:
         if self._probe_left > 0:
             self._probe_left -= 1
             return 1
-        if not few and not self.drafting_can_pay(batch):
-            self._idle_every = c.probe_max_every
         every = max(c.probe_every // 8, 4) if few else self._idle_every
         if step - self._last_probe < every:
             return None
+        if not few and every < c.probe_max_every and not self.drafting_can_pay(batch):
+            self._idle_every = c.probe_max_every   # read only when a probe is due: the fit is not free
+            if step - self._last_probe < self._idle_every:
+                return None
         self._last_probe, self._probe_left = step, 1
         if not few:
             self._idle_every = min(2 * self._idle_every, c.probe_max_every)
