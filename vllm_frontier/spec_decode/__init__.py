@@ -29,17 +29,17 @@ a larger k before they are verified. Verification stays vLLM's rejection sampler
 model's (greedy: identical token ids).
 
 The rule (details and symbols in `policy`):
-    k*(B) = smallest k in [0, K] with B E(k) / T(B, k) >= 0.99 max_j B E(j) / T(B, j)
+    k*(B) = smallest k in [0, K] with B E(k) / T(B, k) >= 0.97 max_j B E(j) / T(B, j)
     E(k)  = 1 + sum_{j<=k} prod_{i<=j} a_i      a_i: acceptance of position i given 1..i-1 accepted,
                                                  counted over the last 128 engine steps
-    T(B,k) = F + D + B (k+1)(1+rho) + B max(k-1,0) rho   (k > 0);   T(B,0) = F + B (drafter skipped)
-                                                 F, D: per-step fixed and drafting costs in token units,
-                                                 fitted online from decode-step wall times;
-                                                 rho = 1 / num_hidden_layers
+    T(B,k) = F + k D + B (k+1)(1+rho) + B max(k-1,0) rho   (k > 0);   T(B,0) = F + B (a plain step)
+                                                 F: per-step fixed cost, D: fixed cost of each drafted
+                                                 position, in token units, fitted online from decode-step
+                                                 wall times; rho = 1 / num_hidden_layers
 Bounds: 0 <= k <= K. B is the number of decoding requests, so k falls as the batch grows and as acceptance
 drops. A position not drafted for 128 steps returns to an optimistic prior (the estimate of the position
 before it) and is probed again: two k = 1 steps, at intervals doubling up to 1024 steps while the rule
-keeps not drafting.
+keeps not drafting (1024 at once while the measured costs say no k pays even at full acceptance).
 
 Limits: the rule needs synchronous scheduling (vLLM's CPU platform always uses it; on GPUs pass
 `--no-async-scheduling`), because with async scheduling the drafts already in flight cannot be trimmed;

@@ -49,8 +49,10 @@ two drafting steps; on a device where drafting never pays it stays under 1 % of 
 if every draft were accepted, the interval is `probe_max_every` from the start: such a probe can only
 re-measure the costs, and it also pays the catch-up pass over every position skipped since the last one.
 
-The rule: k*(B) = the smallest k in [0, K] whose throughput B E(k) / T(B, k) is within `tie_margin` (1 %)
-of the best. Larger batches make each extra position cost more (the B terms grow while F does not), so k*
+The rule: k*(B) = the smallest k in [0, K] whose throughput B E(k) / T(B, k) is within `tie_margin` (3 %)
+of the best. The margin leans towards fewer drafts: what the model leaves out (the catch-up pass when
+drafting resumes, the probes, the noise of CPU step times) is paid by drafting, so a gain within 3 % is
+not worth it. Larger batches make each extra position cost more (the B terms grow while F does not), so k*
 falls with B; lower acceptance lowers E(k) and so k*.
 
 Estimates: a_i is counted over the last `window_steps` engine steps. Each position carries a Beta prior of
@@ -77,7 +79,7 @@ class PolicyConfig:
     window_steps: int = 128
     prior_strength: float = 2.0
     first_prior: float = 0.5
-    tie_margin: float = 0.01
+    tie_margin: float = 0.03
     cost_window: int = 512
     min_cost_points: int = 24
     probe_every: int = 64
