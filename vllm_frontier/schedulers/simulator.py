@@ -14,7 +14,8 @@ the `InstanceProfile` cost models (one step intercept, not two, when both kinds 
   instance finishes there (the same draining rule as the live `InstancePool`). Steps that mix prefill and
   decode (a re-roled instance draining) use chunked prefill. As in the live router (`InstancePool.acquire`
   leases the instance with the fewest in-flight leases of the stage asked for), an instance re-roled to
-  prefill takes prompts as soon as it has the fewest queued, while it still drains its decodes.
+  prefill takes prompts while it still drains its decodes, counted as holding one prompt more (its steps
+  carry the decodes, so its prompts run in chunks).
 
 Latency SLOs (`SimConfig.slo_kind`): the TTFT, and for the decode side either the per-request mean TPOT
 (``tpot-mean``: ``(finish - first token) / (output - 1)``, DistServe's definition) or a per-token one: the
@@ -566,8 +567,10 @@ class _Sim:
         # Disaggregated: as the live `InstancePool.acquire`, the instance with the fewest prompts in flight
         # (prefill leases), then the fewest requests in flight of any stage, then the least queued prompt
         # tokens. An instance re-roled from decode that still drains decodes takes prompts at once: it
-        # prefills them in chunked steps alongside its last decodes (which those steps slow down).
-        return min(cands, key=lambda i: (len(i.prefill_q), i.draining_decodes, i.queued_tokens, i.idx))
+        # prefills them in chunked steps alongside its last decodes (which those steps slow down), so it
+        # counts as holding one prompt more.
+        return min(cands, key=lambda i: (len(i.prefill_q) + (1 if i.draining_decodes else 0), i.draining_decodes,
+                                         i.queued_tokens, i.idx))
 
     def _pick_decode(self) -> _Instance:
         cands = [i for i in self.instances if i.role == "decode"]
