@@ -84,3 +84,20 @@ def test_two_decode_instances_become_one_prefill_instance_once_both_drained():
     assert d2p[1] == pytest.approx(r0.finish_s - 2.0, abs=0.05 + 1e-9)
     assert r1.finish_s > r0.finish_s  # request 1 kept decoding on the decode instance that stayed
     assert r2.ttft_s is not None and all(r.finish_s is not None for r in (r0, r1, r2))
+
+
+def test_a_role_whose_instances_all_leave_keeps_serving_on_them_until_the_new_ones_start():
+    """1 prefill (2 GPUs) + 2 decode: at t = 1 both decode instances leave for one prefill instance (a split no
+    controller asks for, 2:0, but reachable while re-roled instances are still pending). Request 1 arrives
+    after that: with no decode instance that stays, its decode goes to one of the leaving ones, which drains
+    it before leaving."""
+    dec = toy_profile(kv_capacity=100_000)
+    pre = dataclasses.replace(dec, name="toy-tp2", tensor_parallel=2)
+    reqs = [Request(0, 0.0, 10, 100, "x"), Request(1, 1.5, 10, 5, "x")]
+    cfg = SimConfig(dec, 3, 1, 10.0, 10.0, prefill_profile=pre, interval_s=1.0, kv="paged")
+    res = simulate(cfg, reqs, Plan({1.0: 2}))
+    r0, r1 = res.records
+    assert res.ratio_timeline[-1][1:] == (2, 0)
+    assert r1.finish_s is not None and r1.n_tokens == 5
+    d2p = [x for _, d, x in res.drains if d == "decode->prefill"]
+    assert len(d2p) == 2 and min(d2p) >= r1.finish_s - 1.0 - 1e-9  # the unit left after request 1 was done

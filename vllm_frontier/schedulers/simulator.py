@@ -572,7 +572,9 @@ class _Sim:
 
     # ---- routing -------------------------------------------------------------------------------
     def _pick_prefill(self) -> _Instance:
-        cands = [i for i in self.instances if i.role in ("prefill", "both") and not i.retiring]
+        # instances leaving the role (re-roled across tensor-parallel sizes) only while no other serves it
+        cands = ([i for i in self.instances if i.role in ("prefill", "both") and not i.retiring]
+                 or [i for i in self.instances if i.role in ("prefill", "both")])
         if self.cfg.n_prefill is None:  # colocated: balance queued prompt tokens and decode context
             return min(cands, key=lambda i: (i.queued_tokens + 0.1 * i.ctx, i.idx))
         # Disaggregated: as the live `InstancePool.acquire`, the instance with the fewest prompts in flight
@@ -584,7 +586,8 @@ class _Sim:
                                          i.queued_tokens, i.idx))
 
     def _pick_decode(self) -> _Instance:
-        cands = [i for i in self.instances if i.role == "decode" and not i.retiring]
+        cands = ([i for i in self.instances if i.role == "decode" and not i.retiring]
+                 or [i for i in self.instances if i.role == "decode"])
         return min(cands, key=lambda i: (i.kv_used + i.kv_pending, i.idx))
 
     def on_prefilled(self, inst: _Instance, job: _Job) -> None:
