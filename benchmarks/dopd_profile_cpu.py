@@ -23,10 +23,12 @@ recorded before and after.
 Why not time the served stream (how versions 1-2 of this script measured hybrid steps): with one streamed
 decode, its tokens reached the client in bursts (2-4 us apart before the prompt was sent, against a 2 ms decode
 step; the burst filter compared equal timestamps only and kept them) and the longest gap while the prompt was in
-flight was 0.2-2 s, while the same engine step timed here takes 4-46 ms. So the gap measured the serving path,
-not the step: most likely the API server process (which turns engine outputs into SSE events and takes in the
-new prompt) got no CPU while the engine core kept both cores busy, on a machine with a load of 4-11. Timing
-`engine.step()` in one process has no such path.
+flight was 0.1-2.1 s, while the same engine step timed here takes 4-46 ms. The old method rerun at a load of
+1-3 (instead of 4-11) gave the same (121-2081 ms with one decode; 10-105 ms with four), and 2.1 s is about the
+rest of the 900-token stream at ~2.3 ms a token: the new prompt and the stream's events waited in the serving
+path, most likely the API server process (which turns engine outputs into SSE events and takes in new
+requests) getting no CPU while the engine core ran the single decode flat out on both cores. So the gap
+measured the serving path, not the step. Timing `engine.step()` in one process has no such path.
 
 Fits ``prefill = a + b L + c L^2`` and ``step = a + b B + c ctx`` (`cost_model.fit_prefill/fit_decode`), and the
 hybrid step ``a + b L + c L^2 + d B + e ctx`` (`cost_model.fit_mixed`: a step intercept, the prompt's
