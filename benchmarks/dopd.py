@@ -343,6 +343,54 @@ def distserve_validation(args: argparse.Namespace, log) -> dict:
             "prefill_profile": tp2.name, "decode_profile": tp1.name}
 
 
+def tp_reroling(b: Bench, gpus: int, log) -> dict:
+    """Per-role tensor parallelism under re-roling: `gpus` GPUs as prefill instances at TP2 (DistServe's
+    OPT-13B TP2 profile) and decode instances at TP1 (`--profile`, which must be DistServe's current TP1
+    profile): every static split (p prefill, gpus - 2 p decode) and the controller re-roling in units of
+    GPUs (`ControllerConfig.prefill_gpus` 2, `decode_gpus` 1: a prefill instance becomes two decode
+    instances once it has drained, two drained decode instances one prefill instance), starting near half
+    the GPUs on each role."""
+    a = b.args
+    tp1, tp2 = b.prof, PROFILES["gpu-opt13b-a100-distserve-tp2"]
+    if tp1.name != "gpu-opt13b-a100-distserve":
+        raise SystemExit("--tp-reroling needs --profile gpu-opt13b-a100-distserve (the TP1 of its TP2 profile)")
+    gp, gd = tp2.tensor_parallel, tp1.tensor_parallel
+    pre, _ = tp2.with_overhead()
+    _, dec = tp1.with_overhead()
+
+    def run(p: int, rate: float, controller: bool):
+        ctrl = RatioController(ControllerConfig(
+            slo_ttft_s=a.slo_ttft, slo_tpot_s=a.slo_tpot, prefill=pre, decode=dec, kv_paged=a.kv == "paged",
+            kv_capacity_tokens=tp1.kv_capacity_tokens, horizon_s=a.horizon, slo_kind=a.slo_kind,
+            prefill_gpus=gp, decode_gpus=gd), history=100000) if controller else None
+        cfg = SimConfig(tp1, p + (gpus - p * gp) // gd, p, a.slo_ttft, a.slo_tpot,
+                        chunk_tokens=b.best_chunk or 256, interval_s=a.interval, slo_kind=a.slo_kind, kv=a.kv,
+                        block_size=a.block_size, prefill_profile=tp2)
+        b.sims += 1
+        return simulate(cfg, b.trace(rate), ctrl)
+
+    out: dict = {"gpus": gpus, "prefill_profile": tp2.name, "decode_profile": tp1.name, "static": {}}
+    lo, hi = a.min_rate * gpus, a.max_rate * gpus
+    for p in range(1, (gpus - gd) // gp + 1):
+        g = Bench.search(lambda r: run(p, r, False).attainment() >= GOAL, lo, hi, a.tol)
+        out["static"][p] = {"n_prefill": p, "n_decode": (gpus - p * gp) // gd, "goodput_rps": g}
+        log(f"TP2 prefill / TP1 decode, {gpus} GPUs: static P{p}:D{(gpus - p * gp) // gd} goodput {g:.2f} req/s")
+    start = max(1, round(gpus / 2 / gp))
+    g = Bench.search(lambda r: run(start, r, True).attainment() >= GOAL, lo, hi, a.tol)
+    best = max(out["static"].values(), key=lambda v: v["goodput_rps"])
+    res = run(start, max(g, lo), True)
+    out.update({"controller": {"start_n_prefill": start, "goodput_rps": g,
+                               "changes_at_goodput": [list(c) for c in res.ratio_timeline],
+                               "gpus_at_start": res.gpus,
+                               "drains_at_goodput": [list(d) for d in res.drains]},
+                "static_best": best,
+                "controller_vs_best_static": g / best["goodput_rps"] if best["goodput_rps"] else None})
+    log(f"TP2 prefill / TP1 decode, {gpus} GPUs: controller goodput {g:.2f} req/s (best static "
+        f"P{best['n_prefill']}:D{best['n_decode']} {best['goodput_rps']:.2f}); splits at its goodput "
+        f"{[tuple(c[1:]) for c in res.ratio_timeline]}")
+    return out
+
+
 def plot(result: dict, path: Path) -> str | None:
     try:
         import matplotlib
@@ -429,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(negative: after; best kept)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/dopd/dopd.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from an existing --out JSON")
+    ap.add_argument("--tp-reroling", type=int, nargs="+", metavar="GPUS", default=[],
+                    help="also simulate these GPU counts with TP2 prefill and TP1 decode instances: every static "
+                    "split and the controller re-roling in units of GPUs (needs the default --profile)")
     ap.add_argument("--validate-distserve", action="store_true",
                     help="also reproduce DistServe's OPT-13B chatbot point (1 prefill TP2 + 1 decode TP1) and compare")
     return ap
@@ -466,6 +517,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.validate_distserve:
         result["distserve_validation"] = distserve_validation(args, log)
+    if args.tp_reroling:
+        b.best_chunk = b.best_chunk or 256
+        result["tp_reroling"] = [tp_reroling(b, g, log) for g in args.tp_reroling]
     for n in args.sizes:
         result["sizes"].append(bench_size(b, n, log))
         args.out.parent.mkdir(parents=True, exist_ok=True)

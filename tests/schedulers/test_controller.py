@@ -52,9 +52,12 @@ def test_decode_heavy_load_moves_instances_to_decode():
     # 40 req/s needs more than the 4 decode instances (pressure > spare_to_prefill): instances move.
     n_p, n_d, _ = drive(RatioController(cfg(spare_to_prefill=0.9)), 40, DECODE_HEAVY, 4, 4, 10)
     assert n_d > 4, (n_p, n_d)
-    # Plain pressure balancing (the default) moves them even at a light load.
-    n_p, n_d, _ = drive(RatioController(cfg()), 20, DECODE_HEAVY, 4, 4, 10)
+    # Plain pressure balancing moves them even at a light load; by default (decode_move_pressure 0.9) a
+    # light load keeps the prefill instances (moving them back later would wait for a drain).
+    n_p, n_d, _ = drive(RatioController(cfg(decode_move_pressure=None)), 20, DECODE_HEAVY, 4, 4, 10)
     assert n_d > 4, (n_p, n_d)
+    n_p, n_d, decisions = drive(RatioController(cfg()), 20, DECODE_HEAVY, 4, 4, 10)
+    assert (n_p, n_d) == (4, 4) and any("prefill instances are kept" in d.reason for d in decisions)
 
 
 def test_spare_instances_stay_on_prefill_at_light_decode_heavy_load():
@@ -76,7 +79,7 @@ def test_spare_instances_move_to_prefill():
 
 
 def test_mix_shift_reverses_the_ratio():
-    ctrl = RatioController(cfg(spare_to_prefill=None))
+    ctrl = RatioController(cfg(spare_to_prefill=None, decode_move_pressure=None))
     n_p, n_d, _ = drive(ctrl, 20, PREFILL_HEAVY, 4, 4, 15)
     assert n_p > n_d
     n_p2, n_d2, _ = drive(ctrl, 20, DECODE_HEAVY, n_p, n_d, 30, t0=30.0)
@@ -150,7 +153,7 @@ def test_hysteresis_no_flapping_under_alternating_noise():
 
 
 def test_confirmation_delays_a_non_urgent_move():
-    ctrl = RatioController(cfg(confirm=3))
+    ctrl = RatioController(cfg(confirm=3, decode_move_pressure=None))
     # light load (pressure < 1): moves only after 3 consistent proposals
     ds = [ctrl.step(sample(2.0 * (k + 1), 2, DECODE_HEAVY, 6, 2)) for k in range(3)]
     assert [d.changed for d in ds] == [False, False, True]
@@ -277,7 +280,8 @@ def test_controller_imports_neither_torch_nor_vllm():
 
 
 def test_reverse_cooldown_blocks_an_immediate_reversal():
-    ctrl = RatioController(cfg(confirm=1, reverse_cooldown_s=20.0, max_step_frac=0.1, spare_to_prefill=None))
+    ctrl = RatioController(cfg(confirm=1, reverse_cooldown_s=20.0, max_step_frac=0.1, spare_to_prefill=None,
+                               decode_move_pressure=None))
     n_p, n_d = 2, 14
     d1 = ctrl.step(sample(2.0, 40, PREFILL_HEAVY, n_p, n_d))
     assert d1.changed and d1.n_prefill > 2

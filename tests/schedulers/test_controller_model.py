@@ -73,6 +73,8 @@ NONNEG_MSG = "min_gain, cooldown_s, reverse_cooldown_s, horizon_s must be >= 0 a
     (dict(rescale_shift=1.0), "rescale_shift must be > 1, got 1.0"),
     (dict(spare_to_prefill=0.0), "spare_to_prefill must be in (0, 1] or None, got 0.0"),
     (dict(spare_to_prefill=1.5), "spare_to_prefill must be in (0, 1] or None, got 1.5"),
+    (dict(decode_move_pressure=-0.1), "decode_move_pressure must be a number >= 0 or None, got -0.1"),
+    (dict(decode_move_pressure=math.inf), "decode_move_pressure must be a number >= 0 or None, got inf"),
 ])
 def test_config_rejects_each_bound_with_its_message(bad, msg):
     with pytest.raises(ValueError) as e:
@@ -680,7 +682,7 @@ UP, DOWN = (1.5, 0.5), (0.5, 1.5)  # on 2:2 (pressure 0.75): 3:1 or 1:3 (pressur
 
 
 def test_confirmation_counts_one_direction_only():
-    d = decide([UP, DOWN, DOWN], [(2, 2)] * 3)
+    d = decide([UP, DOWN, DOWN], [(2, 2)] * 3, decode_move_pressure=None)
     assert [x.reason for x in d[:2]] == ["waiting for confirmation 1/2"] * 2
     assert d[2].changed and d[2].n_prefill == 1
 
@@ -706,21 +708,57 @@ def test_reversal_cooldown_by_hand():
     """A move down at t=1; reverse_cooldown_s 5: a move up waits until t=6 (exactly 5 s is enough);
     a further move down is no reversal and is not held."""
     needs = [DOWN, UP, UP]
-    d = decide(needs, [(2, 2), (2, 2), (2, 2)], confirm=1, reverse_cooldown_s=5.0, dt=4.0)
+    kw = dict(confirm=1, reverse_cooldown_s=5.0, decode_move_pressure=None)  # DOWN on 2:2 is at pressure 0.75
+    d = decide(needs, [(2, 2), (2, 2), (2, 2)], dt=4.0, **kw)
     assert d[0].changed and d[0].n_prefill == 1
     assert d[1].reason == "reversal too soon after the last change" and not d[1].changed
     assert d[2].changed and d[2].n_prefill == 3  # t = 9
-    d = decide([DOWN, UP], [(2, 2), (2, 2)], confirm=1, reverse_cooldown_s=5.0, dt=5.0)
+    d = decide([DOWN, UP], [(2, 2), (2, 2)], dt=5.0, **kw)
     assert d[1].changed and d[1].n_prefill == 3
     # need (0.5, 3) on 3:3 (pressure 1) -> best 1:5 (0.6), one instance per move (ceil(0.1 * 6) = 1)
     down = (0.5, 3.0)
-    d = decide([down, down], [(3, 3), (2, 4)], confirm=1, reverse_cooldown_s=5.0, max_step_frac=0.1)
+    d = decide([down, down], [(3, 3), (2, 4)], max_step_frac=0.1, **kw)
     assert d[0].n_prefill == 2 and d[1].changed and d[1].n_prefill == 1
 
 
 def test_reversal_cooldown_after_a_move_up():
     d = decide([UP, DOWN], [(2, 2), (3, 1)], confirm=1, reverse_cooldown_s=5.0)
     assert d[1].reason == "reversal too soon after the last change"
+
+
+# ---- moves to decode only above decode_move_pressure (default 0.9) ----
+
+def test_a_move_to_decode_waits_until_the_pressure_exceeds_decode_move_pressure():
+    """On 2:2: need (0.5, 1.5) is pressure 0.75 and need (0.5, 1.8) exactly 0.9: both would go to 1:3
+    (0.5 and 0.6, gains of 33 %), but neither exceeds 0.9, so the prefill instances are kept. Need
+    (0.5, 1.9) is pressure 0.95: 1:3 (max(0.5, 0.633) = 0.633) is applied."""
+    d = decide([DOWN, (0.5, 1.8), (0.5, 1.9)], [(2, 2)] * 3, confirm=1)
+    assert [x.changed for x in d] == [False, False, True]
+    assert d[0].reason == ("pressure 0.75 <= 0.9: prefill instances are kept, a move back would wait for their "
+                           "decodes to drain")
+    assert d[1].pressure_before == approx(0.9) and d[1].n_prefill == 2
+    assert (d[2].n_prefill, d[2].n_decode) == (1, 3) and d[2].pressure_after == approx(1.9 / 3)
+    # a threshold of your own, and None: the plain pressure rule moves at 0.75 too
+    assert decide([DOWN], [(2, 2)], confirm=1, decode_move_pressure=0.7)[0].n_prefill == 1
+    assert decide([DOWN], [(2, 2)], confirm=1, decode_move_pressure=None)[0].n_prefill == 1
+
+
+def test_decode_move_pressure_leaves_moves_to_prefill_and_repairs_alone():
+    # UP on 2:2 (pressure 0.75 <= 0.9) goes to 3:1: moves toward prefill keep the plain rule
+    assert decide([UP], [(2, 2)], confirm=1)[0].n_prefill == 3
+    # 3:0 lacks a decode instance: repaired to 2:1 although the pressure (0.1 / 3) is far below 0.9
+    d = decide([(0.1, 0.0)], [(3, 0)], confirm=1)
+    assert d[0].changed and (d[0].n_prefill, d[0].n_decode) == (2, 1)
+    assert d[0].reason == "repair: a role had fewer than min_per_role instances"
+
+
+def test_a_held_move_to_decode_resets_the_confirmation():
+    """confirm 2: a move up waits (1/2); a held move down in between clears the count, so the next move up
+    waits again."""
+    d = decide([UP, DOWN, UP, UP], [(2, 2)] * 4, confirm=2)
+    assert d[0].reason == "waiting for confirmation 1/2"
+    assert not d[1].changed and d[1].reason.startswith("pressure 0.75 <= 0.9")
+    assert d[2].reason == "waiting for confirmation 1/2" and d[3].changed and d[3].n_prefill == 3
 
 
 # ---- spare capacity to prefill ----

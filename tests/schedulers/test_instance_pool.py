@@ -64,11 +64,14 @@ def test_bad_input_is_rejected_with_a_hint():
 
 def test_prefill_lease_counts_prompts_not_the_decodes_an_instance_drains():
     pool = InstancePool([(P, "prefill"), (D, "decode")])
-    pool.acquire("decode")  # a long decode in flight on D
+    pool.acquire("decode")  # two long decodes in flight on D
+    pool.acquire("decode")
     pool.release(pool.acquire("prefill").url, "prefill")  # an earlier prompt: the rotation now favours D
-    pool.set_role(D, "prefill")  # D drains that decode and takes prompts at once
+    pool.set_role(D, "prefill")  # D drains those decodes and takes prompts at once, counted as one prompt more
     # each pick below is the opposite of what the rotation alone would choose
-    assert pool.acquire("prefill").url == P  # tie on prompts (0 each): P has less in flight
-    assert pool.acquire("prefill").url == D  # 0 prompts on D < 1 on P, despite D's decode
-    assert pool.inflight(D, "decode") == 1  # the decode keeps running
+    assert pool.acquire("prefill").url == P  # 0 prompts on P < 0 + 1 on D
+    assert pool.acquire("prefill").url == P  # 1 prompt on P, 0 + 1 on D: in flight 1 < 2 decides
+    assert pool.acquire("prefill").url == D  # 0 + 1 < 2 prompts on P, despite D's decodes
+    assert pool.inflight(D, "prefill") == 1
+    assert pool.inflight(D, "decode") == 2  # the decodes keep running
 

@@ -144,9 +144,9 @@ def test_percentile():
 
 
 def test_reroled_instance_takes_prompts_while_it_drains_decodes():
-    """Like the live InstancePool.acquire (fewest leases of the stage, then of any stage): a prefill
-    instance still draining decodes gets the next prompt when it has fewer prompts queued, and loses
-    only the tie to an instance without decodes."""
+    """Like the live InstancePool.acquire (fewest leases of the stage, a draining instance counting one
+    more, then of any stage): a prefill instance still draining decodes gets the next prompt only when
+    it has at least two prompts fewer queued than another."""
     from vllm_frontier.schedulers.simulator import RequestRecord, _Job, _Sim
 
     cfg_ = SimConfig(GPU, 3, 2, 1.0, 0.1)
@@ -159,10 +159,13 @@ def test_reroled_instance_takes_prompts_while_it_drains_decodes():
     assert sim._pick_prefill() is clean  # no prompts anywhere: the instance without decodes
     clean.prefill_q.append(_Job(recs[3]))
     clean.queued_tokens = 100
-    assert sim._pick_prefill() is drainer  # 0 prompts queued < 1, despite its 3 decodes
-    drainer.prefill_q.append(_Job(recs[4]))
+    assert sim._pick_prefill() is clean  # 1 prompt vs 0 + 1: tie, then fewer decodes in flight (0 < 3)
+    clean.prefill_q.append(_Job(recs[4]))
+    clean.queued_tokens = 200
+    assert sim._pick_prefill() is drainer  # 0 + 1 < 2 prompts queued, despite its 3 decodes
+    drainer.prefill_q.append(_Job(recs[5]))
     drainer.queued_tokens = 100
-    assert sim._pick_prefill() is clean  # 1 prompt each: fewer requests in flight wins
+    assert sim._pick_prefill() is clean  # 2 each (1 + 1 on the drainer): fewer decodes in flight wins
 
 
 def test_reroled_instance_prefills_while_draining_in_the_loop():

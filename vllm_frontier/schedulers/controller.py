@@ -37,13 +37,16 @@ is our design in its spirit):
    draining, a mix shift); a model that predicts overload while the SLO is met is scaled down. A scale
    is dropped when the mix it was learnt on moves by more than `rescale_shift` (E[L] or E[O]): short
    prompts batch and share the step intercept, so a scale learnt on them underprices long ones.
-5. **Split** the N managed instances: ``n_p`` in ``[min_per_role, N - min_per_role]`` minimising the
+5. **Split** the N managed instances: ``n_p`` in ``[min_per_role, N - min_per_role]`` (with per-role GPU
+   counts `prefill_gpus` / `decode_gpus`, the G GPUs: ``n_d = (G - n_p g_p) / g_d`` whole instances) minimising the
    pressure ``max(need_p / n_p, need_d / n_d)``. When that pressure is at most `spare_to_prefill`, the
    spare instances go to prefill (the most prefill instances with pressure <= the cap): a decode ->
    prefill move only takes effect once the instance has drained its decodes, prefill -> decode at once.
 6. **Hysteresis.** Change only if the new split lowers the pressure by at least `min_gain` (relative),
    the same direction was proposed `confirm` times in a row (skipped, and any gain accepted, when the
-   pressure exceeds 1, i.e. an SLO is at risk), `cooldown_s` passed since the last change (`reverse_cooldown_s` for a reversal),
+   pressure exceeds 1, i.e. an SLO is at risk), a move from prefill to decode only when the pressure
+   exceeds `decode_move_pressure` (undoing it waits for the moved instances' decodes to drain),
+   `cooldown_s` passed since the last change (`reverse_cooldown_s` for a reversal),
    and move at most ``ceil(max_step_frac * N)`` instances at once. Never zero instances for a role (both
    are in use in a disaggregated deployment): `min_per_role` >= 1 is enforced, and a split that violates
    it (e.g. after failures) is repaired at once.
@@ -103,6 +106,21 @@ class ControllerConfig:
             load; 0.9 was tried in the simulator, see benchmarks/dopd.py --spare-to-prefill). Reason: decode -> prefill moves take effect
             only after the moved instance drains its decodes (many seconds of long outputs), prefill ->
             decode moves at once, so slack is cheapest to keep on the prefill side.
+        prefill_gpus / decode_gpus: GPUs one instance of the role uses (its tensor-parallel size; `prefill`
+            and `decode` are the costs of one instance of that role at that size). Re-roling keeps the GPUs:
+            with 2 and 1, one prefill instance becomes two decode instances and two decode instances one
+            prefill instance; a split is p prefill instances and (GPUs - 2 p) decode instances, and
+            `RatioDecision.n_prefill + n_decode` can differ from the sample's total.
+        decode_move_pressure: move instances from prefill to decode only when the current split's pressure
+            exceeds this (None: any pressure, the plain rule). Below it, such a move trades prefill headroom
+            for decode headroom that is not needed yet, and undoing it when the mix turns back costs a
+            drain: the moved instances serve prompts only in chunks beside their decodes until those finish
+            (18-31 s on the shifting mix's long outputs), while a move to decode takes effect at once and
+            can wait until it is needed. 0.9, not 1: a decode demand the model underprices shows up in the
+            measured TPOT/TBT only when the requests finish (a code output decodes for ~16 s), too late for
+            the feedback, so the move is made with a margin. Chosen among 0.8 / 0.9 / 1.0 on the shifting
+            workload of `benchmarks/dopd.py` (the traces the README's table uses: fitted to them). Moves
+            toward prefill keep the pressure rule.
     """
 
     slo_ttft_s: float
@@ -130,6 +148,9 @@ class ControllerConfig:
     slo_kind: str = "tpot-mean"
     kv_paged: bool = False
     tail_smoothing: float = 0.3
+    decode_move_pressure: float | None = 0.9
+    prefill_gpus: int = 1
+    decode_gpus: int = 1
 
     def __post_init__(self) -> None:
         if not (self.slo_ttft_s > 0 and self.slo_tpot_s > 0):
@@ -158,6 +179,12 @@ class ControllerConfig:
             raise ValueError(f"tail_smoothing must be in (0, 1], got {self.tail_smoothing}")
         if self.slo_kind not in SLO_KINDS:
             raise ValueError(f"slo_kind must be one of {', '.join(SLO_KINDS)}, got {self.slo_kind!r}")
+        if not (isinstance(self.prefill_gpus, int) and isinstance(self.decode_gpus, int)
+                and self.prefill_gpus >= 1 and self.decode_gpus >= 1):
+            raise ValueError(f"prefill_gpus and decode_gpus must be integers >= 1 (GPUs per instance of the role), "
+                             f"got {self.prefill_gpus} and {self.decode_gpus}")
+        if self.decode_move_pressure is not None and not (0 <= self.decode_move_pressure < math.inf):
+            raise ValueError(f"decode_move_pressure must be a number >= 0 or None, got {self.decode_move_pressure}")
         if self.spare_to_prefill is not None and not 0 < self.spare_to_prefill <= 1:
             raise ValueError(f"spare_to_prefill must be in (0, 1] or None, got {self.spare_to_prefill}")
 
@@ -214,7 +241,8 @@ class LoadSample:
 
 @dataclass(frozen=True)
 class RatioDecision:
-    """The controller's answer. `n_prefill + n_decode` equals the sample's total; `changed` says whether it
+    """The controller's answer. `n_prefill + n_decode` equals the sample's total (its GPUs, with per-role
+    `ControllerConfig.prefill_gpus` / `decode_gpus`); `changed` says whether it
     differs from the sample's split. `need_*` are the demand estimates (instances, real-valued);
     `pressure_*` the split pressure ``max(need_p / n_p, need_d / n_d)`` now and after the decision."""
 
@@ -455,6 +483,12 @@ class RatioController:
         self._update(x)
         self._feedback(x)
         n = x.n_prefill + x.n_decode
+        gp, gd = cfg.prefill_gpus, cfg.decode_gpus
+        gpus = x.n_prefill * gp + x.n_decode * gd  # re-roling keeps the GPUs: p prefill + n_dec(p) decode
+
+        def n_dec(p: int) -> int:
+            return (gpus - p * gp) // gd
+
         raw_p, raw_d = self.demand(x)
         w = cfg.demand_smoothing
         if s.need_p is None or not (math.isfinite(s.need_p) and math.isfinite(s.need_d)):
@@ -470,26 +504,37 @@ class RatioController:
             return self._record(RatioDecision(x.n_prefill, x.n_decode, False, reason, need_p, need_d,
                                               before, before, lam))
 
-        if n < 2 * cfg.min_per_role:
+        # The splits: p prefill instances and the decode instances the other GPUs make (whole instances, at
+        # least min_per_role of each); with one GPU per instance of each role, p + (n - p).
+        splits = [p for p in range(cfg.min_per_role, gpus // gp + 1)
+                  if (gpus - p * gp) % gd == 0 and n_dec(p) >= cfg.min_per_role]
+        if not splits:
             s.pending_dir = s.pending_count = 0
-            return keep(f"only {n} managed instances: need {2 * cfg.min_per_role} to split")
-        lo, hi = cfg.min_per_role, n - cfg.min_per_role
+            return keep(f"only {n} managed instances: need {2 * cfg.min_per_role} to split" if gp == gd == 1 else
+                        f"{gpus} GPUs cannot hold {cfg.min_per_role} prefill instance(s) of {gp} and decode "
+                        f"instance(s) of {gd} GPUs")
+        lo, hi = splits[0], splits[-1]
 
         def press(p: int) -> float:
-            return split_pressure(need_p, need_d, p, n - p)
+            return split_pressure(need_p, need_d, p, n_dec(p))
 
-        best = min(range(lo, hi + 1), key=lambda p: (press(p), abs(p - x.n_prefill)))
+        best = min(splits, key=lambda p: (press(p), abs(p - x.n_prefill)))
         # Spare capacity to prefill: the objective becomes max(pressure, cap), ties to more prefill.
         cap = cfg.spare_to_prefill
         spare = cap is not None and press(best) <= cap
         if spare:
-            best = max(p for p in range(lo, hi + 1) if press(p) <= cap)
+            best = max(p for p in splits if press(p) <= cap)
         # A current split outside the bounds (e.g. a role emptied by failures) is always repaired.
-        repair = not (lo <= x.n_prefill <= hi)
+        repair = not (lo <= x.n_prefill <= hi and x.n_decode >= cfg.min_per_role)
         if best == x.n_prefill:
             s.pending_dir = s.pending_count = 0
             return keep("current split is best")
         after_full = press(best)
+        if not repair and best < x.n_prefill and cfg.decode_move_pressure is not None \
+                and before <= cfg.decode_move_pressure:
+            s.pending_dir = s.pending_count = 0
+            return keep(f"pressure {before:.2f} <= {cfg.decode_move_pressure}: prefill instances are kept, a move "
+                        "back would wait for their decodes to drain")
         if not repair:
             j_before, j_after = (max(before, cap), max(after_full, cap)) if spare else (before, after_full)
             # A spare move (both splits within the cap) must shift at least `min_gain` of the instances.
@@ -512,16 +557,17 @@ class RatioController:
             if (direction == -s.last_dir and s.last_change_t is not None
                     and x.t - s.last_change_t < cfg.reverse_cooldown_s):
                 return keep("reversal too soon after the last change")
-        max_step = max(1, math.ceil(cfg.max_step_frac * n))
+        # at most max_step_frac of the GPUs change role (whole prefill instances, at least one)
+        max_step = max(1, math.ceil(cfg.max_step_frac * gpus) // gp)
         target = min(max(best, x.n_prefill - max_step), x.n_prefill + max_step) if not repair else best
-        target = min(max(target, lo), hi)
+        target = min((p for p in splits if lo <= p <= hi), key=lambda p: (abs(p - target), p))
         s.pending_dir = s.pending_count = 0
         s.last_change_t = x.t
         s.last_dir = 1 if target > x.n_prefill else -1
         after = press(target)
         why = "repair: a role had fewer than min_per_role instances" if repair else (
             f"pressure {before:.2f} -> {after:.2f} (need P {need_p:.2f}, D {need_d:.2f}, rate {lam:.2f}/s)")
-        return self._record(RatioDecision(target, n - target, True, why, need_p, need_d, before, after, lam))
+        return self._record(RatioDecision(target, n_dec(target), True, why, need_p, need_d, before, after, lam))
 
     def _record(self, d: RatioDecision) -> RatioDecision:
         if self._keep:

@@ -14,7 +14,10 @@ the `InstanceProfile` cost models (one step intercept, not two, when both kinds 
   instance finishes there (the same draining rule as the live `InstancePool`). Steps that mix prefill and
   decode (a re-roled instance draining) use chunked prefill. As in the live router (`InstancePool.acquire`
   leases the instance with the fewest in-flight leases of the stage asked for), an instance re-roled to
-  prefill takes prompts as soon as it has the fewest queued, while it still drains its decodes.
+  prefill takes prompts while it still drains its decodes, counted as holding one prompt more (its steps
+  carry the decodes, so its prompts run in chunks). When prefill and decode instances use different GPU
+  counts (`SimConfig.prefill_profile`), whole instances change in units of GPUs instead: the leaving ones
+  take no new work and drain, then their GPUs start instances of the other role (`_Sim._apply_tp`).
 
 Latency SLOs (`SimConfig.slo_kind`): the TTFT, and for the decode side either the per-request mean TPOT
 (``tpot-mean``: ``(finish - first token) / (output - 1)``, DistServe's definition) or a per-token one: the
@@ -238,6 +241,8 @@ class _Instance:
         self.run_order: dict[_Job, None] = {}  # running decodes, oldest first (vLLM preempts the newest)
         self.preemptions = 0
         self.drain: tuple[str, float] | None = None
+        self.retiring = False  # re-roled across tensor-parallel sizes: takes no new work, then leaves
+        self.incoming = 0  # KV transfers on their way here
         self.steps = 0
         self.step_times: list[float] = []  # end time of decode step k at index k - 1
         self.finish_heap: list[tuple[int, int, int, _Job]] = []  # (finish step, rid, epoch, job)
@@ -262,6 +267,11 @@ class _Instance:
     def draining_decodes(self) -> int:
         """Decodes in flight here (running or waiting for KV)."""
         return len(self.run_order) + len(self.admit_q)
+
+    @property
+    def idle(self) -> bool:
+        """No work here or on its way (a retiring instance can leave)."""
+        return not (self.prefill_q or self.run_order or self.admit_q or self.incoming)
 
     def start_drain(self, direction: str) -> None:
         """A role change: time how long the work of the old role keeps running here (`SimResult.drains`)."""
@@ -546,6 +556,8 @@ class _Sim:
         self.open = len(trace)
         self.preemptions = 0
         self.drains: list[tuple[float, str, float]] = []
+        self.pending = {"prefill": 0, "decode": 0}  # instances waiting for the GPUs of retiring ones
+        self._next_idx = len(self.instances)
 
     def profile_for(self, role: str) -> InstanceProfile:
         return self.cfg.prefill_profile if role == "prefill" and self.cfg.prefill_profile else self.profile
@@ -560,17 +572,22 @@ class _Sim:
 
     # ---- routing -------------------------------------------------------------------------------
     def _pick_prefill(self) -> _Instance:
-        cands = [i for i in self.instances if i.role in ("prefill", "both")]
+        # instances leaving the role (re-roled across tensor-parallel sizes) only while no other serves it
+        cands = ([i for i in self.instances if i.role in ("prefill", "both") and not i.retiring]
+                 or [i for i in self.instances if i.role in ("prefill", "both")])
         if self.cfg.n_prefill is None:  # colocated: balance queued prompt tokens and decode context
             return min(cands, key=lambda i: (i.queued_tokens + 0.1 * i.ctx, i.idx))
         # Disaggregated: as the live `InstancePool.acquire`, the instance with the fewest prompts in flight
         # (prefill leases), then the fewest requests in flight of any stage, then the least queued prompt
         # tokens. An instance re-roled from decode that still drains decodes takes prompts at once: it
-        # prefills them in chunked steps alongside its last decodes (which those steps slow down).
-        return min(cands, key=lambda i: (len(i.prefill_q), i.draining_decodes, i.queued_tokens, i.idx))
+        # prefills them in chunked steps alongside its last decodes (which those steps slow down), so it
+        # counts as holding one prompt more.
+        return min(cands, key=lambda i: (len(i.prefill_q) + (1 if i.draining_decodes else 0), i.draining_decodes,
+                                         i.queued_tokens, i.idx))
 
     def _pick_decode(self) -> _Instance:
-        cands = [i for i in self.instances if i.role == "decode"]
+        cands = ([i for i in self.instances if i.role == "decode" and not i.retiring]
+                 or [i for i in self.instances if i.role == "decode"])
         return min(cands, key=lambda i: (i.kv_used + i.kv_pending, i.idx))
 
     def on_prefilled(self, inst: _Instance, job: _Job) -> None:
@@ -589,8 +606,11 @@ class _Sim:
         delay = job.rec.req.prompt_len * self.profile_for(inst.role).kv_transfer_s_per_token
         self.win_ttft.append(job.rec.ttft_s)
 
+        target.incoming += 1
+
         def ship():
             yield self.env.timeout(delay)
+            target.incoming -= 1
             target.enqueue_decode(job)
         self.env.process(ship())
 
@@ -616,8 +636,7 @@ class _Sim:
         while True:
             yield self.env.timeout(cfg.interval_s)
             insts = self.instances
-            n_p = sum(1 for i in insts if i.role == "prefill")
-            n_d = sum(1 for i in insts if i.role == "decode")
+            n_p, n_d = self.split()
             sample = LoadSample(
                 t=self.env.now, window_s=cfg.interval_s, prompt_lens=tuple(self.win_prompts),
                 completed=tuple(self.win_outputs), n_prefill=n_p, n_decode=n_d,
@@ -635,7 +654,18 @@ class _Sim:
             if d.changed:
                 self.apply(d.n_prefill)
 
+    def split(self) -> tuple[int, int]:
+        """(prefill, decode) instances as re-roling left them: instances leaving their role (retiring) not
+        counted, the ones they will become counted."""
+        live = [i for i in self.instances if not i.retiring]
+        return (sum(1 for i in live if i.role == "prefill") + self.pending["prefill"],
+                sum(1 for i in live if i.role == "decode") + self.pending["decode"])
+
     def apply(self, n_prefill: int) -> None:
+        gp, gd = self.profile_for("prefill").tensor_parallel, self.profile.tensor_parallel
+        if gp != gd:
+            self._apply_tp(n_prefill, gp, gd)
+            return
         pre = [i for i in self.instances if i.role == "prefill"]
         dec = [i for i in self.instances if i.role == "decode"]
         if n_prefill > len(pre):  # decode -> prefill: the least busy decoders
@@ -648,6 +678,49 @@ class _Sim:
                 inst.start_drain("prefill->decode")
         n_p = sum(1 for i in self.instances if i.role == "prefill")
         self.timeline.append((self.env.now, n_p, len(self.instances) - n_p))
+
+    def _apply_tp(self, n_prefill: int, gp: int, gd: int) -> None:
+        """Re-roling when the roles' instances use different GPU counts (`prefill_profile.tensor_parallel`
+        `gp`, `profile.tensor_parallel` `gd`): the GPUs of whole instances change role in units of
+        lcm(gp, gd) GPUs. The instances leaving a role take no new work, finish what they hold (decodes, or
+        queued prompts) and then leave; the instances of the new role start on their GPUs once every
+        instance of the unit has left (an engine restarted at the other tensor-parallel size; the restart
+        itself is not priced)."""
+        unit = gp * gd // math.gcd(gp, gd)
+        n_p, _ = self.split()
+        if n_prefill == n_p:
+            return
+        to_prefill = n_prefill > n_p
+        old_role, new_role = ("decode", "prefill") if to_prefill else ("prefill", "decode")
+        per_old, per_new = unit // (gd if to_prefill else gp), unit // (gp if to_prefill else gd)
+        units = abs(n_prefill - n_p) * gp // unit  # the controller moves whole units
+        cands = [i for i in self.instances if i.role == old_role and not i.retiring]
+        # the least busy leave first: decoders by requests held, prefillers by queued prompt tokens
+        cands.sort(key=(lambda i: (i.running + len(i.admit_q), i.idx)) if to_prefill else
+                   (lambda i: (i.queued_tokens, i.idx)))
+        direction = f"{old_role}->{new_role}"
+        for k in range(units):
+            group = cands[k * per_old:(k + 1) * per_old]
+            if len(group) < per_old:
+                break
+            for inst in group:
+                inst.retiring = True
+            self.pending[new_role] += per_new
+            self.env.process(self._swap(group, new_role, per_new, direction))
+        n_p, n_d = self.split()
+        self.timeline.append((self.env.now, n_p, n_d))
+
+    def _swap(self, group: list, role: str, count: int, direction: str):
+        since = self.env.now
+        while not all(i.idle for i in group):
+            yield self.env.timeout(0.05)
+        for inst in group:
+            self.instances.remove(inst)
+            self.drains.append((since, direction, self.env.now - since))
+        self.pending[role] -= count
+        for _ in range(count):
+            self.instances.append(_Instance(self, self._next_idx, role))
+            self._next_idx += 1
 
     def run(self) -> SimResult:
         self.gpus0 = self.gpus()
