@@ -172,7 +172,7 @@ def test_table_with_drafting_cost_equals_brute_force():
     fixed, drafting = pol.cost.costs()
     assert fixed == pytest.approx(10.0, rel=0.05) and drafting == pytest.approx(30.0, rel=0.05)
     table = pol.table(64)
-    brute = [best_k(pol.acceptance(), b, fixed, 0.0, 2, 0.01, drafting) for b in range(1, 65)]
+    brute = [best_k(pol.acceptance(), b, fixed, 0.0, 2, pol.config.tie_margin, drafting) for b in range(1, 65)]
     assert table[1:] == brute and table == [0] * 65   # D > F: one draft never pays, even when accepted
     rng = random.Random(5)
     for _ in range(40):   # random F, D, rho, acceptance: bisection equals evaluating every batch size
@@ -185,7 +185,8 @@ def test_table_with_drafting_cost_equals_brute_force():
                 u = pol.units(b, k)
                 pol.cost.observe(u, 1e-4 * (F + k * D + u), k=k)
         f, d = pol.cost.costs()
-        brute = [best_k(pol.acceptance(), b, f, pol.config.draft_cost, k_max, 0.01, d) for b in range(1, 301)]
+        brute = [best_k(pol.acceptance(), b, f, pol.config.draft_cost, k_max, pol.config.tie_margin, d)
+                 for b in range(1, 301)]
         assert pol.table(300)[1:] == brute
 
 
@@ -199,7 +200,7 @@ def test_table_equals_brute_force_per_batch_size():
         pol.window.observe(1, [(k_max, rng.randint(0, k_max)) for _ in range(rng.randint(1, 20))])
         acc = pol.acceptance()
         table = pol.table(300)
-        brute = [best_k(acc, b, cfg.fixed_cost, cfg.draft_cost, k_max) for b in range(1, 301)]
+        brute = [best_k(acc, b, cfg.fixed_cost, cfg.draft_cost, k_max, cfg.tie_margin) for b in range(1, 301)]
         assert table[1:] == brute and table[0] == table[1]
 
 
@@ -267,7 +268,8 @@ def test_table_with_skipping_drafter_equals_brute_force():
                 u = pol.units(b, k)
                 pol.cost.observe(u, 1e-4 * (F + k * D + u), k=k)
         f, d = pol.cost.costs()
-        brute = [best_k(pol.acceptance(), b, f, pol.config.draft_cost, k_max, 0.01, d, True) for b in range(1, 301)]
+        brute = [best_k(pol.acceptance(), b, f, pol.config.draft_cost, k_max, pol.config.tie_margin, d, True)
+                 for b in range(1, 301)]
         assert pol.table(300)[1:] == brute
 
 
