@@ -138,26 +138,27 @@ def test_probes_measure_the_class_the_rule_does_not_run():
     assert pol2._idle_every == 64
 
 
-def test_no_acceptance_probes_while_drafting_cannot_pay_even_at_full_acceptance():
-    # vLLM CPU's shape: F = 10, a drafted position costs D = 30 on top (a k = 1 step is 3-4x a plain one)
+def measured_policy(per_draft: float) -> DraftLengthPolicy:
+    """A policy whose cost model measured steps at batch 1..16 and k = 0..2 with F = 10 and D = per_draft."""
     pol = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.5, probe_every=64, probe_min_points=4,
                                          drafter_skips=True))
     for b in (1, 2, 4, 8, 16) * 8:
         for k in (0, 1, 2):
             u = pol.units(b, k)
-            pol.cost.observe(u, 1e-3 * (10.0 + 30.0 * k + u), k=k)
+            pol.cost.observe(u, 1e-3 * (10.0 + per_draft * k + u), k=k)
+    return pol
+
+
+def test_no_acceptance_probes_while_drafting_cannot_pay_even_at_full_acceptance():
+    # vLLM CPU's shape: F = 10, a drafted position costs D = 30 on top (a k = 1 step is 3-4x a plain one)
+    pol = measured_policy(30.0)
     fixed, drafting = pol.cost.costs()
     assert fixed == pytest.approx(10.0, rel=0.05) and drafting == pytest.approx(30.0, rel=0.05)
     assert not pol.drafting_can_pay(1) and not pol.drafting_can_pay(16)
     got = [s for s in range(1, 2200) if pol.probe(s, 0, batch=4) is not None]
     assert got == [1024, 1025, 2048, 2049]   # probe_max_every at once, no doubling from 64
     # cheap drafting (D = 2): full acceptance would pay, so probes start at probe_every again
-    pol2 = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.5, probe_every=64, probe_min_points=4,
-                                          drafter_skips=True))
-    for b in (1, 2, 4, 8, 16) * 8:
-        for k in (0, 1, 2):
-            u = pol2.units(b, k)
-            pol2.cost.observe(u, 1e-3 * (10.0 + 2.0 * k + u), k=k)
+    pol2 = measured_policy(2.0)
     assert pol2.drafting_can_pay(4)
     assert [s for s in range(1, 200) if pol2.probe(s, 0, batch=4) is not None] == [64, 65, 192, 193]
 
