@@ -1,7 +1,9 @@
 """Whether MTP is expected to pay on a device: the `--plugin all` decision for MTP, with its reason.
 
-With the adaptive draft length and the drafter-skipping proposer, an MTP engine that stops drafting costs
-what a plain engine costs (within a few percent: the rule's probes), so MTP is never a large loss. It is a
+With the adaptive draft length and plain k = 0 steps (no drafter, no spec-decode metadata, no draft RPC), an
+MTP engine that stops drafting costs what a plain engine costs plus the rule's scheduling and probes, so MTP
+is never a large loss; on vLLM CPU the adaptive rule still drafted at batch 1 where it lost (0.84x of no
+speculation on the V3 view in `mtp_cpu_v7.json`). It is a
 gain only where some draft length beats no speculation, which depends on what a drafting step costs next to
 a plain one: the drafter's passes (one decoder layer each, about 1 / num_hidden_layers of the target's
 compute) plus the per-pass fixed cost of launching them (input preparation, attention metadata, sampling).
@@ -22,7 +24,7 @@ compute) plus the per-pass fixed cost of launching them (input preparation, atte
 
 from __future__ import annotations
 
-CPU_RESULT = "benchmarks/results/mtp/mtp_cpu.json"
+CPU_RESULT = "benchmarks/results/mtp/mtp_cpu_v7.json"
 
 
 def mtp_pays(device_type: str | None = None) -> tuple[bool, str]:
