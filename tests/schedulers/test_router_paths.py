@@ -271,3 +271,20 @@ def test_auto_ratio_without_slos_is_one_error_line(capsys):
         R.parse_args(["--both", "http://a:1", "--auto-ratio", "--slo-tpot", "20"])
     assert capsys.readouterr().err.splitlines()[-1] == \
         "vllm-frontier router: error: --auto-ratio needs --slo-ttft MS and --slo-tpot MS"
+
+
+def test_decode_move_pressure_flag_reaches_the_controller(capsys):
+    from vllm_frontier.schedulers.auto_ratio import controller_from_args
+
+    base = ["--both", "http://a:1", "--auto-ratio", "--slo-ttft", "100", "--slo-tpot", "20"]
+    default = controller_from_args(R.parse_args(base)).config.decode_move_pressure
+    assert default == 0.9
+    assert controller_from_args(R.parse_args(base + ["--decode-move-pressure", "1.5"])).config.decode_move_pressure \
+        == 1.5
+    assert controller_from_args(R.parse_args(base + ["--decode-move-pressure", "off"])).config.decode_move_pressure \
+        is None
+    for bad in ("-1", "lots", "inf"):
+        with pytest.raises(SystemExit):
+            R.parse_args(base + ["--decode-move-pressure", bad])
+        assert capsys.readouterr().err.splitlines()[-1].startswith(
+            "vllm-frontier router: error: --decode-move-pressure takes a number >= 0 or 'off'")

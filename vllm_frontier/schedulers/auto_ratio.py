@@ -87,10 +87,15 @@ def controller_from_args(args: argparse.Namespace) -> RatioController:
     prof = PROFILES[name]
     interval = float(getattr(args, "auto_ratio_interval", None) or 5.0)
     pre, dec = prof.with_overhead()  # vLLM allocates KV in pages: kv_paged
+    extra = {}
+    move = getattr(args, "decode_move_pressure", None)   # None: the config's default; "off": no threshold
+    if move is not None:
+        extra["decode_move_pressure"] = None if move == "off" else float(move)
     return RatioController(ControllerConfig(
         slo_ttft_s=args.slo_ttft / 1000.0, slo_tpot_s=args.slo_tpot / 1000.0,
         prefill=pre, decode=dec, kv_capacity_tokens=prof.kv_capacity_tokens, kv_paged=True,
         horizon_s=2 * interval, cooldown_s=interval, slo_kind=getattr(args, "slo_kind", None) or "tpot-mean",
+        **extra,
     ))
 
 

@@ -389,7 +389,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--slo-kind", default="tpot-mean", choices=SLO_KINDS,
                     help="what --slo-tpot bounds: a request's mean time per output token, or the P90 / P99 of "
                     "its gaps between streamed tokens (the controller's decode feedback uses the same)")
+    ap.add_argument("--decode-move-pressure", default=None, metavar="P|off",
+                    help="with --auto-ratio: move instances from prefill to decode only when the split's pressure "
+                    "exceeds P (default 0.9: undoing such a move waits for a drain); 'off' moves whenever the "
+                    "split's pressure improves")
     args = ap.parse_args(argv)
+    if args.decode_move_pressure is not None and args.decode_move_pressure != "off":
+        try:
+            args.decode_move_pressure = float(args.decode_move_pressure)
+        except ValueError:
+            ap.error(f"--decode-move-pressure takes a number >= 0 or 'off', got {args.decode_move_pressure!r}")
+        if not 0 <= args.decode_move_pressure < float("inf"):
+            ap.error(f"--decode-move-pressure takes a number >= 0 or 'off', got {args.decode_move_pressure}")
     if not (args.prefill or args.both) or not (args.decode or args.both):
         ap.error("give at least one prefill-capable (--prefill/--both) and one decode-capable "
                  "(--decode/--both) instance URL")
