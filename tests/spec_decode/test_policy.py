@@ -289,3 +289,53 @@ def test_cost_fit_running_sums_equal_the_window_recomputed():
         fresh.append(*pt)
     for key in _Sums.KEYS:
         assert sums.sums[key] == pytest.approx(fresh.sums[key], rel=1e-9, abs=1e-12), key
+
+
+def test_per_batch_size_corrections_follow_measured_step_times():
+    # vLLM CPU's shape: the pooled linear model fits most steps, but at batch 1 a drafting step takes 1.6x what
+    # it models (F = 20, D = 3 elsewhere)
+    pol = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.5, drafter_skips=True))
+    for _ in range(200):
+        for b, k in ((16, 0), (16, 1), (1, 0)):
+            u = pol.units(b, k)
+            pol.cost.observe(u, 1e-3 * (20.0 + 3.0 * k + u), k=k, batch=b)
+    for _ in range(8):
+        u = pol.units(1, 1)
+        pol.cost.observe(u, 1.6e-3 * (20.0 + 3.0 + u), k=1, batch=1)
+    fixed, drafting = pol.cost.costs()
+
+    def corrected_ratio(b: int) -> float:   # modelled k = 1 over k = 0 step cost, corrected at batch b
+        scale = pol.cost.scales(b, 3)
+        return (step_cost(b, 1, fixed, 0.5, drafting, True) * scale[1]
+                / (step_cost(b, 0, fixed, 0.5, drafting, True) * scale[0]))
+
+    # the measured ratios: 1.6 (20 + 3 + 3) / (20 + 1) at batch 1, (20 + 3 + 48) / (20 + 16) at batch 16
+    assert corrected_ratio(1) == pytest.approx(1.6 * 26 / 21, rel=0.1)
+    assert corrected_ratio(16) == pytest.approx(71 / 36, rel=0.1)
+    s1 = pol.cost.scales(1, 3)
+    assert s1[0] == 1.0 and s1[1] > 1.0 and s1[1] == s1[2] == s1[3]   # k = 2, 3 take k = 1's correction
+    assert pol.cost.scales(4, 3) is None   # bucket 4-7 never measured: the model alone
+    # at 90 % acceptance the pooled model drafts at batch 1; the measured times there say drafting does not pay
+    for _ in range(20):
+        pol.window.observe(1000, [(3, 3)] * 9 + [(3, 0)])
+    assert best_k(pol.acceptance(), 1, fixed, 0.5, 3, pol.config.tie_margin, drafting, True) > 0
+    assert pol.choose(1) == 0 and pol.table(16)[1] == 0
+
+
+def test_table_with_per_bucket_corrections_equals_brute_force():
+    rng = random.Random(11)
+    for _ in range(20):
+        pol = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=rng.choice([0.02, 0.5]), drafter_skips=True))
+        for _ in range(30):
+            b = rng.choice([1, 2, 3, 5, 9, 17, 40])
+            k = rng.choice([0, 1, 2, 3])
+            u = pol.units(b, k)
+            pol.cost.observe(u, 1e-4 * (rng.uniform(5, 50) + rng.uniform(0, 30) * k + u), k=k, batch=b)
+        for _ in range(10):
+            pol.window.observe(1, [(3, rng.randint(0, 3))])
+        acc = pol.acceptance()
+        f, d = pol.cost.costs()
+        c = pol.config
+        brute = [best_k(acc, b, f, c.draft_cost, 3, c.tie_margin, d, True, pol.cost.scales(b, 3))
+                 for b in range(1, 65)]
+        assert pol.table(64)[1:] == brute
