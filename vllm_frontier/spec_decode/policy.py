@@ -233,7 +233,7 @@ class CostModel:
     `window` points) and non-drafting steps (k = 0, up to `window // 4`). The fit reads running sums (O(1)).
     """
 
-    # per batch-size bucket and k: the last `bucket_points` steps (U, seconds), judged against the current fit
+    # per batch-size bucket and k: mean of measured / modelled step time over the last `bucket_points` steps
     bucket_points = 16
     bucket_min_points = 4
 
@@ -242,7 +242,7 @@ class CostModel:
         self.min_points = min_points
         self._points = _Sums(window)
         self._plain = _Sums(max(window // 4, 2))
-        self._recent: dict[tuple[int, int], collections.deque[tuple[float, float]]] = {}
+        self._ratios: dict[tuple[int, int], collections.deque[float]] = {}
 
     def observe(self, units: float, seconds: float, k: int = 1, batch: int | None = None) -> None:
         """One decode-only step: its token units U, wall time, draft length k (0: a non-drafting step) and
@@ -251,18 +251,17 @@ class CostModel:
             return
         (self._points if k > 0 else self._plain).append(units, seconds, k)
         if batch is not None and batch >= 1:
-            recent = self._recent.setdefault((bucket(batch), k), collections.deque(maxlen=self.bucket_points))
-            recent.append((units, seconds))
+            modelled = self.predict(units, k)
+            if modelled is not None and modelled > 0:
+                ratios = self._ratios.setdefault((bucket(batch), k), collections.deque(maxlen=self.bucket_points))
+                ratios.append(seconds / modelled)
 
-    def predict(self, units: float, k: int, fit: tuple[float, float, float] | None = None) -> float | None:
-        """Modelled seconds of a step with token units U and draft length k, None before any drafting step.
-        fit: (beta, F, D) when the caller already has them."""
-        if fit is None:
-            beta, _ = self._beta()
-            if beta is None:
-                return None
-            fit = (beta, *self.costs())
-        beta, fixed, per_draft = fit
+    def predict(self, units: float, k: int) -> float | None:
+        """Modelled seconds of a step with token units U and draft length k, None before any drafting step."""
+        beta, _ = self._beta()
+        if beta is None:
+            return None
+        fixed, per_draft = self.costs()
         return beta * (fixed + k * per_draft + units)
 
     def scales(self, batch: int, max_k: int) -> list[float] | None:
@@ -274,16 +273,10 @@ class CostModel:
         one fixed D plus tokens), so the model compares well across k only where it was measured; this makes
         the comparison at each batch size follow the measured step times."""
         b = bucket(batch)
-        beta, _ = self._beta()
-        if beta is None:
-            return None
-        fit = (beta, *self.costs())   # the current fit: every step of the bucket is judged against the same model
 
         def mean(k: int) -> float | None:
-            r = self._recent.get((b, k))
-            if r is None or len(r) < self.bucket_min_points:
-                return None
-            return sum(t / self.predict(u, k, fit) for u, t in r) / len(r)
+            r = self._ratios.get((b, k))
+            return sum(r) / len(r) if r is not None and len(r) >= self.bucket_min_points else None
 
         base = mean(0)
         measured = {k: m for k in range(1, max_k + 1) if (m := mean(k)) is not None}
