@@ -39,12 +39,6 @@ time / beta - U averaged over the non-drafting steps; D: (time / beta - U - F) /
 drafting steps; so at a batch size where both classes ran, the rule compares their measured times exactly.
 D is 0 until non-drafting steps are measured.
 
-One linear model over all batch sizes does not fit vLLM CPU's steps (a drafting step's overhead is not one
-fixed D plus tokens: the pooled fit priced drafting too low at batch 1, where the rule then drafted at a
-loss). So per batch-size bucket (1, 2-3, 4-7, ...) and k, the mean of measured over modelled step time of
-the last 16 such steps corrects the model there (`CostModel.scales`, relative to k = 0's): where both
-k = 0 and some k > 0 were measured at a batch size, the rule compares their measured times.
-
 Probing: a rule that stops drafting never measures drafting again (and vice versa), so every `probe_every`
 steps (every `probe_every // 8` while the other class has fewer than `probe_min_points` points) the policy
 runs the other class: one step at k = 0 while drafting, two steps at k = 1 while not (the first step drafts,
@@ -127,15 +121,12 @@ def step_cost(batch: int, k: int, fixed_cost: float, draft_cost: float, drafting
 
 
 def best_k(acceptance: list[float], batch: int, fixed_cost: float, draft_cost: float, max_k: int,
-           tie_margin: float = 0.01, drafting_cost: float = 0.0, drafter_skips: bool = False,
-           scale: list[float] | None = None) -> int:
-    """The smallest k in [0, max_k] whose B E(k) / T(B, k) is within tie_margin of the best.
-
-    scale: per-k multipliers of T(B, k) (`CostModel.scales`: measured over modelled cost at this batch size)."""
+           tie_margin: float = 0.01, drafting_cost: float = 0.0, drafter_skips: bool = False) -> int:
+    """The smallest k in [0, max_k] whose B E(k) / T(B, k) is within tie_margin of the best."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    rates = [expected_tokens(acceptance, k) / (step_cost(batch, k, fixed_cost, draft_cost, drafting_cost,
-                                                         drafter_skips) * (scale[k] if scale else 1.0))
+    rates = [expected_tokens(acceptance, k) / step_cost(batch, k, fixed_cost, draft_cost, drafting_cost,
+                                                        drafter_skips)
              for k in range(max_k + 1)]
     best = max(rates)
     return next(k for k, r in enumerate(rates) if r >= best * (1.0 - tie_margin))
@@ -186,11 +177,6 @@ class AcceptanceWindow:
         return out
 
 
-def bucket(batch: int) -> int:
-    """Batch-size bucket of the per-batch-size cost corrections: floor(log2(B)) (1, 2-3, 4-7, ...)."""
-    return max(int(batch), 1).bit_length() - 1
-
-
 class _Sums:
     """Running sums over a sliding window of (U, t, k) points: every quantity the cost fit reads, kept in O(1)
     per point (the rule reads the fit at every table refresh, which while drafting is every step)."""
@@ -233,60 +219,16 @@ class CostModel:
     `window` points) and non-drafting steps (k = 0, up to `window // 4`). The fit reads running sums (O(1)).
     """
 
-    # per batch-size bucket and k: mean of measured / modelled step time over the last `bucket_points` steps
-    bucket_points = 16
-    bucket_min_points = 4
-
     def __init__(self, prior: float, window: int, min_points: int):
         self.prior = prior
         self.min_points = min_points
         self._points = _Sums(window)
         self._plain = _Sums(max(window // 4, 2))
-        self._ratios: dict[tuple[int, int], collections.deque[float]] = {}
 
-    def observe(self, units: float, seconds: float, k: int = 1, batch: int | None = None) -> None:
-        """One decode-only step: its token units U, wall time, draft length k (0: a non-drafting step) and
-        number of decoding requests (None: not recorded per batch size)."""
-        if not (units > 0 and seconds > 0 and math.isfinite(seconds)):
-            return
-        (self._points if k > 0 else self._plain).append(units, seconds, k)
-        if batch is not None and batch >= 1:
-            modelled = self.predict(units, k)
-            if modelled is not None and modelled > 0:
-                ratios = self._ratios.setdefault((bucket(batch), k), collections.deque(maxlen=self.bucket_points))
-                ratios.append(seconds / modelled)
-
-    def predict(self, units: float, k: int) -> float | None:
-        """Modelled seconds of a step with token units U and draft length k, None before any drafting step."""
-        beta, _ = self._beta()
-        if beta is None:
-            return None
-        fixed, per_draft = self.costs()
-        return beta * (fixed + k * per_draft + units)
-
-    def scales(self, batch: int, max_k: int) -> list[float] | None:
-        """Per-k multipliers of the modelled cost at this batch size: measured over modelled step time of k,
-        relative to k = 0's, in the batch size's bucket (`bucket`); None where k = 0 or no k > 0 was measured
-        there. A k > 0 without its own measurements takes the nearest measured k's.
-
-        One linear model over all batch sizes does not fit vLLM CPU's steps (a drafting step's overhead is not
-        one fixed D plus tokens), so the model compares well across k only where it was measured; this makes
-        the comparison at each batch size follow the measured step times."""
-        b = bucket(batch)
-
-        def mean(k: int) -> float | None:
-            r = self._ratios.get((b, k))
-            return sum(r) / len(r) if r is not None and len(r) >= self.bucket_min_points else None
-
-        base = mean(0)
-        measured = {k: m for k in range(1, max_k + 1) if (m := mean(k)) is not None}
-        if base is None or not measured:
-            return None
-        out = [1.0]
-        for k in range(1, max_k + 1):
-            near = min(measured, key=lambda j: (abs(j - k), j))
-            out.append(measured[near] / base)
-        return out
+    def observe(self, units: float, seconds: float, k: int = 1) -> None:
+        """One decode-only step: its token units U, wall time, and draft length k (0: a non-drafting step)."""
+        if units > 0 and seconds > 0 and math.isfinite(seconds):
+            (self._points if k > 0 else self._plain).append(units, seconds, k)
 
     def count(self, drafted: bool) -> int:
         """Points in the window of drafting (True) or non-drafting (False) steps."""
@@ -365,18 +307,16 @@ class DraftLengthPolicy:
     def choose(self, batch: int) -> int:
         c = self.config
         fixed, drafting = self.cost.costs()
-        b = max(batch, 1)
-        return best_k(self.acceptance(), b, fixed, c.draft_cost, c.max_k, c.tie_margin, drafting,
-                      c.drafter_skips, self.cost.scales(b, c.max_k))
+        return best_k(self.acceptance(), max(batch, 1), fixed, c.draft_cost, c.max_k, c.tie_margin, drafting,
+                      c.drafter_skips)
 
     def drafting_can_pay(self, batch: int) -> bool:
         """Whether some k > 0 would beat k = 0 at this batch size if every draft were accepted, at the measured
         step costs. When not, an acceptance probe cannot change the rule's choice; only the costs can."""
         c = self.config
         fixed, drafting = self.cost.costs()
-        b = max(batch, 1)
-        return best_k([1.0] * c.max_k, b, fixed, c.draft_cost, c.max_k, c.tie_margin, drafting,
-                      c.drafter_skips, self.cost.scales(b, c.max_k)) > 0
+        return best_k([1.0] * c.max_k, max(batch, 1), fixed, c.draft_cost, c.max_k, c.tie_margin, drafting,
+                      c.drafter_skips) > 0
 
     def probe(self, step: int, chosen_k: int, batch: int = 1) -> int | None:
         """The k of an exploration step at engine step ``step``, or None (module docstring, Probing).
@@ -415,37 +355,30 @@ class DraftLengthPolicy:
 
         k*(B) is non-increasing in B: for k > j the throughput ratio of k over j is a linear-fractional
         function of B (monotone) whose limit for large B, E(k) (j + 1) / (E(j) (k + 1)) at most, is <= 1,
-        so k beats j on an initial range of batch sizes only (with or without D). The per-batch-size
-        corrections (`CostModel.scales`) are constant inside a bucket [2^i, 2^(i+1)), so the table is filled
-        bucket by bucket, by bisection on the breakpoints inside each (O(K log max_batch) evaluations per
-        bucket instead of one per batch size).
+        so k beats j on an initial range of batch sizes only (with or without D). The table is filled by
+        bisection on the breakpoints (O(K log max_batch) evaluations instead of max_batch).
         """
         c = self.config
         acc = self.acceptance()
         fixed, drafting = self.cost.costs()
+
+        def k_of(b: int) -> int:
+            return best_k(acc, b, fixed, c.draft_cost, c.max_k, c.tie_margin, drafting, c.drafter_skips)
+
         table = [0] * (max_batch + 1)
-        first = 1
-        while first <= max_batch:
-            last = min(2 * first - 1, max_batch)   # one bucket
-            scale = self.cost.scales(first, c.max_k)
-
-            def k_of(b: int) -> int:
-                return best_k(acc, b, fixed, c.draft_cost, c.max_k, c.tie_margin, drafting, c.drafter_skips, scale)
-
-            lo = first
-            while lo <= last:
-                k = k_of(lo)
-                # largest hi in [lo, last] with k_of(hi) == k
-                a, b = lo, last
-                while a < b:
-                    mid = (a + b + 1) // 2
-                    if k_of(mid) == k:
-                        a = mid
-                    else:
-                        b = mid - 1
-                for i in range(lo, a + 1):
-                    table[i] = k
-                lo = a + 1
-            first = last + 1
+        lo = 1
+        while lo <= max_batch:
+            k = k_of(lo)
+            # largest hi >= lo with k_of(hi) == k
+            a, b = lo, max_batch
+            while a < b:
+                mid = (a + b + 1) // 2
+                if k_of(mid) == k:
+                    a = mid
+                else:
+                    b = mid - 1
+            for i in range(lo, a + 1):
+                table[i] = k
+            lo = a + 1
         table[0] = table[1] if max_batch >= 1 else 0
         return table

@@ -77,7 +77,7 @@ class AdaptiveDraftScheduler(Scheduler):
         self.dynamic_sd_lookup = self._table
         self._step = 0
         self._stale = False    # acceptance outcomes arrived since the table was computed
-        self._pending: tuple[float, float | None, int, int] | None = None
+        self._pending: tuple[float, float | None, int] | None = None
         self._run = 0          # consecutive drafting steps up to the last scheduled one
         self._verify_run = 0   # the drafting run of the step whose drafts this step verifies
         self._stats_path = os.environ.get(STATS_ENV) or None
@@ -132,7 +132,7 @@ class AdaptiveDraftScheduler(Scheduler):
                 req.spec_token_ids = req.spec_token_ids[:k_now]
         out = super().schedule(*args, **kwargs)
         units = self._decode_units(out)
-        self._pending = (time.perf_counter(), units, out.num_spec_tokens_to_schedule, len(out.num_scheduled_tokens))
+        self._pending = (time.perf_counter(), units, out.num_spec_tokens_to_schedule)
         if out.num_scheduled_tokens:
             self._counts["k_histogram"][min(out.num_spec_tokens_to_schedule, self.num_spec_tokens)] += 1
             self._verify_run = self._run
@@ -143,9 +143,9 @@ class AdaptiveDraftScheduler(Scheduler):
         if self._policy is None:
             return super().update_from_output(scheduler_output, model_runner_output)
         if self._pending is not None:
-            t0, units, k, batch = self._pending
+            t0, units, k = self._pending
             if units is not None:
-                self._policy.cost.observe(units, time.perf_counter() - t0, k, batch)
+                self._policy.cost.observe(units, time.perf_counter() - t0, k)
             self._pending = None
         self._observe(scheduler_output, model_runner_output)
         result = super().update_from_output(scheduler_output, model_runner_output)
