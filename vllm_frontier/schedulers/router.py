@@ -29,6 +29,7 @@ import asyncio
 import copy
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -394,13 +395,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "exceeds P (default 0.9: undoing such a move waits for a drain); 'off' moves whenever the "
                     "split's pressure improves")
     args = ap.parse_args(argv)
-    if args.decode_move_pressure is not None and args.decode_move_pressure != "off":
+    if args.decode_move_pressure not in (None, "off"):
         try:
-            args.decode_move_pressure = float(args.decode_move_pressure)
+            value = float(args.decode_move_pressure)
         except ValueError:
+            value = math.nan
+        if not 0 <= value < math.inf:   # nan fails too
             ap.error(f"--decode-move-pressure takes a number >= 0 or 'off', got {args.decode_move_pressure!r}")
-        if not 0 <= args.decode_move_pressure < float("inf"):
-            ap.error(f"--decode-move-pressure takes a number >= 0 or 'off', got {args.decode_move_pressure}")
+        args.decode_move_pressure = value
     if not (args.prefill or args.both) or not (args.decode or args.both):
         ap.error("give at least one prefill-capable (--prefill/--both) and one decode-capable "
                  "(--decode/--both) instance URL")

@@ -181,7 +181,7 @@ class _Sums:
     """Running sums over a sliding window of (U, t, k) points: every quantity the cost fit reads, kept in O(1)
     per point (the rule reads the fit at every table refresh, which while drafting is every step)."""
 
-    KEYS = ("n", "u", "t", "k", "uu", "kk", "uk", "ut", "kt", "inv_k", "u_k", "t_k")
+    KEYS = ("u", "t", "k", "uu", "kk", "uk", "ut", "kt", "inv_k", "u_k", "t_k")
 
     def __init__(self, maxlen: int):
         self.points: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=maxlen)
@@ -191,7 +191,7 @@ class _Sums:
     @staticmethod
     def _terms(u: float, t: float, k: int) -> tuple[float, ...]:
         ik = 1.0 / k if k else 0.0
-        return (1.0, u, t, k, u * u, k * k, u * k, u * t, k * t, ik, u * ik, t * ik)
+        return (u, t, k, u * u, k * k, u * k, u * t, k * t, ik, u * ik, t * ik)
 
     def append(self, u: float, t: float, k: int) -> None:
         if len(self.points) == self.points.maxlen:
@@ -304,19 +304,20 @@ class DraftLengthPolicy:
         """T(B, k) - F - D [k > 0]: the token-proportional part of a step's cost."""
         return step_cost(batch, k, 0.0, self.config.draft_cost, drafter_skips=self.config.drafter_skips)
 
-    def choose(self, batch: int) -> int:
+    def _best_k(self, acceptance: list[float], batch: int, costs: tuple[float, float]) -> int:
+        """`best_k` with this policy's bounds and margins; costs = (F, D) from `CostModel.costs`."""
         c = self.config
-        fixed, drafting = self.cost.costs()
-        return best_k(self.acceptance(), max(batch, 1), fixed, c.draft_cost, c.max_k, c.tie_margin, drafting,
+        fixed, drafting = costs
+        return best_k(acceptance, max(batch, 1), fixed, c.draft_cost, c.max_k, c.tie_margin, drafting,
                       c.drafter_skips)
+
+    def choose(self, batch: int) -> int:
+        return self._best_k(self.acceptance(), batch, self.cost.costs())
 
     def drafting_can_pay(self, batch: int) -> bool:
         """Whether some k > 0 would beat k = 0 at this batch size if every draft were accepted, at the measured
         step costs. When not, an acceptance probe cannot change the rule's choice; only the costs can."""
-        c = self.config
-        fixed, drafting = self.cost.costs()
-        return best_k([1.0] * c.max_k, max(batch, 1), fixed, c.draft_cost, c.max_k, c.tie_margin, drafting,
-                      c.drafter_skips) > 0
+        return self._best_k([1.0] * self.config.max_k, batch, self.cost.costs()) > 0
 
     def probe(self, step: int, chosen_k: int, batch: int = 1) -> int | None:
         """The k of an exploration step at engine step ``step``, or None (module docstring, Probing).
@@ -358,12 +359,11 @@ class DraftLengthPolicy:
         so k beats j on an initial range of batch sizes only (with or without D). The table is filled by
         bisection on the breakpoints (O(K log max_batch) evaluations instead of max_batch).
         """
-        c = self.config
         acc = self.acceptance()
-        fixed, drafting = self.cost.costs()
+        costs = self.cost.costs()
 
         def k_of(b: int) -> int:
-            return best_k(acc, b, fixed, c.draft_cost, c.max_k, c.tie_margin, drafting, c.drafter_skips)
+            return self._best_k(acc, b, costs)
 
         table = [0] * (max_batch + 1)
         lo = 1

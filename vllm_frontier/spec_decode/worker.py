@@ -10,8 +10,8 @@ A step that drafts nothing and verifies nothing (the scheduler's k = 0, no draft
 step: the worker hides the speculative config from the model runner for that step's `execute_model` and
 `sample_tokens`, so vLLM's runner takes its non-speculative path (no speculative-decoding metadata, the plain
 sampler instead of the rejection sampler with zero drafts, no drafter call), and vLLM's DSA indexer metadata
-builders their layout without speculation (one query row per decode instead of flattened rows). Such a step then costs what it
-costs in an engine without MTP; the proposer keeps the step's drafter inputs for the catch-up pass
+builders their layout without speculation (one query row per decode instead of flattened rows). Such a step
+then costs what it costs in an engine without MTP; the proposer keeps the step's drafter inputs for the catch-up pass
 (`SkippingMTPProposer.keep_plain_step`). vLLM's model runner reads `speculative_config` per step in those two
 calls (pinned in `compat`).
 """
