@@ -20,10 +20,12 @@ Cost of one engine step, in units of "one token through the target model":
   overhead on CPU), in token units.
 - D: the fixed cost of each drafted position (one drafter forward: its launch, input preparation and
   attention metadata, the draft sampling; verification metadata and the rejection sampler), in token units.
-  On vLLM CPU this is the dominant cost of speculation (measured on the embedded model at batch 1: a
-  k = 1 step takes about 3x a plain step and a k = 2 step about 6x, so each position costs about the
-  same), and without it the rule keeps drafting where no drafting is fastest. One D per position, not one
-  per drafting step: priced once per step, k = 3 looked nearly as cheap as k = 1.
+  On vLLM CPU this is the dominant cost of speculation (`benchmarks/results/mtp/mtp_cpu_v7.json`, embedded
+  model, V3 view: a k = 1 / 2 / 3 step takes 2.8x / 3.6x / 4.1x a plain step at batch 1 and 6.5x / 9.1x /
+  11.2x at batch 16), and without it the rule keeps drafting where no drafting is fastest. One D per
+  position, not one per drafting step: priced once per step, k = 3 looked nearly as cheap as k = 1. The
+  first position costs more than each further one there (it also carries the verification), so k D
+  overprices k > 1 somewhat: the error leans towards fewer drafts.
 - rho: cost of one token through the MTP module relative to the target (about one decoder layer out of
   `num_hidden_layers`). The drafter's first pass runs over all B (k + 1) verified tokens, each further draft
   position is one more pass over B tokens. A step that drafts nothing runs no drafter with
