@@ -61,26 +61,33 @@ TARGET = 0.97
 
 def _worker(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    import psutil
     from vllm import LLM, SamplingParams
 
     from vllm_frontier.spec_decode import executor_backend, worker_cls
 
-    kw = dict(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
-              max_num_seqs=max(spec["batches"]), compilation_config={"custom_ops": ["-rotary_embedding"]})
-    if spec["mtp"]:
-        kw.update(speculative_config={"method": "mtp", "num_speculative_tokens": CAP_K},
-                  scheduler_cls=PINNED_CLS, worker_cls=worker_cls(),
-                  distributed_executor_backend=executor_backend("mp"))
-    llm = LLM(**kw)
-    import psutil
+    def make(mtp: bool):
+        kw = dict(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+                  max_num_seqs=max(spec["batches"]), compilation_config={"custom_ops": ["-rotary_embedding"]})
+        if mtp:
+            kw.update(speculative_config={"method": "mtp", "num_speculative_tokens": CAP_K},
+                      scheduler_cls=PINNED_CLS, worker_cls=worker_cls(),
+                      distributed_executor_backend=executor_backend("mp"))
+        return LLM(**kw)
 
-    def cpu_seconds() -> float:
-        """CPU time of this process and the engine's (EngineCore, workers): a cost measure that machine load
-        distorts far less than wall time (other processes' time is not counted)."""
+    engines, engine_pids, known = {}, {}, set()
+    for name in spec["engines"]:   # each engine's processes (EngineCore, workers), for its CPU seconds
+        engines[name] = make(name == "mtp")
+        engine_pids[name] = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in known]
+        known.update(engine_pids[name])
+
+    def cpu_seconds(name: str) -> float:
+        """CPU time of this process and the engine's: a cost measure that machine load distorts far less than
+        wall time (other processes' time is not counted)."""
         total = 0.0
-        for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        for pid in [psutil.Process().pid, *engine_pids[name]]:
             try:
-                t = proc.cpu_times()
+                t = psutil.Process(pid).cpu_times()
                 total += t.user + t.system
             except psutil.NoSuchProcess:
                 pass
@@ -88,45 +95,73 @@ def _worker(spec_path: str, out_path: str) -> None:
 
     params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
     pin, stats = Path(spec["pin"]), Path(spec["stats"])
-    if spec["mtp"]:
+    if "mtp" in engines:
         pin.write_text("0")
-    llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    for llm in engines.values():
+        llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
 
     def read_stats():
         return json.loads(stats.read_text()) if stats.is_file() else None
 
-    def counters():
-        return llm.collective_rpc("frontier_mtp_counters")[0] if spec["mtp"] else None
+    def groups_of(batch: int) -> list[list[str]]:
+        # batch 1: several prompts one after the other (one prompt alone measures one continuation)
+        if batch == 1:
+            return [[p] for p in PROMPTS[:spec["batch1_prompts"]]]
+        return [(PROMPTS * (batch // len(PROMPTS) + 1))[:batch]]
+
+    last = {"engine": None}
+
+    def run(name: str, mode: str, batch: int, rnd: int) -> dict:
+        llm = engines[name]
+        if last["engine"] not in (None, name):
+            time.sleep(spec["switch_gap"])   # the other engine's workers stop polling for work
+        last["engine"] = name
+        if name == "mtp":
+            pin.write_text(spec["pins"][mode])
+        counters = (lambda: llm.collective_rpc("frontier_mtp_counters")[0]) if name == "mtp" else (lambda: None)
+        before, c0 = (read_stats(), counters()) if name == "mtp" else (None, None)
+        ids, dt, cpu = [], 0.0, 0.0
+        for group in groups_of(batch):
+            t, c = time.perf_counter(), cpu_seconds(name)
+            outs = llm.generate(group, params, use_tqdm=False)
+            dt += time.perf_counter() - t
+            cpu += cpu_seconds(name) - c
+            ids += [list(o.outputs[0].token_ids) for o in outs]
+        return {"round": rnd, "batch": batch, "engine": name, "mode": mode, "seconds": dt, "cpu_seconds": cpu,
+                "tokens": sum(len(x) for x in ids), "token_ids": ids,
+                "stats_before": before, "stats_after": read_stats() if name == "mtp" else None,
+                "counters_before": c0, "counters_after": counters()}
 
     runs = []
+    modes = list(spec["modes"])
+    if "mtp" in engines and "adaptive" in modes:
+        for batch in spec["batches"]:   # the rule's first minutes in a serving engine: not timed
+            run("mtp", "adaptive", batch, -1)
     for rnd in range(spec["rounds"]):
+        order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]   # rotated: no mode always first
         for batch in spec["batches"]:
-            prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
-            # batch 1: several prompts one after the other (one prompt alone measures one continuation)
-            groups = [[p] for p in PROMPTS[:spec["batch1_prompts"]]] if batch == 1 else [prompts]
-            for mode in spec["modes"]:
-                if spec["mtp"]:
-                    pin.write_text(spec["pins"][mode])
-                before, c0 = read_stats(), counters()
-                ids, dt, cpu = [], 0.0, 0.0
-                for group in groups:
-                    t, c = time.perf_counter(), cpu_seconds()
-                    outs = llm.generate(group, params, use_tqdm=False)
-                    dt += time.perf_counter() - t
-                    cpu += cpu_seconds() - c
-                    ids += [list(o.outputs[0].token_ids) for o in outs]
-                runs.append({"round": rnd, "batch": batch, "mode": mode, "seconds": dt, "cpu_seconds": cpu,
-                             "tokens": sum(len(x) for x in ids), "token_ids": ids,
-                             "stats_before": before, "stats_after": read_stats(),
-                             "counters_before": c0, "counters_after": counters()})
+            if "plain" not in engines:
+                runs += [run("mtp", mode, batch, rnd) for mode in order]
+                continue
+            # each MTP run between two plain runs: its speedup is over their mean (drift hits both sides)
+            prev = run("plain", "none", batch, rnd)
+            runs.append(prev)
+            for mode in order:
+                r = run("mtp", mode, batch, rnd)
+                after = run("plain", "none", batch, rnd)
+                r["bracket"] = [prev["tokens"] / prev["seconds"], after["tokens"] / after["seconds"]]
+                r["bracket_cpu"] = [prev["tokens"] / prev["cpu_seconds"], after["tokens"] / after["cpu_seconds"]]
+                runs += [r, after]
+                prev = after
     Path(out_path).write_text(json.dumps(runs))
 
 
-def run_engine(model: str, mtp: bool, modes: dict[str, str], args, env_extra: dict) -> list[dict]:
-    """One engine in a subprocess; ``modes``: run name -> pin file text (ignored without MTP)."""
+def run_engines(model: str, engines: list[str], modes: dict[str, str], args, env_extra: dict) -> list[dict]:
+    """``engines`` ("plain", "mtp" or both, alive side by side) in one subprocess; ``modes``: MTP run name ->
+    pin file text."""
     with tempfile.TemporaryDirectory() as tmp:
-        spec = {"model": model, "mtp": mtp, "tokens": args.tokens, "rounds": args.rounds,
-                "batch1_prompts": args.batch1_prompts, "batches": args.batches,
+        spec = {"model": model, "engines": engines, "tokens": args.tokens, "rounds": args.rounds,
+                "batch1_prompts": args.batch1_prompts, "batches": args.batches, "switch_gap": args.switch_gap,
                 "modes": list(modes), "pins": modes, "pin": f"{tmp}/pin", "stats": f"{tmp}/stats.json"}
         Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRONTIER_")}
@@ -168,41 +203,53 @@ def _rates(accepted, reached):
     return [round(a / n, 4) if n else None for a, n in zip(accepted, reached)]
 
 
-def mode_row(rs: list[dict], base: float, base_cpu: float, ref: dict) -> dict:
+def mode_row(rs: list[dict], ref: dict) -> dict:
     ds = [_delta(r) for r in rs]
     reached, accepted = _sum(d["reached"] for d in ds), _sum(d["accepted"] for d in ds)
     steps = sum(d["steps"] for d in ds)
-    tok_s = statistics.median(r["tokens"] / r["seconds"] for r in rs)
-    tok_cpu_s = statistics.median(r["tokens"] / r["cpu_seconds"] for r in rs)
     run_reached = [_sum(d["run_reached"][b] for d in ds) for b in range(len(ds[0]["run_reached"]))]
     run_accepted = [_sum(d["run_accepted"][b] for d in ds) for b in range(len(ds[0]["run_accepted"]))]
     drafter = {k: sum(d["drafter"][k] for d in ds) for k in ds[0]["drafter"]} if ds[0]["drafter"] else None
-    return {
-        "tok_s": tok_s, "speedup_vs_none": tok_s / base,
-        "tok_per_cpu_s": tok_cpu_s, "speedup_vs_none_cpu": tok_cpu_s / base_cpu,
+    row = {
+        "tok_s": statistics.median(r["tokens"] / r["seconds"] for r in rs),
+        "tok_per_cpu_s": statistics.median(r["tokens"] / r["cpu_seconds"] for r in rs),
         "tokens_per_target_forward": sum(d["tokens"] for d in ds) / steps if steps else None,
         "acceptance_per_pos": _rates(accepted, reached), "accepted_per_pos": accepted, "reached_per_pos": reached,
         # drafts of the 1st, 2nd, 3rd, >= 4th consecutive drafting step
         "acceptance_by_drafting_run": [_rates(a, n) for a, n in zip(run_accepted, run_reached)],
         "reached_by_drafting_run": run_reached,
         "decode_request_steps": steps, "engine_steps_by_k": _sum(d["k_hist"] for d in ds), "drafter": drafter,
-        "lossless": all(r["token_ids"] == ref[(r["batch"], r["round"])] for r in rs),
+        "lossless": all(r["token_ids"] == ref[r["batch"]] for r in rs),
         "seconds": [round(r["seconds"], 3) for r in rs],
     }
+    if all("bracket" in r for r in rs):
+        # per run: tokens/s over the mean of the plain runs just before and after it; the median over rounds
+        ratios = [r["tokens"] / r["seconds"] / statistics.mean(r["bracket"]) for r in rs]
+        ratios_cpu = [r["tokens"] / r["cpu_seconds"] / statistics.mean(r["bracket_cpu"]) for r in rs]
+        row.update(speedup_vs_none=statistics.median(ratios), speedup_vs_none_cpu=statistics.median(ratios_cpu),
+                   speedup_per_round=[round(x, 4) for x in ratios],
+                   speedup_per_round_cpu=[round(x, 4) for x in ratios_cpu])
+    return row
 
 
-def summarize(plain: list[dict], mtp: list[dict], contrast: list[dict], batches: list[int]) -> dict:
-    ref = {(r["batch"], r["round"]): r["token_ids"] for r in plain}
+def summarize(runs: list[dict], contrast: list[dict], batches: list[int]) -> dict:
+    plain = [r for r in runs if r["engine"] == "plain"]
+    mtp = [r for r in runs if r["engine"] == "mtp" and r["round"] >= 0]
+    ref = {}
+    for r in plain:
+        ref.setdefault(r["batch"], r["token_ids"])
     out: dict = {}
     for batch in batches:
-        base = statistics.median(r["tokens"] / r["seconds"] for r in plain if r["batch"] == batch)
-        base_cpu = statistics.median(r["tokens"] / r["cpu_seconds"] for r in plain if r["batch"] == batch)
-        rows: dict = {"none": {"tok_s": base, "tok_per_cpu_s": base_cpu, "tokens_per_target_forward": 1.0,
-                               "seconds": [round(r["seconds"], 3) for r in plain if r["batch"] == batch]}}
+        base = [r for r in plain if r["batch"] == batch]
+        rows: dict = {"none": {"tok_s": statistics.median(r["tokens"] / r["seconds"] for r in base),
+                               "tok_per_cpu_s": statistics.median(r["tokens"] / r["cpu_seconds"] for r in base),
+                               "tokens_per_target_forward": 1.0,
+                               "lossless": all(r["token_ids"] == ref[batch] for r in base),
+                               "seconds": [round(r["seconds"], 3) for r in base]}}
         for mode in dict.fromkeys(r["mode"] for r in mtp):
-            rows[mode] = mode_row([r for r in mtp if r["batch"] == batch and r["mode"] == mode], base, base_cpu, ref)
+            rows[mode] = mode_row([r for r in mtp if r["batch"] == batch and r["mode"] == mode], ref)
         if contrast:
-            rows["pause_no_catch_up"] = mode_row([r for r in contrast if r["batch"] == batch], base, base_cpu, ref)
+            rows["pause_no_catch_up"] = mode_row([r for r in contrast if r["batch"] == batch], ref)
         for k in FIXED:
             rows["adaptive"][f"speedup_vs_k{k}"] = rows["adaptive"]["tok_s"] / rows[str(k)]["tok_s"]
         pause = {"after_pause": rows["pause"]["acceptance_by_drafting_run"][0],
@@ -241,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=2, help="rounds of all modes inside one engine (default 2)")
-    p.add_argument("--repeats", type=int, default=1, help="plain/MTP engine pairs per view, alternating")
+    p.add_argument("--repeats", type=int, default=1, help="plain/MTP engine pairs per view, one after the other")
+    p.add_argument("--switch-gap", type=float, default=1.2,
+                   help="seconds of idle between runs of the two engines (vLLM's workers poll for work 1 s "
+                        "after their last step, on the cores the other engine's workers use; default 1.2)")
     p.add_argument("--batch1-prompts", type=int, default=4,
                    help="batch 1 runs this many prompts one after the other (default 4)")
     p.add_argument("--pause-cycle", default=DEFAULT_PAUSE, help="pin cycle of the pause mode (k per step)")
@@ -294,18 +344,16 @@ def main(argv: list[str] | None = None) -> int:
         env = {"FRONTIER_DSA": "1"} if "index_topk" in cfg else {}
         with report.section(view) as rec:
             rec["env"] = env
-            plain, mtp, contrast = [], [], []
+            runs, contrast = [], []
             t = time.monotonic()
             for rep in range(args.repeats):
-                for r in run_engine(model, False, {"none": ""}, args, env):
-                    plain.append(r | {"round": r["round"] + rep * args.rounds})
-                for r in run_engine(model, True, modes, args, env):
-                    mtp.append(r | {"round": r["round"] + rep * args.rounds})
+                for r in run_engines(model, ["plain", "mtp"], modes, args, env):
+                    runs.append(r | {"round": r["round"] + rep * args.rounds if r["round"] >= 0 else -1})
             if args.catch_up_contrast:
                 env_off = env | {"FRONTIER_MTP_CATCH_UP": "0"}
-                contrast = run_engine(model, True, {"pause": args.pause_cycle}, args, env_off)
+                contrast = run_engines(model, ["mtp"], {"pause": args.pause_cycle}, args, env_off)
             rec["engine_seconds"] = round(time.monotonic() - t, 1)
-            rec["results"] = summarize(plain, mtp, contrast, args.batches)
+            rec["results"] = summarize(runs, contrast, args.batches)
             rec["targets"] = targets(rec["results"])
             rec["targets_cpu_time"] = targets(rec["results"], "speedup_vs_none_cpu")
             rec["lossless"] = all(r["lossless"] for b in rec["results"].values()

@@ -289,3 +289,84 @@ def test_cost_fit_running_sums_equal_the_window_recomputed():
         fresh.append(*pt)
     for key in _Sums.KEYS:
         assert sums.sums[key] == pytest.approx(fresh.sums[key], rel=1e-9, abs=1e-12), key
+
+
+def test_batch_buckets_tile_the_batch_sizes():
+    from vllm_frontier.spec_decode.policy import batch_bucket, bucket_range
+
+    seen = []
+    for b in range(1, 1025):
+        lo, hi = bucket_range(batch_bucket(b))
+        assert lo <= b <= hi
+        seen.append(batch_bucket(b))
+    assert seen == sorted(seen) and set(seen) == set(range(max(seen) + 1))   # contiguous, in order
+    assert [bucket_range(i) for i in range(8)] == [(1, 1), (2, 2), (3, 3), (4, 4), (5, 6), (7, 8), (9, 12),
+                                                   (13, 16)]
+
+
+def test_step_times_keep_a_window_and_its_median():
+    from vllm_frontier.spec_decode.policy import StepTimes
+
+    st = StepTimes(cell_window=4)
+    assert st.summary(0, 0) is None
+    for t in (9.0, 1.0, 2.0, 3.0, 100.0):   # 9.0 leaves the window; the outlier 100 does not move the median
+        st.observe(1, 0, t)
+    assert st.summary(0, 0) == (2.5, 1.0, 4)
+    st.observe(13, 2, 1.0)
+    st.observe(16, 2, 3.0)
+    assert st.summary(7, 2) == (2.0, 14.5, 2) and st.buckets() == {0, 7}
+    st.observe(1, 0, float("nan"))
+    st.observe(1, 0, -1.0)
+    assert st.summary(0, 0)[2] == 4
+
+
+def cpu_like_policy() -> DraftLengthPolicy:
+    """A fit that prices a k = 1 step at batch 1 at ~1.9x a plain one (what the pooled fit said on vLLM CPU),
+    acceptance 0.95 at every position."""
+    pol = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.25, drafter_skips=True))
+    pol.window.observe(1, [(3, 3)] * 19 + [(3, 0)])
+    for b in (1, 2, 4, 8, 16) * 8:
+        for k in (0, 1, 2):
+            u = pol.units(b, k)
+            pol.cost.observe(u, 1e-3 * (15.7 + 12.8 * k + u), k=k)
+    return pol
+
+
+def test_measured_step_times_overrule_the_pooled_fit_at_their_batch_size():
+    pol = cpu_like_policy()
+    assert pol.choose(1) > 0 and pol.drafting_can_pay(1)   # the fit alone drafts at batch 1
+    for _ in range(4):   # measured at batch 1: a k = 1 step takes 2.8x a plain one
+        pol.observe_step(1, 0, 4e-3)
+        pol.observe_step(1, 1, 11.2e-3)
+    assert pol.measured_ratios() == {"1-1": {1: 2.8}}
+    assert pol.choose(1) == 0 and not pol.drafting_can_pay(1)
+    # k = 2, 3 unmeasured: the measured k = 1 ratio carried by the fit's shape, so they cost more than k = 1
+    costs = pol.step_costs(1, pol.cost.costs(), pol._anchor(0, pol._measured()))
+    assert costs[1] / costs[0] == pytest.approx(2.8) and costs[0] < costs[1] < costs[2] < costs[3]
+    # the nearest measured bucket answers for the others (batch 16 here), and the table follows
+    assert pol.choose(16) == 0 and pol.table(16) == [0] * 17
+    # cheap drafting measured at batch 9-12: drafts there, batch 1 keeps its own measurement
+    for _ in range(4):
+        pol.observe_step(10, 0, 10e-3)
+        pol.observe_step(10, 1, 11e-3)
+    table = pol.table(16)
+    assert table[1] == 0 and all(k > 0 for k in table[5:17])
+
+
+def test_an_anchor_halfway_between_buckets_is_the_larger_one():
+    pol = cpu_like_policy()
+    for b, ratio in ((1, 1.1), (3, 2.9)):
+        for _ in range(4):
+            pol.observe_step(b, 0, 1e-3)
+            pol.observe_step(b, 1, ratio * 1e-3)
+    assert pol._anchor(1, pol._measured()) == {1: (pytest.approx(2.9), 3.0)}
+    assert pol.choose(2) == 0 and pol.choose(1) > 0
+
+
+def test_a_drafting_step_measured_cheaper_than_a_plain_one_counts_as_one():
+    pol = cpu_like_policy()
+    for _ in range(4):
+        pol.observe_step(1, 0, 2e-3)
+        pol.observe_step(1, 1, 1e-3)   # noise: no step that drafts does less work than a plain one
+    costs = pol.step_costs(1, pol.cost.costs(), pol._anchor(0, pol._measured()))
+    assert costs[1] == pytest.approx(costs[0])

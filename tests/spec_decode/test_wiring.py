@@ -3,6 +3,8 @@ ratio read from the model config."""
 
 from __future__ import annotations
 
+import os
+import time
 import types
 
 import pytest
@@ -88,16 +90,30 @@ def test_scheduler_classes_import_and_resolve_by_path():
     assert resolve_obj_by_qualname(FIXED_SCHEDULER_CLS) is Scheduler
 
 
-def test_pin_file_grammar(tmp_path):
+def test_pin_file_grammar(tmp_path, monkeypatch):
     from vllm_frontier.spec_decode.scheduler import PinnedDraftScheduler
 
-    s = PinnedDraftScheduler.__new__(PinnedDraftScheduler)  # the parser needs only these two fields
+    s = PinnedDraftScheduler.__new__(PinnedDraftScheduler)  # the parser needs only these fields
     s.num_spec_tokens = 3
     s._pin_path = str(tmp_path / "pin")
+    s._pin_key, s._pin, s._pin_read_at = None, None, 0.0
     assert s.pinned() is None  # no file: adaptive
     for text, want in [("adaptive", None), ("", None), ("2", [2]), ("3,0,1", [3, 0, 1]), ("9,-1", [3, 0])]:
         (tmp_path / "pin").write_text(text)
         assert s.pinned() == want
+    # an unchanged file is not read again; a same-size rewrite that the stat misses is seen once the read ages
+    calls = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **kw: calls.append(a) or real_open(*a, **kw))
+    st = os.stat(tmp_path / "pin")
+    s._pin_read_at = time.monotonic() + 100.0   # the last read is fresh
+    assert s.pinned() == [3, 0] and s.pinned() == [3, 0] and not calls
+    (tmp_path / "pin").write_text("2,-1")   # the size of "9,-1"
+    os.utime(tmp_path / "pin", ns=(st.st_atime_ns, st.st_mtime_ns))   # as if within one clock tick
+    assert s.pinned() == [3, 0]   # the stat cannot tell
+    s._pin_read_at = 0.0           # the read aged past pin_max_age
+    assert s.pinned() == [2, 0]
+    monkeypatch.undo()
     (tmp_path / "pin").write_text("fast")
     with pytest.raises(ValueError, match="comma-separated cycle"):
         s.pinned()

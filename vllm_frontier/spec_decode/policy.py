@@ -88,6 +88,8 @@ class PolicyConfig:
     probe_min_points: int = 4
     probe_max_every: int = 1024
     drafter_skips: bool = False
+    cell_window: int = 32
+    cell_min_points: int = 4
 
     def __post_init__(self):
         if not isinstance(self.max_k, int) or self.max_k < 0:
@@ -102,6 +104,8 @@ class PolicyConfig:
             raise ValueError("probe_every must be >= 8, probe_max_every >= probe_every and probe_min_points >= 1")
         if not 0.0 <= self.first_prior <= 1.0 or self.prior_strength <= 0:
             raise ValueError("first_prior must be in [0, 1] and prior_strength > 0")
+        if self.cell_window < 1 or not 1 <= self.cell_min_points <= self.cell_window:
+            raise ValueError("cell_window must be >= 1 and cell_min_points in [1, cell_window]")
 
 
 def expected_tokens(acceptance: list[float], k: int) -> float:
@@ -127,11 +131,75 @@ def best_k(acceptance: list[float], batch: int, fixed_cost: float, draft_cost: f
     """The smallest k in [0, max_k] whose B E(k) / T(B, k) is within tie_margin of the best."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    rates = [expected_tokens(acceptance, k) / step_cost(batch, k, fixed_cost, draft_cost, drafting_cost,
-                                                        drafter_skips)
-             for k in range(max_k + 1)]
+    return best_of([step_cost(batch, k, fixed_cost, draft_cost, drafting_cost, drafter_skips)
+                    for k in range(max_k + 1)], gains(acceptance, max_k), tie_margin)
+
+
+def gains(acceptance: list[float], max_k: int) -> list[float]:
+    """[E(0), ..., E(max_k)]."""
+    return [expected_tokens(acceptance, k) for k in range(max_k + 1)]
+
+
+def best_of(costs: list[float], gain: list[float], tie_margin: float) -> int:
+    """The smallest k whose E(k) / costs[k] is within tie_margin of the best (costs[k]: a step's cost at k, in
+    any unit shared by all k; gain: `gains`)."""
+    rates = [e / cost for e, cost in zip(gain, costs)]
     best = max(rates)
     return next(k for k, r in enumerate(rates) if r >= best * (1.0 - tie_margin))
+
+
+def batch_bucket(batch: int) -> int:
+    """Index of the batch-size bucket holding ``batch``: 1, 2, 3, 4 alone, then each octave (2^e, 2^(e+1)]
+    in two halves: [5, 6], [7, 8], [9, 12], [13, 16], [17, 24], [25, 32], ..."""
+    if batch <= 4:
+        return max(batch, 1) - 1
+    e = (batch - 1).bit_length() - 1
+    return 4 + 2 * (e - 2) + (batch > (1 << e) + (1 << (e - 1)))
+
+
+def bucket_range(index: int) -> tuple[int, int]:
+    """(lowest, highest) batch size of bucket ``index`` (`batch_bucket`)."""
+    if index < 4:
+        return index + 1, index + 1
+    e, second = 2 + (index - 4) // 2, (index - 4) % 2
+    return (1 << e) + second * (1 << (e - 1)) + 1, (1 << e) + (second + 1) * (1 << (e - 1))
+
+
+class StepTimes:
+    """Measured wall times of decode-only engine steps, per (batch-size bucket, k): the last `cell_window` of
+    each, with their median (robust to the scheduling hiccups of a busy CPU) and mean batch size."""
+
+    def __init__(self, cell_window: int = 32):
+        self.cell_window = cell_window
+        self._cells: dict[tuple[int, int], collections.deque[tuple[float, int]]] = {}
+        self._summary: dict[tuple[int, int], tuple[float, float, int]] = {}   # cache, dropped on observe
+
+    def observe(self, batch: int, k: int, seconds: float) -> None:
+        if batch < 1 or not (seconds > 0 and math.isfinite(seconds)):
+            return
+        key = (batch_bucket(batch), k)
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = collections.deque(maxlen=self.cell_window)
+        cell.append((seconds, batch))
+        self._summary.pop(key, None)
+
+    def summary(self, bucket: int, k: int) -> tuple[float, float, int] | None:
+        """(median seconds, mean batch size, points) of a cell, or None when it has no point."""
+        key = (bucket, k)
+        got = self._summary.get(key)
+        if got is None:
+            cell = self._cells.get(key)
+            if not cell:
+                return None
+            times = sorted(t for t, _ in cell)
+            n = len(times)
+            median = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
+            got = self._summary[key] = (median, sum(b for _, b in cell) / n, n)
+        return got
+
+    def buckets(self) -> set[int]:
+        return {b for b, _ in self._cells}
 
 
 class AcceptanceWindow:
@@ -295,6 +363,7 @@ class DraftLengthPolicy:
         self.config = config
         self.window = AcceptanceWindow(config.max_k, config.window_steps)
         self.cost = CostModel(config.fixed_cost, config.cost_window, config.min_cost_points)
+        self.times = StepTimes(config.cell_window)
         self._idle_every = config.probe_every   # current interval between k = 1 probes while not drafting
         self._last_probe = 0
         self._probe_left = 0
@@ -306,20 +375,89 @@ class DraftLengthPolicy:
         """T(B, k) - F - D [k > 0]: the token-proportional part of a step's cost."""
         return step_cost(batch, k, 0.0, self.config.draft_cost, drafter_skips=self.config.drafter_skips)
 
-    def _best_k(self, acceptance: list[float], batch: int, costs: tuple[float, float]) -> int:
-        """`best_k` with this policy's bounds and margins; costs = (F, D) from `CostModel.costs`."""
+    def observe_step(self, batch: int, k: int, seconds: float, units: float | None = None) -> None:
+        """One decode-only engine step: ``batch`` decoding requests, draft length k, its wall time; ``units``
+        (`units`) feeds the cost fit too (None: the measured cells only)."""
+        self.times.observe(batch, k, seconds)
+        if units is not None:
+            self.cost.observe(units, seconds, k)
+
+    # -- step costs: measured cells anchor the fitted model --------------------------------------------------
+
+    def _measured(self) -> dict[int, dict[int, tuple[float, float]]]:
+        """{bucket: {k: (measured T(k) / T(0), mean batch of the k cell)}} over buckets where k = 0 and some
+        k > 0 have `cell_min_points` each."""
+        c, out = self.config, {}
+        for bucket in self.times.buckets():
+            plain = self.times.summary(bucket, 0)
+            if plain is None or plain[2] < c.cell_min_points:
+                continue
+            ks = {}
+            for k in range(1, c.max_k + 1):
+                got = self.times.summary(bucket, k)
+                if got is not None and got[2] >= c.cell_min_points:
+                    ks[k] = (got[0] / plain[0], got[1])
+            if ks:
+                out[bucket] = ks
+        return out
+
+    def measured_ratios(self) -> dict[str, dict[int, float]]:
+        """{"lo-hi" batch sizes: {k: measured T(k) / T(0)}} (JSON-ready, for stats)."""
+        return {"%d-%d" % bucket_range(b): {k: round(r, 3) for k, (r, _) in ks.items()}
+                for b, ks in sorted(self._measured().items())}
+
+    @staticmethod
+    def _anchor(bucket: int, measured: dict) -> dict[int, tuple[float, float]] | None:
+        """The measured ratios of ``bucket``, else of the nearest measured bucket (ties: the larger one, whose
+        drafting costs more relative to a plain step: the error leans towards fewer drafts), else None."""
+        if not measured:
+            return None
+        return measured[min(measured, key=lambda j: (abs(j - bucket), -j))]
+
+    def step_costs(self, batch: int, fit: tuple[float, float], anchor: dict | None) -> list[float]:
+        """T(B, k) for k = 0..K (`cost_function`)."""
+        return self.cost_function(fit, anchor)(batch)
+
+    def cost_function(self, fit: tuple[float, float], anchor: dict | None):
+        """B -> [T(B, k) for k = 0..K]. The fitted model (F, D = ``fit``) alone without an ``anchor``; with one,
+        T(B, k) / T(B, 0) is the measured ratio of the anchor's nearest k' (nearest in k, then the smaller),
+        carried to (B, k) by the model's shape: measured(k') x [model(B, k) / model(B, 0)] / [model(B', k') /
+        model(B', 0)], B' the batch the anchor measured; at least 1 (drafting adds work to a plain step)."""
         c = self.config
-        fixed, drafting = costs
-        return best_k(acceptance, max(batch, 1), fixed, c.draft_cost, c.max_k, c.tie_margin, drafting,
-                      c.drafter_skips)
+        fixed, drafting = fit
+        ks = range(c.max_k + 1)
+
+        def model(b: float) -> list[float]:
+            return [step_cost(b, k, fixed, c.draft_cost, drafting, c.drafter_skips) for k in ks]
+
+        if anchor is None:
+            return model
+        scale = [1.0]
+        for k in ks[1:]:
+            near = min(anchor, key=lambda j: (abs(j - k), j))
+            ratio, b_near = anchor[near]
+            scale.append(ratio * step_cost(b_near, 0, fixed, c.draft_cost, drafting, c.drafter_skips)
+                         / step_cost(b_near, near, fixed, c.draft_cost, drafting, c.drafter_skips))
+
+        def anchored(b: float) -> list[float]:
+            m = model(b)
+            return [m[0]] + [max(mk * s, m[0]) for mk, s in zip(m[1:], scale[1:])]
+
+        return anchored
+
+    def _best_k(self, acceptance: list[float], batch: int, fit: tuple[float, float], anchor: dict | None) -> int:
+        return best_of(self.step_costs(max(batch, 1), fit, anchor), gains(acceptance, self.config.max_k),
+                       self.config.tie_margin)
 
     def choose(self, batch: int) -> int:
-        return self._best_k(self.acceptance(), batch, self.cost.costs())
+        return self._best_k(self.acceptance(), batch, self.cost.costs(),
+                            self._anchor(batch_bucket(batch), self._measured()))
 
     def drafting_can_pay(self, batch: int) -> bool:
         """Whether some k > 0 would beat k = 0 at this batch size if every draft were accepted, at the measured
         step costs. When not, an acceptance probe cannot change the rule's choice; only the costs can."""
-        return self._best_k([1.0] * self.config.max_k, batch, self.cost.costs()) > 0
+        return self._best_k([1.0] * self.config.max_k, batch, self.cost.costs(),
+                            self._anchor(batch_bucket(batch), self._measured())) > 0
 
     def probe(self, step: int, chosen_k: int, batch: int = 1) -> int | None:
         """The k of an exploration step at engine step ``step``, or None (module docstring, Probing).
@@ -356,31 +494,45 @@ class DraftLengthPolicy:
     def table(self, max_batch: int) -> list[int]:
         """[k*(B) for B in 0..max_batch]; entry 0 (no decode requests) repeats entry 1.
 
-        k*(B) is non-increasing in B: for k > j the throughput ratio of k over j is a linear-fractional
-        function of B (monotone) whose limit for large B, E(k) (j + 1) / (E(j) (k + 1)) at most, is <= 1,
-        so k beats j on an initial range of batch sizes only (with or without D). The table is filled by
-        bisection on the breakpoints (O(K log max_batch) evaluations instead of max_batch).
+        Per range of batch-size buckets that share an anchor (`cost_function`), filled by bisection on the
+        breakpoints (O(K log width) evaluations per range instead of one per batch size). Exact for the fitted model alone: for
+        k > j its throughput ratio of k over j is a linear-fractional function of B (monotone) whose limit
+        for large B, E(k) (j + 1) / (E(j) (k + 1)) at most, is <= 1, so k beats j on an initial range of
+        batch sizes only and k*(B) is non-increasing; a measured anchor scales each k's cost by one factor
+        over its whole range (where the bisection may miss a breakpoint that the scaling introduced).
         """
-        acc = self.acceptance()
-        costs = self.cost.costs()
-
-        def k_of(b: int) -> int:
-            return self._best_k(acc, b, costs)
-
+        gain = gains(self.acceptance(), self.config.max_k)
+        fit = self.cost.costs()
+        measured = self._measured()
+        margin = self.config.tie_margin
         table = [0] * (max_batch + 1)
-        lo = 1
-        while lo <= max_batch:
-            k = k_of(lo)
-            # largest hi >= lo with k_of(hi) == k
-            a, b = lo, max_batch
-            while a < b:
-                mid = (a + b + 1) // 2
-                if k_of(mid) == k:
-                    a = mid
-                else:
-                    b = mid - 1
-            for i in range(lo, a + 1):
-                table[i] = k
-            lo = a + 1
+        ranges: list[list] = []   # [first, last, anchor]: consecutive buckets that share an anchor, merged
+        for bucket in range(batch_bucket(max_batch) + 1 if max_batch >= 1 else 0):
+            anchor = self._anchor(bucket, measured)
+            first, last = bucket_range(bucket)
+            if ranges and ranges[-1][2] is anchor:
+                ranges[-1][1] = last
+            else:
+                ranges.append([first, last, anchor])
+        for first, last, anchor in ranges:
+            costs = self.cost_function(fit, anchor)
+
+            def k_of(b: int) -> int:
+                return best_of(costs(b), gain, margin)
+
+            lo, last = first, min(last, max_batch)
+            while lo <= last:
+                k = k_of(lo)
+                a, b = lo, last   # largest a >= lo with k_of(a) == k
+                if k_of(b) == k:
+                    a = b
+                while a < b:
+                    mid = (a + b + 1) // 2
+                    if k_of(mid) == k:
+                        a = mid
+                    else:
+                        b = mid - 1
+                table[lo:a + 1] = [k] * (a + 1 - lo)
+                lo = a + 1
         table[0] = table[1] if max_batch >= 1 else 0
         return table

@@ -57,10 +57,12 @@ def draft_cost_ratio(hf_config) -> float:
 class AdaptiveDraftScheduler(Scheduler):
     """Scheduler whose per-step draft length follows `DraftLengthPolicy` (MTP only; else plain vLLM)."""
 
-    # Steps between table refreshes when nothing the rule reads has moved but the step-cost fit (it moves a little
-    # every step): the table costs about 0.1 ms, a tenth of what speculation adds to a CPU step. New acceptance
-    # outcomes refresh it at the next step.
+    # Steps between table refreshes when nothing the rule reads has moved but the step costs (they move a little
+    # every step); new acceptance outcomes refresh it after `refresh_stale_every` steps (one step's outcomes
+    # barely move the estimates). The table costs 0.07-0.15 ms (Python, vLLM CPU host), 1-3 % of a small model's
+    # CPU step.
     refresh_every = 16
+    refresh_stale_every = 4
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -76,8 +78,10 @@ class AdaptiveDraftScheduler(Scheduler):
         self._table = self._policy.table(self.max_num_running_reqs)   # the rule's k per batch size
         self.dynamic_sd_lookup = self._table
         self._step = 0
+        self._refreshed_at = 0
         self._stale = False    # acceptance outcomes arrived since the table was computed
-        self._pending: tuple[float, float | None, int] | None = None
+        # the last decode-only step (start time, batch, token units, k), timed until the next step starts
+        self._pending: tuple[float, int, float, int] | None = None
         self._run = 0          # consecutive drafting steps up to the last scheduled one
         self._verify_run = 0   # the drafting run of the step whose drafts this step verifies
         self._stats_path = os.environ.get(STATS_ENV) or None
@@ -101,6 +105,15 @@ class AdaptiveDraftScheduler(Scheduler):
         assert self._policy is not None
         return self._policy.table(self.max_num_running_reqs)
 
+    def table_due(self) -> bool:
+        """Whether this step recomputes the table: new acceptance outcomes, else every `refresh_every` steps."""
+        return ((self._stale and self._step - self._refreshed_at >= self.refresh_stale_every)
+                or self._step - self._refreshed_at >= self.refresh_every or self._step == 1)
+
+    def learns(self) -> bool:
+        """Whether the rule learns from the current step (its time and acceptance outcomes)."""
+        return True
+
     def probe_k(self, k_now: int, batch: int = 1) -> int | None:
         """An exploration step's k instead of the rule's ``k_now`` at ``batch`` decoding requests, or None
         (`DraftLengthPolicy.probe`)."""
@@ -112,10 +125,18 @@ class AdaptiveDraftScheduler(Scheduler):
     def schedule(self, *args, **kwargs):
         if self._policy is None:
             return super().schedule(*args, **kwargs)
+        start = time.perf_counter()
+        if self._pending is not None:
+            # a step costs everything from its schedule() to the next one: the model runner, the post-step
+            # draft round trip of a drafting step, the engine loop's output handling
+            t0, batch, units, k = self._pending
+            self._policy.observe_step(batch, k, start - t0, units)
+            self._pending = None
         self._step += 1
-        if self._stale or self._step % self.refresh_every == 0 or self._step == 1:
+        if self.table_due():
             self._table = self.choose_table()
             self._stale = False
+            self._refreshed_at = self._step
         batch = min(max(len(self.running), 1), len(self._table) - 1)
         k_now = self._table[batch]
         probe = self.probe_k(k_now, batch)
@@ -132,7 +153,8 @@ class AdaptiveDraftScheduler(Scheduler):
                 req.spec_token_ids = req.spec_token_ids[:k_now]
         out = super().schedule(*args, **kwargs)
         units = self._decode_units(out)
-        self._pending = (time.perf_counter(), units, out.num_spec_tokens_to_schedule)
+        if units is not None and self.learns():
+            self._pending = (start, len(out.num_scheduled_tokens), units, out.num_spec_tokens_to_schedule)
         if out.num_scheduled_tokens:
             self._counts["k_histogram"][min(out.num_spec_tokens_to_schedule, self.num_spec_tokens)] += 1
             self._verify_run = self._run
@@ -142,14 +164,11 @@ class AdaptiveDraftScheduler(Scheduler):
     def update_from_output(self, scheduler_output, model_runner_output):
         if self._policy is None:
             return super().update_from_output(scheduler_output, model_runner_output)
-        if self._pending is not None:
-            t0, units, k = self._pending
-            if units is not None:
-                self._policy.cost.observe(units, time.perf_counter() - t0, k)
-            self._pending = None
         self._observe(scheduler_output, model_runner_output)
         result = super().update_from_output(scheduler_output, model_runner_output)
         idle = not self.running and not self.waiting
+        if idle:
+            self._pending = None   # the time until the next step would include the engine's idle wait
         if self._stats_path and (idle or time.monotonic() - self._last_write > 2.0):
             self._write_stats()
         return result
@@ -202,8 +221,9 @@ class AdaptiveDraftScheduler(Scheduler):
                 for p in range(accepted):
                     c["accepted_per_pos"][p] += 1
                     c["run_accepted_per_pos"][bucket][p] += 1
-        self._policy.window.observe(self._step, outcomes)
-        self._stale = self._stale or bool(outcomes)
+        if self.learns():
+            self._policy.window.observe(self._step, outcomes)
+            self._stale = self._stale or bool(outcomes)
 
     def stats(self) -> dict:
         """Cumulative counters plus the current estimates (JSON-ready)."""
@@ -216,6 +236,7 @@ class AdaptiveDraftScheduler(Scheduler):
         c["window_acceptance_estimate"] = self._policy.acceptance()
         c["fixed_cost_estimate"], c["drafting_cost_estimate"] = self._policy.cost.costs()
         c["k_table_head"] = self._table[:33]
+        c["measured_cost_ratios"] = self._policy.measured_ratios()
         return c
 
     def _write_stats(self) -> None:
@@ -232,39 +253,55 @@ class AdaptiveDraftScheduler(Scheduler):
 class PinnedDraftScheduler(AdaptiveDraftScheduler):
     """`AdaptiveDraftScheduler` whose k can be pinned at run time through the file named by `PIN_ENV`.
 
-    File contents: `adaptive` (or no file / empty file): the policy; `k`: fixed k (clipped to [0, K]);
-    `k1,k2,...`: one entry per step, cycling. An unreadable or malformed file raises ValueError naming it.
+    File contents: `adaptive` (or no file / empty file): the policy, refreshed as `AdaptiveDraftScheduler`
+    refreshes it, learning from the adaptive steps only; `k`: fixed k (clipped to [0, K]); `k1,k2,...`: one entry per step, cycling. The file is
+    checked every step (one `stat`; read again only when it changed). An unreadable or malformed file raises
+    ValueError naming it.
     """
 
-    refresh_every = 1   # a pinned cycle advances one entry per step
+    pin_max_age = 0.05   # seconds: re-read at least this often (a rewrite inside the clock's granularity that
+                         # keeps the size leaves the stat unchanged)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._pin_path = os.environ.get(PIN_ENV) or None
+        self._pin_key = None      # (mtime, size, inode) of the file last read
+        self._pin: list[int] | None = None
+        self._pin_read_at = 0.0
         self._is_pinned = False   # whether the last table came from the pin file (no exploration then)
 
     def pinned(self) -> list[int] | None:
         if not self._pin_path:
             return None
-        try:   # read every step: raw os calls (pathlib's read_text cost 60 us a step)
-            fd = os.open(self._pin_path, os.O_RDONLY)
+        try:
+            st = os.stat(self._pin_path)
         except FileNotFoundError:
+            self._pin_key = self._pin = None
             return None
-        try:
-            text = os.read(fd, 4096).decode().strip()
-        finally:
-            os.close(fd)
+        key, now = (st.st_mtime_ns, st.st_size, st.st_ino), time.monotonic()
+        if key == self._pin_key and now - self._pin_read_at < self.pin_max_age:
+            return self._pin
+        self._pin_read_at = now
+        with open(self._pin_path) as f:
+            text = f.read().strip()
         if text in ("", "adaptive"):
-            return None
-        try:
-            ks = [int(x) for x in text.split(",")]
-        except ValueError:
-            raise ValueError(f"{PIN_ENV} file {self._pin_path} holds {text!r}; write 'adaptive', a draft "
-                             "length k, or a comma-separated cycle such as 3,0,1,2") from None
-        return [min(max(k, 0), self.num_spec_tokens) for k in ks]
+            ks = None
+        else:
+            try:
+                ks = [min(max(int(x), 0), self.num_spec_tokens) for x in text.split(",")]
+            except ValueError:
+                raise ValueError(f"{PIN_ENV} file {self._pin_path} holds {text!r}; write 'adaptive', a draft "
+                                 "length k, or a comma-separated cycle such as 3,0,1,2") from None
+        self._pin_key, self._pin = key, ks
+        return ks
+
+    def table_due(self) -> bool:
+        ks = self.pinned()
+        # a pin takes effect at once (a cycle advances one entry per step); back to adaptive: recompute once
+        return ks is not None or self._is_pinned or super().table_due()
 
     def choose_table(self) -> list[int]:
-        ks = self.pinned()
+        ks = self._pin if self._pin_path else None
         self._is_pinned = ks is not None
         if ks is None:
             return super().choose_table()
@@ -273,3 +310,8 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
 
     def probe_k(self, k_now: int, batch: int = 1) -> int | None:
         return None if self._is_pinned else super().probe_k(k_now, batch)
+
+    def learns(self) -> bool:
+        # pinned steps teach the rule nothing: under `adaptive` it knows only what its own steps measured,
+        # as in an engine that never ran pinned
+        return not self._is_pinned
