@@ -6,26 +6,34 @@ acceptance per draft position, and acceptance in the first drafting steps after 
     python benchmarks/mtp.py --views v3 --batches 1,16 ...                   # one view, fewer batch sizes
     python benchmarks/mtp.py --model DIR --json ...                          # any checkpoint with MTP layers
 
-Per view, engines one after the other, each in a fresh subprocess (`vllm.LLM`, float32, eager, greedy), the
-plain/MTP pair repeated `--repeats` times (alternating, so machine-load drift hits both):
+Per view, two engines alive side by side in one subprocess (`vllm.LLM`, float32, eager, greedy), the pair
+started `--repeats` times:
 1. plain: no speculation;
 2. MTP: cap K = 3, `PinnedDraftScheduler` and the drafter-skipping worker (`SkippingMTPProposer`: a step
    that drafts nothing runs no drafter forward; the skipped positions are replayed when drafting resumes).
    A pin file switches between fixed k = 0..3, the pause cycle (`--pause-cycle`, e.g. eight steps at k = 0
-   then eight at k = 2) and `adaptive` between runs inside the one engine. Adaptive runs last in each round:
-   the rule keeps its measurements across runs, as a serving engine would after its first minutes;
+   then eight at k = 2) and `adaptive` between runs inside the one engine. Pinned steps teach the rule
+   nothing: under `adaptive` it knows only what its own steps measured (probes included), kept across runs
+   as in a serving engine; one untimed adaptive run per batch size comes first (its first minutes).
+Every run generates `--tokens` tokens per prompt (`ignore_eos`; batch 1: `--batch1-prompts` prompts one
+after the other, times summed). Per round and batch size, the MTP modes (in an order rotated every round)
+each run between two plain runs: plain, k=0, plain, k=1, plain, ..., with `--switch-gap` seconds of idle at
+every switch (vLLM's workers poll for work for 1 s after their last step, on the core the other engine's
+workers use). A mode's speedup in a round is its tokens/s over the mean of the two plain runs around it; the
+report gives the median over rounds. On this 2-core VM the speed of one engine drifts by 30-40 % over tens
+of seconds and differs between engine starts (measured: the same plain engine 0.24-0.36 s per 64 tokens);
+engines measured one after the other, as before, spread single ratios by +-20 %, bracketed pairs do not
+see that drift.
 3. (`--catch-up-contrast`) MTP with the catch-up pass switched off (`FRONTIER_MTP_CATCH_UP=0`, a test hook),
-   pause cycle only: the drafter's KV keeps the holes of the skipped steps, which shows what the catch-up is
-   worth in acceptance after a pause.
-Every (mode, batch) run generates `--tokens` tokens per prompt (`ignore_eos`; batch 1: `--batch1-prompts`
-prompts one after the other, times summed), `--rounds` times, modes interleaved; the median is reported.
+   pause cycle only, one more engine alone: the drafter's KV keeps the holes of the skipped steps, which
+   shows what the catch-up is worth in acceptance after a pause.
 Agree first: every MTP run's token ids must equal the plain engine's (greedy, float32): `lossless`.
 
 Metrics per (view, batch, mode), from the scheduler's counters (`FRONTIER_MTP_STATS`, deltas per run):
-- `tok_s`, `speedup_vs_none` (over the plain engine's median), `tokens_per_target_forward`;
-- `tok_per_cpu_s`, `speedup_vs_none_cpu`: the same per CPU second of the engine's processes (this one,
-  EngineCore, workers), the measure to read on a loaded machine, where plain and MTP engines (one after
-  the other) see different load and wall-time ratios drift by 2x and more;
+- `tok_s` (median over rounds), `speedup_vs_none` (median of the bracketed ratios, `speedup_per_round`),
+  `tokens_per_target_forward`;
+- `tok_per_cpu_s`, `speedup_vs_none_cpu`: the same per CPU second of the processes of the engine that ran
+  (this one, its EngineCore and workers), a measure that other processes' load distorts less;
 - `acceptance_per_pos`: conditional acceptance a_i (accepted at position i / drafts that reached i);
 - pause cycle: `after_pause` (drafts of the first drafting step after a k = 0 stretch) vs `steady` (drafts
   of the 4th and later consecutive drafting steps), per position, with and without the catch-up;
@@ -48,13 +56,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from mtp_step_log import read_log  # noqa: E402
+
 PROMPTS = ["def main(argv):\n", "import os\n\nclass Config:\n", "for i in range(10):\n", "# Copyright\n\"\"\"Utils",
            "with open(path) as f:\n", "try:\n    import json\n", "def __init__(self, name):\n", "return [x for x in",
            "class Node:\n    def __init__(self", "if __name__ == '__main__':\n", "    def __repr__(self):\n",
            "from collections import", "raise ValueError(", "def test_", "    for key, value in", "import sys\n"]
 FIXED = (0, 1, 2, 3)
 CAP_K = max(FIXED)
-PINNED_CLS = "vllm_frontier.spec_decode.scheduler.PinnedDraftScheduler"
+PINNED_CLS = "mtp_step_log.PinnedStepLogScheduler"   # PinnedDraftScheduler + step times (mtp_step_log)
+PLAIN_CLS = "mtp_step_log.StepLogScheduler"
 DEFAULT_PAUSE = ",".join(["0"] * 8 + ["2"] * 8)
 TARGET = 0.97
 
@@ -73,6 +84,8 @@ def _worker(spec_path: str, out_path: str) -> None:
             kw.update(speculative_config={"method": "mtp", "num_speculative_tokens": CAP_K},
                       scheduler_cls=PINNED_CLS, worker_cls=worker_cls(),
                       distributed_executor_backend=executor_backend("mp"))
+        else:
+            kw.update(scheduler_cls=PLAIN_CLS)
         return LLM(**kw)
 
     engines, engine_pids, known = {}, {}, set()
@@ -94,7 +107,7 @@ def _worker(spec_path: str, out_path: str) -> None:
         return total
 
     params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
-    pin, stats = Path(spec["pin"]), Path(spec["stats"])
+    pin, stats, step_log = Path(spec["pin"]), Path(spec["stats"]), Path(spec["step_log"])
     if "mtp" in engines:
         pin.write_text("0")
     for llm in engines.values():
@@ -120,6 +133,7 @@ def _worker(spec_path: str, out_path: str) -> None:
             pin.write_text(spec["pins"][mode])
         counters = (lambda: llm.collective_rpc("frontier_mtp_counters")[0]) if name == "mtp" else (lambda: None)
         before, c0 = (read_stats(), counters()) if name == "mtp" else (None, None)
+        read_log(step_log)
         ids, dt, cpu = [], 0.0, 0.0
         for group in groups_of(batch):
             t, c = time.perf_counter(), cpu_seconds(name)
@@ -127,8 +141,10 @@ def _worker(spec_path: str, out_path: str) -> None:
             dt += time.perf_counter() - t
             cpu += cpu_seconds(name) - c
             ids += [list(o.outputs[0].token_ids) for o in outs]
+        steps = [t for _, _, t in read_log(step_log)]
         return {"round": rnd, "batch": batch, "engine": name, "mode": mode, "seconds": dt, "cpu_seconds": cpu,
-                "tokens": sum(len(x) for x in ids), "token_ids": ids,
+                "tokens": sum(len(x) for x in ids), "token_ids": ids, "decode_steps": len(steps),
+                "step_median_s": statistics.median(steps) if steps else None,
                 "stats_before": before, "stats_after": read_stats() if name == "mtp" else None,
                 "counters_before": c0, "counters_after": counters()}
 
@@ -151,6 +167,7 @@ def _worker(spec_path: str, out_path: str) -> None:
                 after = run("plain", "none", batch, rnd)
                 r["bracket"] = [prev["tokens"] / prev["seconds"], after["tokens"] / after["seconds"]]
                 r["bracket_cpu"] = [prev["tokens"] / prev["cpu_seconds"], after["tokens"] / after["cpu_seconds"]]
+                r["bracket_step_s"] = [prev["step_median_s"], after["step_median_s"]]
                 runs += [r, after]
                 prev = after
     Path(out_path).write_text(json.dumps(runs))
@@ -162,10 +179,14 @@ def run_engines(model: str, engines: list[str], modes: dict[str, str], args, env
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"model": model, "engines": engines, "tokens": args.tokens, "rounds": args.rounds,
                 "batch1_prompts": args.batch1_prompts, "batches": args.batches, "switch_gap": args.switch_gap,
-                "modes": list(modes), "pins": modes, "pin": f"{tmp}/pin", "stats": f"{tmp}/stats.json"}
+                "modes": list(modes), "pins": modes, "pin": f"{tmp}/pin", "stats": f"{tmp}/stats.json",
+                "step_log": f"{tmp}/steps.jsonl"}
         Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRONTIER_")}
-        env.update(env_extra, FRONTIER_MTP_PIN_FILE=spec["pin"], FRONTIER_MTP_STATS=spec["stats"])
+        env.update(env_extra, FRONTIER_MTP_PIN_FILE=spec["pin"], FRONTIER_MTP_STATS=spec["stats"],
+                   FRONTIER_BENCH_STEP_LOG=spec["step_log"])
+        here = str(Path(__file__).resolve().parent)   # the engine core imports mtp_step_log from here
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         cmd = [sys.executable, __file__, "--_worker", f"{tmp}/spec.json", f"{tmp}/out.json"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
@@ -229,6 +250,13 @@ def mode_row(rs: list[dict], ref: dict) -> dict:
         row.update(speedup_vs_none=statistics.median(ratios), speedup_vs_none_cpu=statistics.median(ratios_cpu),
                    speedup_per_round=[round(x, 4) for x in ratios],
                    speedup_per_round_cpu=[round(x, 4) for x in ratios_cpu])
+        # the median decode step of the run over the mean of the plain runs' around it: what one engine step
+        # costs next to a plain one (for k = 0 the inverse is the speedup, robust to a run's hiccups)
+        steps = [r["step_median_s"] / statistics.mean(r["bracket_step_s"]) for r in rs
+                 if r.get("step_median_s") and all(r["bracket_step_s"])]
+        if steps:
+            row.update(step_cost_vs_plain=statistics.median(steps),
+                       step_cost_vs_plain_per_round=[round(x, 4) for x in steps])
     return row
 
 
@@ -250,33 +278,44 @@ def summarize(runs: list[dict], contrast: list[dict], batches: list[int]) -> dic
             rows[mode] = mode_row([r for r in mtp if r["batch"] == batch and r["mode"] == mode], ref)
         if contrast:
             rows["pause_no_catch_up"] = mode_row([r for r in contrast if r["batch"] == batch], ref)
-        for k in FIXED:
-            rows["adaptive"][f"speedup_vs_k{k}"] = rows["adaptive"]["tok_s"] / rows[str(k)]["tok_s"]
-        pause = {"after_pause": rows["pause"]["acceptance_by_drafting_run"][0],
-                 "steady": rows["pause"]["acceptance_by_drafting_run"][-1],
-                 "fixed_k2_all_steps": rows["2"]["acceptance_per_pos"]}
-        if contrast:
-            pause["after_pause_no_catch_up"] = rows["pause_no_catch_up"]["acceptance_by_drafting_run"][0]
-            pause["steady_no_catch_up"] = rows["pause_no_catch_up"]["acceptance_by_drafting_run"][-1]
-        rows["pause_acceptance"] = pause
+        if "adaptive" in rows:
+            for k in FIXED:
+                if str(k) in rows:
+                    rows["adaptive"][f"speedup_vs_k{k}"] = rows["adaptive"]["tok_s"] / rows[str(k)]["tok_s"]
+        if "pause" in rows:
+            pause = {"after_pause": rows["pause"]["acceptance_by_drafting_run"][0],
+                     "steady": rows["pause"]["acceptance_by_drafting_run"][-1]}
+            if "2" in rows:
+                pause["fixed_k2_all_steps"] = rows["2"]["acceptance_per_pos"]
+            if contrast:
+                pause["after_pause_no_catch_up"] = rows["pause_no_catch_up"]["acceptance_by_drafting_run"][0]
+                pause["steady_no_catch_up"] = rows["pause_no_catch_up"]["acceptance_by_drafting_run"][-1]
+            rows["pause_acceptance"] = pause
         out[f"batch_{batch}"] = rows
     return out
 
 
 def targets(results: dict, key: str = "speedup_vs_none") -> dict:
     """The acceptance checks of the benchmark (module docstring), per batch size, on wall-time speedups
-    (``key`` "speedup_vs_none") or CPU-time ones ("speedup_vs_none_cpu")."""
+    (``key`` "speedup_vs_none") or CPU-time ones ("speedup_vs_none_cpu"); the checks of the modes that ran."""
     t: dict = {}
     for name, rows in results.items():
-        fixed = {k: rows[str(k)][key] for k in FIXED if k > 0}
-        beating = [k for k, s in fixed.items() if s > 1.0]
-        ad = rows["adaptive"][key]
-        t[name] = {"k0_vs_plain": round(rows["0"][key], 4),
-                   "k0_at_least_0.97": rows["0"][key] >= TARGET,
-                   "adaptive_vs_none": round(ad, 4), "adaptive_at_least_0.97": ad >= TARGET,
-                   "best_fixed_k": max(fixed, key=fixed.get), "best_fixed_vs_none": round(max(fixed.values()), 4),
-                   "fixed_k_beating_none": beating,
-                   "adaptive_above_1_where_fixed_beats": (ad > 1.0) if beating else None}
+        row: dict = {}
+        if "0" in rows:
+            row.update({"k0_vs_plain": round(rows["0"][key], 4), "k0_at_least_0.97": rows["0"][key] >= TARGET})
+            if key == "speedup_vs_none" and rows["0"].get("step_cost_vs_plain"):
+                step = 1.0 / rows["0"]["step_cost_vs_plain"]
+                row.update({"k0_vs_plain_median_step": round(step, 4), "k0_median_step_at_least_0.97": step >= TARGET})
+        fixed = {k: rows[str(k)][key] for k in FIXED if k > 0 and str(k) in rows}
+        beating = [k for k, v in fixed.items() if v > 1.0]
+        if fixed:
+            row.update({"best_fixed_k": max(fixed, key=fixed.get), "best_fixed_vs_none": round(max(fixed.values()), 4),
+                        "fixed_k_beating_none": beating})
+        if "adaptive" in rows:
+            ad = rows["adaptive"][key]
+            row.update({"adaptive_vs_none": round(ad, 4), "adaptive_at_least_0.97": ad >= TARGET,
+                        "adaptive_above_1_where_fixed_beats": (ad > 1.0) if beating else None})
+        t[name] = row
     return t
 
 
@@ -294,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                         "after their last step, on the cores the other engine's workers use; default 1.2)")
     p.add_argument("--batch1-prompts", type=int, default=4,
                    help="batch 1 runs this many prompts one after the other (default 4)")
+    p.add_argument("--modes", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+                   default=["0", "1", "2", "3", "pause", "adaptive"],
+                   help="MTP runs: 0,1,2,3 (pinned k), pause (the pause cycle), adaptive (default: all)")
     p.add_argument("--pause-cycle", default=DEFAULT_PAUSE, help="pin cycle of the pause mode (k per step)")
     p.add_argument("--catch-up-contrast", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the pause cycle with the catch-up pass off (one more engine per view)")
@@ -308,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--tokens >= 2, --rounds >= 1, --repeats >= 1 and batch sizes >= 1 are required")
     if not 1 <= args.batch1_prompts <= len(PROMPTS):
         p.error(f"--batch1-prompts must be in [1, {len(PROMPTS)}]")
+    if not args.modes or set(args.modes) - {"0", "1", "2", "3", "pause", "adaptive"}:
+        p.error(f"--modes takes 0, 1, 2, 3, pause and adaptive, comma-separated; got {','.join(args.modes)!r}")
+    if args.catch_up_contrast and "pause" not in args.modes:
+        args.catch_up_contrast = False   # the contrast runs the pause cycle only
     try:
         cycle = [int(x) for x in args.pause_cycle.split(",")]
     except ValueError:
@@ -330,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.loads((Path(models[view]) / "config.json").read_text())
         if not cfg.get("num_nextn_predict_layers"):
             p.error(f"{models[view]} has no MTP layers (num_nextn_predict_layers is 0 or missing)")
-    modes = {str(k): str(k) for k in FIXED} | {"pause": args.pause_cycle, "adaptive": "adaptive"}
+    all_modes = {str(k): str(k) for k in FIXED} | {"pause": args.pause_cycle, "adaptive": "adaptive"}
+    modes = {m: all_modes[m] for m in args.modes}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
     report = Report(args.json, meta={"commit": commit, "command": " ".join([sys.executable, *sys.argv]),

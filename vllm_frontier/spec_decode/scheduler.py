@@ -5,13 +5,14 @@ vLLM 0.32 already carries a per-step draft length from the scheduler to the draf
 the step's batch size; vLLM fills it from the static `num_speculative_tokens_per_batch_size` option), and the
 V1 model runner passes it to `EagleProposer.propose(num_speculative_tokens=...)`, which drafts that many
 tokens (0 included). This subclass, installed with vLLM's `--scheduler-cls` option, rewrites that table
-before every step from the measured acceptance and step times, and trims drafts made under a larger k
-before they are verified. It changes nothing else: verification is vLLM's rejection sampler, so outputs
+from the measured acceptance and step times (each decode-only step timed from its `schedule()` to the next
+one), and trims drafts made under a larger k before they are verified. It changes nothing else: verification is vLLM's rejection sampler, so outputs
 are those of the target model (greedy: identical token ids).
 
 `PinnedDraftScheduler` (benchmarks, tests, operators): k follows a small text file named by
-`FRONTIER_MTP_PIN_FILE`, re-read every step: `adaptive`, a fixed `k`, or a cycle `3,0,1,2` (one entry per
-step). One MTP engine then serves adaptive and fixed-k runs side by side.
+`FRONTIER_MTP_PIN_FILE`, checked every step: `adaptive`, a fixed `k`, or a cycle `3,0,1,2` (one entry per
+step). One MTP engine then serves adaptive and fixed-k runs side by side; pinned steps teach the rule
+nothing.
 
 Counters (cumulative, for benchmarks): `stats()`; with `FRONTIER_MTP_STATS=/path.json` they are also written
 to that file (atomically) whenever the scheduler becomes idle and at most every 2 s while busy. Acceptance is

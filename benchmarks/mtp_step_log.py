@@ -1,0 +1,78 @@
+"""Benchmark-only schedulers that log the wall time of every decode-only engine step (`benchmarks/mtp.py`).
+
+A step is timed from its `schedule()` to the next one (the model runner, the post-step draft round trip,
+the engine loop; an interval that ends in an idle engine is dropped), as `AdaptiveDraftScheduler` times
+the steps its rule learns from. When the engine becomes idle the log is written, as JSON lines of [decoding
+requests, k, seconds], to the file named by `FRONTIER_BENCH_STEP_LOG` (appended; the benchmark reads and
+removes it after each run). The median step of a run is robust to the CPU hiccups that move a run's total.
+
+    StepLogScheduler          vLLM's scheduler (the plain engine)
+    PinnedStepLogScheduler    `PinnedDraftScheduler` (the MTP engine)
+
+The engine core imports them by qualified name (`mtp_step_log.StepLogScheduler`): `benchmarks/` must be on
+the engine's PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_frontier.spec_decode.scheduler import PinnedDraftScheduler
+
+LOG_ENV = "FRONTIER_BENCH_STEP_LOG"
+
+
+class _StepLog:
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._log_path = os.environ.get(LOG_ENV) or None
+        self._log: list[tuple[int, int, float]] = []
+        self._log_pending: tuple[float, int, int] | None = None
+
+    def schedule(self, *args, **kwargs):
+        start = time.perf_counter()
+        if self._log_pending is not None:
+            t0, batch, k = self._log_pending
+            self._log.append((batch, k, start - t0))
+            self._log_pending = None
+        out = super().schedule(*args, **kwargs)
+        decode_only = bool(out.num_scheduled_tokens) and all(
+            n == 1 + len(out.scheduled_spec_decode_tokens.get(rid, ())) and rid in self.requests
+            and self.requests[rid].num_output_tokens > 0
+            for rid, n in out.num_scheduled_tokens.items())
+        if decode_only:
+            self._log_pending = (start, len(out.num_scheduled_tokens), out.num_spec_tokens_to_schedule)
+        return out
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        result = super().update_from_output(scheduler_output, model_runner_output)
+        if not self.running and not self.waiting:
+            self._log_pending = None
+            if self._log_path and self._log:
+                with open(self._log_path, "a") as f:
+                    f.writelines(json.dumps(row) + "\n" for row in self._log)
+                self._log.clear()
+        return result
+
+
+class StepLogScheduler(_StepLog, Scheduler):
+    """vLLM's scheduler, logging decode-only step times."""
+
+
+class PinnedStepLogScheduler(_StepLog, PinnedDraftScheduler):
+    """`PinnedDraftScheduler`, logging decode-only step times."""
+
+
+def read_log(path) -> list[tuple[int, int, float]]:
+    """The steps logged since the last read (the file is removed)."""
+    try:
+        with open(path) as f:
+            rows = [tuple(json.loads(line)) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+    os.remove(path)
+    return rows
