@@ -76,6 +76,7 @@ def _worker(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_frontier.spec_decode import executor_backend, worker_cls
+    from vllm_frontier.spec_decode.scheduler import write_pin
 
     def make(mtp: bool):
         kw = dict(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
@@ -93,6 +94,7 @@ def _worker(spec_path: str, out_path: str) -> None:
         engines[name] = make(name == "mtp")
         engine_pids[name] = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in known]
         known.update(engine_pids[name])
+    placement = pin_engine_cores(engine_pids) if spec["pin_cores"] else None
 
     def cpu_seconds(name: str) -> float:
         """CPU time of this process and the engine's: a cost measure that machine load distorts far less than
@@ -109,7 +111,7 @@ def _worker(spec_path: str, out_path: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
     pin, stats, step_log = Path(spec["pin"]), Path(spec["stats"]), Path(spec["step_log"])
     if "mtp" in engines:
-        pin.write_text("0")
+        write_pin(pin, "0")
     for llm in engines.values():
         llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
 
@@ -130,7 +132,7 @@ def _worker(spec_path: str, out_path: str) -> None:
             time.sleep(spec["switch_gap"])   # the other engine's workers stop polling for work
         last["engine"] = name
         if name == "mtp":
-            pin.write_text(spec["pins"][mode])
+            write_pin(pin, spec["pins"][mode])
         counters = (lambda: llm.collective_rpc("frontier_mtp_counters")[0]) if name == "mtp" else (lambda: None)
         before, c0 = (read_stats(), counters()) if name == "mtp" else (None, None)
         read_log(step_log)
@@ -170,17 +172,57 @@ def _worker(spec_path: str, out_path: str) -> None:
                 r["bracket_step_s"] = [prev["step_median_s"], after["step_median_s"]]
                 runs += [r, after]
                 prev = after
-    Path(out_path).write_text(json.dumps(runs))
+    Path(out_path).write_text(json.dumps({"runs": runs, "placement": placement}))
 
 
-def run_engines(model: str, engines: list[str], modes: dict[str, str], args, env_extra: dict) -> list[dict]:
-    """``engines`` ("plain", "mtp" or both, alive side by side) in one subprocess; ``modes``: MTP run name ->
-    pin file text."""
+def pin_engine_cores(engine_pids: dict[str, list[int]]) -> dict:
+    """Every thread of the engines' non-worker processes (EngineCore, helpers) and of this one onto the CPUs
+    that vLLM's CPU workers are not bound to (vLLM binds each worker's OpenMP threads and reserves the rest
+    for the engine core, but leaves the engine core itself unbound, so where it runs differs between engine
+    starts). Returns the placement: CPUs per process, as bound."""
+    import psutil
+
+    def threads(pid: int) -> list[int]:
+        try:
+            return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except FileNotFoundError:
+            return []
+
+    worker_cpus: set[int] = set()
+    workers: set[int] = set()
+    for pids in engine_pids.values():
+        for pid in pids:
+            for tid in threads(pid):
+                cpus = os.sched_getaffinity(tid)
+                if len(cpus) < os.cpu_count():   # a bound OpenMP thread: this process is a worker
+                    worker_cpus |= cpus
+                    workers.add(pid)
+    rest = set(range(os.cpu_count())) - worker_cpus
+    if not worker_cpus or not rest:
+        return {"bound": False, "worker_cpus": sorted(worker_cpus)}
+    placed = {}
+    for pid in [os.getpid(), *(p for pids in engine_pids.values() for p in pids if p not in workers)]:
+        for tid in threads(pid):
+            try:
+                os.sched_setaffinity(tid, rest)
+            except OSError:
+                pass
+        try:
+            placed[f"{pid} {psutil.Process(pid).name()}"] = sorted(rest)
+        except psutil.NoSuchProcess:
+            pass
+    return {"bound": True, "worker_cpus": sorted(worker_cpus), "others": placed}
+
+
+def run_engines(model: str, engines: list[str], modes: dict[str, str], args, env_extra: dict,
+                placements: list) -> list[dict]:
+    """``engines`` ("plain", "mtp" or both, alive side by side, started in this order) in one subprocess;
+    ``modes``: MTP run name -> pin file text. Appends where their processes ran to ``placements``."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"model": model, "engines": engines, "tokens": args.tokens, "rounds": args.rounds,
                 "batch1_prompts": args.batch1_prompts, "batches": args.batches, "switch_gap": args.switch_gap,
                 "modes": list(modes), "pins": modes, "pin": f"{tmp}/pin", "stats": f"{tmp}/stats.json",
-                "step_log": f"{tmp}/steps.jsonl"}
+                "step_log": f"{tmp}/steps.jsonl", "pin_cores": args.pin_cores}
         Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRONTIER_")}
         env.update(env_extra, FRONTIER_MTP_PIN_FILE=spec["pin"], FRONTIER_MTP_STATS=spec["stats"],
@@ -192,7 +234,9 @@ def run_engines(model: str, engines: list[str], modes: dict[str, str], args, env
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"engine worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        return json.loads(Path(f"{tmp}/out.json").read_text())
+        out = json.loads(Path(f"{tmp}/out.json").read_text())
+        placements.append({"engines": engines, "placement": out["placement"]})
+        return out["runs"]
 
 
 def _delta(run: dict) -> dict | None:
@@ -328,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=2, help="rounds of all modes inside one engine (default 2)")
     p.add_argument("--repeats", type=int, default=1, help="plain/MTP engine pairs per view, one after the other")
+    p.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
+                   help="bind the engine cores and this process to the CPUs vLLM keeps free of workers "
+                        "(default on: the same placement for both engines)")
     p.add_argument("--switch-gap", type=float, default=1.2,
                    help="seconds of idle between runs of the two engines (vLLM's workers poll for work 1 s "
                         "after their last step, on the cores the other engine's workers use; default 1.2)")
@@ -393,12 +440,15 @@ def main(argv: list[str] | None = None) -> int:
             rec["env"] = env
             runs, contrast = [], []
             t = time.monotonic()
+            placements: list = []
             for rep in range(args.repeats):
-                for r in run_engines(model, ["plain", "mtp"], modes, args, env):
+                order = ["plain", "mtp"] if rep % 2 == 0 else ["mtp", "plain"]   # started first: alternates
+                for r in run_engines(model, order, modes, args, env, placements):
                     runs.append(r | {"round": r["round"] + rep * args.rounds if r["round"] >= 0 else -1})
             if args.catch_up_contrast:
                 env_off = env | {"FRONTIER_MTP_CATCH_UP": "0"}
-                contrast = run_engines(model, ["mtp"], {"pause": args.pause_cycle}, args, env_off)
+                contrast = run_engines(model, ["mtp"], {"pause": args.pause_cycle}, args, env_off, placements)
+            rec["placements"] = placements
             rec["engine_seconds"] = round(time.monotonic() - t, 1)
             rec["results"] = summarize(runs, contrast, args.batches)
             rec["targets"] = targets(rec["results"])

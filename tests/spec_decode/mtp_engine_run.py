@@ -18,6 +18,7 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_frontier.spec_decode import executor_backend, worker_cls
+    from vllm_frontier.spec_decode.scheduler import write_pin
 
     kw = dict(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=512, seed=0, max_num_seqs=8,
               compilation_config={"custom_ops": ["-rotary_embedding"]})
@@ -38,7 +39,7 @@ def main(spec_path: str, out_path: str) -> None:
     out = {}
     for mode in spec["modes"]:
         if spec["mtp"]:
-            pin.write_text(mode)
+            write_pin(pin, mode)
         before = snapshot()
         res = llm.generate(spec["prompts"], params, use_tqdm=False)
         out[mode] = {"ids": [list(o.outputs[0].token_ids) for o in res], "before": before, "after": snapshot()}

@@ -14,6 +14,8 @@ import pytest
 
 from serving import VllmServer
 
+from vllm_frontier.spec_decode.scheduler import write_pin
+
 pytestmark = pytest.mark.slow
 
 COMMON = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-num-seqs", "8"]
@@ -47,7 +49,7 @@ def run_views(model, tmp_path, plugin: list[str]) -> dict:
     out = {"plain": plain, "log": None}
     with VllmServer(model, args=COMMON + EXACT_ROPE + plugin + PINNED, env=env) as srv:
         for mode in MODES:
-            pin.write_text(mode)
+            write_pin(pin, mode)
             out[mode] = greedy(srv)
             out[mode + ":stats"] = json.loads(stats.read_text())
             out[mode + ":drafts"] = counter(srv.metrics(), "vllm:spec_decode_num_draft_tokens_total")

@@ -94,3 +94,15 @@ def test_pauses_inside_a_request_are_caught_up_and_acceptance_returns_at_once(en
     # steady first-position acceptance of these prompts is ~0.4 (drafts are useful); the first drafts after a
     # pause are as good within sampling noise (16-20 drafts): the skipped positions were replayed
     assert steady > 0.25 and first >= steady - 0.15, (first, steady)
+
+
+def test_pinned_steps_teach_the_rule_nothing_and_adaptive_steps_do(engines):
+    _, mtp = engines
+    # every mode before "adaptive" was pinned: the rule still holds its priors (no acceptance outcome, no
+    # measured step time), as an engine that never ran pinned would
+    before = mtp["adaptive"]["before"]["stats"]
+    assert before["steps"] > 0 and before["draft_tokens_verified"] > 0   # pinned drafting did run
+    assert before["window_acceptance_estimate"] == [0.5, 0.5, 0.5]
+    assert before["measured_cost_ratios"] == {}
+    after = mtp["adaptive"]["after"]["stats"]
+    assert after["window_acceptance_estimate"] != [0.5, 0.5, 0.5]   # the adaptive run's own drafts were counted

@@ -77,3 +77,57 @@ def test_plan_passes_one_pass_when_everything_fits():
     assert plan_passes([3, 0, 5], 16) == [[3, 0, 5]]
     with pytest.raises(ValueError, match="budget"):
         plan_passes([1], 0)
+
+
+def test_single_positions_kept_without_tensor_ops_read_back_like_chunks():
+    # a plain decode step keeps one position per request from the step's shared rows (keep_one); mixed with
+    # chunks, truncation and takes, the run reads back exactly what `keep` alone would have kept
+    rng = random.Random(3)
+    for _ in range(50):
+        lazy, eager = SkippedPositions(), SkippedPositions()
+        pos = {"a": 0, "b": 7}
+        for _ in range(rng.randint(1, 30)):
+            action = rng.random()
+            if action < 0.6:   # a decode step over both requests: one shared rows tensor
+                rows = torch.stack([chunk(pos[r], 1)[1][0] for r in pos])
+                for i, r in enumerate(pos):
+                    lazy.keep_one(r, pos[r], 1000 + pos[r], rows, i)
+                    eager.keep(r, pos[r], *chunk(pos[r], 1))
+                    pos[r] += 1
+            elif action < 0.8:   # a chunk (a verify step's accepted tokens), sometimes recomputing positions
+                r = rng.choice(list(pos))
+                first = max(pos[r] - rng.randint(0, 2), 0)
+                n = rng.randint(1, 4)
+                lazy.keep(r, first, *chunk(first, n))
+                eager.keep(r, first, *chunk(first, n))
+                pos[r] = first + n
+            elif action < 0.9:   # part of the run replayed (a catch-up pass)
+                r = rng.choice(list(pos))
+                if r in eager:
+                    n = rng.randint(1, 3)
+                    a, b = lazy.take(r, n), eager.take(r, n)
+                    assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+            else:   # positions being computed again
+                r = rng.choice(list(pos))
+                before = max(pos[r] - rng.randint(0, 3), 0)
+                lazy.truncate(r, before)
+                eager.truncate(r, before)
+                pos[r] = before
+            assert lazy.total == eager.total
+        for r in pos:
+            assert (r in lazy) == (r in eager)
+            if r in eager:
+                a, b = lazy.take(r, 1000), eager.take(r, 1000)
+                assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+                assert a[1].dtype == torch.int32
+
+
+def test_keep_one_that_does_not_follow_on_starts_a_new_run():
+    s = SkippedPositions()
+    rows = torch.arange(6.0).reshape(2, 3)
+    s.keep_one("a", 4, 7, rows, 1)       # no run yet
+    s.keep_one("a", 5, 8, rows, 0)       # follows on: pending
+    s.keep_one("a", 9, 9, rows, 0)       # a hole: only the new run is replayable
+    assert s.total == 1 and s.runs["a"].first == 9
+    first, ids, hidden = s.take("a", 5)
+    assert first == 9 and ids.tolist() == [9] and hidden.tolist() == [[0.0, 1.0, 2.0]]

@@ -3,7 +3,6 @@ ratio read from the model config."""
 
 from __future__ import annotations
 
-import os
 import time
 import types
 
@@ -96,25 +95,24 @@ def test_pin_file_grammar(tmp_path, monkeypatch):
     s = PinnedDraftScheduler.__new__(PinnedDraftScheduler)  # the parser needs only these fields
     s.num_spec_tokens = 3
     s._pin_path = str(tmp_path / "pin")
-    s._pin_key, s._pin, s._pin_read_at = None, None, 0.0
+    s._pin, s._pin_read_at = None, -1e9
     assert s.pinned() is None  # no file: adaptive
     for text, want in [("adaptive", None), ("", None), ("2", [2]), ("3,0,1", [3, 0, 1]), ("9,-1", [3, 0])]:
         (tmp_path / "pin").write_text(text)
+        s._pin_read_at = -1e9   # the last read aged past pin_check_every
         assert s.pinned() == want
-    # an unchanged file is not read again; a same-size rewrite that the stat misses is seen once the read ages
+    # between reads no system call at all (each would release the GIL in the engine core's step loop)
     calls = []
     real_open = open
     monkeypatch.setattr("builtins.open", lambda *a, **kw: calls.append(a) or real_open(*a, **kw))
-    st = os.stat(tmp_path / "pin")
-    s._pin_read_at = time.monotonic() + 100.0   # the last read is fresh
+    (tmp_path / "pin").write_text("1")
+    s._pin_read_at = time.monotonic() + 100.0   # a fresh read
     assert s.pinned() == [3, 0] and s.pinned() == [3, 0] and not calls
-    (tmp_path / "pin").write_text("2,-1")   # the size of "9,-1"
-    os.utime(tmp_path / "pin", ns=(st.st_atime_ns, st.st_mtime_ns))   # as if within one clock tick
-    assert s.pinned() == [3, 0]   # the stat cannot tell
-    s._pin_read_at = 0.0           # the read aged past pin_max_age
-    assert s.pinned() == [2, 0]
+    s._pin_read_at = time.monotonic() - 2 * s.pin_check_every
+    assert s.pinned() == [1] and len(calls) == 1
     monkeypatch.undo()
     (tmp_path / "pin").write_text("fast")
+    s._pin_read_at = -1e9
     with pytest.raises(ValueError, match="comma-separated cycle"):
         s.pinned()
 

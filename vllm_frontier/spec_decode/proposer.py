@@ -121,11 +121,13 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
         if n == len(req_ids) and all(sampled[:n]):
             # one token per request (a decode step, the common case): position p's drafter input is the token
             # sampled after it; a few tensor ops per step instead of the general path's
+            # (no tensor op per request: `keep_one` defers them to the catch-up; measured on vLLM CPU this path
+            # took 80 us per step at batch 1 and 170 us at batch 16 with two slices and a `keep` per request)
             positions = runner._get_positions(n).tolist()
-            ids = torch.tensor([t[-1] for t in sampled[:n]], dtype=torch.int32, device=self.device)
             rows = hidden[:n].clone()   # the runner reuses its hidden-state buffer next step
+            keep_one = self.skipped.keep_one
             for i, rid in enumerate(req_ids):
-                self.skipped.keep(rid, positions[i], ids[i: i + 1], rows[i: i + 1])
+                keep_one(rid, positions[i], sampled[i][-1], rows, i)
             return
         req_ids = list(req_ids)
         lens = torch.tensor([sched[r] for r in req_ids], dtype=torch.int32)

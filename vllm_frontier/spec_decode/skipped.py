@@ -23,29 +23,42 @@ class Run:
     """Skipped drafter inputs of one request: positions ``first .. first + len - 1``.
 
     ids ``[n]`` int32 (token at position + 1), hidden ``[n, H]`` (target hidden state at the position).
-    Each is a list of chunks, concatenated when replayed (one chunk per skipped step).
+    Each is a list of chunks, concatenated when replayed (one chunk per skipped step). Single positions added
+    by `SkippedPositions.keep_one` (a decode step's) wait in ``pending`` as (token id, step rows, row) until
+    the run is read: a plain decode step then costs no tensor op per request.
     """
 
     first: int
     ids: list[torch.Tensor]
     hidden: list[torch.Tensor]
     length: int = 0
+    pending: list[tuple[int, torch.Tensor, int]] = dataclasses.field(default_factory=list)
 
     @property
     def end(self) -> int:
         """One past the last kept position."""
         return self.first + self.length
 
+    def flush(self) -> None:
+        """Turn the pending single positions into one chunk."""
+        if self.pending:
+            rows = self.pending[0][1]
+            self.ids.append(torch.tensor([t for t, _, _ in self.pending], dtype=torch.int32, device=rows.device))
+            self.hidden.append(torch.stack([r[i] for _, r, i in self.pending]))
+            self.pending = []
+
     def truncate(self, before: int) -> None:
         """Drop kept positions >= ``before``."""
         keep = max(before - self.first, 0)
         if keep >= self.length:
             return
+        self.flush()
         ids, hidden = torch.cat(self.ids)[:keep], torch.cat(self.hidden)[:keep]
         self.ids, self.hidden, self.length = [ids], [hidden], keep
 
     def take(self, n: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Remove and return the first ``n`` kept positions: (first position, ids [n], hidden [n, H])."""
+        self.flush()
         ids, hidden = torch.cat(self.ids), torch.cat(self.hidden)
         first = self.first
         self.ids, self.hidden = [ids[n:]], [hidden[n:]]
@@ -75,6 +88,7 @@ class SkippedPositions:
         run = self.runs.get(req_id)
         if run is not None and run.length and run.first <= first <= run.end:
             self.truncate(req_id, first)   # recomputed positions replace the kept ones
+            run.flush()                    # pending single positions come first
             run.ids.append(ids)
             run.hidden.append(hidden)
             run.length += n
@@ -82,6 +96,19 @@ class SkippedPositions:
             self.drop(req_id)
             self.runs[req_id] = Run(first, [ids], [hidden], n)
         self.total += n
+
+    def keep_one(self, req_id: str, position: int, token: int, rows: torch.Tensor, row: int) -> None:
+        """Keep one position of a request (a decode step's): token id ``token`` and hidden state ``rows[row]``
+        (``rows``: the step's hidden states, owned by the caller's copy and shared by its requests). No tensor op
+        when the position follows the request's run (the common case); `keep` otherwise."""
+        run = self.runs.get(req_id)
+        if run is not None and run.length and run.end == position:
+            run.pending.append((token, rows, row))
+            run.length += 1
+            self.total += 1
+            return
+        ids = torch.tensor([token], dtype=torch.int32, device=rows.device)
+        self.keep(req_id, position, ids, rows[row: row + 1])
 
     def truncate(self, req_id: str, before: int) -> None:
         """Forget the kept positions >= ``before`` of a request (they are being computed again)."""
