@@ -143,10 +143,13 @@ def _worker(spec_path: str, out_path: str) -> None:
             dt += time.perf_counter() - t
             cpu += cpu_seconds(name) - c
             ids += [list(o.outputs[0].token_ids) for o in outs]
-        steps = [t for _, _, t in read_log(step_log)]
+        logged = read_log(step_log)
+        steps = [t for _, k, t in logged if k >= 0]
+        other = [t for _, k, t in logged if k < 0]
         return {"round": rnd, "batch": batch, "engine": name, "mode": mode, "seconds": dt, "cpu_seconds": cpu,
                 "tokens": sum(len(x) for x in ids), "token_ids": ids, "decode_steps": len(steps),
-                "step_median_s": statistics.median(steps) if steps else None,
+                "step_median_s": statistics.median(steps) if steps else None, "step_sum_s": sum(steps),
+                "other_steps": len(other), "other_steps_s": sum(other),
                 "stats_before": before, "stats_after": read_stats() if name == "mtp" else None,
                 "counters_before": c0, "counters_after": counters()}
 
@@ -286,6 +289,10 @@ def mode_row(rs: list[dict], ref: dict) -> dict:
         "decode_request_steps": steps, "engine_steps_by_k": _sum(d["k_hist"] for d in ds), "drafter": drafter,
         "lossless": all(r["token_ids"] == ref[r["batch"]] for r in rs),
         "seconds": [round(r["seconds"], 3) for r in rs],
+        # where a run's time went: decode-only engine steps (their median and sum), the other steps
+        "step_median_ms": [round(1e3 * r["step_median_s"], 3) if r.get("step_median_s") else None for r in rs],
+        "decode_steps_s": [round(r.get("step_sum_s", 0.0), 3) for r in rs],
+        "other_steps_s": [round(r.get("other_steps_s", 0.0), 3) for r in rs],
     }
     if all("bracket" in r for r in rs):
         # per run: tokens/s over the mean of the plain runs just before and after it; the median over rounds
@@ -317,7 +324,11 @@ def summarize(runs: list[dict], contrast: list[dict], batches: list[int]) -> dic
                                "tok_per_cpu_s": statistics.median(r["tokens"] / r["cpu_seconds"] for r in base),
                                "tokens_per_target_forward": 1.0,
                                "lossless": all(r["token_ids"] == ref[batch] for r in base),
-                               "seconds": [round(r["seconds"], 3) for r in base]}}
+                               "seconds": [round(r["seconds"], 3) for r in base],
+                               "step_median_ms": [round(1e3 * r["step_median_s"], 3) if r.get("step_median_s")
+                                                  else None for r in base],
+                               "decode_steps_s": [round(r.get("step_sum_s", 0.0), 3) for r in base],
+                               "other_steps_s": [round(r.get("other_steps_s", 0.0), 3) for r in base]}}
         for mode in dict.fromkeys(r["mode"] for r in mtp):
             rows[mode] = mode_row([r for r in mtp if r["batch"] == batch and r["mode"] == mode], ref)
         if contrast:

@@ -1,9 +1,9 @@
-"""Benchmark-only schedulers that log the wall time of every decode-only engine step (`benchmarks/mtp.py`).
+"""Benchmark-only schedulers that log the wall time of every engine step (`benchmarks/mtp.py`).
 
 A step is timed from its `schedule()` to the next one (the model runner, the post-step draft round trip,
 the engine loop; an interval that ends in an idle engine is dropped), as `AdaptiveDraftScheduler` times
-the steps its rule learns from. When the engine becomes idle the log is written, as JSON lines of [decoding
-requests, k, seconds], to the file named by `FRONTIER_BENCH_STEP_LOG` (appended; the benchmark reads and
+the steps its rule learns from. When the engine becomes idle the log is written, as JSON lines of [scheduled
+requests, k, seconds] (k = -1: a step that is not decode-only: prompt tokens, or a request's first token), to the file named by `FRONTIER_BENCH_STEP_LOG` (appended; the benchmark reads and
 removes it after each run). The median step of a run is robust to the CPU hiccups that move a run's total.
 
     StepLogScheduler          vLLM's scheduler (the plain engine)
@@ -40,12 +40,14 @@ class _StepLog:
             self._log.append((batch, k, start - t0))
             self._log_pending = None
         out = super().schedule(*args, **kwargs)
-        decode_only = bool(out.num_scheduled_tokens) and all(
-            n == 1 + len(out.scheduled_spec_decode_tokens.get(rid, ())) and rid in self.requests
-            and self.requests[rid].num_output_tokens > 0
-            for rid, n in out.num_scheduled_tokens.items())
-        if decode_only:
-            self._log_pending = (start, len(out.num_scheduled_tokens), out.num_spec_tokens_to_schedule)
+        if out.num_scheduled_tokens:
+            decode_only = all(
+                n == 1 + len(out.scheduled_spec_decode_tokens.get(rid, ())) and rid in self.requests
+                and self.requests[rid].num_output_tokens > 0
+                for rid, n in out.num_scheduled_tokens.items())
+            # k = -1: a step with prompt tokens or a request's first output token
+            k = out.num_spec_tokens_to_schedule if decode_only else -1
+            self._log_pending = (start, len(out.num_scheduled_tokens), k)
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
