@@ -3,8 +3,9 @@
 A step is timed from its `schedule()` to the next one (the model runner, the post-step draft round trip,
 the engine loop; an interval that ends in an idle engine is dropped), as `AdaptiveDraftScheduler` times
 the steps its rule learns from. When the engine becomes idle the log is written, as JSON lines of [scheduled
-requests, k, seconds] (k = -1: a step that is not decode-only: prompt tokens, or a request's first token), to the file named by `FRONTIER_BENCH_STEP_LOG` (appended; the benchmark reads and
-removes it after each run). The median step of a run is robust to the CPU hiccups that move a run's total.
+requests, k, seconds] (k = -1: a step that is not decode-only: prompt tokens, or a request's first token),
+to the file named by `FRONTIER_BENCH_STEP_LOG` (appended; the benchmark reads and removes it after each
+run). The median decode step of a run is robust to the CPU hiccups that move a run's total.
 
     StepLogScheduler          vLLM's scheduler (the plain engine)
     PinnedStepLogScheduler    `PinnedDraftScheduler` (the MTP engine)

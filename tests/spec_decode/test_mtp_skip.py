@@ -1,8 +1,9 @@
 """The drafter-skipping MTP proposer inside real vLLM CPU engines, on the embedded trained model (V3 view,
 so acceptance means something): a step pinned to k = 0 runs no drafter forward at all (counted by a forward
-hook on the drafter model) and runs as a plain step (no speculative metadata, plain sampler), drafting resumes after pauses inside one request with the skipped positions
-replayed first, acceptance right after a pause is at its steady level, and greedy token ids equal the plain
-engine's in every mode (pinned k = 0, a k cycle with pauses, fixed k = 3, adaptive).
+hook on the drafter model) and runs as a plain step (no speculative metadata, plain sampler), drafting
+resumes after pauses inside one request with the skipped positions replayed first, acceptance right after
+a pause is at its steady level, greedy token ids equal the plain engine's in every mode (pinned k = 0, a k
+cycle with pauses, fixed k = 3, adaptive), and the rule learns from its own steps only.
 """
 
 from __future__ import annotations

@@ -504,11 +504,12 @@ class DraftLengthPolicy:
         """[k*(B) for B in 0..max_batch]; entry 0 (no decode requests) repeats entry 1.
 
         Per range of batch-size buckets that share an anchor (`cost_function`), filled by bisection on the
-        breakpoints (O(K log width) evaluations per range instead of one per batch size). Exact for the fitted model alone: for
-        k > j its throughput ratio of k over j is a linear-fractional function of B (monotone) whose limit
-        for large B, E(k) (j + 1) / (E(j) (k + 1)) at most, is <= 1, so k beats j on an initial range of
-        batch sizes only and k*(B) is non-increasing; a measured anchor scales each k's cost by one factor
-        over its whole range (where the bisection may miss a breakpoint that the scaling introduced).
+        breakpoints (O(K log width) evaluations per range instead of one per batch size). Exact for the fitted
+        model alone: for k > j its throughput ratio of k over j is a linear-fractional function of B
+        (monotone) whose limit for large B, E(k) (j + 1) / (E(j) (k + 1)) at most, is <= 1, so k beats j on an
+        initial range of batch sizes only and k*(B) is non-increasing; a measured anchor scales each k's cost
+        by one factor over its whole range (where the bisection may miss a breakpoint that the scaling
+        introduced).
         """
         gain = gains(self.acceptance(), self.config.max_k)
         fit = self.cost.costs()

@@ -6,8 +6,9 @@ the step's batch size; vLLM fills it from the static `num_speculative_tokens_per
 V1 model runner passes it to `EagleProposer.propose(num_speculative_tokens=...)`, which drafts that many
 tokens (0 included). This subclass, installed with vLLM's `--scheduler-cls` option, rewrites that table
 from the measured acceptance and step times (each decode-only step timed from its `schedule()` to the next
-one), and trims drafts made under a larger k before they are verified. It changes nothing else: verification is vLLM's rejection sampler, so outputs
-are those of the target model (greedy: identical token ids).
+one), and trims drafts made under a larger k before they are verified. It changes nothing else:
+verification is vLLM's rejection sampler, so outputs are those of the target model (greedy: identical
+token ids).
 
 `PinnedDraftScheduler` (benchmarks, tests, operators): k follows a small text file named by
 `FRONTIER_MTP_PIN_FILE`, read every 20 ms: `adaptive`, a fixed `k`, or a cycle `3,0,1,2` (one entry per
