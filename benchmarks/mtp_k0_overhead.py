@@ -78,6 +78,8 @@ def run_engine(model: str, mtp: bool, args, env_extra: dict) -> list[dict]:
         Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRONTIER_")}
         env.update(env_extra, FRONTIER_MTP_PIN_FILE=spec["pin"], FRONTIER_BENCH_K0_TIMERS=spec["timers"])
+        if args.pin_check_every is not None:
+            env["FRONTIER_BENCH_PIN_CHECK_EVERY"] = str(args.pin_check_every)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         here = str(Path(__file__).resolve().parent)   # the engine imports mtp_k0_timers from here
         env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs per batch size in each engine (default 3)")
     p.add_argument("--repeats", type=int, default=2, help="plain/MTP engine pairs per view (default 2)")
     p.add_argument("--batch1-prompts", type=int, default=3)
+    p.add_argument("--pin-check-every", type=float, default=None,
+                   help="seconds between the MTP scheduler's reads of its pin file (default: the scheduler's "
+                        "20 ms; 0: every step, to show what a file read per step costs)")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = Report(args.json, meta={"commit": git_commit(), "views": views, "batches": args.batches,
                                      "tokens": args.tokens, "runs": args.runs, "repeats": args.repeats,
-                                     "batch1_prompts": args.batch1_prompts, "loadavg_start": os.getloadavg()})
+                                     "batch1_prompts": args.batch1_prompts, "pin_check_every": args.pin_check_every,
+                                     "loadavg_start": os.getloadavg()})
     for view in views:
         model = str(embedded_model_path(view))
         env = {"FRONTIER_DSA": "1"} if view == "v32" else {}

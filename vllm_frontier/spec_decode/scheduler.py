@@ -263,8 +263,9 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
 
     # Seconds between reads of the file (a new pin takes effect within this time). No system call per step: any
     # call that releases the GIL in the engine core's step loop waits for the core's input and output threads
-    # to hand it back; measured on vLLM CPU (embedded model, V3 view, batch 1), one `os.stat` per step took
-    # 0.34 ms there (median; 2 us in a lone process), 5-7 % of a decode step.
+    # to hand it back; read every step on vLLM CPU (embedded model, V3 view, batch 1), this scheduler's own time
+    # was 206 us per step instead of 24 us, 4 % of a decode step (`benchmarks/mtp_k0_overhead.py
+    # --pin-check-every 0`, `benchmarks/results/mtp/k0_overhead_pin_read_every_step.json`).
     pin_check_every = 0.02
 
     def __init__(self, *args, **kwargs) -> None:
