@@ -43,7 +43,7 @@ def _worker(spec_path: str, out_path: str) -> None:
     kw = dict(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
               max_num_seqs=max(spec["batches"]), compilation_config={"custom_ops": ["-rotary_embedding"]})
     if spec["mtp"]:
-        write_pin(spec["pin"], "0")
+        write_pin(spec["pin"], spec["mtp_pin"])
         kw.update(speculative_config={"method": "mtp", "num_speculative_tokens": 3},
                   scheduler_cls="mtp_k0_timers.MTPTimedScheduler", worker_cls="mtp_k0_timers.MTPTimedWorker",
                   distributed_executor_backend=executor_backend("mp"))
@@ -73,8 +73,8 @@ def _worker(spec_path: str, out_path: str) -> None:
 
 def run_engine(model: str, mtp: bool, args, env_extra: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        spec = {"model": model, "mtp": mtp, "tokens": args.tokens, "runs": args.runs, "batches": args.batches,
-                "batch1_prompts": args.batch1_prompts, "pin": f"{tmp}/pin", "timers": f"{tmp}/timers.jsonl"}
+        spec = {"model": model, "mtp": mtp, "mtp_pin": args.mtp_pin, "tokens": args.tokens, "runs": args.runs,
+                "batches": args.batches, "batch1_prompts": args.batch1_prompts, "pin": f"{tmp}/pin", "timers": f"{tmp}/timers.jsonl"}
         Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRONTIER_")}
         env.update(env_extra, FRONTIER_MTP_PIN_FILE=spec["pin"], FRONTIER_BENCH_K0_TIMERS=spec["timers"])
@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs per batch size in each engine (default 3)")
     p.add_argument("--repeats", type=int, default=2, help="plain/MTP engine pairs per view (default 2)")
     p.add_argument("--batch1-prompts", type=int, default=3)
+    p.add_argument("--mtp-pin", default="0", choices=["0", "adaptive"],
+                   help="the MTP engine pinned at k = 0 (default) or under the adaptive rule (its own time per "
+                        "step; the steps it drafts, probes, move the worker's medians little)")
     p.add_argument("--pin-check-every", type=float, default=None,
                    help="seconds between the MTP scheduler's reads of its pin file (default: the scheduler's "
                         "20 ms; 0: every step, to show what a file read per step costs)")
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.json, meta={"commit": git_commit(), "views": views, "batches": args.batches,
                                      "tokens": args.tokens, "runs": args.runs, "repeats": args.repeats,
                                      "batch1_prompts": args.batch1_prompts, "pin_check_every": args.pin_check_every,
+                                     "mtp_pin": args.mtp_pin,
                                      "loadavg_start": os.getloadavg()})
     for view in views:
         model = str(embedded_model_path(view))
