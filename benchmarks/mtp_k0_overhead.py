@@ -74,7 +74,8 @@ def _worker(spec_path: str, out_path: str) -> None:
 def run_engine(model: str, mtp: bool, args, env_extra: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"model": model, "mtp": mtp, "mtp_pin": args.mtp_pin, "tokens": args.tokens, "runs": args.runs,
-                "batches": args.batches, "batch1_prompts": args.batch1_prompts, "pin": f"{tmp}/pin", "timers": f"{tmp}/timers.jsonl"}
+                "batches": args.batches, "batch1_prompts": args.batch1_prompts, "pin": f"{tmp}/pin",
+                "timers": f"{tmp}/timers.jsonl"}
         Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRONTIER_")}
         env.update(env_extra, FRONTIER_MTP_PIN_FILE=spec["pin"], FRONTIER_BENCH_K0_TIMERS=spec["timers"])
