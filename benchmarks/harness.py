@@ -128,6 +128,27 @@ class Report:
             Path(self.out).write_text(json.dumps(_finite(self.data), indent=2))
 
 
+def run_worker(script: str | Path, spec: dict, tmp: str | Path, env_extra: dict, timeout: float):
+    """Run ``python SCRIPT --_worker SPEC.json OUT.json`` in a fresh process (one vLLM engine or a few, and
+    nothing of them left in this one) and return the JSON it wrote to OUT.json.
+
+    The child's environment: this one without ``FRONTIER_*`` variables (a benchmark states its features),
+    plus ``env_extra``, `VLLM_CPU_KVCACHE_SPACE` 1 GiB unless set, and the script's folder first on
+    PYTHONPATH (vLLM's engine processes import benchmark-only classes from there by qualified name)."""
+    tmp = Path(tmp)
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRONTIER_")}
+    env.update(env_extra)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    here = str(Path(script).resolve().parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, str(script), "--_worker", str(tmp / "spec.json"), str(tmp / "out.json")],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads((tmp / "out.json").read_text())
+
+
 def compare(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float = 0.0) -> dict:
     """Agreement record: max abs error, worst excess over the tolerance, and whether inf/NaN positions match."""
     g, w = got.float(), want.float()

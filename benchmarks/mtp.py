@@ -56,6 +56,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import run_worker  # noqa: E402
 from mtp_step_log import read_log  # noqa: E402
 
 PROMPTS = ["def main(argv):\n", "import os\n\nclass Config:\n", "for i in range(10):\n", "# Copyright\n\"\"\"Utils",
@@ -226,18 +227,10 @@ def run_engines(model: str, engines: list[str], modes: dict[str, str], args, env
                 "batch1_prompts": args.batch1_prompts, "batches": args.batches, "switch_gap": args.switch_gap,
                 "modes": list(modes), "pins": modes, "pin": f"{tmp}/pin", "stats": f"{tmp}/stats.json",
                 "step_log": f"{tmp}/steps.jsonl", "pin_cores": args.pin_cores}
-        Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FRONTIER_")}
-        env.update(env_extra, FRONTIER_MTP_PIN_FILE=spec["pin"], FRONTIER_MTP_STATS=spec["stats"],
-                   FRONTIER_BENCH_STEP_LOG=spec["step_log"])
-        here = str(Path(__file__).resolve().parent)   # the engine core imports mtp_step_log from here
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        cmd = [sys.executable, __file__, "--_worker", f"{tmp}/spec.json", f"{tmp}/out.json"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"engine worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        out = json.loads(Path(f"{tmp}/out.json").read_text())
+        # the engine core imports mtp_step_log from this folder (run_worker puts it on PYTHONPATH)
+        out = run_worker(__file__, spec, tmp, env_extra | {
+            "FRONTIER_MTP_PIN_FILE": spec["pin"], "FRONTIER_MTP_STATS": spec["stats"],
+            "FRONTIER_BENCH_STEP_LOG": spec["step_log"]}, args.timeout)
         placements.append({"engines": engines, "placement": out["placement"]})
         return out["runs"]
 

@@ -22,12 +22,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Report, git_commit, run_worker  # noqa: E402
 
 PROMPTS = ["def main(argv):\n", "import os\n\nclass Config:\n", "for i in range(10):\n", "# Copyright\n\"\"\"Utils",
            "with open(path) as f:\n", "try:\n    import json\n", "def __init__(self, name):\n", "return [x for x in"]
@@ -76,19 +77,11 @@ def run_engine(model: str, mtp: bool, args, env_extra: dict) -> list[dict]:
         spec = {"model": model, "mtp": mtp, "mtp_pin": args.mtp_pin, "tokens": args.tokens, "runs": args.runs,
                 "batches": args.batches, "batch1_prompts": args.batch1_prompts, "pin": f"{tmp}/pin",
                 "timers": f"{tmp}/timers.jsonl"}
-        Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FRONTIER_")}
-        env.update(env_extra, FRONTIER_MTP_PIN_FILE=spec["pin"], FRONTIER_BENCH_K0_TIMERS=spec["timers"])
+        env = env_extra | {"FRONTIER_MTP_PIN_FILE": spec["pin"], "FRONTIER_BENCH_K0_TIMERS": spec["timers"]}
         if args.pin_check_every is not None:
             env["FRONTIER_BENCH_PIN_CHECK_EVERY"] = str(args.pin_check_every)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        here = str(Path(__file__).resolve().parent)   # the engine imports mtp_k0_timers from here
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-        proc = subprocess.run([sys.executable, __file__, "--_worker", f"{tmp}/spec.json", f"{tmp}/out.json"],
-                              env=env, capture_output=True, text=True, timeout=args.timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"engine worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        return json.loads(Path(f"{tmp}/out.json").read_text())
+        # the engine imports mtp_k0_timers from this folder (run_worker puts it on PYTHONPATH)
+        return run_worker(__file__, spec, tmp, env, args.timeout)
 
 
 TIMERS = ("worker_execute", "worker_sample", "runner_execute", "runner_sample", "keep_plain_step",
@@ -133,8 +126,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--tokens >= 2, --runs >= 1, --repeats >= 1 and batch sizes >= 1 are required")
     if not 1 <= args.batch1_prompts <= len(PROMPTS):
         p.error(f"--batch1-prompts must be in [1, {len(PROMPTS)}]")
-    from harness import Report, git_commit
-
     from vllm_frontier.models.embedded import embedded_model_path
 
     report = Report(args.json, meta={"commit": git_commit(), "views": views, "batches": args.batches,

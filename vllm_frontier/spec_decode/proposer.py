@@ -120,9 +120,8 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
         n = state.scheduler_output.total_num_scheduled_tokens
         if n == len(req_ids) and all(sampled[:n]):
             # one token per request (a decode step, the common case): position p's drafter input is the token
-            # sampled after it; a few tensor ops per step instead of the general path's
-            # (no tensor op per request: `keep_one` defers them to the catch-up; two slices and a `keep` per request
-            # made this path grow with the batch, in every plain step)
+            # sampled after it; one copy of the step's hidden states and no tensor op per request (`keep_one`
+            # defers them to the catch-up), instead of the general path's
             positions = runner._get_positions(n).tolist()
             rows = hidden[:n].clone()   # the runner reuses its hidden-state buffer next step
             keep_one = self.skipped.keep_one

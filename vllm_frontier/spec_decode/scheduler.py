@@ -304,7 +304,7 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
         return ks is not None or self._is_pinned or super().table_due()
 
     def choose_table(self) -> list[int]:
-        ks = self._pin if self._pin_path else None
+        ks = self._pin   # as `table_due` just read it (None without a pin file)
         self._is_pinned = ks is not None
         if ks is None:
             return super().choose_table()
