@@ -339,6 +339,9 @@ def test_measured_step_times_overrule_the_pooled_fit_at_their_batch_size():
         pol.observe_step(1, 0, 4e-3)
         pol.observe_step(1, 1, 11.2e-3)
     assert pol.measured_ratios() == {"1-1": {1: 2.8}}
+    pol.observe_step(5, 2, 9e-3)   # one point: shown among the timed cells, too few to anchor anything
+    assert pol.step_time_cells() == {"1-1": {0: [4.0, 4], 1: [11.2, 4]}, "5-6": {2: [9.0, 1]}}
+    assert pol.measured_ratios() == {"1-1": {1: 2.8}}
     assert pol.choose(1) == 0 and not pol.drafting_can_pay(1)
     # k = 2, 3 unmeasured: the measured k = 1 ratio carried by the fit's shape, so they cost more than k = 1
     costs = pol.step_costs(1, pol.cost.costs(), pol._anchor(0, pol._measured()))

@@ -415,6 +415,17 @@ class DraftLengthPolicy:
         return {"%d-%d" % bucket_range(b): {k: round(r, 3) for k, (r, _) in ks.items()}
                 for b, ks in sorted(self._measured().items())}
 
+    def step_time_cells(self) -> dict[str, dict[int, list]]:
+        """{"lo-hi" batch sizes: {k: [median ms, points]}} of every timed cell (JSON-ready, for stats): what the
+        rule has measured, before `cell_min_points` lets a cell anchor the costs."""
+        out: dict[str, dict[int, list]] = {}
+        for b in sorted(self.times.buckets()):
+            for k in range(self.config.max_k + 1):
+                got = self.times.summary(b, k)
+                if got is not None:
+                    out.setdefault("%d-%d" % bucket_range(b), {})[k] = [round(1e3 * got[0], 3), got[2]]
+        return out
+
     @staticmethod
     def _anchor(bucket: int, measured: dict) -> dict[int, tuple[float, float]] | None:
         """The measured ratios of ``bucket``, else of the nearest measured bucket (ties: the larger one, whose

@@ -239,6 +239,7 @@ class AdaptiveDraftScheduler(Scheduler):
         c["fixed_cost_estimate"], c["drafting_cost_estimate"] = self._policy.cost.costs()
         c["k_table_head"] = self._table[:33]
         c["measured_cost_ratios"] = self._policy.measured_ratios()
+        c["step_time_cells"] = self._policy.step_time_cells()
         return c
 
     def _write_stats(self) -> None:
