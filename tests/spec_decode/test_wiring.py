@@ -117,6 +117,56 @@ def test_pin_file_grammar(tmp_path, monkeypatch):
         s.pinned()
 
 
+def test_pin_is_read_at_the_first_step_after_idle_and_rarely_while_busy(tmp_path, monkeypatch):
+    from vllm_frontier.spec_decode.scheduler import PinnedDraftScheduler
+
+    s = PinnedDraftScheduler.__new__(PinnedDraftScheduler)
+    s.num_spec_tokens = 3
+    s._pin_path = str(tmp_path / "pin")
+    s._pin, s._pin_read_at = None, -1e9
+    (tmp_path / "pin").write_text("2")
+    assert s.pinned() == [2]
+    (tmp_path / "pin").write_text("0")   # written while busy: not seen before pin_check_every has passed
+    assert s.pinned() == [2]
+    s.became_idle()                      # the engine's last request finished: the next step reads the file
+    assert s.pinned() == [0]
+    assert PinnedDraftScheduler.pin_check_every >= 0.1   # a busy engine reads it every few dozen steps at most
+
+
+def fake_step(scheduled: dict, spec: dict, sampled: dict, k: int):
+    so = types.SimpleNamespace(num_scheduled_tokens=scheduled, scheduled_spec_decode_tokens=spec,
+                               total_num_scheduled_tokens=sum(scheduled.values()), num_spec_tokens_to_schedule=k)
+    rows = list(sampled)
+    mo = types.SimpleNamespace(req_id_to_index={r: i for i, r in enumerate(rows)},
+                               sampled_token_ids=[sampled[r] for r in rows])
+    return so, mo
+
+
+def test_step_counters_of_plain_and_drafting_steps():
+    from vllm_frontier.spec_decode.policy import DraftLengthPolicy, PolicyConfig
+    from vllm_frontier.spec_decode.scheduler import AdaptiveDraftScheduler
+
+    s = AdaptiveDraftScheduler.__new__(AdaptiveDraftScheduler)
+    s.num_spec_tokens = 3
+    s._policy = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.25))
+    s._step, s._verify_run, s._stale = 5, 1, False
+    s._counts = {"steps": 0, "decode_request_steps": 0, "decode_tokens": 0, "reached_per_pos": [0] * 3,
+                 "accepted_per_pos": [0] * 3, "draft_tokens_verified": 0,
+                 "run_reached_per_pos": [[0] * 3 for _ in range(4)],
+                 "run_accepted_per_pos": [[0] * 3 for _ in range(4)]}
+    req = lambda n_out: types.SimpleNamespace(num_output_tokens=n_out)   # noqa: E731
+    s.requests = {"a": req(4), "b": req(0), "c": req(7), "d": req(2)}
+    # k = 0: a, c decode one token each; b gets its first token after a 6-token prompt; d is a partial chunk
+    s._observe(*fake_step({"a": 1, "b": 6, "c": 1, "d": 3}, {}, {"a": [11], "b": [12], "c": [13], "d": []}, 0))
+    c = s._counts
+    assert (c["steps"], c["decode_request_steps"], c["decode_tokens"], c["draft_tokens_verified"]) == (1, 2, 2, 0)
+    # k = 2: a accepts both drafts (3 tokens), c none (1 token)
+    s._observe(*fake_step({"a": 3, "c": 3}, {"a": [5, 6], "c": [7, 8]}, {"a": [5, 6, 9], "c": [1]}, 2))
+    assert (c["steps"], c["decode_request_steps"], c["decode_tokens"], c["draft_tokens_verified"]) == (2, 4, 6, 4)
+    assert c["reached_per_pos"] == [2, 1, 0] and c["accepted_per_pos"] == [1, 1, 0]
+    assert s._stale and s._policy.window.reached == [2, 1, 0]
+
+
 def test_draft_cost_ratio_from_the_model_config():
     from vllm_frontier.spec_decode.scheduler import draft_cost_ratio
 

@@ -11,7 +11,7 @@ verification is vLLM's rejection sampler, so outputs are those of the target mod
 token ids).
 
 `PinnedDraftScheduler` (benchmarks, tests, operators): k follows a small text file named by
-`FRONTIER_MTP_PIN_FILE`, read every 20 ms: `adaptive`, a fixed `k`, or a cycle `3,0,1,2` (one entry per
+`FRONTIER_MTP_PIN_FILE`, read at the first step after the engine was idle and every 0.5 s while it is busy: `adaptive`, a fixed `k`, or a cycle `3,0,1,2` (one entry per
 step). One MTP engine then serves adaptive and fixed-k runs side by side; pinned steps teach the rule
 nothing.
 
@@ -116,6 +116,9 @@ class AdaptiveDraftScheduler(Scheduler):
         """Whether the rule learns from the current step (its time and acceptance outcomes)."""
         return True
 
+    def became_idle(self) -> None:
+        """Called when the last request of a busy period finished (a subclass may override)."""
+
     def probe_k(self, k_now: int, batch: int = 1) -> int | None:
         """An exploration step's k instead of the rule's ``k_now`` at ``batch`` decoding requests, or None
         (`DraftLengthPolicy.probe`)."""
@@ -154,8 +157,8 @@ class AdaptiveDraftScheduler(Scheduler):
             if len(req.spec_token_ids) > k_now:
                 req.spec_token_ids = req.spec_token_ids[:k_now]
         out = super().schedule(*args, **kwargs)
-        units = self._decode_units(out)
-        if units is not None and self.learns():
+        units = self._decode_units(out) if self.learns() else None
+        if units is not None:
             self._pending = (start, len(out.num_scheduled_tokens), units, out.num_spec_tokens_to_schedule)
         if out.num_scheduled_tokens:
             self._counts["k_histogram"][min(out.num_spec_tokens_to_schedule, self.num_spec_tokens)] += 1
@@ -171,6 +174,7 @@ class AdaptiveDraftScheduler(Scheduler):
         idle = not self.running and not self.waiting
         if idle:
             self._pending = None   # the time until the next step would include the engine's idle wait
+            self.became_idle()
         if self._stats_path and (idle or time.monotonic() - self._last_write > 2.0):
             self._write_stats()
         return result
@@ -199,6 +203,22 @@ class AdaptiveDraftScheduler(Scheduler):
         outcomes = []
         index = model_runner_output.req_id_to_index
         sampled = model_runner_output.sampled_token_ids
+        if not scheduler_output.scheduled_spec_decode_tokens:
+            # no drafts verified (a k = 0 step): only the decode requests' one token each to count, in one pass
+            requests = self.requests
+            n = 0
+            for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
+                if n_sched == 1:
+                    i = index.get(req_id)
+                    req = requests.get(req_id)
+                    if i is not None and i < len(sampled) and sampled[i] and req is not None \
+                            and req.num_output_tokens > 0:
+                        n += 1
+            c["decode_request_steps"] += n
+            c["decode_tokens"] += n
+            if self.learns():
+                self._policy.window.expire(self._step)   # as `observe` with no outcome
+            return
         for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
             i = index.get(req_id)
             if i is None or i >= len(sampled) or not sampled[i]:
@@ -258,16 +278,19 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
 
     File contents: `adaptive` (or no file / empty file): the policy, refreshed as `AdaptiveDraftScheduler`
     refreshes it, learning from the adaptive steps only; `k`: fixed k (clipped to [0, K]); `k1,k2,...`: one
-    entry per step, cycling. The file is read at most every `pin_check_every` seconds: write it, then wait that
-    long before the steps it is meant for. An unreadable or malformed file raises ValueError naming it.
+    entry per step, cycling. The file is read at the first step after the engine was idle (a pin written
+    between runs holds for the whole next run) and at most every `pin_check_every` seconds while it is busy
+    (`write_pin`). An unreadable or malformed file raises ValueError naming it.
     """
 
-    # Seconds between reads of the file (a new pin takes effect within this time). No system call per step: any
-    # call that releases the GIL in the engine core's step loop waits for the core's input and output threads
-    # to hand it back; read every step on vLLM CPU (embedded model, V3 view, batch 1), this scheduler's own time
-    # was 206 us per step instead of 24 us, 4 % of a decode step (`benchmarks/mtp_k0_overhead.py
-    # --pin-check-every 0`, `benchmarks/results/mtp/k0_overhead_pin_read_every_step.json`).
-    pin_check_every = 0.02
+    # Seconds between reads of the file while busy (a pin written then takes effect within this time). No
+    # system call per step: any call that releases the GIL in the engine core's step loop waits for the core's
+    # input and output threads to hand it back; read every step on vLLM CPU (embedded model, V3 view, batch 1),
+    # this scheduler's own time was 206 us per step instead of 24 us, 4 % of a decode step
+    # (`benchmarks/mtp_k0_overhead.py --pin-check-every 0`,
+    # `benchmarks/results/mtp/k0_overhead_pin_read_every_step.json`); read every 20 ms, still every second or
+    # third step of an 8 ms decode step.
+    pin_check_every = 0.5
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -299,6 +322,9 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
         self._pin = ks
         return ks
 
+    def became_idle(self) -> None:
+        self._pin_read_at = -1e9   # the next busy period starts with a fresh read
+
     def table_due(self) -> bool:
         ks = self.pinned()
         # a pin takes effect at once (a cycle advances one entry per step); back to adaptive: recompute once
@@ -321,8 +347,11 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
         return not self._is_pinned
 
 
-def write_pin(path, text: str) -> None:
-    """Pin the k of a `PinnedDraftScheduler` reading ``path``: write ``text`` and wait until the engine's next
-    read of the file (`PinnedDraftScheduler.pin_check_every`), so that every step after the return follows it."""
+def write_pin(path, text: str, busy: bool = False) -> None:
+    """Pin the k of a `PinnedDraftScheduler` reading ``path``: write ``text``. An idle engine (every request
+    finished: `LLM.generate` returned) reads it at its next step; for an engine that is ``busy`` this waits
+    until its next read (`PinnedDraftScheduler.pin_check_every`), so that every step after the return follows
+    it."""
     Path(path).write_text(text)
-    time.sleep(2 * PinnedDraftScheduler.pin_check_every)
+    if busy:
+        time.sleep(2 * PinnedDraftScheduler.pin_check_every)
