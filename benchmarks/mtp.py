@@ -46,11 +46,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -90,18 +93,37 @@ def _worker(spec_path: str, out_path: str) -> None:
             kw.update(scheduler_cls=PLAIN_CLS)
         return LLM(**kw)
 
-    engines, engine_pids, known = {}, {}, set()
+    from mtp_step_log import LOG_ENV
+
+    concurrent = spec["concurrent"] and {"plain", "mtp"} <= set(spec["engines"])
+    engines, engine_pids, known, logs, client_tids = {}, {}, set(), {}, {}
     for name in spec["engines"]:   # each engine's processes (EngineCore, workers), for its CPU seconds
+        logs[name] = Path(f"{spec['step_log']}.{name}")
+        os.environ[LOG_ENV] = str(logs[name])   # the engine core started now reads it
+        before = {t.native_id for t in threading.enumerate()}
         engines[name] = make(name == "mtp")
+        # this process's threads serving the engine (its output thread): placed with the engine
+        client_tids[name] = [t.native_id for t in threading.enumerate() if t.native_id not in before]
         engine_pids[name] = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in known]
         known.update(engine_pids[name])
-    placement = pin_engine_cores(engine_pids) if spec["pin_cores"] else None
+    placed: dict[str, set[int]] = {}
+
+    def place(cpus: dict[str, set[int]]) -> dict:
+        placed.update(cpus)
+        return place_engines(engine_pids, cpus, client_tids)
+
+    if concurrent:
+        halves = split_cpus()
+        placement = place({"plain": halves[0], "mtp": halves[1]})
+    else:
+        placement = pin_engine_cores(engine_pids) if spec["pin_cores"] else None
 
     def cpu_seconds(name: str) -> float:
         """CPU time of this process and the engine's: a cost measure that machine load distorts far less than
         wall time (other processes' time is not counted)."""
         total = 0.0
-        for pid in [psutil.Process().pid, *engine_pids[name]]:
+        # concurrent runs: this process serves both engines at once, its time is nobody's alone
+        for pid in ([] if concurrent else [psutil.Process().pid]) + engine_pids[name]:
             try:
                 t = psutil.Process(pid).cpu_times()
                 total += t.user + t.system
@@ -110,7 +132,7 @@ def _worker(spec_path: str, out_path: str) -> None:
         return total
 
     params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
-    pin, stats, step_log = Path(spec["pin"]), Path(spec["stats"]), Path(spec["step_log"])
+    pin, stats = Path(spec["pin"]), Path(spec["stats"])
     if "mtp" in engines:
         write_pin(pin, "0")
     for llm in engines.values():
@@ -129,14 +151,16 @@ def _worker(spec_path: str, out_path: str) -> None:
 
     def run(name: str, mode: str, batch: int, rnd: int) -> dict:
         llm = engines[name]
-        if last["engine"] not in (None, name):
+        if concurrent:   # this thread (it submits the requests and collects the outputs) on the engine's CPUs
+            os.sched_setaffinity(0, placed[name])
+        if not concurrent and last["engine"] not in (None, name):
             time.sleep(spec["switch_gap"])   # the other engine's workers stop polling for work
         last["engine"] = name
         if name == "mtp":
             write_pin(pin, spec["pins"][mode])
         counters = (lambda: llm.collective_rpc("frontier_mtp_counters")[0]) if name == "mtp" else (lambda: None)
         before, c0 = (read_stats(), counters()) if name == "mtp" else (None, None)
-        read_log(step_log)
+        read_log(logs[name])
         ids, dt, cpu = [], 0.0, 0.0
         for group in groups_of(batch):
             t, c = time.perf_counter(), cpu_seconds(name)
@@ -144,7 +168,7 @@ def _worker(spec_path: str, out_path: str) -> None:
             dt += time.perf_counter() - t
             cpu += cpu_seconds(name) - c
             ids += [list(o.outputs[0].token_ids) for o in outs]
-        logged = read_log(step_log)
+        logged = read_log(logs[name])
         steps = [t for _, k, t in logged if k >= 0]
         other = [t for _, k, t in logged if k < 0]
         return {"round": rnd, "batch": batch, "engine": name, "mode": mode, "seconds": dt, "cpu_seconds": cpu,
@@ -161,7 +185,29 @@ def _worker(spec_path: str, out_path: str) -> None:
             run("mtp", "adaptive", batch, -1)
     for rnd in range(spec["rounds"]):
         order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]   # rotated: no mode always first
+        if concurrent:   # the engines swap CPUs every round: neither keeps the faster one
+            place({"plain": halves[rnd % 2], "mtp": halves[1 - rnd % 2]})
         for batch in spec["batches"]:
+            if concurrent:
+                # plain and MTP run the same prompts at the same time, each on its own CPUs: a slower
+                # machine slows both, and the ratio of their times sees none of it
+                for mode in order:
+                    got = {}
+                    threads = [threading.Thread(target=lambda n=n, m=m: got.__setitem__(n, run(n, m, batch, rnd)))
+                               for n, m in (("plain", "none"), ("mtp", mode))]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                    if len(got) < 2:
+                        raise RuntimeError(f"a concurrent run failed (mode {mode}, batch {batch})")
+                    plain, r = got["plain"], got["mtp"]
+                    r["bracket"] = [plain["tokens"] / plain["seconds"]] * 2
+                    r["bracket_cpu"] = [plain["tokens"] / plain["cpu_seconds"]] * 2
+                    r["bracket_step_s"] = [plain["step_median_s"]] * 2
+                    r["concurrent"] = True
+                    runs += [plain, r]
+                continue
             if "plain" not in engines:
                 runs += [run("mtp", mode, batch, rnd) for mode in order]
                 continue
@@ -179,6 +225,44 @@ def _worker(spec_path: str, out_path: str) -> None:
     Path(out_path).write_text(json.dumps({"runs": runs, "placement": placement}))
 
 
+def _threads(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
+def split_cpus() -> tuple[set[int], set[int]]:
+    """This machine's CPUs in two equal halves (concurrent runs: one per engine)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:2 * half])
+
+
+def place_engines(engine_pids: dict[str, list[int]], cpus: dict[str, set[int]],
+                  client_tids: dict[str, list[int]]) -> dict:
+    """Every thread of every process of each engine (EngineCore, workers with their OpenMP threads) and this
+    process's threads serving it (``client_tids``) onto that engine's CPUs: each engine pays for all of its
+    own work, and only for it. Returns the placement."""
+    for name, pids in engine_pids.items():
+        for tid in [t for pid in pids for t in _threads(pid)] + client_tids.get(name, []):
+            try:
+                os.sched_setaffinity(tid, cpus[name])
+            except OSError:
+                pass
+    import psutil
+
+    def name_of(pid: int) -> str:
+        try:
+            return f"{pid} {psutil.Process(pid).name()} ({len(_threads(pid))} threads)"
+        except psutil.NoSuchProcess:
+            return f"{pid} (gone)"
+
+    return {"concurrent": True, "cpus": {name: sorted(c) for name, c in cpus.items()},
+            "processes": {name: [name_of(pid) for pid in pids] for name, pids in engine_pids.items()},
+            "client_threads": client_tids}
+
+
 def pin_engine_cores(engine_pids: dict[str, list[int]]) -> dict:
     """Every thread of the engines' non-worker processes (EngineCore, helpers) and of this one onto the CPUs
     that vLLM's CPU workers are not bound to (vLLM binds each worker's OpenMP threads and reserves the rest
@@ -186,17 +270,11 @@ def pin_engine_cores(engine_pids: dict[str, list[int]]) -> dict:
     starts). Returns the placement: CPUs per process, as bound."""
     import psutil
 
-    def threads(pid: int) -> list[int]:
-        try:
-            return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-        except FileNotFoundError:
-            return []
-
     worker_cpus: set[int] = set()
     workers: set[int] = set()
     for pids in engine_pids.values():
         for pid in pids:
-            for tid in threads(pid):
+            for tid in _threads(pid):
                 cpus = os.sched_getaffinity(tid)
                 if len(cpus) < os.cpu_count():   # a bound OpenMP thread: this process is a worker
                     worker_cpus |= cpus
@@ -206,7 +284,7 @@ def pin_engine_cores(engine_pids: dict[str, list[int]]) -> dict:
         return {"bound": False, "worker_cpus": sorted(worker_cpus)}
     placed = {}
     for pid in [os.getpid(), *(p for pids in engine_pids.values() for p in pids if p not in workers)]:
-        for tid in threads(pid):
+        for tid in _threads(pid):
             try:
                 os.sched_setaffinity(tid, rest)
             except OSError:
@@ -226,11 +304,10 @@ def run_engines(model: str, engines: list[str], modes: dict[str, str], args, env
         spec = {"model": model, "engines": engines, "tokens": args.tokens, "rounds": args.rounds,
                 "batch1_prompts": args.batch1_prompts, "batches": args.batches, "switch_gap": args.switch_gap,
                 "modes": list(modes), "pins": modes, "pin": f"{tmp}/pin", "stats": f"{tmp}/stats.json",
-                "step_log": f"{tmp}/steps.jsonl", "pin_cores": args.pin_cores}
+                "step_log": f"{tmp}/steps.jsonl", "pin_cores": args.pin_cores, "concurrent": args.concurrent}
         # the engine core imports mtp_step_log from this folder (run_worker puts it on PYTHONPATH)
         out = run_worker(__file__, spec, tmp, env_extra | {
-            "FRONTIER_MTP_PIN_FILE": spec["pin"], "FRONTIER_MTP_STATS": spec["stats"],
-            "FRONTIER_BENCH_STEP_LOG": spec["step_log"]}, args.timeout)
+            "FRONTIER_MTP_PIN_FILE": spec["pin"], "FRONTIER_MTP_STATS": spec["stats"]}, args.timeout)
         placements.append({"engines": engines, "placement": out["placement"]})
         return out["runs"]
 
@@ -264,6 +341,21 @@ def _rates(accepted, reached):
     return [round(a / n, 4) if n else None for a, n in zip(accepted, reached)]
 
 
+def geo_mean(xs: list[float]) -> float:
+    return math.exp(statistics.fmean(math.log(x) for x in xs))
+
+
+def swap_pair_ci(ratios: list[float], draws: int = 2000) -> list[float] | None:
+    """95 % bootstrap interval of the geometric mean of ``ratios`` (in round order), resampling the pairs of
+    consecutive rounds (each pair saw both CPU placements); None with fewer than 3 pairs."""
+    pairs = [geo_mean(ratios[i:i + 2]) for i in range(0, len(ratios) - 1, 2)]
+    if len(pairs) < 3:
+        return None
+    rng = random.Random(0)
+    means = sorted(geo_mean(rng.choices(pairs, k=len(pairs))) for _ in range(draws))
+    return [round(means[int(0.025 * draws)], 4), round(means[int(0.975 * draws) - 1], 4)]
+
+
 def mode_row(rs: list[dict], ref: dict) -> dict:
     ds = [_delta(r) for r in rs]
     reached, accepted = _sum(d["reached"] for d in ds), _sum(d["accepted"] for d in ds)
@@ -288,11 +380,19 @@ def mode_row(rs: list[dict], ref: dict) -> dict:
         "other_steps_s": [round(r.get("other_steps_s", 0.0), 3) for r in rs],
     }
     if all("bracket" in r for r in rs):
-        # per run: tokens/s over the mean of the plain runs just before and after it; the median over rounds
+        # per run: tokens/s over the plain run beside it (concurrent) or over the mean of the plain runs just
+        # before and after it (one after the other)
         ratios = [r["tokens"] / r["seconds"] / statistics.mean(r["bracket"]) for r in rs]
         ratios_cpu = [r["tokens"] / r["cpu_seconds"] / statistics.mean(r["bracket_cpu"]) for r in rs]
-        row.update(speedup_vs_none=statistics.median(ratios), speedup_vs_none_cpu=statistics.median(ratios_cpu),
-                   speedup_per_round=[round(x, 4) for x in ratios],
+        if all(r.get("concurrent") for r in rs):
+            # the engines swap CPUs every round and one CPU can be faster than the other for minutes: the
+            # geometric mean over rounds cancels that (exactly for an even number of rounds, while it holds),
+            # and the spread of the geometric means of swapped round pairs gives its 95 % interval
+            row.update(speedup_vs_none=geo_mean(ratios), speedup_vs_none_cpu=geo_mean(ratios_cpu),
+                       speedup_ci95=swap_pair_ci(ratios))
+        else:
+            row.update(speedup_vs_none=statistics.median(ratios), speedup_vs_none_cpu=statistics.median(ratios_cpu))
+        row.update(speedup_per_round=[round(x, 4) for x in ratios],
                    speedup_per_round_cpu=[round(x, 4) for x in ratios_cpu])
         # the median decode step of the run over the mean of the plain runs' around it: what one engine step
         # costs next to a plain one (for k = 0 the inverse is the speedup, robust to a run's hiccups)
@@ -351,6 +451,8 @@ def targets(results: dict, key: str = "speedup_vs_none") -> dict:
         row: dict = {}
         if "0" in rows:
             row.update({"k0_vs_plain": round(rows["0"][key], 4), "k0_at_least_0.97": rows["0"][key] >= TARGET})
+            if key == "speedup_vs_none" and rows["0"].get("speedup_ci95"):
+                row["k0_vs_plain_ci95"] = rows["0"]["speedup_ci95"]
             if key == "speedup_vs_none" and rows["0"].get("step_cost_vs_plain"):
                 step = 1.0 / rows["0"]["step_cost_vs_plain"]
                 row.update({"k0_vs_plain_median_step": round(step, 4), "k0_median_step_at_least_0.97": step >= TARGET})
@@ -361,6 +463,8 @@ def targets(results: dict, key: str = "speedup_vs_none") -> dict:
                         "fixed_k_beating_none": beating})
         if "adaptive" in rows:
             ad = rows["adaptive"][key]
+            if key == "speedup_vs_none" and rows["adaptive"].get("speedup_ci95"):
+                row["adaptive_vs_none_ci95"] = rows["adaptive"]["speedup_ci95"]
             row.update({"adaptive_vs_none": round(ad, 4), "adaptive_at_least_0.97": ad >= TARGET,
                         "adaptive_above_1_where_fixed_beats": (ad > 1.0) if beating else None})
         t[name] = row
@@ -376,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=2, help="rounds of all modes inside one engine (default 2)")
     p.add_argument("--repeats", type=int, default=1, help="plain/MTP engine pairs per view, one after the other")
+    p.add_argument("--concurrent", action=argparse.BooleanOptionalAction, default=True,
+                   help="run plain and MTP at the same time, each engine on its own half of the CPUs (swapped "
+                        "every round), and compare each pair of runs (default on; off: one engine after the "
+                        "other, each MTP run between two plain runs)")
     p.add_argument("--pin-cores", action=argparse.BooleanOptionalAction, default=True,
                    help="bind the engine cores and this process to the CPUs vLLM keeps free of workers "
                         "(default on: the same placement for both engines)")
@@ -399,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.tokens < 2 or args.rounds < 1 or args.repeats < 1 or not args.batches or min(args.batches) < 1:
         p.error("--tokens >= 2, --rounds >= 1, --repeats >= 1 and batch sizes >= 1 are required")
+    if args.concurrent and len(os.sched_getaffinity(0)) < 2:
+        p.error("--concurrent needs 2 CPUs or more (one half per engine); pass --no-concurrent")
+    if args.concurrent and args.rounds % 2:
+        p.error("--concurrent needs an even --rounds (the engines swap CPUs every round)")
     if not 1 <= args.batch1_prompts <= len(PROMPTS):
         p.error(f"--batch1-prompts must be in [1, {len(PROMPTS)}]")
     if not args.modes or set(args.modes) - {"0", "1", "2", "3", "pause", "adaptive"}:
@@ -434,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.json, meta={"commit": commit, "command": " ".join([sys.executable, *sys.argv]),
                                      "models": models, "tokens": args.tokens, "batches": args.batches,
                                      "rounds": args.rounds, "repeats": args.repeats,
+                                     "concurrent": args.concurrent,
                                      "batch1_prompts": args.batch1_prompts, "pause_cycle": args.pause_cycle,
                                      "cap_K": CAP_K, "dtype": "float32", "cpus": os.cpu_count(),
                                      "loadavg_start": os.getloadavg()})
