@@ -16,24 +16,33 @@ started `--repeats` times:
    nothing: under `adaptive` it knows only what its own steps measured (probes included), kept across runs
    as in a serving engine; one untimed adaptive run per batch size comes first (its first minutes).
 Every run generates `--tokens` tokens per prompt (`ignore_eos`; batch 1: `--batch1-prompts` prompts one
-after the other, times summed). Per round and batch size, the MTP modes (in an order rotated every round)
-each run between two plain runs: plain, k=0, plain, k=1, plain, ..., with `--switch-gap` seconds of idle at
-every switch (vLLM's workers poll for work for 1 s after their last step, on the core the other engine's
-workers use). A mode's speedup in a round is its tokens/s over the mean of the two plain runs around it; the
-report gives the median over rounds. On this 2-core VM the speed of one engine drifts by 30-40 % over tens
-of seconds and differs between engine starts (measured: the same plain engine 0.24-0.36 s per 64 tokens);
-engines measured one after the other, as before, spread single ratios by +-20 %, bracketed pairs do not
-see that drift.
+after the other, times summed). Per round and batch size the MTP modes run in an order rotated every round.
+`--concurrent` (default): each MTP run goes at the same time as a plain run of the same prompts, each engine
+on its own half of the CPUs with all its processes (EngineCore, worker and its OpenMP threads) and this
+process's threads that serve it (the thread submitting its requests, its output thread), so each engine pays
+for all of its own work and only for it. A mode's speedup in a round is the ratio of the pair's tokens/s;
+the engines swap CPUs every round, and the report gives the geometric mean over rounds (which cancels a CPU
+being faster than the other) with a bootstrap 95 % interval over swapped round pairs (`speedup_ci95`).
+Why: on this 2-core VM the speed of one engine drifts by 30-40 % over seconds to minutes and differs between
+engine starts; two runs at the same time see the same drift. One CPU can still be faster than the other by
+up to 30 % for minutes (measured: the same pair of rounds at 1.11 and 0.74 with the CPUs swapped), hence the
+swap and the geometric mean.
+`--no-concurrent`: one engine after the other; each MTP run between two plain runs (plain, k=0, plain, k=1,
+plain, ...), with `--switch-gap` seconds of idle at every switch (vLLM's workers poll for work for 1 s after
+their last step, on the core the other engine's workers use); a mode's speedup in a round is its tokens/s
+over the mean of the two plain runs around it, the report gives the median over rounds.
 3. (`--catch-up-contrast`) MTP with the catch-up pass switched off (`FRONTIER_MTP_CATCH_UP=0`, a test hook),
    pause cycle only, one more engine alone: the drafter's KV keeps the holes of the skipped steps, which
    shows what the catch-up is worth in acceptance after a pause.
 Agree first: every MTP run's token ids must equal the plain engine's (greedy, float32): `lossless`.
 
 Metrics per (view, batch, mode), from the scheduler's counters (`FRONTIER_MTP_STATS`, deltas per run):
-- `tok_s` (median over rounds), `speedup_vs_none` (median of the bracketed ratios, `speedup_per_round`),
+- `tok_s` (median over rounds), `speedup_vs_none` (concurrent: geometric mean of the paired ratios, with
+  `speedup_ci95`; else the median of the bracketed ratios; per round: `speedup_per_round`),
   `tokens_per_target_forward`;
 - `tok_per_cpu_s`, `speedup_vs_none_cpu`: the same per CPU second of the processes of the engine that ran
-  (this one, its EngineCore and workers), a measure that other processes' load distorts less;
+  (its EngineCore and workers; one after the other also this one), a measure that other processes' load
+  distorts less;
 - `acceptance_per_pos`: conditional acceptance a_i (accepted at position i / drafts that reached i);
 - pause cycle: `after_pause` (drafts of the first drafting step after a k = 0 stretch) vs `steady` (drafts
   of the 4th and later consecutive drafting steps), per position, with and without the catch-up;

@@ -133,6 +133,27 @@ def test_pin_is_read_at_the_first_step_after_idle_and_rarely_while_busy(tmp_path
     assert PinnedDraftScheduler.pin_check_every >= 0.1   # a busy engine reads it every few dozen steps at most
 
 
+def test_pinned_steps_are_not_the_rules_time():
+    """Probe intervals and the acceptance window count the rule's own steps: a long pinned stretch (another
+    benchmark mode) neither makes a probe due at once when the rule takes over again nor ages its window."""
+    from vllm_frontier.spec_decode.policy import DraftLengthPolicy, PolicyConfig
+    from vllm_frontier.spec_decode.scheduler import PinnedDraftScheduler
+
+    def scheduler(pinned_stretch: int) -> list:
+        s = PinnedDraftScheduler.__new__(PinnedDraftScheduler)
+        s._policy = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.25))
+        s._rule_step, s._is_pinned = 0, False
+        got = [s.probe_k(0) for _ in range(100)]
+        s._is_pinned = True
+        assert all(s.probe_k(0) is None for _ in range(pinned_stretch))   # pinned: no exploration
+        s._is_pinned = False
+        return got + [s.probe_k(0) for _ in range(3000)]
+
+    plain, with_pins = scheduler(0), scheduler(5000)
+    assert plain.count(1) >= 2   # the rule probes now and then
+    assert with_pins == plain    # the same probes at the same rule steps: pinned steps are not its time
+
+
 def fake_step(scheduled: dict, spec: dict, sampled: dict, k: int):
     so = types.SimpleNamespace(num_scheduled_tokens=scheduled, scheduled_spec_decode_tokens=spec,
                                total_num_scheduled_tokens=sum(scheduled.values()), num_spec_tokens_to_schedule=k)
@@ -149,7 +170,7 @@ def test_step_counters_of_plain_and_drafting_steps():
     s = AdaptiveDraftScheduler.__new__(AdaptiveDraftScheduler)
     s.num_spec_tokens = 3
     s._policy = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.25))
-    s._step, s._verify_run, s._stale = 5, 1, False
+    s._rule_step, s._verify_run, s._stale = 5, 1, False
     s._counts = {"steps": 0, "decode_request_steps": 0, "decode_tokens": 0, "reached_per_pos": [0] * 3,
                  "accepted_per_pos": [0] * 3, "draft_tokens_verified": 0,
                  "run_reached_per_pos": [[0] * 3 for _ in range(4)],

@@ -80,6 +80,10 @@ class AdaptiveDraftScheduler(Scheduler):
         self._table = self._policy.table(self.max_num_running_reqs)   # the rule's k per batch size
         self.dynamic_sd_lookup = self._table
         self._step = 0
+        # the rule's own steps (those it chose k for: not pinned ones), its clock for probe intervals and the
+        # acceptance window, so that steps it did not decide neither age what it learned nor count as time
+        # since its last probe
+        self._rule_step = 0
         self._refreshed_at = 0
         self._stale = False    # acceptance outcomes arrived since the table was computed
         # the last decode-only step (start time, batch, token units, k), timed until the next step starts
@@ -123,7 +127,8 @@ class AdaptiveDraftScheduler(Scheduler):
         """An exploration step's k instead of the rule's ``k_now`` at ``batch`` decoding requests, or None
         (`DraftLengthPolicy.probe`)."""
         assert self._policy is not None
-        return self._policy.probe(self._step, k_now, batch)
+        self._rule_step += 1
+        return self._policy.probe(self._rule_step, k_now, batch)
 
     # -- vLLM hooks ---------------------------------------------------------------------------------------
 
@@ -217,7 +222,7 @@ class AdaptiveDraftScheduler(Scheduler):
             c["decode_request_steps"] += n
             c["decode_tokens"] += n
             if self.learns():
-                self._policy.window.expire(self._step)   # as `observe` with no outcome
+                self._policy.window.expire(self._rule_step)   # as `observe` with no outcome
             return
         for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
             i = index.get(req_id)
@@ -244,7 +249,7 @@ class AdaptiveDraftScheduler(Scheduler):
                     c["accepted_per_pos"][p] += 1
                     c["run_accepted_per_pos"][bucket][p] += 1
         if self.learns():
-            self._policy.window.observe(self._step, outcomes)
+            self._policy.window.observe(self._rule_step, outcomes)
             self._stale = self._stale or bool(outcomes)
 
     def stats(self) -> dict:
