@@ -24,9 +24,8 @@ for all of its own work and only for it. A mode's speedup in a round is the rati
 the engines swap CPUs every round, and the report gives the geometric mean over rounds (which cancels a CPU
 being faster than the other) with a bootstrap 95 % interval over swapped round pairs (`speedup_ci95`).
 Why: on this 2-core VM the speed of one engine drifts by 30-40 % over seconds to minutes and differs between
-engine starts; two runs at the same time see the same drift. One CPU can still be faster than the other by
-up to 30 % for minutes (measured: the same pair of rounds at 1.11 and 0.74 with the CPUs swapped), hence the
-swap and the geometric mean.
+engine starts; two runs at the same time see the same drift. One CPU can still be faster than the other for
+minutes (trial runs alternated round by round with the swap), hence the swap and the geometric mean.
 `--no-concurrent`: one engine after the other; each MTP run between two plain runs (plain, k=0, plain, k=1,
 plain, ...), with `--switch-gap` seconds of idle at every switch (vLLM's workers poll for work for 1 s after
 their last step, on the core the other engine's workers use); a mode's speedup in a round is its tokens/s

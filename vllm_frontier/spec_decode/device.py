@@ -2,16 +2,17 @@
 
 With the adaptive draft length and plain k = 0 steps (no drafter, no spec-decode metadata, no draft RPC), an
 MTP engine that stops drafting costs what a plain engine costs plus the rule's scheduling and probes, so MTP
-is never a large loss; on vLLM CPU the rule, pricing steps from measured step times, drafts only its probes
-(12 of 1149 steps at batch 1, none at batch 16 in `mtp_cpu_v10.json`). It is a gain only where some draft
+is never a large loss; on vLLM CPU the rule, pricing steps from measured step times, drafts little (V3 view: 14 of
+7674 steps at batch 1, 6 of 2603 at batch 16 in `mtp_cpu_v12.json`; V3.2 at batch 1, where k = 1 is near
+break-even, a fifth of its steps). It is a gain only where some draft
 length beats no speculation, which depends on what a drafting step costs next to a plain one: the drafter's
 passes (one decoder layer each, about 1 / num_hidden_layers of the target's compute) plus the per-pass fixed
 cost of launching them (input preparation, attention metadata, sampling).
 
 - CPU (vLLM's CPU build): measured with `benchmarks/mtp.py` on the embedded model (V3 and V3.2 views,
-  batch 1 to 16): no fixed k beats no speculation. A drafting step costs about 2-4x a plain step at batch 1
-  (`benchmarks/results/mtp/mtp_cpu_v10.json`: k = 1 / 2 / 3 steps 2.7x / 3.2x / 4.1x a plain one on the V3
-  view, 2.1x / 2.6x / 3.4x on V3.2, for 1.68 / 2.13 / 2.41 tokens per target forward; fixed k at 0.29-0.82x
+  batch 1 to 16): no fixed k beats no speculation. A drafting step costs about 2-3x a plain step at batch 1
+  (`benchmarks/results/mtp/mtp_cpu_v11.json`: k = 1 / 2 / 3 steps 2.4x / 2.7x / 3.1x a plain one on the V3
+  view, 1.9x / 2.3x / 2.7x on V3.2, for 1.68 / 2.13 / 2.41 tokens per target forward; fixed k at 0.27-0.90x
   of no speculation; drafting steps are vLLM's), because
   each drafter pass and the verification carry vLLM's per-pass Python and metadata work, which on CPU is of
   the order of a whole forward of a small model; even 1.5-2.7 tokens per target forward do not make up for
@@ -25,7 +26,7 @@ cost of launching them (input preparation, attention metadata, sampling).
 
 from __future__ import annotations
 
-CPU_RESULT = "benchmarks/results/mtp/mtp_cpu_v10.json"
+CPU_RESULT = "benchmarks/results/mtp/mtp_cpu_v11.json"
 
 
 def mtp_pays(device_type: str | None = None) -> tuple[bool, str]:
@@ -38,7 +39,7 @@ def mtp_pays(device_type: str | None = None) -> tuple[bool, str]:
 
         device_type = current_platform.device_type
     if device_type == "cpu":
-        return False, ("on vLLM CPU no draft length beats no speculation (a drafting step costs 2-4x a plain "
+        return False, ("on vLLM CPU no draft length beats no speculation (a drafting step costs 2-3x a plain "
                        f"step at batch 1: per-pass overhead of the drafter and verification; {CPU_RESULT}); pass "
                        "--plugin mtp to switch it on anyway (the adaptive rule then holds k = 0)")
     if device_type in ("cuda", "rocm"):
