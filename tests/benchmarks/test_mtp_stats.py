@@ -1,0 +1,59 @@
+"""benchmarks/mtp.py: the statistics of concurrent paired runs (geometric mean over rounds, bootstrap interval
+over swapped round pairs) and the split of a machine's CPUs between the two engines."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import mtp  # noqa: E402
+
+
+def test_geometric_mean_cancels_a_constant_cpu_bias_under_the_swap():
+    # the MTP engine 2 % slower than plain; one CPU 30 % faster than the other, the engines swapping every round
+    true = 0.98
+    ratios = [true * (1.3 if r % 2 == 0 else 1 / 1.3) for r in range(10)]
+    assert mtp.geo_mean(ratios) == pytest.approx(true)
+    assert sorted(ratios)[len(ratios) // 2] != pytest.approx(true)   # a median would not cancel it
+
+
+def test_swap_pair_interval_covers_the_pairs_and_needs_three():
+    ratios = [1.1, 0.9, 1.05, 0.95, 1.2, 0.85, 1.0, 1.0]
+    lo, hi = mtp.swap_pair_ci(ratios)
+    pairs = [mtp.geo_mean(ratios[i:i + 2]) for i in range(0, 8, 2)]
+    assert min(pairs) <= lo <= mtp.geo_mean(ratios) <= hi <= max(pairs)
+    assert mtp.swap_pair_ci(ratios[:4]) is None
+
+
+def test_concurrent_rows_use_the_geometric_mean_and_report_the_interval():
+    def run(rnd, seconds, plain_seconds):
+        return {"round": rnd, "batch": 1, "engine": "mtp", "mode": "0", "seconds": seconds, "cpu_seconds": seconds,
+                "tokens": 64, "token_ids": [[1, 2]], "step_median_s": seconds / 64, "step_sum_s": seconds,
+                "other_steps_s": 0.0, "stats_before": None, "counters_before": None, "counters_after": None,
+                "stats_after": {"reached_per_pos": [0], "accepted_per_pos": [0], "k_histogram": [64, 0],
+                                "run_reached_per_pos": [[0]], "run_accepted_per_pos": [[0]],
+                                "decode_request_steps": 64, "decode_tokens": 64},
+                "bracket": [64 / plain_seconds] * 2, "bracket_cpu": [64 / plain_seconds] * 2,
+                "bracket_step_s": [plain_seconds / 64] * 2, "concurrent": True}
+
+    rs = [run(r, s, p) for r, (s, p) in enumerate([(1.0, 1.3), (1.3, 1.0), (1.0, 1.2), (1.2, 1.0),
+                                                    (1.1, 1.0), (1.0, 1.1)])]
+    row = mtp.mode_row(rs, {1: [[1, 2]]})
+    assert row["speedup_vs_none"] == pytest.approx(1.0)   # every swapped pair cancels
+    assert row["speedup_ci95"] is not None and row["lossless"]
+    for r in rs:
+        del r["concurrent"]
+    assert mtp.mode_row(rs, {1: [[1, 2]]}).get("speedup_ci95") is None   # one after the other: the median
+
+
+def test_split_cpus_gives_each_engine_an_equal_half():
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: concurrent runs need two (mtp.py refuses --concurrent there)")
+    a, b = mtp.split_cpus()
+    assert len(a) == len(b) >= 1 and not a & b
