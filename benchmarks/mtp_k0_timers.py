@@ -116,7 +116,7 @@ class PlainTimedScheduler(_SchedulerTimers, Scheduler):
 
 class MTPTimedScheduler(_SchedulerTimers, PinnedDraftScheduler):
     """`PinnedDraftScheduler`, timed. `FRONTIER_BENCH_PIN_CHECK_EVERY` (seconds) overrides how often it reads the
-    pin file (0: every step, as before the 20 ms interval: shows what one file read per step costs)."""
+    pin file while busy (0: every step, as before the interval: shows what one file read per step costs)."""
 
     pin_check_every = float(os.environ.get("FRONTIER_BENCH_PIN_CHECK_EVERY", PinnedDraftScheduler.pin_check_every))
 
