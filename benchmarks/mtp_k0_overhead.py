@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the MTP engine pinned at k = 0 (default) or under the adaptive rule (its own time per "
                         "step; the steps it drafts, probes, move the worker's medians little)")
     p.add_argument("--pin-check-every", type=float, default=None,
-                   help="seconds between the MTP scheduler's reads of its pin file while busy (default: the scheduler's "
-                        "0.5 s; 0: every step, to show what a file read per step costs)")
+                   help="seconds between the MTP scheduler's reads of its pin file while busy (default: the "
+                        "scheduler's 0.5 s; 0: every step, to show what a file read per step costs)")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
