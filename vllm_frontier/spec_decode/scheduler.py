@@ -12,8 +12,8 @@ token ids).
 
 `PinnedDraftScheduler` (benchmarks, tests, operators): k follows a small text file named by
 `FRONTIER_MTP_PIN_FILE`, read at the first step after the engine was idle and every 0.5 s while it is busy:
-`adaptive`, a fixed `k`, or a cycle `3,0,1,2` (one entry per step). One MTP engine then serves adaptive and fixed-k runs side by side; pinned steps teach the rule
-nothing.
+`adaptive`, a fixed `k`, or a cycle `3,0,1,2` (one entry per step). One MTP engine then serves adaptive and
+fixed-k runs side by side; pinned steps teach the rule nothing.
 
 Counters (cumulative, for benchmarks): `stats()`; with `FRONTIER_MTP_STATS=/path.json` they are also written
 to that file (atomically) whenever the scheduler becomes idle and at most every 2 s while busy. Acceptance is
