@@ -155,8 +155,8 @@ def test_no_acceptance_probes_while_drafting_cannot_pay_even_at_full_acceptance(
     fixed, drafting = pol.cost.costs()
     assert fixed == pytest.approx(10.0, rel=0.05) and drafting == pytest.approx(30.0, rel=0.05)
     assert not pol.drafting_can_pay(1) and not pol.drafting_can_pay(16)
-    got = [s for s in range(1, 2200) if pol.probe(s, 0, batch=4) is not None]
-    assert got == [1024, 1025, 2048, 2049]   # probe_max_every at once, no doubling from 64
+    got = [s for s in range(1, 8500) if pol.probe(s, 0, batch=4) is not None]
+    assert got == [4096, 4097, 8192, 8193]   # probe_hopeless_every at once, no doubling from 64
     # cheap drafting (D = 2): full acceptance would pay, so probes start at probe_every again
     pol2 = measured_policy(2.0)
     assert pol2.drafting_can_pay(4)
