@@ -2,12 +2,12 @@
 
 With the adaptive draft length and plain k = 0 steps (no drafter, no spec-decode metadata, no draft RPC), an
 MTP engine that stops drafting costs what a plain engine costs plus the rule's scheduling and probes, so MTP
-is never a large loss; on vLLM CPU the rule, pricing steps from measured step times, drafts little (V3 view: 14 of
-7674 steps at batch 1, 6 of 2603 at batch 16 in `mtp_cpu_v12.json`; V3.2 at batch 1, where k = 1 is near
-break-even, a fifth of its steps). It is a gain only where some draft
-length beats no speculation, which depends on what a drafting step costs next to a plain one: the drafter's
-passes (one decoder layer each, about 1 / num_hidden_layers of the target's compute) plus the per-pass fixed
-cost of launching them (input preparation, attention metadata, sampling).
+is never a large loss; on vLLM CPU the rule, pricing steps from measured step times, drafts little (V3 view:
+4 of 7679 steps at batch 1, 10 of 2604 at batch 16 in `mtp_cpu_v14.json`; V3.2 at batch 1, where k = 1 is near
+break-even, a fifth of its steps in `mtp_cpu_v12.json`, only its probes in `mtp_cpu_v14.json`). It is a gain
+only where some draft length beats no speculation, which depends on what a drafting step costs next to a
+plain one: the drafter's passes (one decoder layer each, about 1 / num_hidden_layers of the target's compute)
+plus the per-pass fixed cost of launching them (input preparation, attention metadata, sampling).
 
 - CPU (vLLM's CPU build): measured with `benchmarks/mtp.py` on the embedded model (V3 and V3.2 views,
   batch 1 to 16): no fixed k beats no speculation. A drafting step costs about 2-3x a plain step at batch 1
