@@ -208,32 +208,19 @@ class AdaptiveDraftScheduler(Scheduler):
         outcomes = []
         index = model_runner_output.req_id_to_index
         sampled = model_runner_output.sampled_token_ids
-        if not scheduler_output.scheduled_spec_decode_tokens:
-            # no drafts verified (a k = 0 step): only the decode requests' one token each to count, in one pass
-            requests = self.requests
-            n = 0
-            for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
-                if n_sched == 1:
-                    i = index.get(req_id)
-                    req = requests.get(req_id)
-                    if i is not None and i < len(sampled) and sampled[i] and req is not None \
-                            and req.num_output_tokens > 0:
-                        n += 1
-            c["decode_request_steps"] += n
-            c["decode_tokens"] += n
-            if self.learns():
-                self._policy.window.expire(self._rule_step)   # as `observe` with no outcome
-            return
+        spec = scheduler_output.scheduled_spec_decode_tokens   # empty in a k = 0 step
+        requests = self.requests
         for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
+            scheduled = spec.get(req_id, ()) if spec else ()
+            if n_sched != 1 + len(scheduled):
+                continue  # a prefill chunk
             i = index.get(req_id)
             if i is None or i >= len(sampled) or not sampled[i]:
                 continue
-            req = self.requests.get(req_id)
-            drafts = [t for t in scheduler_output.scheduled_spec_decode_tokens.get(req_id, ()) if t >= 0]
-            if req is None or n_sched != 1 + len(scheduler_output.scheduled_spec_decode_tokens.get(req_id, ())):
-                continue  # a prefill chunk, or the first token after the prompt
-            if req.num_output_tokens == 0:
-                continue
+            req = requests.get(req_id)
+            if req is None or req.num_output_tokens == 0:
+                continue  # the first token after the prompt
+            drafts = [t for t in scheduled if t >= 0] if scheduled else ()
             accepted = len(sampled[i]) - 1
             c["decode_request_steps"] += 1
             c["decode_tokens"] += len(sampled[i])
