@@ -14,7 +14,8 @@ started `--repeats` times:
    A pin file switches between fixed k = 0..3, the pause cycle (`--pause-cycle`, e.g. eight steps at k = 0
    then eight at k = 2) and `adaptive` between runs inside the one engine. Pinned steps teach the rule
    nothing: under `adaptive` it knows only what its own steps measured (probes included), kept across runs
-   as in a serving engine; one untimed adaptive run per batch size comes first (its first minutes).
+   as in a serving engine; `--adaptive-warmup` untimed adaptive runs per batch size come first (its first
+   minutes; default 1).
 Every run generates `--tokens` tokens per prompt (`ignore_eos`; batch 1: `--batch1-prompts` prompts one
 after the other, times summed). Per round and batch size the MTP modes run in an order rotated every round.
 `--concurrent` (default): each MTP run goes at the same time as a plain run of the same prompts, each engine
@@ -22,7 +23,11 @@ on its own half of the CPUs with all its processes (EngineCore, worker and its O
 process's threads that serve it (the thread submitting its requests, its output thread), so each engine pays
 for all of its own work and only for it. A mode's speedup in a round is the ratio of the pair's tokens/s;
 the engines swap CPUs every round, and the report gives the geometric mean over rounds (which cancels a CPU
-being faster than the other) with a bootstrap 95 % interval over swapped round pairs (`speedup_ci95`).
+being faster than the other) with a bootstrap 95 % interval over swapped round pairs (`speedup_ci95`); with
+`--repeats` > 1 the interval resamples the engine pairs too, and `speedup_per_engine_pair` lists each pair's
+geometric mean (an engine's speed depends on its start: one pair's interval does not cover the next pair's).
+`--control`: an A/A run, a second plain engine in the MTP engine's place (mode `control`): how far apart the
+measure puts two identical engines, the yardstick for the MTP ratios.
 Why: on this 2-core VM the speed of one engine drifts by 30-40 % over seconds to minutes and differs between
 engine starts; two runs at the same time see the same drift. One CPU can still be faster than the other for
 minutes (trial runs alternated round by round with the swap), hence the swap and the geometric mean.
@@ -90,6 +95,8 @@ def _worker(spec_path: str, out_path: str) -> None:
     from vllm_frontier.spec_decode import executor_backend, worker_cls
     from vllm_frontier.spec_decode.scheduler import write_pin
 
+    control = spec.get("control", False)   # the "mtp" engine is a second plain engine (an A/A run)
+
     def make(mtp: bool):
         kw = dict(model=spec["model"], dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
                   max_num_seqs=max(spec["batches"]), compilation_config={"custom_ops": ["-rotary_embedding"]})
@@ -109,7 +116,7 @@ def _worker(spec_path: str, out_path: str) -> None:
         logs[name] = Path(f"{spec['step_log']}.{name}")
         os.environ[LOG_ENV] = str(logs[name])   # the engine core started now reads it
         before = {t.native_id for t in threading.enumerate()}
-        engines[name] = make(name == "mtp")
+        engines[name] = make(name == "mtp" and not control)
         # this process's threads serving the engine (its output thread): placed with the engine
         client_tids[name] = [t.native_id for t in threading.enumerate() if t.native_id not in before]
         engine_pids[name] = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in known]
@@ -141,7 +148,7 @@ def _worker(spec_path: str, out_path: str) -> None:
 
     params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
     pin, stats = Path(spec["pin"]), Path(spec["stats"])
-    if "mtp" in engines:
+    if "mtp" in engines and not control:
         write_pin(pin, "0")
     for llm in engines.values():
         llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
@@ -164,10 +171,11 @@ def _worker(spec_path: str, out_path: str) -> None:
         if not concurrent and last["engine"] not in (None, name):
             time.sleep(spec["switch_gap"])   # the other engine's workers stop polling for work
         last["engine"] = name
-        if name == "mtp":
+        is_mtp = name == "mtp" and not control
+        if is_mtp:
             write_pin(pin, spec["pins"][mode])
-        counters = (lambda: llm.collective_rpc("frontier_mtp_counters")[0]) if name == "mtp" else (lambda: None)
-        before, c0 = (read_stats(), counters()) if name == "mtp" else (None, None)
+        counters = (lambda: llm.collective_rpc("frontier_mtp_counters")[0]) if is_mtp else (lambda: None)
+        before, c0 = (read_stats(), counters()) if is_mtp else (None, None)
         read_log(logs[name])
         ids, dt, cpu = [], 0.0, 0.0
         for group in groups_of(batch):
@@ -183,14 +191,15 @@ def _worker(spec_path: str, out_path: str) -> None:
                 "tokens": sum(len(x) for x in ids), "token_ids": ids, "decode_steps": len(steps),
                 "step_median_s": statistics.median(steps) if steps else None, "step_sum_s": sum(steps),
                 "other_steps": len(other), "other_steps_s": sum(other),
-                "stats_before": before, "stats_after": read_stats() if name == "mtp" else None,
+                "stats_before": before, "stats_after": read_stats() if is_mtp else None,
                 "counters_before": c0, "counters_after": counters()}
 
     runs = []
     modes = list(spec["modes"])
-    if "mtp" in engines and "adaptive" in modes:
-        for batch in spec["batches"]:   # the rule's first minutes in a serving engine: not timed
-            run("mtp", "adaptive", batch, -1)
+    if "mtp" in engines and "adaptive" in modes and not control:
+        for _ in range(spec["adaptive_warmup"]):
+            for batch in spec["batches"]:   # the rule's first minutes in a serving engine: not timed
+                run("mtp", "adaptive", batch, -1)
     for rnd in range(spec["rounds"]):
         order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]   # rotated: no mode always first
         if concurrent:   # the engines swap CPUs every round: neither keeps the faster one
@@ -312,7 +321,8 @@ def run_engines(model: str, engines: list[str], modes: dict[str, str], args, env
         spec = {"model": model, "engines": engines, "tokens": args.tokens, "rounds": args.rounds,
                 "batch1_prompts": args.batch1_prompts, "batches": args.batches, "switch_gap": args.switch_gap,
                 "modes": list(modes), "pins": modes, "pin": f"{tmp}/pin", "stats": f"{tmp}/stats.json",
-                "step_log": f"{tmp}/steps.jsonl", "pin_cores": args.pin_cores, "concurrent": args.concurrent}
+                "step_log": f"{tmp}/steps.jsonl", "pin_cores": args.pin_cores, "concurrent": args.concurrent,
+                "control": args.control, "adaptive_warmup": args.adaptive_warmup}
         # the engine core imports mtp_step_log from this folder (run_worker puts it on PYTHONPATH)
         out = run_worker(__file__, spec, tmp, env_extra | {
             "FRONTIER_MTP_PIN_FILE": spec["pin"], "FRONTIER_MTP_STATS": spec["stats"]}, args.timeout)
@@ -364,22 +374,30 @@ def swap_pair_ci(ratios: list[float], draws: int = 2000) -> list[float] | None:
     return [round(means[int(0.025 * draws)], 4), round(means[int(0.975 * draws) - 1], 4)]
 
 
+def pair_cluster_ci(ratios_by_pair: list[list[float]], draws: int = 2000) -> list[float] | None:
+    """95 % bootstrap interval of the geometric mean of paired ratios measured on several engine pairs
+    (``ratios_by_pair``: one list per pair, in round order): resamples the engine pairs, then the swapped round
+    pairs inside each, so that a pair's own offset (engines started differently) widens the interval as it
+    should. One engine pair: `swap_pair_ci`."""
+    if len(ratios_by_pair) == 1:
+        return swap_pair_ci(ratios_by_pair[0], draws)
+    clusters = [[geo_mean(rs[i:i + 2]) for i in range(0, len(rs) - 1, 2)] for rs in ratios_by_pair]
+    clusters = [c for c in clusters if c]
+    if len(clusters) < 2:
+        return None
+    rng = random.Random(0)
+    means = []
+    for _ in range(draws):
+        picked = rng.choices(clusters, k=len(clusters))
+        means.append(geo_mean([x for c in picked for x in rng.choices(c, k=len(c))]))
+    means.sort()
+    return [round(means[int(0.025 * draws)], 4), round(means[int(0.975 * draws) - 1], 4)]
+
+
 def mode_row(rs: list[dict], ref: dict) -> dict:
-    ds = [_delta(r) for r in rs]
-    reached, accepted = _sum(d["reached"] for d in ds), _sum(d["accepted"] for d in ds)
-    steps = sum(d["steps"] for d in ds)
-    run_reached = [_sum(d["run_reached"][b] for d in ds) for b in range(len(ds[0]["run_reached"]))]
-    run_accepted = [_sum(d["run_accepted"][b] for d in ds) for b in range(len(ds[0]["run_accepted"]))]
-    drafter = {k: sum(d["drafter"][k] for d in ds) for k in ds[0]["drafter"]} if ds[0]["drafter"] else None
     row = {
         "tok_s": statistics.median(r["tokens"] / r["seconds"] for r in rs),
         "tok_per_cpu_s": statistics.median(r["tokens"] / r["cpu_seconds"] for r in rs),
-        "tokens_per_target_forward": sum(d["tokens"] for d in ds) / steps if steps else None,
-        "acceptance_per_pos": _rates(accepted, reached), "accepted_per_pos": accepted, "reached_per_pos": reached,
-        # drafts of the 1st, 2nd, 3rd, >= 4th consecutive drafting step
-        "acceptance_by_drafting_run": [_rates(a, n) for a, n in zip(run_accepted, run_reached)],
-        "reached_by_drafting_run": run_reached,
-        "decode_request_steps": steps, "engine_steps_by_k": _sum(d["k_hist"] for d in ds), "drafter": drafter,
         "lossless": all(r["token_ids"] == ref[r["batch"]] for r in rs),
         "seconds": [round(r["seconds"], 3) for r in rs],
         # where a run's time went: decode-only engine steps (their median and sum), the other steps
@@ -387,6 +405,21 @@ def mode_row(rs: list[dict], ref: dict) -> dict:
         "decode_steps_s": [round(r.get("step_sum_s", 0.0), 3) for r in rs],
         "other_steps_s": [round(r.get("other_steps_s", 0.0), 3) for r in rs],
     }
+    ds = [_delta(r) for r in rs]
+    if all(ds):   # the MTP scheduler's counters (none for the second plain engine of a control run)
+        reached, accepted = _sum(d["reached"] for d in ds), _sum(d["accepted"] for d in ds)
+        steps = sum(d["steps"] for d in ds)
+        run_reached = [_sum(d["run_reached"][b] for d in ds) for b in range(len(ds[0]["run_reached"]))]
+        run_accepted = [_sum(d["run_accepted"][b] for d in ds) for b in range(len(ds[0]["run_accepted"]))]
+        drafter = {k: sum(d["drafter"][k] for d in ds) for k in ds[0]["drafter"]} if ds[0]["drafter"] else None
+        row.update({
+            "tokens_per_target_forward": sum(d["tokens"] for d in ds) / steps if steps else None,
+            "acceptance_per_pos": _rates(accepted, reached), "accepted_per_pos": accepted,
+            "reached_per_pos": reached,
+            # drafts of the 1st, 2nd, 3rd, >= 4th consecutive drafting step
+            "acceptance_by_drafting_run": [_rates(a, n) for a, n in zip(run_accepted, run_reached)],
+            "reached_by_drafting_run": run_reached,
+            "decode_request_steps": steps, "engine_steps_by_k": _sum(d["k_hist"] for d in ds), "drafter": drafter})
     if all("bracket" in r for r in rs):
         # per run: tokens/s over the plain run beside it (concurrent) or over the mean of the plain runs just
         # before and after it (one after the other)
@@ -396,8 +429,15 @@ def mode_row(rs: list[dict], ref: dict) -> dict:
             # the engines swap CPUs every round and one CPU can be faster than the other for minutes: the
             # geometric mean over rounds cancels that (exactly for an even number of rounds, while it holds),
             # and the spread of the geometric means of swapped round pairs gives its 95 % interval
+            # several engine pairs (--repeats): the interval resamples the pairs too (each pair has its own
+            # offset: an engine's speed depends on its start)
+            by_pair: dict[int, list[float]] = {}
+            for r, x in zip(rs, ratios):
+                by_pair.setdefault(r.get("pair", 0), []).append(x)
             row.update(speedup_vs_none=geo_mean(ratios), speedup_vs_none_cpu=geo_mean(ratios_cpu),
-                       speedup_ci95=swap_pair_ci(ratios))
+                       speedup_ci95=pair_cluster_ci(list(by_pair.values())))
+            if len(by_pair) > 1:
+                row["speedup_per_engine_pair"] = [round(geo_mean(v), 4) for v in by_pair.values()]
         else:
             row.update(speedup_vs_none=statistics.median(ratios), speedup_vs_none_cpu=statistics.median(ratios_cpu))
         row.update(speedup_per_round=[round(x, 4) for x in ratios],
@@ -457,10 +497,18 @@ def targets(results: dict, key: str = "speedup_vs_none") -> dict:
     t: dict = {}
     for name, rows in results.items():
         row: dict = {}
+        if "control" in rows:   # A/A: two plain engines, how far apart the measure puts identical engines
+            row["control_vs_plain"] = round(rows["control"][key], 4)
+            if key == "speedup_vs_none" and rows["control"].get("speedup_ci95"):
+                row["control_vs_plain_ci95"] = rows["control"]["speedup_ci95"]
+            if rows["control"].get("speedup_per_engine_pair") and key == "speedup_vs_none":
+                row["control_per_engine_pair"] = rows["control"]["speedup_per_engine_pair"]
         if "0" in rows:
             row.update({"k0_vs_plain": round(rows["0"][key], 4), "k0_at_least_0.97": rows["0"][key] >= TARGET})
             if key == "speedup_vs_none" and rows["0"].get("speedup_ci95"):
                 row["k0_vs_plain_ci95"] = rows["0"]["speedup_ci95"]
+            if key == "speedup_vs_none" and rows["0"].get("speedup_per_engine_pair"):
+                row["k0_per_engine_pair"] = rows["0"]["speedup_per_engine_pair"]
             if key == "speedup_vs_none" and rows["0"].get("step_cost_vs_plain"):
                 step = 1.0 / rows["0"]["step_cost_vs_plain"]
                 row.update({"k0_vs_plain_median_step": round(step, 4), "k0_median_step_at_least_0.97": step >= TARGET})
@@ -473,6 +521,8 @@ def targets(results: dict, key: str = "speedup_vs_none") -> dict:
             ad = rows["adaptive"][key]
             if key == "speedup_vs_none" and rows["adaptive"].get("speedup_ci95"):
                 row["adaptive_vs_none_ci95"] = rows["adaptive"]["speedup_ci95"]
+            if key == "speedup_vs_none" and rows["adaptive"].get("speedup_per_engine_pair"):
+                row["adaptive_per_engine_pair"] = rows["adaptive"]["speedup_per_engine_pair"]
             row.update({"adaptive_vs_none": round(ad, 4), "adaptive_at_least_0.97": ad >= TARGET,
                         "adaptive_above_1_where_fixed_beats": (ad > 1.0) if beating else None})
         t[name] = row
@@ -506,6 +556,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pause-cycle", default=DEFAULT_PAUSE, help="pin cycle of the pause mode (k per step)")
     p.add_argument("--catch-up-contrast", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the pause cycle with the catch-up pass off (one more engine per view)")
+    p.add_argument("--adaptive-warmup", type=int, default=1,
+                   help="untimed adaptive runs per batch size before the rounds (the rule's first minutes in a "
+                        "serving engine; default 1)")
+    p.add_argument("--control", action="store_true",
+                   help="A/A control: a second plain engine in the MTP engine's place (mode 'control'; --modes "
+                        "ignored): how far apart the measure puts two identical engines")
     p.add_argument("--timeout", type=float, default=3000.0)
     p.add_argument("--json", help="write the report here")
     p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
@@ -515,13 +571,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.tokens < 2 or args.rounds < 1 or args.repeats < 1 or not args.batches or min(args.batches) < 1:
         p.error("--tokens >= 2, --rounds >= 1, --repeats >= 1 and batch sizes >= 1 are required")
+    if args.adaptive_warmup < 0:
+        p.error("--adaptive-warmup must be >= 0")
     if args.concurrent and len(os.sched_getaffinity(0)) < 2:
         p.error("--concurrent needs 2 CPUs or more (one half per engine); pass --no-concurrent")
     if args.concurrent and args.rounds % 2:
         p.error("--concurrent needs an even --rounds (the engines swap CPUs every round)")
     if not 1 <= args.batch1_prompts <= len(PROMPTS):
         p.error(f"--batch1-prompts must be in [1, {len(PROMPTS)}]")
-    if not args.modes or set(args.modes) - {"0", "1", "2", "3", "pause", "adaptive"}:
+    if args.control:
+        args.modes = ["control"]
+    elif not args.modes or set(args.modes) - {"0", "1", "2", "3", "pause", "adaptive"}:
         p.error(f"--modes takes 0, 1, 2, 3, pause and adaptive, comma-separated; got {','.join(args.modes)!r}")
     if args.catch_up_contrast and "pause" not in args.modes:
         args.catch_up_contrast = False   # the contrast runs the pause cycle only
@@ -547,14 +607,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = json.loads((Path(models[view]) / "config.json").read_text())
         if not cfg.get("num_nextn_predict_layers"):
             p.error(f"{models[view]} has no MTP layers (num_nextn_predict_layers is 0 or missing)")
-    all_modes = {str(k): str(k) for k in FIXED} | {"pause": args.pause_cycle, "adaptive": "adaptive"}
+    all_modes = {str(k): str(k) for k in FIXED} | {"pause": args.pause_cycle, "adaptive": "adaptive", "control": ""}
     modes = {m: all_modes[m] for m in args.modes}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
     report = Report(args.json, meta={"commit": commit, "command": " ".join([sys.executable, *sys.argv]),
                                      "models": models, "tokens": args.tokens, "batches": args.batches,
                                      "rounds": args.rounds, "repeats": args.repeats,
-                                     "concurrent": args.concurrent,
+                                     "adaptive_warmup": args.adaptive_warmup,
+                                     "concurrent": args.concurrent, "control": args.control,
                                      "batch1_prompts": args.batch1_prompts, "pause_cycle": args.pause_cycle,
                                      "cap_K": CAP_K, "dtype": "float32", "cpus": os.cpu_count(),
                                      "loadavg_start": os.getloadavg()})
@@ -569,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(args.repeats):
                 order = ["plain", "mtp"] if rep % 2 == 0 else ["mtp", "plain"]   # started first: alternates
                 for r in run_engines(model, order, modes, args, env, placements):
-                    runs.append(r | {"round": r["round"] + rep * args.rounds if r["round"] >= 0 else -1})
+                    runs.append(r | {"round": r["round"] + rep * args.rounds if r["round"] >= 0 else -1,
+                                     "pair": rep})
             if args.catch_up_contrast:
                 env_off = env | {"FRONTIER_MTP_CATCH_UP": "0"}
                 contrast = run_engines(model, ["mtp"], {"pause": args.pause_cycle}, args, env_off, placements)

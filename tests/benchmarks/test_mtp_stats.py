@@ -57,3 +57,34 @@ def test_split_cpus_gives_each_engine_an_equal_half():
         pytest.skip("one CPU: concurrent runs need two (mtp.py refuses --concurrent there)")
     a, b = mtp.split_cpus()
     assert len(a) == len(b) >= 1 and not a & b
+
+
+def test_pair_cluster_interval_widens_with_an_offset_between_engine_pairs():
+    # two engine pairs, each tight inside, one 6 % above the other: the interval must cover both pairs' means
+    low = [0.94, 0.95, 0.94, 0.95, 0.94, 0.95, 0.94, 0.95]
+    high = [1.00, 1.01, 1.00, 1.01, 1.00, 1.01, 1.00, 1.01]
+    lo, hi = mtp.pair_cluster_ci([low, high])
+    assert lo <= mtp.geo_mean(low) + 1e-4 and hi >= mtp.geo_mean(high) - 1e-4   # (rounded to 4 digits)
+    inside = mtp.swap_pair_ci(low + high)   # ignoring the pairs: narrower than the offset between them
+    assert inside[1] - inside[0] < hi - lo
+    assert mtp.pair_cluster_ci([low]) == mtp.swap_pair_ci(low)   # one engine pair: as before
+
+
+def test_control_rows_without_scheduler_counters_report_the_timing_only():
+    def run(rnd, pair, seconds, plain_seconds):
+        return {"round": rnd, "pair": pair, "batch": 1, "engine": "mtp", "mode": "control", "seconds": seconds,
+                "cpu_seconds": seconds, "tokens": 64, "token_ids": [[1, 2]], "step_median_s": seconds / 64,
+                "step_sum_s": seconds, "other_steps_s": 0.0, "stats_before": None, "stats_after": None,
+                "counters_before": None, "counters_after": None, "bracket": [64 / plain_seconds] * 2,
+                "bracket_cpu": [64 / plain_seconds] * 2, "bracket_step_s": [plain_seconds / 64] * 2,
+                "concurrent": True}
+
+    rs = [run(r, r // 6, s, 1.0) for r, s in enumerate([1.0, 1.02, 1.0, 1.02, 1.0, 1.02,
+                                                         1.1, 1.12, 1.1, 1.12, 1.1, 1.12])]
+    row = mtp.mode_row(rs, {1: [[1, 2]]})
+    assert "acceptance_per_pos" not in row and row["lossless"]
+    assert row["speedup_per_engine_pair"] == [pytest.approx(1 / mtp.geo_mean([1.0, 1.02]), abs=1e-4),
+                                              pytest.approx(1 / mtp.geo_mean([1.1, 1.12]), abs=1e-4)]
+    t = mtp.targets({"batch_1": {"control": row}})["batch_1"]
+    assert t["control_vs_plain"] == pytest.approx(row["speedup_vs_none"], abs=1e-4)
+    assert t["control_vs_plain_ci95"] == row["speedup_ci95"]
