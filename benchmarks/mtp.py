@@ -5,6 +5,7 @@ acceptance per draft position, and acceptance in the first drafting steps after 
     python benchmarks/mtp.py --json benchmarks/results/mtp/mtp_cpu.json     # embedded trained model, v3 + v32
     python benchmarks/mtp.py --views v3 --batches 1,16 ...                   # one view, fewer batch sizes
     python benchmarks/mtp.py --model DIR --json ...                          # any checkpoint with MTP layers
+    python benchmarks/mtp.py --preset mid --json ...                         # random weights, realistic size
 
 Per view, two engines alive side by side in one subprocess (`vllm.LLM`, float32, eager, greedy), the pair
 started `--repeats` times:
@@ -532,6 +533,10 @@ def targets(results: dict, key: str = "speedup_vs_none") -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="checkpoint directory with MTP layers (default: the embedded trained model)")
+    p.add_argument("--preset", choices=("mid", "dense"),
+                   help="instead of the embedded model: random-weight checkpoints of the views at this size of the "
+                        "tiny-model factory (mid: DeepSeek-V3-style MoE, ~0.65 B parameters; seed 0), built for "
+                        "the run: speed and memory at a realistic layer size (acceptance is meaningless there)")
     p.add_argument("--views", default="v3,v32", help="embedded model views, comma-separated (v32 uses the DSA "
                    "backend; default v3,v32)")
     p.add_argument("--tokens", type=int, default=64)
@@ -593,13 +598,22 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--pause-cycle needs k = 0 steps and drafting steps, each k in [0, {CAP_K}]")
     from harness import Report
 
+    if args.model and args.preset:
+        p.error("--model and --preset exclude each other")
     views = ["custom"] if args.model else [v.strip() for v in args.views.split(",") if v.strip()]
     if not args.model and (not views or set(views) - {"v3", "v32"}):
         p.error("--views takes v3 and/or v32")
     models = {}
+    built = tempfile.TemporaryDirectory(prefix="mtp-preset-") if args.preset else None
     for view in views:
         if args.model:
             models[view] = args.model
+        elif built is not None:
+            from vllm_frontier.models.tiny_factory import make_tiny_model
+
+            print(f"building the {args.preset} random-weight checkpoint of the {view} view ...", flush=True)
+            arch = {"v3": "deepseek_v3", "v32": "deepseek_v32"}[view]
+            models[view] = str(make_tiny_model(arch, Path(built.name) / view, preset=args.preset, mtp_layers=1))
         else:
             from vllm_frontier.models.embedded import embedded_model_path
 
@@ -612,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
     report = Report(args.json, meta={"commit": commit, "command": " ".join([sys.executable, *sys.argv]),
-                                     "models": models, "tokens": args.tokens, "batches": args.batches,
+                                     "models": models, "preset": args.preset, "tokens": args.tokens, "batches": args.batches,
                                      "rounds": args.rounds, "repeats": args.repeats,
                                      "adaptive_warmup": args.adaptive_warmup,
                                      "concurrent": args.concurrent, "control": args.control,
@@ -644,6 +658,8 @@ def main(argv: list[str] | None = None) -> int:
                                   for m, r in b.items() if isinstance(r, dict) and "lossless" in r)
             rec["loadavg_end"] = os.getloadavg()
     report.write()
+    if built is not None:
+        built.cleanup()
     for view in models:
         sec = report.data["sections"][view]
         print(view, sec["status"], "wall", json.dumps(sec.get("targets")), "cpu time",

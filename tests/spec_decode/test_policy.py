@@ -373,3 +373,22 @@ def test_a_drafting_step_measured_cheaper_than_a_plain_one_counts_as_one():
         pol.observe_step(1, 1, 1e-3)   # noise: no step that drafts does less work than a plain one
     costs = pol.step_costs(1, pol.cost.costs(), pol._anchor(0, pol._measured()))
     assert costs[1] == pytest.approx(costs[0])
+
+
+def test_a_drafting_step_is_priced_against_the_plain_steps_just_before_it():
+    # probes measured a k = 1 step at 2.8x the plain steps around it; then the machine slows down 2x for the
+    # plain steps that follow (a CPU host drifts): the measured ratio must not follow the drift
+    pol = cpu_like_policy()
+    for _ in range(2):
+        for _ in range(8):
+            pol.observe_step(1, 0, 4e-3)
+        pol.observe_step(1, 1, 11.2e-3)
+        pol.observe_step(1, 1, 11.2e-3)
+    assert pol.measured_ratios() == {"1-1": {1: 2.8}}
+    for _ in range(32):
+        pol.observe_step(1, 0, 8e-3)
+    assert pol.measured_ratios() == {"1-1": {1: 2.8}}   # unpaired medians would say 1.4x
+    assert pol.choose(1) == 0   # at 2.8x no k pays, also at this policy's 0.95 acceptance
+    # the next probe runs at the new speed: its ratio is paired with the slow plain steps
+    pol.observe_step(1, 1, 22.4e-3)
+    assert pol.times.ratio(0, 1)[0] == pytest.approx(2.8)

@@ -37,8 +37,10 @@ Step costs, measured where possible. Every decode-only step is timed from its `s
 (the model runner, the post-step draft round trip of a drafting step, the engine loop; an interval that
 ends in an idle engine is dropped) and kept twice:
 - `StepTimes`: per (batch-size bucket, k) cell, the last `cell_window` times and their median. Buckets: 1, 2,
-  3, 4 alone, then each octave in two halves ([5, 6], [7, 8], [9, 12], [13, 16], ...). Where a bucket has
-  `cell_min_points` at k = 0 and at some k' > 0, the rule uses the measured ratio T(k') / T(0) there; other
+  3, 4 alone, then each octave in two halves ([5, 6], [7, 8], [9, 12], [13, 16], ...); a drafting step's
+  time is also kept as a ratio to the median of the last 8 k = 0 steps of its bucket (paired: both measured
+  at the machine's speed of the moment). Where a bucket has `cell_min_points` times at k = 0 and paired
+  ratios at some k' > 0, the rule uses the median paired ratio T(k') / T(0) there; other
   k, and buckets without measurements, take the nearest measured ratio (nearest k', then nearest bucket,
   ties to the larger bucket) carried by the fitted model's shape (`DraftLengthPolicy.cost_function`).
   A single linear model pooled over all batch sizes mispriced vLLM CPU by 30 % (a k = 1 step at batch 1
@@ -179,38 +181,72 @@ def bucket_range(index: int) -> tuple[int, int]:
     return (1 << e) + second * (1 << (e - 1)) + 1, (1 << e) + (second + 1) * (1 << (e - 1))
 
 
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
 class StepTimes:
     """Measured wall times of decode-only engine steps, per (batch-size bucket, k): the last `cell_window` of
-    each, with their median (robust to the scheduling hiccups of a busy CPU) and mean batch size."""
+    each, with their median (robust to the scheduling hiccups of a busy CPU) and mean batch size; and per
+    (bucket, k > 0) the last `cell_window` paired ratios: a drafting step's time over the median of the last
+    `ref_points` k = 0 steps of its bucket (`ratio`).
 
-    def __init__(self, cell_window: int = 32):
+    Why paired: the speed of a CPU host drifts by 30 % and more over seconds to minutes, and a rule that does
+    not draft measures drafting only in its probes (two steps every 1024-4096 steps), so a median of drafting
+    times from old probes over a median of the latest plain steps moves with the machine's speed, not with the
+    cost of drafting (on vLLM CPU, V3.2 view, batch 1: 1.6x-3.2x for the same k = 1 step, and the rule drafted
+    whenever a slow stretch of plain steps pushed it under the tokens a draft gains). The plain steps just
+    before a probe ran at the probe's speed."""
+
+    def __init__(self, cell_window: int = 32, ref_points: int = 8):
         self.cell_window = cell_window
         self._cells: dict[tuple[int, int], collections.deque[tuple[float, int]]] = {}
-        self._summary: dict[tuple[int, int], tuple[float, float, int]] = {}   # cache, dropped on observe
+        self._ratios: dict[tuple[int, int], collections.deque[tuple[float, int]]] = {}
+        self._refs: dict[int, collections.deque[float]] = {}   # bucket -> its last k = 0 step times
+        self._ref_points = ref_points
+        self._summary: dict[tuple[int, int, bool], tuple[float, float, int]] = {}   # cache, dropped on observe
 
     def observe(self, batch: int, k: int, seconds: float) -> None:
         if batch < 1 or not (seconds > 0 and math.isfinite(seconds)):
             return
-        key = (batch_bucket(batch), k)
-        cell = self._cells.get(key)
+        bucket = batch_bucket(batch)
+        key = (bucket, k)
+        self._append(self._cells, key, (seconds, batch))
+        self._summary.pop((bucket, k, False), None)
+        if k == 0:
+            ref = self._refs.get(bucket)
+            if ref is None:
+                ref = self._refs[bucket] = collections.deque(maxlen=self._ref_points)
+            ref.append(seconds)
+        elif self._refs.get(bucket):
+            self._append(self._ratios, key, (seconds / _median(list(self._refs[bucket])), batch))
+            self._summary.pop((bucket, k, True), None)
+
+    def _append(self, cells: dict, key: tuple[int, int], point: tuple[float, int]) -> None:
+        cell = cells.get(key)
         if cell is None:
-            cell = self._cells[key] = collections.deque(maxlen=self.cell_window)
-        cell.append((seconds, batch))
-        self._summary.pop(key, None)
+            cell = cells[key] = collections.deque(maxlen=self.cell_window)
+        cell.append(point)
+
+    def _summarize(self, cells: dict, bucket: int, k: int, ratios: bool) -> tuple[float, float, int] | None:
+        got = self._summary.get((bucket, k, ratios))
+        if got is None:
+            cell = cells.get((bucket, k))
+            if not cell:
+                return None
+            got = self._summary[(bucket, k, ratios)] = (_median([t for t, _ in cell]),
+                                                         sum(b for _, b in cell) / len(cell), len(cell))
+        return got
 
     def summary(self, bucket: int, k: int) -> tuple[float, float, int] | None:
         """(median seconds, mean batch size, points) of a cell, or None when it has no point."""
-        key = (bucket, k)
-        got = self._summary.get(key)
-        if got is None:
-            cell = self._cells.get(key)
-            if not cell:
-                return None
-            times = sorted(t for t, _ in cell)
-            n = len(times)
-            median = times[n // 2] if n % 2 else 0.5 * (times[n // 2 - 1] + times[n // 2])
-            got = self._summary[key] = (median, sum(b for _, b in cell) / n, n)
-        return got
+        return self._summarize(self._cells, bucket, k, False)
+
+    def ratio(self, bucket: int, k: int) -> tuple[float, float, int] | None:
+        """(median paired ratio T(k) / T(0), mean batch size, points) of a cell with k > 0, or None."""
+        return self._summarize(self._ratios, bucket, k, True)
 
     def buckets(self) -> set[int]:
         return {b for b, _ in self._cells}
@@ -399,8 +435,8 @@ class DraftLengthPolicy:
     # -- step costs: measured cells anchor the fitted model --------------------------------------------------
 
     def _measured(self) -> dict[int, dict[int, tuple[float, float]]]:
-        """{bucket: {k: (measured T(k) / T(0), mean batch of the k cell)}} over buckets where k = 0 and some
-        k > 0 have `cell_min_points` each."""
+        """{bucket: {k: (measured T(k) / T(0), mean batch of the k cell)}} over buckets where k = 0 has
+        `cell_min_points` times and some k > 0 as many paired ratios (`StepTimes.ratio`)."""
         c, out = self.config, {}
         for bucket in self.times.buckets():
             plain = self.times.summary(bucket, 0)
@@ -408,9 +444,9 @@ class DraftLengthPolicy:
                 continue
             ks = {}
             for k in range(1, c.max_k + 1):
-                got = self.times.summary(bucket, k)
+                got = self.times.ratio(bucket, k)
                 if got is not None and got[2] >= c.cell_min_points:
-                    ks[k] = (got[0] / plain[0], got[1])
+                    ks[k] = (got[0], got[1])
             if ks:
                 out[bucket] = ks
         return out
@@ -429,6 +465,16 @@ class DraftLengthPolicy:
                 got = self.times.summary(b, k)
                 if got is not None:
                     out.setdefault("%d-%d" % bucket_range(b), {})[k] = [round(1e3 * got[0], 3), got[2]]
+        return out
+
+    def paired_ratio_cells(self) -> dict[str, dict[int, list]]:
+        """{"lo-hi" batch sizes: {k: [median paired ratio, points]}} (JSON-ready, for stats; `StepTimes.ratio`)."""
+        out: dict[str, dict[int, list]] = {}
+        for b in sorted(self.times.buckets()):
+            for k in range(1, self.config.max_k + 1):
+                got = self.times.ratio(b, k)
+                if got is not None:
+                    out.setdefault("%d-%d" % bucket_range(b), {})[k] = [round(got[0], 3), got[2]]
         return out
 
     @staticmethod

@@ -252,6 +252,7 @@ class AdaptiveDraftScheduler(Scheduler):
         c["k_table_head"] = self._table[:33]
         c["measured_cost_ratios"] = self._policy.measured_ratios()
         c["step_time_cells"] = self._policy.step_time_cells()
+        c["paired_ratio_cells"] = self._policy.paired_ratio_cells()
         return c
 
     def _write_stats(self) -> None:
