@@ -626,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
     report = Report(args.json, meta={"commit": commit, "command": " ".join([sys.executable, *sys.argv]),
-                                     "models": models, "preset": args.preset, "tokens": args.tokens, "batches": args.batches,
+                                     "models": models, "preset": args.preset, "tokens": args.tokens,
+                                     "batches": args.batches,
                                      "rounds": args.rounds, "repeats": args.repeats,
                                      "adaptive_warmup": args.adaptive_warmup,
                                      "concurrent": args.concurrent, "control": args.control,
