@@ -12,8 +12,9 @@ started `--repeats` times:
 1. plain: no speculation;
 2. MTP: cap K = 3, `PinnedDraftScheduler` and the drafter-skipping worker (`SkippingMTPProposer`: a step
    that drafts nothing runs no drafter forward; the skipped positions are replayed when drafting resumes).
-   A pin file switches between fixed k = 0..3, the pause cycle (`--pause-cycle`, e.g. eight steps at k = 0
-   then eight at k = 2) and `adaptive` between runs inside the one engine. Pinned steps teach the rule
+   A pin carried by the requests (`SamplingParams.extra_args`) switches between fixed k = 0..3, the pause
+   cycle (`--pause-cycle`, e.g. eight steps at k = 0 then eight at k = 2) and `adaptive` between runs inside
+   the one engine. Pinned steps teach the rule
    nothing: under `adaptive` it knows only what its own steps measured (probes included), kept across runs
    as in a serving engine; `--adaptive-warmup` untimed adaptive runs per batch size come first (its first
    minutes; default 1).
@@ -41,7 +42,8 @@ over the mean of the two plain runs around it, the report gives the median over 
    shows what the catch-up is worth in acceptance after a pause.
 Agree first: every MTP run's token ids must equal the plain engine's (greedy, float32): `lossless`.
 
-Metrics per (view, batch, mode), from the scheduler's counters (`FRONTIER_MTP_STATS`, deltas per run):
+Metrics per (view, batch, mode), from the scheduler's counters (its `stats()`, written into the step log when
+the engine becomes idle, `mtp_step_log`; deltas per run):
 - `tok_s` (median over rounds), `speedup_vs_none` (concurrent: geometric mean of the paired ratios, with
   `speedup_ci95`; else the median of the bracketed ratios; per round: `speedup_per_round`),
   `tokens_per_target_forward`;
@@ -94,7 +96,7 @@ def _worker(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     from vllm_frontier.spec_decode import executor_backend, worker_cls
-    from vllm_frontier.spec_decode.scheduler import write_pin
+    from vllm_frontier.spec_decode.scheduler import REQUEST_PIN_KEY
 
     control = spec.get("control", False)   # the "mtp" engine is a second plain engine (an A/A run)
 
@@ -147,15 +149,15 @@ def _worker(spec_path: str, out_path: str) -> None:
                 pass
         return total
 
-    params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
-    pin, stats = Path(spec["pin"]), Path(spec["stats"])
-    if "mtp" in engines and not control:
-        write_pin(pin, "0")
-    for llm in engines.values():
-        llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    def params(pin: str | None = None, max_tokens: int = spec["tokens"]) -> SamplingParams:
+        # the MTP engine's k comes with the requests (no pin file: a file read in the engine core's step loop
+        # waits for the GIL, and the plain engine pays none)
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                              extra_args={REQUEST_PIN_KEY: pin} if pin is not None else None)
 
-    def read_stats():
-        return json.loads(stats.read_text()) if stats.is_file() else None
+    last_stats: dict[str, dict | None] = {}   # the MTP scheduler's counters, from its step log (mtp_step_log)
+    for name, llm in engines.items():
+        llm.generate(PROMPTS[:2], params("0", 4), use_tqdm=False)  # warm-up
 
     def groups_of(batch: int) -> list[list[str]]:
         # batch 1: several prompts one after the other (one prompt alone measures one continuation)
@@ -173,26 +175,27 @@ def _worker(spec_path: str, out_path: str) -> None:
             time.sleep(spec["switch_gap"])   # the other engine's workers stop polling for work
         last["engine"] = name
         is_mtp = name == "mtp" and not control
-        if is_mtp:
-            write_pin(pin, spec["pins"][mode])
+        run_params = params(spec["pins"][mode] if is_mtp else None)
         counters = (lambda: llm.collective_rpc("frontier_mtp_counters")[0]) if is_mtp else (lambda: None)
-        before, c0 = (read_stats(), counters()) if is_mtp else (None, None)
-        read_log(logs[name])
+        c0 = counters()
+        last_stats[name] = read_log(logs[name])[1] or last_stats.get(name)
+        before = last_stats[name]
         ids, dt, cpu = [], 0.0, 0.0
         for group in groups_of(batch):
             t, c = time.perf_counter(), cpu_seconds(name)
-            outs = llm.generate(group, params, use_tqdm=False)
+            outs = llm.generate(group, run_params, use_tqdm=False)
             dt += time.perf_counter() - t
             cpu += cpu_seconds(name) - c
             ids += [list(o.outputs[0].token_ids) for o in outs]
-        logged = read_log(logs[name])
+        logged, stats = read_log(logs[name])
+        last_stats[name] = stats or before
         steps = [t for _, k, t in logged if k >= 0]
         other = [t for _, k, t in logged if k < 0]
         return {"round": rnd, "batch": batch, "engine": name, "mode": mode, "seconds": dt, "cpu_seconds": cpu,
                 "tokens": sum(len(x) for x in ids), "token_ids": ids, "decode_steps": len(steps),
                 "step_median_s": statistics.median(steps) if steps else None, "step_sum_s": sum(steps),
                 "other_steps": len(other), "other_steps_s": sum(other),
-                "stats_before": before, "stats_after": read_stats() if is_mtp else None,
+                "stats_before": before if is_mtp else None, "stats_after": last_stats[name] if is_mtp else None,
                 "counters_before": c0, "counters_after": counters()}
 
     runs = []
@@ -317,16 +320,15 @@ def pin_engine_cores(engine_pids: dict[str, list[int]]) -> dict:
 def run_engines(model: str, engines: list[str], modes: dict[str, str], args, env_extra: dict,
                 placements: list) -> list[dict]:
     """``engines`` ("plain", "mtp" or both, alive side by side, started in this order) in one subprocess;
-    ``modes``: MTP run name -> pin file text. Appends where their processes ran to ``placements``."""
+    ``modes``: MTP run name -> pin text. Appends where their processes ran to ``placements``."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"model": model, "engines": engines, "tokens": args.tokens, "rounds": args.rounds,
                 "batch1_prompts": args.batch1_prompts, "batches": args.batches, "switch_gap": args.switch_gap,
-                "modes": list(modes), "pins": modes, "pin": f"{tmp}/pin", "stats": f"{tmp}/stats.json",
+                "modes": list(modes), "pins": modes,
                 "step_log": f"{tmp}/steps.jsonl", "pin_cores": args.pin_cores, "concurrent": args.concurrent,
                 "control": args.control, "adaptive_warmup": args.adaptive_warmup}
         # the engine core imports mtp_step_log from this folder (run_worker puts it on PYTHONPATH)
-        out = run_worker(__file__, spec, tmp, env_extra | {
-            "FRONTIER_MTP_PIN_FILE": spec["pin"], "FRONTIER_MTP_STATS": spec["stats"]}, args.timeout)
+        out = run_worker(__file__, spec, tmp, env_extra, args.timeout)
         placements.append({"engines": engines, "placement": out["placement"]})
         return out["runs"]
 

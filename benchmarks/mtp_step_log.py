@@ -5,7 +5,10 @@ the engine loop; an interval that ends in an idle engine is dropped), as `Adapti
 the steps its rule learns from. When the engine becomes idle the log is written, as JSON lines of [scheduled
 requests, k, seconds] (k = -1: a step that is not decode-only: prompt tokens, or a request's first token),
 to the file named by `FRONTIER_BENCH_STEP_LOG` (appended; the benchmark reads and removes it after each
-run). The median decode step of a run is robust to the CPU hiccups that move a run's total.
+run), followed in the MTP engine by one line {"stats": ...} with the scheduler's counters (`stats()`): both
+engines then make the same one file write when they become idle (with `FRONTIER_MTP_STATS` the MTP engine would
+make a second one, each system call there waiting for the GIL in the engine core). The median decode step of a
+run is robust to the CPU hiccups that move a run's total.
 
     StepLogScheduler          vLLM's scheduler (the plain engine)
     PinnedStepLogScheduler    `PinnedDraftScheduler` (the MTP engine)
@@ -55,9 +58,12 @@ class _StepLog:
         result = super().update_from_output(scheduler_output, model_runner_output)
         if not self.running and not self.waiting:
             self._log_pending = None
-            if self._log_path and self._log:
+            stats = self.stats() if getattr(self, "_policy", None) is not None else None
+            if self._log_path and (self._log or stats):
                 with open(self._log_path, "a") as f:
                     f.writelines(json.dumps(row) + "\n" for row in self._log)
+                    if stats:
+                        f.write(json.dumps({"stats": stats}) + "\n")
                 self._log.clear()
         return result
 
@@ -70,12 +76,20 @@ class PinnedStepLogScheduler(_StepLog, PinnedDraftScheduler):
     """`PinnedDraftScheduler`, logging decode-only step times."""
 
 
-def read_log(path) -> list[tuple[int, int, float]]:
-    """The steps logged since the last read (the file is removed)."""
+def read_log(path) -> tuple[list[tuple[int, int, float]], dict | None]:
+    """The steps logged since the last read and the MTP scheduler's latest counters among them, or None (the
+    file is removed)."""
+    rows, stats = [], None
     try:
         with open(path) as f:
-            rows = [tuple(json.loads(line)) for line in f if line.strip()]
+            for line in f:
+                if line.strip():
+                    got = json.loads(line)
+                    if isinstance(got, dict):
+                        stats = got["stats"]
+                    else:
+                        rows.append(tuple(got))
     except FileNotFoundError:
-        return []
+        return [], None
     os.remove(path)
-    return rows
+    return rows, stats

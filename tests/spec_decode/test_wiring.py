@@ -96,6 +96,7 @@ def test_pin_file_grammar(tmp_path, monkeypatch):
     s.num_spec_tokens = 3
     s._pin_path = str(tmp_path / "pin")
     s._pin, s._pin_read_at = None, -1e9
+    s._after_idle, s._request_pinned, s.waiting, s.running = False, False, [], []
     assert s.pinned() is None  # no file: adaptive
     for text, want in [("adaptive", None), ("", None), ("2", [2]), ("3,0,1", [3, 0, 1]), ("9,-1", [3, 0])]:
         (tmp_path / "pin").write_text(text)
@@ -124,6 +125,7 @@ def test_pin_is_read_at_the_first_step_after_idle_and_rarely_while_busy(tmp_path
     s.num_spec_tokens = 3
     s._pin_path = str(tmp_path / "pin")
     s._pin, s._pin_read_at = None, -1e9
+    s._after_idle, s._request_pinned, s.waiting, s.running = False, False, [], []
     (tmp_path / "pin").write_text("2")
     assert s.pinned() == [2]
     (tmp_path / "pin").write_text("0")   # written while busy: not seen before pin_check_every has passed
@@ -131,6 +133,39 @@ def test_pin_is_read_at_the_first_step_after_idle_and_rarely_while_busy(tmp_path
     s.became_idle()                      # the engine's last request finished: the next step reads the file
     assert s.pinned() == [0]
     assert PinnedDraftScheduler.pin_check_every >= 0.1   # a busy engine reads it every few dozen steps at most
+
+
+def test_a_pin_carried_by_the_requests_holds_for_their_busy_period_without_any_file_read(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm_frontier.spec_decode.scheduler import REQUEST_PIN_KEY, PinnedDraftScheduler
+
+    def request(pin=None):
+        return SimpleNamespace(sampling_params=SimpleNamespace(extra_args={REQUEST_PIN_KEY: pin} if pin else None))
+
+    s = PinnedDraftScheduler.__new__(PinnedDraftScheduler)
+    s.num_spec_tokens = 3
+    s._pin_path = str(tmp_path / "pin")
+    (tmp_path / "pin").write_text("3")
+    s._pin, s._pin_read_at, s._after_idle, s._request_pinned = None, -1e9, True, False
+    s.waiting, s.running = [request(), request("1,0")], []
+    calls = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **kw: calls.append(a) or real_open(*a, **kw))
+    assert s.pinned() == [1, 0]
+    s._pin_read_at = -1e9   # a file read would be due now: the request pin still holds, no read
+    assert s.pinned() == [1, 0] and not calls
+    s.became_idle()
+    s.waiting = [request("adaptive")]
+    assert s.pinned() is None and not calls   # "adaptive" from a request: the rule, still no file read
+    s.became_idle()
+    s.waiting = [request()]                   # no request pin: back to the file
+    assert s.pinned() == [3] and len(calls) == 1
+    monkeypatch.undo()
+    s.became_idle()
+    s.waiting = [request("fast")]
+    with pytest.raises(ValueError, match="request pin"):
+        s.pinned()
 
 
 def test_pinned_steps_are_not_the_rules_time():

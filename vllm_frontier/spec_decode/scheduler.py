@@ -10,10 +10,11 @@ one), and trims drafts made under a larger k before they are verified. It change
 verification is vLLM's rejection sampler, so outputs are those of the target model (greedy: identical
 token ids).
 
-`PinnedDraftScheduler` (benchmarks, tests, operators): k follows a small text file named by
-`FRONTIER_MTP_PIN_FILE`, read at the first step after the engine was idle and every 0.5 s while it is busy:
-`adaptive`, a fixed `k`, or a cycle `3,0,1,2` (one entry per step). One MTP engine then serves adaptive and
-fixed-k runs side by side; pinned steps teach the rule nothing.
+`PinnedDraftScheduler` (benchmarks, tests, operators): k follows a pin, `adaptive`, a fixed `k`, or a cycle
+`3,0,1,2` (one entry per step), carried by the requests of a busy period (`SamplingParams.extra_args`
+`{"frontier_mtp_pin": ...}`, read from memory at its first step) or else by a small text file named by
+`FRONTIER_MTP_PIN_FILE`, read at the first step after the engine was idle and every 0.5 s while it is busy.
+One MTP engine then serves adaptive and fixed-k runs side by side; pinned steps teach the rule nothing.
 
 Counters (cumulative, for benchmarks): `stats()`; with `FRONTIER_MTP_STATS=/path.json` they are also written
 to that file (atomically) whenever the scheduler becomes idle and at most every 2 s while busy. Acceptance is
@@ -38,6 +39,8 @@ logger = logging.getLogger("vllm.frontier.spec_decode")
 
 STATS_ENV = "FRONTIER_MTP_STATS"
 PIN_ENV = "FRONTIER_MTP_PIN_FILE"
+# a request's `SamplingParams.extra_args` key carrying a pin (`PinnedDraftScheduler`): no file, no system call
+REQUEST_PIN_KEY = "frontier_mtp_pin"
 RUN_BUCKETS = 4   # drafting-run lengths counted apart: 1, 2, 3, >= 4 consecutive drafting steps
 
 
@@ -269,11 +272,14 @@ class AdaptiveDraftScheduler(Scheduler):
 class PinnedDraftScheduler(AdaptiveDraftScheduler):
     """`AdaptiveDraftScheduler` whose k can be pinned at run time through the file named by `PIN_ENV`.
 
-    File contents: `adaptive` (or no file / empty file): the policy, refreshed as `AdaptiveDraftScheduler`
+    Pin text: `adaptive` (or no file / empty file): the policy, refreshed as `AdaptiveDraftScheduler`
     refreshes it, learning from the adaptive steps only; `k`: fixed k (clipped to [0, K]); `k1,k2,...`: one
-    entry per step, cycling. The file is read at the first step after the engine was idle (a pin written
-    between runs holds for the whole next run) and at most every `pin_check_every` seconds while it is busy
-    (`write_pin`). An unreadable or malformed file raises ValueError naming it.
+    entry per step, cycling. At the first step after the engine was idle, a pin carried by one of its requests
+    (`REQUEST_PIN_KEY` in `SamplingParams.extra_args`) holds for that busy period; else the file is read then
+    (a pin written between runs holds for the whole next run) and at most every `pin_check_every` seconds
+    while it is busy (`write_pin`). A request pin costs no system call: a file read in the engine core's step
+    loop waits for the GIL (below), and the plain engine a benchmark compares with pays none. A malformed pin
+    raises ValueError naming where it came from.
     """
 
     # Seconds between reads of the file while busy (a pin written then takes effect within this time). No
@@ -290,33 +296,52 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
         self._pin_path = os.environ.get(PIN_ENV) or None
         self._pin: list[int] | None = None
         self._pin_read_at = -1e9
-        self._is_pinned = False   # whether the last table came from the pin file (no exploration then)
+        self._after_idle = True         # the next step is the first of a busy period
+        self._request_pinned = False    # this busy period follows a pin carried by its requests
+        self._is_pinned = False   # whether the last table came from a pin (no exploration then)
 
     def pinned(self) -> list[int] | None:
-        if not self._pin_path:
-            return None
+        if self._after_idle:
+            self._after_idle = False
+            text = self._request_pin()
+            self._request_pinned = text is not None
+            if self._request_pinned:
+                self._pin = self._parse_pin(text, f"request pin ({REQUEST_PIN_KEY})")
+        if self._request_pinned or not self._pin_path:
+            return self._pin if self._request_pinned else None
         now = time.monotonic()
         if now - self._pin_read_at < self.pin_check_every:
             return self._pin
         self._pin_read_at = now
         try:
             with open(self._pin_path) as f:
-                text = f.read().strip()
+                text = f.read()
         except FileNotFoundError:
             text = ""
+        self._pin = self._parse_pin(text, f"{PIN_ENV} file {self._pin_path}")
+        return self._pin
+
+    def _request_pin(self) -> str | None:
+        """The pin carried by a request of the starting busy period (the first one found), or None."""
+        for req in (*self.waiting, *self.running):
+            extra = getattr(getattr(req, "sampling_params", None), "extra_args", None)
+            if extra and REQUEST_PIN_KEY in extra:
+                return str(extra[REQUEST_PIN_KEY])
+        return None
+
+    def _parse_pin(self, text: str, source: str) -> list[int] | None:
+        text = text.strip()
         if text in ("", "adaptive"):
-            ks = None
-        else:
-            try:
-                ks = [min(max(int(x), 0), self.num_spec_tokens) for x in text.split(",")]
-            except ValueError:
-                raise ValueError(f"{PIN_ENV} file {self._pin_path} holds {text!r}; write 'adaptive', a draft "
-                                 "length k, or a comma-separated cycle such as 3,0,1,2") from None
-        self._pin = ks
-        return ks
+            return None
+        try:
+            return [min(max(int(x), 0), self.num_spec_tokens) for x in text.split(",")]
+        except ValueError:
+            raise ValueError(f"{source} holds {text!r}; write 'adaptive', a draft length k, or a comma-separated "
+                             "cycle such as 3,0,1,2") from None
 
     def became_idle(self) -> None:
         self._pin_read_at = -1e9   # the next busy period starts with a fresh read
+        self._after_idle = True
 
     def table_due(self) -> bool:
         ks = self.pinned()
