@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Report, git_commit, run_worker  # noqa: E402
+from harness import Report, embedded_views, git_commit, run_worker  # noqa: E402
 
 PROMPTS = ["def main(argv):\n", "import os\n\nclass Config:\n", "for i in range(10):\n", "# Copyright\n\"\"\"Utils",
            "with open(path) as f:\n", "try:\n    import json\n", "def __init__(self, name):\n", "return [x for x in"]
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker:
         _worker(*args._worker)
         return 0
-    views = [v.strip() for v in args.views.split(",") if v.strip()]
-    if not views or set(views) - {"v3", "v32"}:
-        p.error("--views takes v3 and/or v32")
+    views = embedded_views(p, args.views)
     if args.tokens < 2 or args.runs < 1 or args.repeats < 1 or not args.batches or min(args.batches) < 1:
         p.error("--tokens >= 2, --runs >= 1, --repeats >= 1 and batch sizes >= 1 are required")
     if not 1 <= args.batch1_prompts <= len(PROMPTS):
