@@ -53,11 +53,11 @@ def command_line(argv: list[str] | None = None) -> str:
     return " ".join(["python", *(shlex.quote(a) for a in argv)])
 
 
-def embedded_views(parser, text: str) -> list[str]:
+def embedded_views(parser, text: str, option: str = "--views") -> list[str]:
     """The embedded model views named in ``text`` (comma-separated: v3, v32); a parser error for anything else."""
     views = [v.strip() for v in text.split(",") if v.strip()]
     if not views or set(views) - {"v3", "v32"}:
-        parser.error("--views takes v3 and/or v32")
+        parser.error(f"{option} takes v3 and/or v32")
     return views
 
 
