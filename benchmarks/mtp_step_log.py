@@ -58,7 +58,7 @@ class _StepLog:
         result = super().update_from_output(scheduler_output, model_runner_output)
         if not self.running and not self.waiting:
             self._log_pending = None
-            stats = self.stats() if getattr(self, "_policy", None) is not None else None
+            stats = self.stats() if self._log_path and getattr(self, "_policy", None) is not None else None
             if self._log_path and (self._log or stats):
                 with open(self._log_path, "a") as f:
                     f.writelines(json.dumps(row) + "\n" for row in self._log)

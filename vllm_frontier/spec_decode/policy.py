@@ -196,9 +196,9 @@ class StepTimes:
     Why paired: the speed of a CPU host drifts by 30 % and more over seconds to minutes, and a rule that does
     not draft measures drafting only in its probes (two steps every 1024-4096 steps), so a median of drafting
     times from old probes over a median of the latest plain steps moves with the machine's speed, not with the
-    cost of drafting (on vLLM CPU, V3.2 view, batch 1: 1.6x-3.2x for the same k = 1 step, and the rule drafted
-    whenever a slow stretch of plain steps pushed it under the tokens a draft gains). The plain steps just
-    before a probe ran at the probe's speed."""
+    cost of drafting (on vLLM CPU, V3.2 view, batch 1: 1.47x-2.33x for the same k = 1 steps within 30 runs,
+    `benchmarks/mtp_rule_trace.py`, and the rule drafted whenever a slow stretch of plain steps pushed it under
+    the tokens a draft gains). The plain steps just before a probe ran at the probe's speed."""
 
     def __init__(self, cell_window: int = 32, ref_points: int = 8):
         self.cell_window = cell_window
@@ -459,22 +459,19 @@ class DraftLengthPolicy:
     def step_time_cells(self) -> dict[str, dict[int, list]]:
         """{"lo-hi" batch sizes: {k: [median ms, points]}} of every timed cell (JSON-ready, for stats): what the
         rule has measured, before `cell_min_points` lets a cell anchor the costs."""
-        out: dict[str, dict[int, list]] = {}
-        for b in sorted(self.times.buckets()):
-            for k in range(self.config.max_k + 1):
-                got = self.times.summary(b, k)
-                if got is not None:
-                    out.setdefault("%d-%d" % bucket_range(b), {})[k] = [round(1e3 * got[0], 3), got[2]]
-        return out
+        return self._cells_json(self.times.summary, range(self.config.max_k + 1), 1e3)
 
     def paired_ratio_cells(self) -> dict[str, dict[int, list]]:
         """{"lo-hi" batch sizes: {k: [median paired ratio, points]}} (JSON-ready, for stats; `StepTimes.ratio`)."""
+        return self._cells_json(self.times.ratio, range(1, self.config.max_k + 1), 1.0)
+
+    def _cells_json(self, summary, ks, scale: float) -> dict[str, dict[int, list]]:
         out: dict[str, dict[int, list]] = {}
         for b in sorted(self.times.buckets()):
-            for k in range(1, self.config.max_k + 1):
-                got = self.times.ratio(b, k)
+            for k in ks:
+                got = summary(b, k)
                 if got is not None:
-                    out.setdefault("%d-%d" % bucket_range(b), {})[k] = [round(got[0], 3), got[2]]
+                    out.setdefault("%d-%d" % bucket_range(b), {})[k] = [round(scale * got[0], 3), got[2]]
         return out
 
     @staticmethod

@@ -307,8 +307,10 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
             self._request_pinned = text is not None
             if self._request_pinned:
                 self._pin = self._parse_pin(text, f"request pin ({REQUEST_PIN_KEY})")
-        if self._request_pinned or not self._pin_path:
-            return self._pin if self._request_pinned else None
+        if self._request_pinned:
+            return self._pin
+        if not self._pin_path:
+            return None
         now = time.monotonic()
         if now - self._pin_read_at < self.pin_check_every:
             return self._pin
