@@ -6,6 +6,7 @@ Imports torch only (plus the standard library), so it runs where vLLM is not ins
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import importlib.metadata
@@ -51,6 +52,20 @@ def command_line(argv: list[str] | None = None) -> str:
     """The command as typed: ``python benchmarks/dopd.py --sizes 8`` (arguments quoted where the shell needs it)."""
     argv = sys.argv if argv is None else argv
     return " ".join(["python", *(shlex.quote(a) for a in argv)])
+
+
+def engine_script_args(parser, argv: list[str] | None, worker, timeout: float):
+    """Parse the command line of a script whose engines run in `run_worker` subprocesses, after adding the options
+    they all take (``--timeout`` seconds per subprocess, ``--json``, the hidden ``--_worker SPEC OUT``). In such a
+    subprocess this runs ``worker(SPEC, OUT)`` and returns None; else the parsed arguments."""
+    parser.add_argument("--timeout", type=float, default=timeout)
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._worker:
+        worker(*args._worker)
+        return None
+    return args
 
 
 def embedded_views(parser, text: str, option: str = "--views") -> list[str]:

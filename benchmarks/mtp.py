@@ -75,7 +75,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import run_worker  # noqa: E402
+from harness import engine_script_args, run_worker  # noqa: E402
 from mtp_step_log import read_log  # noqa: E402
 
 PROMPTS = ["def main(argv):\n", "import os\n\nclass Config:\n", "for i in range(10):\n", "# Copyright\n\"\"\"Utils",
@@ -568,12 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", action="store_true",
                    help="A/A control: a second plain engine in the MTP engine's place (mode 'control'; --modes "
                         "ignored): how far apart the measure puts two identical engines")
-    p.add_argument("--timeout", type=float, default=3000.0)
-    p.add_argument("--json", help="write the report here")
-    p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args._worker:
-        _worker(*args._worker)
+    args = engine_script_args(p, argv, _worker, 3000.0)
+    if args is None:   # a `run_worker` subprocess: its engine ran
         return 0
     if args.tokens < 2 or args.rounds < 1 or args.repeats < 1 or not args.batches or min(args.batches) < 1:
         p.error("--tokens >= 2, --rounds >= 1, --repeats >= 1 and batch sizes >= 1 are required")

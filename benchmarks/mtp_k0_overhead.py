@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Report, embedded_views, git_commit, run_worker  # noqa: E402
+from harness import Report, embedded_views, engine_script_args, git_commit, run_worker  # noqa: E402
 
 PROMPTS = ["def main(argv):\n", "import os\n\nclass Config:\n", "for i in range(10):\n", "# Copyright\n\"\"\"Utils",
            "with open(path) as f:\n", "try:\n    import json\n", "def __init__(self, name):\n", "return [x for x in"]
@@ -112,12 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pin-check-every", type=float, default=None,
                    help="seconds between the MTP scheduler's reads of its pin file while busy (default: the "
                         "scheduler's 0.5 s; 0: every step, to show what a file read per step costs)")
-    p.add_argument("--timeout", type=float, default=1800.0)
-    p.add_argument("--json", help="write the report here")
-    p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args._worker:
-        _worker(*args._worker)
+    args = engine_script_args(p, argv, _worker, 1800.0)
+    if args is None:   # a `run_worker` subprocess: its engine ran
         return 0
     views = embedded_views(p, args.views)
     if args.tokens < 2 or args.runs < 1 or args.repeats < 1 or not args.batches or min(args.batches) < 1:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Report, embedded_views, run_worker  # noqa: E402
+from harness import Report, embedded_views, engine_script_args, run_worker  # noqa: E402
 
 PROMPTS = ["def main(argv):\n", "import os\n\nclass Config:\n", "for i in range(10):\n", "# Copyright\n\"\"\"Utils"]
 
@@ -69,12 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--batch1-prompts", type=int, default=3)
     p.add_argument("--alternate", action="store_true", help="a batch-16 run after each batch-1 run")
-    p.add_argument("--timeout", type=float, default=1800.0)
-    p.add_argument("--json", help="write the report here")
-    p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args._worker:
-        _worker(*args._worker)
+    args = engine_script_args(p, argv, _worker, 1800.0)
+    if args is None:   # a `run_worker` subprocess: its engine ran
         return 0
     view = embedded_views(p, args.view, "--view")
     if len(view) != 1:

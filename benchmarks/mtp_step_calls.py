@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Report, embedded_views, run_worker  # noqa: E402
+from harness import Report, embedded_views, engine_script_args, run_worker  # noqa: E402
 
 PROMPTS = ["def main(argv):\n", "import os\n\nclass Config:\n", "for i in range(10):\n", "# Copyright\n"]
 ENGINES = {"plain": None, "mtp_k0": "0", "mtp_adaptive": "adaptive"}
@@ -78,12 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--top", type=int, default=12, help="functions listed per MTP engine (default 12)")
-    p.add_argument("--timeout", type=float, default=1200.0)
-    p.add_argument("--json", help="write the report here")
-    p.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args._worker:
-        _worker(*args._worker)
+    args = engine_script_args(p, argv, _worker, 1200.0)
+    if args is None:   # a `run_worker` subprocess: its engine ran
         return 0
     views = embedded_views(p, args.views)
     if args.tokens < 2 or args.runs < 1 or not args.batches or min(args.batches) < 1:
