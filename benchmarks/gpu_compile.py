@@ -48,6 +48,9 @@ TARGETS = (80, 86, 89, 90, 100, 120)
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 170}  # A100, A6000, L40, H100 SXM, B200, RTX 5090
 NO_SPILL_TARGETS = (80, 90)
+# Spills a GPU run measured as the faster choice: (kernel, sm) -> where. On sm_90 the MLA kernel's 64 x 64 tiles
+# spill and still run decode 3.2x faster than spill-free 32 x 32 tiles (H200 and H100).
+MEASURED_SPILLS = {("_mla_attn_fwd_kernel", 90): "benchmarks/results/gpu_check/gpu_check_h200.json"}
 
 
 @dataclasses.dataclass
@@ -284,13 +287,14 @@ def project_launches(cc: int, heads: int = 128, only: set[str] | None = None) ->
 
 
 def problems(row: dict) -> list[str]:
-    """What is wrong with one compiled row: a compile error, shared memory over the limit, spills (sm_80/90)."""
+    """What is wrong with one compiled row: a compile error, shared memory over the limit, spills (sm_80/90) unless
+    a GPU run measured the spilling tiles faster (MEASURED_SPILLS)."""
     if row["error"]:
         return [f"does not compile: {row['error']}"]
     bad = []
     if row["smem"] > SMEM_LIMIT[row["sm"]]:
         bad.append(f"shared memory {row['smem']} B over the sm_{row['sm']} limit {SMEM_LIMIT[row['sm']]} B")
-    if row["sm"] in NO_SPILL_TARGETS and row["spill_stores"]:
+    if row["sm"] in NO_SPILL_TARGETS and row["spill_stores"] and (row.get("kernel"), row["sm"]) not in MEASURED_SPILLS:
         bad.append(f"{row['spill_stores']} B of spill stores per thread")
     return bad
 

@@ -5,10 +5,9 @@ CPU: it pays when the AVX-512 BF16 kernel (`fp4_cpu`) runs: decode then reads 4.
 AVX512_BF16, no compiler, FRONTIER_FP4_CPU_KERNEL=0) every matmul first dequantizes its whole weight: decode
 measured ~0.07x of bf16, so it does not pay.
 CUDA: FP4 keeps weights 3.5x smaller; linear layers run the decode-layout GEMM (`w4a16_decode_gemm`, weights
-permuted at load), which has not been timed on a GPU yet. The pairs-layout GEMM before it was not faster than
-bf16's (0.87-1.02x at M = 1, 0.47-0.67x at M = 16 on an H100, benchmarks/results/fp4/fp4_gpu_h100.json). Until a
-GPU run (benchmarks/gpu_check.py) shows the decode GEMM ahead of bf16, `--plugin all` leaves FP4 off there
-(`--plugin fp4` still switches it on).
+permuted at load). On an H200 it runs at 1.12-1.33x of bf16's matmul at M = 1 for NVFP4 and 0.73-0.82x for MXFP4
+(benchmarks/gpu_check.py, benchmarks/results/gpu_check/gpu_check_h200.json): too little to make a lossy format
+the default, so `--plugin all` leaves FP4 off there (`--plugin fp4` still switches it on).
 """
 
 from __future__ import annotations
@@ -24,9 +23,9 @@ def pays_on_this_device() -> tuple[bool, str]:
         from .fp4_ops import triton_available
 
         if triton_available(torch.device("cuda")):
-            return False, ("CUDA: the decode-layout W4A16 GEMM is not measured on a GPU yet (the previous kernel "
-                           "reached 0.87-1.02x of bf16 at M=1 on an H100; benchmarks/gpu_check.py times it); "
-                           "`--plugin fp4` switches FP4 on for 3.5x smaller weights")
+            return False, ("CUDA: the W4A16 decode GEMM ran at 1.12-1.33x of bf16 at M=1 for NVFP4, 0.73-0.82x "
+                           "for MXFP4 on an H200 (benchmarks/results/gpu_check/gpu_check_h200.json): too little "
+                           "for a lossy default; `--plugin fp4` switches FP4 on for 3.5x smaller weights")
         return False, "CUDA without an importable Triton: FP4 would dequantize every weight before its matmul"
     from .fp4_cpu import kernel_status
 
