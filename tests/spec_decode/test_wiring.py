@@ -240,3 +240,56 @@ def test_mtp_pays_says_why_per_device():
     on, why = mtp_pays("xpu")
     assert not on and "xpu" in why
     assert isinstance(mtp_pays()[0], bool)   # the current platform
+
+
+def test_a_quiet_rule_skips_its_per_step_work_and_decides_as_before(monkeypatch):
+    """Where drafting cannot pay even at full acceptance, the rule skips timing, table refreshes and probe
+    checks between its probes, and chooses the same k at every step as the rule that does all of it."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_frontier.spec_decode import scheduler as sched_mod
+    from vllm_frontier.spec_decode.policy import DraftLengthPolicy, PolicyConfig
+
+    clock = [0.0]
+    monkeypatch.setattr(sched_mod.time, "perf_counter", lambda: clock[0])
+
+    def fake_schedule(self, *args, **kwargs):   # 8 decoding requests; a drafting step takes 3x a plain one
+        k = self.dynamic_sd_lookup[len(self.running)]
+        clock[0] += 0.010 * (3 if k else 1)
+        return types.SimpleNamespace(num_scheduled_tokens={r: 1 for r in self.requests},
+                                     scheduled_spec_decode_tokens={}, total_num_scheduled_tokens=8,
+                                     num_spec_tokens_to_schedule=k)
+
+    monkeypatch.setattr(Scheduler, "schedule", fake_schedule)
+
+    def run(quiet: bool, steps: int = 9000):
+        s = sched_mod.AdaptiveDraftScheduler.__new__(sched_mod.AdaptiveDraftScheduler)
+        s.num_spec_tokens, s.max_num_running_reqs, s._skips = 3, 8, True
+        s._policy = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.25, drafter_skips=True))
+        for k in (0, 1):   # measured: F = 10 token units, each drafted position D = 30 (vLLM CPU's shape)
+            for b in (1, 2, 4, 8) * 8:
+                u = s._policy.units(b, k)
+                s._policy.cost.observe(u, 1e-3 * (10.0 + 30.0 * k + u), k=k)
+        s._table = s._policy.table(8)
+        s.dynamic_sd_lookup = s._table
+        s._step = s._rule_step = s._refreshed_at = s._run = s._verify_run = 0
+        s._stale, s._pending, s._quiet_until = False, None, 0
+        s._counts = {"k_histogram": [0] * 4, "quiet_steps": 0}
+        s.requests = {f"r{i}": types.SimpleNamespace(num_output_tokens=5, spec_token_ids=[]) for i in range(8)}
+        s.running = list(s.requests.values())
+        if not quiet:
+            s.quiet_until = lambda: 0
+        timed, refreshes = [0], [0]
+        observe, choose = s._policy.observe_step, s.choose_table
+        s._policy.observe_step = lambda *a: (timed.__setitem__(0, timed[0] + 1), observe(*a))[1]
+        s.choose_table = lambda: (refreshes.__setitem__(0, refreshes[0] + 1), choose())[1]
+        ks = [s.schedule().num_spec_tokens_to_schedule for _ in range(steps)]
+        return ks, timed[0], refreshes[0], s._counts["quiet_steps"]
+
+    ks_all, timed_all, refreshes_all, quiet_all = run(quiet=False)
+    ks, timed, refreshes, quiet_steps = run(quiet=True)
+    assert ks == ks_all                                   # the same k at every step
+    assert [i + 1 for i, k in enumerate(ks) if k] == [4096, 4097, 8192, 8193]   # the probes, as before
+    assert quiet_all == 0 and timed_all == 8999 and refreshes_all > 500
+    # quiet: timed only from 32 steps before each probe to the refresh after it; a handful of refreshes
+    assert quiet_steps > 8500 and timed < 300 and refreshes < 40

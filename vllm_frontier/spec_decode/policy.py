@@ -62,7 +62,10 @@ two drafting steps; on a device where drafting never pays it stays under 1 % of 
 if every draft were accepted, the interval is `probe_hopeless_every` (4096 steps) from the start: such a
 probe can only re-measure the costs, and it also pays the catch-up pass over every position skipped since
 the last one (measured on vLLM CPU, V3 view, batch 16: 7 probes every 1024 steps cost 2.3 % of throughput at
-an unchanged median step, `benchmarks/results/mtp/mtp_cpu_v12_v3_b16.json`).
+an unchanged median step, `benchmarks/results/mtp/mtp_cpu_v12_v3_b16.json`). Between such probes the rule is
+quiet (`quiet_until`): nothing it could measure would change its table, so the scheduler skips its per-step
+work (timing, table refreshes, probe checks) until shortly before the next probe, and an adaptive step costs
+what a step pinned at k = 0 costs.
 
 The rule: k*(B) = the smallest k in [0, K] whose throughput B E(k) / T(B, k) is within `tie_margin` (3 %)
 of the best. The margin leans towards fewer drafts: what the model leaves out (the catch-up pass when
@@ -560,8 +563,27 @@ class DraftLengthPolicy:
             self._idle_every = max(min(2 * self._idle_every, c.probe_max_every), self._idle_every)
         return 1
 
-    def table(self, max_batch: int) -> list[int]:
-        """[k*(B) for B in 0..max_batch]; entry 0 (no decode requests) repeats entry 1.
+    def quiet_until(self, table: list[int], max_batch: int, lead: int) -> int:
+        """The rule step before which the rule can skip its per-step work (0: none); ``table``: its current k
+        per batch size, ``lead``: steps before the next due probe from which it measures again.
+
+        Quiet: the rule drafts at no batch size, and would draft at none even if every draft were accepted at
+        the measured step costs (so no acceptance estimate can change the table), and the probe interval is
+        `probe_hopeless_every` with no probe in progress (so the next probe's step is known). Until ``lead``
+        steps before that probe, timing steps, refreshing the table and asking for probes would change
+        nothing the rule decides; from then on, the plain steps just before the probe are timed again, so the
+        probe's drafting steps are priced against fresh references (`StepTimes.ratio`)."""
+        c = self.config
+        if (any(table) or self._probe_left or self._idle_every < c.probe_hopeless_every
+                or self.cost.count(True) < c.probe_min_points):
+            return 0
+        if any(self.table(max_batch, acceptance=[1.0] * c.max_k)):
+            return 0
+        return self._last_probe + self._idle_every - lead
+
+    def table(self, max_batch: int, acceptance: list[float] | None = None) -> list[int]:
+        """[k*(B) for B in 0..max_batch]; entry 0 (no decode requests) repeats entry 1. ``acceptance``: the
+        conditional acceptance per position to assume (None: the measured estimates, `acceptance`).
 
         Per range of batch-size buckets that share an anchor (`cost_function`), filled by bisection on the
         breakpoints (O(K log width) evaluations per range instead of one per batch size). Exact for the fitted
@@ -571,7 +593,7 @@ class DraftLengthPolicy:
         by one factor over its whole range (where the bisection may miss a breakpoint that the scaling
         introduced).
         """
-        gain = gains(self.acceptance(), self.config.max_k)
+        gain = gains(self.acceptance() if acceptance is None else acceptance, self.config.max_k)
         fit = self.cost.costs()
         measured = self._measured()
         margin = self.config.tie_margin

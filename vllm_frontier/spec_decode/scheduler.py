@@ -68,6 +68,10 @@ class AdaptiveDraftScheduler(Scheduler):
     # CPU step.
     refresh_every = 16
     refresh_stale_every = 4
+    # While the rule is quiet (`DraftLengthPolicy.quiet_until`), the steps before its next probe from which it
+    # times steps again: the probe's drafting steps are priced against the plain steps just before them (the
+    # last 8 of their bucket) and the k = 0 cell keeps `cell_window` (32) fresh times.
+    quiet_lead = 32
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -89,6 +93,7 @@ class AdaptiveDraftScheduler(Scheduler):
         self._rule_step = 0
         self._refreshed_at = 0
         self._stale = False    # acceptance outcomes arrived since the table was computed
+        self._quiet_until = 0  # the rule step before which the rule skips its per-step work (0: not quiet)
         # the last decode-only step (start time, batch, token units, k), timed until the next step starts
         self._pending: tuple[float, int, float, int] | None = None
         self._run = 0          # consecutive drafting steps up to the last scheduled one
@@ -98,7 +103,7 @@ class AdaptiveDraftScheduler(Scheduler):
         self._counts = {
             "steps": 0, "decode_request_steps": 0, "decode_tokens": 0,
             "reached_per_pos": [0] * self.num_spec_tokens, "accepted_per_pos": [0] * self.num_spec_tokens,
-            "k_histogram": [0] * (self.num_spec_tokens + 1), "draft_tokens_verified": 0,
+            "k_histogram": [0] * (self.num_spec_tokens + 1), "draft_tokens_verified": 0, "quiet_steps": 0,
             "run_reached_per_pos": [[0] * self.num_spec_tokens for _ in range(RUN_BUCKETS)],
             "run_accepted_per_pos": [[0] * self.num_spec_tokens for _ in range(RUN_BUCKETS)],
         }
@@ -115,7 +120,10 @@ class AdaptiveDraftScheduler(Scheduler):
         return self._policy.table(self.max_num_running_reqs)
 
     def table_due(self) -> bool:
-        """Whether this step recomputes the table: new acceptance outcomes, else every `refresh_every` steps."""
+        """Whether this step recomputes the table: new acceptance outcomes, else every `refresh_every` steps;
+        never while the rule is quiet."""
+        if self._rule_step + 1 < self._quiet_until:
+            return False
         return ((self._stale and self._step - self._refreshed_at >= self.refresh_stale_every)
                 or self._step - self._refreshed_at >= self.refresh_every or self._step == 1)
 
@@ -125,6 +133,14 @@ class AdaptiveDraftScheduler(Scheduler):
 
     def became_idle(self) -> None:
         """Called when the last request of a busy period finished (a subclass may override)."""
+
+    def quiet_until(self) -> int:
+        """The rule step before which the rule skips its per-step work (`DraftLengthPolicy.quiet_until`); 0 for
+        a table the rule did not choose (a pin)."""
+        assert self._policy is not None
+        if not self.learns():
+            return 0
+        return self._policy.quiet_until(self._table, self.max_num_running_reqs, self.quiet_lead)
 
     def probe_k(self, k_now: int, batch: int = 1) -> int | None:
         """An exploration step's k instead of the rule's ``k_now`` at ``batch`` decoding requests, or None
@@ -150,9 +166,16 @@ class AdaptiveDraftScheduler(Scheduler):
             self._table = self.choose_table()
             self._stale = False
             self._refreshed_at = self._step
+            self._quiet_until = self.quiet_until()
         batch = min(max(len(self.running), 1), len(self._table) - 1)
         k_now = self._table[batch]
-        probe = self.probe_k(k_now, batch)
+        quiet = self._rule_step + 1 < self._quiet_until
+        if quiet:   # the rule's step, but nothing it does now could change what it decides: not timed
+            self._rule_step += 1
+            self._counts["quiet_steps"] += 1
+            probe = None
+        else:
+            probe = self.probe_k(k_now, batch)
         # vLLM reads this step's k from dynamic_sd_lookup; an exploration step replaces it for this step only
         if probe is not None and probe != k_now:
             k_now = probe
@@ -165,7 +188,7 @@ class AdaptiveDraftScheduler(Scheduler):
             if len(req.spec_token_ids) > k_now:
                 req.spec_token_ids = req.spec_token_ids[:k_now]
         out = super().schedule(*args, **kwargs)
-        units = self._decode_units(out) if self.learns() else None
+        units = self._decode_units(out) if self.learns() and not quiet else None
         if units is not None:
             self._pending = (start, len(out.num_scheduled_tokens), units, out.num_spec_tokens_to_schedule)
         if out.num_scheduled_tokens:
