@@ -53,7 +53,10 @@ the engine becomes idle, `mtp_step_log`; deltas per run):
 - `acceptance_per_pos`: conditional acceptance a_i (accepted at position i / drafts that reached i);
 - pause cycle: `after_pause` (drafts of the first drafting step after a k = 0 stretch) vs `steady` (drafts
   of the 4th and later consecutive drafting steps), per position, with and without the catch-up;
-- `drafter`: the proposer's counters (skipped steps, catch-up passes and tokens).
+- `drafter`: the proposer's counters (skipped steps, catch-up passes and tokens); `rule_quiet_steps`: engine
+  steps where the adaptive rule skipped its per-step work (`DraftLengthPolicy.quiet_until`);
+- `speedup_vs_k<k>_paired` (adaptive, concurrent): geometric mean over rounds of adaptive's ratio to the plain
+  engine over fixed k's ratio in the same round.
 `targets` (wall time) and `targets_cpu_time` check: pinned k = 0 >= 0.97x plain; adaptive >= 0.97x plain at
 every batch size, and > 1.0x where a fixed k beats plain (`fixed_k_beating_none` lists where).
 """
@@ -344,14 +347,15 @@ def _delta(run: dict) -> dict | None:
     def d2(key):
         return [[x - y for x, y in zip(ra, rb)] for ra, rb in zip(a[key], b[key])] if b else a[key]
 
-    def s(key):
-        return a[key] - (b[key] if b else 0)
+    def s(key):   # a counter an older scheduler did not keep counts 0
+        return a.get(key, 0) - (b.get(key, 0) if b else 0)
 
     ca, cb = run.get("counters_after"), run.get("counters_before")
     drafter = {k: ca[k] - (cb or {}).get(k, 0) for k in ca} if ca else None
     return {"reached": d("reached_per_pos"), "accepted": d("accepted_per_pos"), "k_hist": d("k_histogram"),
             "run_reached": d2("run_reached_per_pos"), "run_accepted": d2("run_accepted_per_pos"),
-            "steps": s("decode_request_steps"), "tokens": s("decode_tokens"), "drafter": drafter}
+            "steps": s("decode_request_steps"), "tokens": s("decode_tokens"), "quiet": s("quiet_steps"),
+            "drafter": drafter}
 
 
 def _sum(rows):
@@ -422,7 +426,10 @@ def mode_row(rs: list[dict], ref: dict) -> dict:
             # drafts of the 1st, 2nd, 3rd, >= 4th consecutive drafting step
             "acceptance_by_drafting_run": [_rates(a, n) for a, n in zip(run_accepted, run_reached)],
             "reached_by_drafting_run": run_reached,
-            "decode_request_steps": steps, "engine_steps_by_k": _sum(d["k_hist"] for d in ds), "drafter": drafter})
+            "decode_request_steps": steps, "engine_steps_by_k": _sum(d["k_hist"] for d in ds), "drafter": drafter,
+            # engine steps where the adaptive rule was quiet (`DraftLengthPolicy.quiet_until`): no timing, no
+            # table refresh, no probe check
+            "rule_quiet_steps": sum(d["quiet"] for d in ds)})
     if all("bracket" in r for r in rs):
         # per run: tokens/s over the plain run beside it (concurrent) or over the mean of the plain runs just
         # before and after it (one after the other)
@@ -477,10 +484,7 @@ def summarize(runs: list[dict], contrast: list[dict], batches: list[int]) -> dic
             rows[mode] = mode_row([r for r in mtp if r["batch"] == batch and r["mode"] == mode], ref)
         if contrast:
             rows["pause_no_catch_up"] = mode_row([r for r in contrast if r["batch"] == batch], ref)
-        if "adaptive" in rows:
-            for k in FIXED:
-                if str(k) in rows:
-                    rows["adaptive"][f"speedup_vs_k{k}"] = rows["adaptive"]["tok_s"] / rows[str(k)]["tok_s"]
+        adaptive_vs_fixed(rows)
         if "pause" in rows:
             pause = {"after_pause": rows["pause"]["acceptance_by_drafting_run"][0],
                      "steady": rows["pause"]["acceptance_by_drafting_run"][-1]}
@@ -492,6 +496,31 @@ def summarize(runs: list[dict], contrast: list[dict], batches: list[int]) -> dic
             rows["pause_acceptance"] = pause
         out[f"batch_{batch}"] = rows
     return out
+
+
+def adaptive_vs_fixed(rows: dict) -> None:
+    """Adaptive over each fixed k that ran at one batch size (``rows``: mode -> row): `speedup_vs_k<k>` (median
+    tokens/s over median tokens/s) and, where both have per-round ratios to the plain engine, `_paired` (their
+    quotient per round, geometric mean: the unpaired ratio carries the drift between rounds)."""
+    if "adaptive" not in rows:
+        return
+    ad = rows["adaptive"]
+    for k in FIXED:
+        if str(k) in rows:
+            ad[f"speedup_vs_k{k}"] = ad["tok_s"] / rows[str(k)]["tok_s"]
+            ra, rk = ad.get("speedup_per_round"), rows[str(k)].get("speedup_per_round")
+            if ra and rk and len(ra) == len(rk):
+                ad[f"speedup_vs_k{k}_paired"] = geo_mean([x / y for x, y in zip(ra, rk)])
+
+
+def rescore(path: str, command: str) -> None:
+    """Recompute the derived fields of a result file from what it recorded (`adaptive_vs_fixed`), in place."""
+    doc = json.loads(Path(path).read_text())
+    for sec in doc["sections"].values():
+        for rows in (sec.get("results") or {}).values():
+            adaptive_vs_fixed(rows)
+    doc["meta"]["rescored_by"] = command
+    Path(path).write_text(json.dumps(doc, indent=2))
 
 
 def targets(results: dict, key: str = "speedup_vs_none") -> dict:
@@ -568,8 +597,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", action="store_true",
                    help="A/A control: a second plain engine in the MTP engine's place (mode 'control'; --modes "
                         "ignored): how far apart the measure puts two identical engines")
+    p.add_argument("--rescore", metavar="FILE",
+                   help="recompute the derived fields of a result file from its recorded rounds, run nothing")
     args = engine_script_args(p, argv, _worker, 3000.0)
     if args is None:   # a `run_worker` subprocess: its engine ran
+        return 0
+    if args.rescore:
+        if not Path(args.rescore).is_file():
+            p.error(f"--rescore: no such file {args.rescore}")
+        rescore(args.rescore, " ".join(["python", "benchmarks/mtp.py", *sys.argv[1:]]))
         return 0
     if args.tokens < 2 or args.rounds < 1 or args.repeats < 1 or not args.batches or min(args.batches) < 1:
         p.error("--tokens >= 2, --rounds >= 1, --repeats >= 1 and batch sizes >= 1 are required")

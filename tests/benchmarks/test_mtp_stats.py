@@ -3,6 +3,7 @@ over swapped round pairs) and the split of a machine's CPUs between the two engi
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -88,3 +89,22 @@ def test_control_rows_without_scheduler_counters_report_the_timing_only():
     t = mtp.targets({"batch_1": {"control": row}})["batch_1"]
     assert t["control_vs_plain"] == pytest.approx(row["speedup_vs_none"], abs=1e-4)
     assert t["control_vs_plain_ci95"] == row["speedup_ci95"]
+
+
+def test_adaptive_over_fixed_k_is_paired_per_round_and_rescored_in_place(tmp_path):
+    # pinned k = 0 measured at half speed in odd rounds; adaptive 3 % below it in every round
+    k0 = [1.0 if r % 2 == 0 else 0.5 for r in range(4)]
+    ad = [0.97 * x for x in k0]
+    rows = {"0": {"tok_s": 100.0, "speedup_per_round": k0},
+            "adaptive": {"tok_s": 120.0, "speedup_per_round": ad}}   # unpaired tok_s drifted the other way
+    mtp.adaptive_vs_fixed(rows)
+    assert rows["adaptive"]["speedup_vs_k0"] == pytest.approx(1.2)
+    assert rows["adaptive"]["speedup_vs_k0_paired"] == pytest.approx(0.97)
+    path = tmp_path / "r.json"
+    doc = {"meta": {}, "sections": {"v3": {"results": {"batch_1": {
+        "0": {"tok_s": 100.0, "speedup_per_round": k0}, "adaptive": {"tok_s": 120.0, "speedup_per_round": ad}}}}}}
+    path.write_text(json.dumps(doc))
+    mtp.rescore(str(path), "python benchmarks/mtp.py --rescore r.json")
+    got = json.loads(path.read_text())
+    assert got["sections"]["v3"]["results"]["batch_1"]["adaptive"]["speedup_vs_k0_paired"] == pytest.approx(0.97)
+    assert got["meta"]["rescored_by"].endswith("--rescore r.json")
