@@ -8,9 +8,10 @@ end-to-end benchmark (`benchmarks/mtp.py`) measures.
 Each engine (offline `vllm.LLM`, float32, eager, everything in this process: `VLLM_ENABLE_V1_MULTIPROCESSING=0`
 and the "uni" executor, so the scheduler, the worker and the model runner are all profiled; MTP: cap K = 3,
 `PinnedDraftScheduler` with the pin carried by the requests, the drafter-skipping worker) runs in its own
-subprocess, warms up, then generates `--tokens` greedy tokens per prompt (batch 1: one prompt; batch B: B
-prompts at once) `--runs` times under cProfile. Reported per (view, batch, engine): calls per engine step,
-and per MTP engine the functions whose calls per step differ most from the plain engine's. The "uni" executor
+subprocess, warms up (`--warmup` generate calls per batch size), then generates `--tokens` greedy tokens per
+prompt (batch 1: one prompt; batch B: B prompts at once) `--runs` times under cProfile. Reported per (view,
+batch, engine): calls per engine step, and per MTP engine the functions whose calls per step differ most from
+the plain engine's. The "uni" executor
 asks the worker for drafts after every step (the multiprocess executor of `spec_decode.executor` skips that
 after a k = 0 step), so the MTP rows count a few calls that a served engine does not make.
 """
@@ -56,7 +57,8 @@ def _worker(spec_path: str, out_path: str) -> None:
     out = {}
     for batch in spec["batches"]:
         prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
-        llm.generate(prompts, params, use_tqdm=False)   # warm-up (and the rule's first steps)
+        for _ in range(spec.get("warmup", 1)):   # warm-up (and the rule's first steps)
+            llm.generate(prompts, params, use_tqdm=False)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(spec["runs"]):
@@ -77,17 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed generate calls per batch size before the profiled ones (the adaptive rule's first "
+                        "steps: it probes until it has measured its step costs; default 1)")
     p.add_argument("--top", type=int, default=12, help="functions listed per MTP engine (default 12)")
     args = engine_script_args(p, argv, _worker, 1200.0)
     if args is None:   # a `run_worker` subprocess: its engine ran
         return 0
     views = embedded_views(p, args.views)
-    if args.tokens < 2 or args.runs < 1 or not args.batches or min(args.batches) < 1:
-        p.error("--tokens >= 2, --runs >= 1 and batch sizes >= 1 are required")
+    if args.tokens < 2 or args.runs < 1 or args.warmup < 0 or not args.batches or min(args.batches) < 1:
+        p.error("--tokens >= 2, --runs >= 1, --warmup >= 0 and batch sizes >= 1 are required")
     from vllm_frontier.models.embedded import embedded_model_path
 
     report = Report(args.json, meta={"views": views, "batches": args.batches, "tokens": args.tokens,
-                                     "runs": args.runs})
+                                     "runs": args.runs, "warmup": args.warmup})
     for view in views:
         env = {"FRONTIER_DSA": "1"} if view == "v32" else {}
         with report.section(view) as rec:
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, pin in ENGINES.items():
                 with tempfile.TemporaryDirectory() as tmp:
                     spec = {"model": str(embedded_model_path(view)), "pin": pin, "batches": args.batches,
-                            "tokens": args.tokens, "runs": args.runs}
+                            "tokens": args.tokens, "runs": args.runs, "warmup": args.warmup}
                     got[name] = run_worker(__file__, spec, tmp, env, args.timeout)
             results = {}
             for batch in args.batches:
