@@ -78,7 +78,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import engine_script_args, run_worker  # noqa: E402
+from harness import command_line, engine_script_args, run_worker  # noqa: E402
 from mtp_step_log import read_log  # noqa: E402
 
 PROMPTS = ["def main(argv):\n", "import os\n\nclass Config:\n", "for i in range(10):\n", "# Copyright\n\"\"\"Utils",
@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rescore:
         if not Path(args.rescore).is_file():
             p.error(f"--rescore: no such file {args.rescore}")
-        rescore(args.rescore, " ".join(["python", "benchmarks/mtp.py", *sys.argv[1:]]))
+        rescore(args.rescore, command_line())
         return 0
     if args.tokens < 2 or args.rounds < 1 or args.repeats < 1 or not args.batches or min(args.batches) < 1:
         p.error("--tokens >= 2, --rounds >= 1, --repeats >= 1 and batch sizes >= 1 are required")

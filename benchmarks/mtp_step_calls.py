@@ -11,9 +11,9 @@ and the "uni" executor, so the scheduler, the worker and the model runner are al
 subprocess, warms up (`--warmup` generate calls per batch size), then generates `--tokens` greedy tokens per
 prompt (batch 1: one prompt; batch B: B prompts at once) `--runs` times under cProfile. Reported per (view,
 batch, engine): calls per engine step, and per MTP engine the functions whose calls per step differ most from
-the plain engine's. The "uni" executor
-asks the worker for drafts after every step (the multiprocess executor of `spec_decode.executor` skips that
-after a k = 0 step), so the MTP rows count a few calls that a served engine does not make.
+the plain engine's. The "uni" executor asks the worker for drafts after every step (the multiprocess executor
+of `spec_decode.executor` skips that after a k = 0 step), so the MTP rows count a few calls that a served
+engine does not make.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _worker(spec_path: str, out_path: str) -> None:
     out = {}
     for batch in spec["batches"]:
         prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
-        for _ in range(spec.get("warmup", 1)):   # warm-up (and the rule's first steps)
+        for _ in range(spec["warmup"]):   # warm-up (and the rule's first steps)
             llm.generate(prompts, params, use_tqdm=False)
         prof = cProfile.Profile()
         prof.enable()

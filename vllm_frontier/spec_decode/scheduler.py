@@ -122,7 +122,7 @@ class AdaptiveDraftScheduler(Scheduler):
     def table_due(self) -> bool:
         """Whether this step recomputes the table: new acceptance outcomes, else every `refresh_every` steps;
         never while the rule is quiet."""
-        if self._rule_step + 1 < self._quiet_until:
+        if self._quiet():
             return False
         return ((self._stale and self._step - self._refreshed_at >= self.refresh_stale_every)
                 or self._step - self._refreshed_at >= self.refresh_every or self._step == 1)
@@ -133,6 +133,10 @@ class AdaptiveDraftScheduler(Scheduler):
 
     def became_idle(self) -> None:
         """Called when the last request of a busy period finished (a subclass may override)."""
+
+    def _quiet(self) -> bool:
+        """Whether the coming rule step falls in the quiet stretch set at the last table refresh."""
+        return self._rule_step + 1 < self._quiet_until
 
     def quiet_until(self) -> int:
         """The rule step before which the rule skips its per-step work (`DraftLengthPolicy.quiet_until`); 0 for
@@ -169,7 +173,7 @@ class AdaptiveDraftScheduler(Scheduler):
             self._quiet_until = self.quiet_until()
         batch = min(max(len(self.running), 1), len(self._table) - 1)
         k_now = self._table[batch]
-        quiet = self._rule_step + 1 < self._quiet_until
+        quiet = self._quiet()
         if quiet:   # the rule's step, but nothing it does now could change what it decides: not timed
             self._rule_step += 1
             self._counts["quiet_steps"] += 1
