@@ -131,3 +131,77 @@ def test_keep_one_that_does_not_follow_on_starts_a_new_run():
     assert s.total == 1 and s.runs["a"].first == 9
     first, ids, hidden = s.take("a", 5)
     assert first == 9 and ids.tolist() == [9] and hidden.tolist() == [[0.0, 1.0, 2.0]]
+
+
+def test_kept_steps_fold_into_the_runs_that_keep_alone_makes():
+    # a plain decode step is kept as one record (keep_step) and folded into the runs when they are read; mixed
+    # with chunks, truncation, takes and finished requests, the runs read back what `keep` alone keeps
+    rng = random.Random(7)
+    for _ in range(50):
+        stepwise, eager = SkippedPositions(), SkippedPositions()
+        pos = {"a": 0, "b": 7}
+        new = iter(f"r{i}" for i in range(100))
+        for _ in range(rng.randint(1, 40)):
+            action = rng.random()
+            if action < 0.6:   # a decode step over the live requests
+                live = list(pos)
+                rows = torch.stack([chunk(pos[r], 1)[1][0] for r in live])
+                stepwise.keep_step(tuple(live), [pos[r] for r in live], [1000 + pos[r] for r in live], rows)
+                for r in live:
+                    eager.keep(r, pos[r], *chunk(pos[r], 1))
+                    pos[r] += 1
+            elif action < 0.7:   # a chunk, sometimes recomputing positions
+                r = rng.choice(list(pos))
+                first = max(pos[r] - rng.randint(0, 2), 0)
+                n = rng.randint(1, 4)
+                stepwise.keep(r, first, *chunk(first, n))
+                eager.keep(r, first, *chunk(first, n))
+                pos[r] = first + n
+            elif action < 0.8:   # part of a run replayed
+                r = rng.choice(list(pos))
+                if r in eager:
+                    n = rng.randint(1, 3)
+                    a, b = stepwise.take(r, n), eager.take(r, n)
+                    assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+            elif action < 0.9:   # positions being computed again
+                r = rng.choice(list(pos))
+                before = max(pos[r] - rng.randint(0, 3), 0)
+                stepwise.truncate(r, before)
+                eager.truncate(r, before)
+                pos[r] = before
+            else:   # a request finishes, another starts; the finished one is forgotten when a reader asks
+                del pos[rng.choice(list(pos))]
+                pos[next(new)] = rng.randint(0, 5)
+                if rng.random() < 0.5:
+                    stepwise.retain(set(pos))
+                    eager.retain(set(pos))
+            if rng.random() < 0.2:   # a fold without the live set: finished requests stay until a retain
+                assert set(stepwise.runs) >= {r for r in eager.runs if r in pos}
+            if rng.random() < 0.3:
+                stepwise.retain(set(pos))
+                eager.retain(set(pos))
+                assert stepwise.total == eager.total
+        stepwise.retain(set(pos))
+        eager.retain(set(pos))
+        assert stepwise.total == eager.total
+        for r in pos:
+            assert (r in stepwise) == (r in eager)
+            if r in eager:
+                a, b = stepwise.take(r, 1000), eager.take(r, 1000)
+                assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+
+
+def test_a_kept_step_costs_no_work_per_request_until_read(monkeypatch):
+    s = SkippedPositions()
+    calls = []
+    keep_one = s._keep_one
+    monkeypatch.setattr(s, "_keep_one", lambda *a: (calls.append(a[0]), keep_one(*a)))
+    rows = torch.zeros(16, 3)
+    req_ids = tuple(f"r{i}" for i in range(16))
+    for step in range(100):
+        s.keep_step(req_ids, [10 + step] * 16, [1] * 16, rows)
+    assert s.total == 1600 and not calls and s   # counted, nothing folded
+    s.retain({"r3"})                             # the others finished: skipped without a call
+    assert calls == ["r3"] * 100 and s.total == 100 and list(s.runs) == ["r3"]
+    first, ids, hidden = s.take("r3", 1000)
+    assert first == 10 and ids.tolist() == [1] * 100 and hidden.shape == (100, 3)

@@ -273,6 +273,7 @@ def test_a_quiet_rule_skips_its_per_step_work_and_decides_as_before(monkeypatch)
         s._table = s._policy.table(8)
         s.dynamic_sd_lookup = s._table
         s._step = s._rule_step = s._refreshed_at = s._run = s._verify_run = 0
+        s._may_hold_drafts = True
         s._stale, s._pending, s._quiet_until = False, None, 0
         s._counts = {"k_histogram": [0] * 4, "quiet_steps": 0}
         s.requests = {f"r{i}": types.SimpleNamespace(num_output_tokens=5, spec_token_ids=[]) for i in range(8)}
@@ -293,3 +294,48 @@ def test_a_quiet_rule_skips_its_per_step_work_and_decides_as_before(monkeypatch)
     assert quiet_all == 0 and timed_all == 8999 and refreshes_all > 500
     # quiet: timed only from 32 steps before each probe to the refresh after it; a handful of refreshes
     assert quiet_steps > 8500 and timed < 300 and refreshes < 40
+
+
+def test_drafts_are_trimmed_after_a_drafting_step_and_not_looked_for_after_a_trim_to_zero(monkeypatch):
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from vllm_frontier.spec_decode.scheduler import PinnedDraftScheduler
+
+    class Req:   # counts reads of its drafts
+        def __init__(self):
+            self.reads, self._drafts = 0, []
+
+        @property
+        def spec_token_ids(self):
+            self.reads += 1
+            return self._drafts
+
+        @spec_token_ids.setter
+        def spec_token_ids(self, v):
+            self._drafts = v
+
+    def fake_schedule(self, *args, **kwargs):
+        k = self.dynamic_sd_lookup[len(self.running)]
+        seen.append([list(r._drafts) for r in self.running])
+        for r in self.running:   # vLLM clears a scheduled request's drafts; the drafter makes k new ones
+            r._drafts = list(range(k))
+        return types.SimpleNamespace(num_scheduled_tokens={}, scheduled_spec_decode_tokens={},
+                                     total_num_scheduled_tokens=0, num_spec_tokens_to_schedule=k)
+
+    monkeypatch.setattr(Scheduler, "schedule", fake_schedule)
+    s = PinnedDraftScheduler.__new__(PinnedDraftScheduler)
+    s.num_spec_tokens, s.max_num_running_reqs, s._skips = 3, 4, True
+    s._policy = object()   # active; the pin below decides every k
+    s._step = s._rule_step = s._refreshed_at = s._run = s._verify_run = 0
+    s._stale, s._pending, s._quiet_until, s._may_hold_drafts = False, None, 0, True
+    s._counts = {"k_histogram": [0] * 4, "quiet_steps": 0}
+    s._pin_path, s._after_idle, s._request_pinned, s._is_pinned = None, False, True, False
+    s.running = [Req(), Req()]
+    seen = []
+    for ks in ([3], [1], [0], [0], [0], [2]):
+        s._pin = ks
+        s.schedule()
+    # drafts made under k = 3 trimmed to 1, then to 0; none looked for while k stays 0; then k = 2 drafts
+    assert seen == [[[], []], [[0], [0]], [[], []], [[], []], [[], []], [[], []]]
+    # looked at in steps 1-3 only (1 read, or 2 where trimmed); without the skip steps 4-6 would read them too
+    assert [r.reads for r in s.running] == [5, 5]

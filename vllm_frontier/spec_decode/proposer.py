@@ -95,7 +95,12 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
     def fits_plain_step(self, num_tokens: int) -> bool:
         """Whether a step of ``num_tokens`` target tokens can run without speculation: its drafter inputs fit
         under `max_kept` (else the step keeps vLLM's speculative path, whose k = 0 `propose` replays at once)."""
-        return self.catch_up_enabled and self.skipped.total + num_tokens <= self.max_kept
+        if not self.catch_up_enabled:
+            return False
+        if self.skipped.total + num_tokens > self.max_kept:
+            # plain steps keep finished requests' positions until something reads the runs: forget them first
+            self.skipped.retain(compat.runner_requests(self._runner)[1])
+        return self.skipped.total + num_tokens <= self.max_kept
 
     def keep_plain_step(self, state, output) -> None:
         """Keep the drafter inputs of a step the runner ran as a plain (non-speculative) step, as `propose` does
@@ -111,8 +116,6 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
         sched = state.scheduler_output.num_scheduled_tokens
         req_ids, live = compat.runner_requests(runner)
         req_ids = req_ids[: len(sched)]
-        if self.skipped:
-            self.skipped.retain(live)
         hidden = getattr(runner.get_model(), "get_mtp_target_hidden_states", lambda: None)()
         if hidden is None:
             hidden = state.hidden_states
@@ -120,14 +123,14 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
         n = state.scheduler_output.total_num_scheduled_tokens
         if n == len(req_ids) and all(sampled[:n]):
             # one token per request (a decode step, the common case): position p's drafter input is the token
-            # sampled after it; one copy of the step's hidden states and no tensor op per request (`keep_one`
-            # defers them to the catch-up), instead of the general path's
-            positions = runner._get_positions(n).tolist()
+            # sampled after it; one copy of the step's hidden states, kept as one record of the step
+            # (`keep_step`: no work per request now; finished requests are forgotten when the runs are read)
             rows = hidden[:n].clone()   # the runner reuses its hidden-state buffer next step
-            keep_one = self.skipped.keep_one
-            for i, rid in enumerate(req_ids):
-                keep_one(rid, positions[i], sampled[i][-1], rows, i)
+            self.skipped.keep_step(tuple(req_ids), runner._get_positions(n).tolist(), [s[-1] for s in sampled[:n]],
+                                   rows)
             return
+        if self.skipped:
+            self.skipped.retain(live)
         req_ids = list(req_ids)
         lens = torch.tensor([sched[r] for r in req_ids], dtype=torch.int32)
         qsl = torch.zeros(len(req_ids) + 1, dtype=torch.int32)

@@ -97,6 +97,7 @@ class AdaptiveDraftScheduler(Scheduler):
         # the last decode-only step (start time, batch, token units, k), timed until the next step starts
         self._pending: tuple[float, int, float, int] | None = None
         self._run = 0          # consecutive drafting steps up to the last scheduled one
+        self._may_hold_drafts = True   # a running request may hold drafts (none since a trim to k = 0)
         self._verify_run = 0   # the drafting run of the step whose drafts this step verifies
         self._stats_path = os.environ.get(STATS_ENV) or None
         self._last_write = 0.0
@@ -187,11 +188,15 @@ class AdaptiveDraftScheduler(Scheduler):
         else:
             self.dynamic_sd_lookup = self._table
         # Drafts made under a larger k: verify only the first k_now (the rest would cost target compute at
-        # an acceptance the policy judged not worth it).
-        for req in self.running:
-            if len(req.spec_token_ids) > k_now:
-                req.spec_token_ids = req.spec_token_ids[:k_now]
+        # an acceptance the policy judged not worth it). Drafts exist only after a step scheduled with k > 0
+        # (vLLM clears a request's drafts when it schedules or preempts it): after a trim to k = 0 no request
+        # holds any until the next drafting step.
+        if self._may_hold_drafts:
+            for req in self.running:
+                if len(req.spec_token_ids) > k_now:
+                    req.spec_token_ids = req.spec_token_ids[:k_now]
         out = super().schedule(*args, **kwargs)
+        self._may_hold_drafts = k_now > 0 or out.num_spec_tokens_to_schedule > 0
         units = self._decode_units(out) if self.learns() and not quiet else None
         if units is not None:
             self._pending = (start, len(out.num_scheduled_tokens), units, out.num_spec_tokens_to_schedule)
@@ -235,10 +240,18 @@ class AdaptiveDraftScheduler(Scheduler):
     def _observe(self, scheduler_output, model_runner_output) -> None:
         c = self._counts
         c["steps"] += 1
+        spec = scheduler_output.scheduled_spec_decode_tokens   # empty in a k = 0 step
+        if not spec:
+            # no drafts verified: nothing for the rule, and each decoding request gained one token. Counted
+            # without a pass over the requests (the pass below costs ~1 us per request, at every step where the
+            # rule does not draft) as the one-token requests of the step, so a one-token prompt chunk counts too.
+            n = list(scheduler_output.num_scheduled_tokens.values()).count(1)
+            c["decode_request_steps"] += n
+            c["decode_tokens"] += n
+            return
         outcomes = []
         index = model_runner_output.req_id_to_index
         sampled = model_runner_output.sampled_token_ids
-        spec = scheduler_output.scheduled_spec_decode_tokens   # empty in a k = 0 step
         requests = self.requests
         for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
             scheduled = spec.get(req_id, ()) if spec else ()

@@ -9,6 +9,11 @@ have been without the pause.
 Per request the kept positions form one contiguous run ``[first, first + n)``: a step schedules the positions
 that follow the last accepted token, so consecutive skipped steps extend the run; a run that does not follow
 on (a request recomputed after preemption, or positions being recomputed now) replaces what it overlaps.
+
+A plain decode step (one position per request) is kept as one record of the whole step (`keep_step`) and
+folded into the per-request runs only when they are next read: a decode step then does no work per request,
+and the positions of requests that finished before the fold (most of them, while the rule does not draft)
+cost a membership test at the fold instead of a Python call each at every step.
 """
 
 from __future__ import annotations
@@ -70,8 +75,16 @@ class SkippedPositions:
     """Per-request runs of skipped drafter inputs (module docstring)."""
 
     def __init__(self) -> None:
-        self.runs: dict[str, Run] = {}
-        self.total = 0   # kept positions over all requests
+        self._runs: dict[str, Run] = {}
+        # decode steps not yet folded into the runs: (request ids, positions, token ids, hidden rows [n, H])
+        self._steps: list[tuple[tuple[str, ...], list[int], list[int], torch.Tensor]] = []
+        self.total = 0   # kept positions over all requests (the unfolded steps' included)
+
+    @property
+    def runs(self) -> dict[str, Run]:
+        """The runs per request, every kept step folded in."""
+        self._fold()
+        return self._runs
 
     def __bool__(self) -> bool:
         return self.total > 0
@@ -80,12 +93,32 @@ class SkippedPositions:
         run = self.runs.get(req_id)
         return run is not None and run.length > 0
 
+    def keep_step(self, req_ids: tuple[str, ...], positions: list[int], tokens: list[int],
+                  rows: torch.Tensor) -> None:
+        """Keep a decode step: request ``req_ids[i]`` at position ``positions[i]``, with token id ``tokens[i]``
+        and hidden state ``rows[i]`` (``rows`` [n, H]: the caller's copy, shared by the step's requests).
+        Costs no work per request now; folded into the runs (`keep_one` for each) when they are next read."""
+        self._steps.append((req_ids, positions, tokens, rows))
+        self.total += len(req_ids)
+
+    def _fold(self, live: set[str] | dict | None = None) -> None:
+        """Fold the kept steps into the runs, in order; with ``live``, skip requests not in it (finished)."""
+        if not self._steps:
+            return
+        steps, self._steps = self._steps, []
+        for req_ids, positions, tokens, rows in steps:
+            self.total -= len(req_ids)   # `_keep_one` counts the folded ones again
+            for i, rid in enumerate(req_ids):
+                if live is None or rid in live:
+                    self._keep_one(rid, positions[i], tokens[i], rows, i)
+
     def keep(self, req_id: str, first: int, ids: torch.Tensor, hidden: torch.Tensor) -> None:
         """Keep the drafter inputs of positions ``first .. first + len(ids) - 1`` of a request."""
         n = ids.shape[0]
         if n == 0:
             return
-        run = self.runs.get(req_id)
+        self._fold()
+        run = self._runs.get(req_id)
         if run is not None and run.length and run.first <= first <= run.end:
             self.truncate(req_id, first)   # recomputed positions replace the kept ones
             run.flush()                    # pending single positions come first
@@ -94,14 +127,18 @@ class SkippedPositions:
             run.length += n
         else:   # first kept run, or a run that does not follow on: the older one is not replayable
             self.drop(req_id)
-            self.runs[req_id] = Run(first, [ids], [hidden], n)
+            self._runs[req_id] = Run(first, [ids], [hidden], n)
         self.total += n
 
     def keep_one(self, req_id: str, position: int, token: int, rows: torch.Tensor, row: int) -> None:
         """Keep one position of a request (a decode step's): token id ``token`` and hidden state ``rows[row]``
         (``rows``: the step's hidden states, owned by the caller's copy and shared by its requests). No tensor op
         when the position follows the request's run (the common case); `keep` otherwise."""
-        run = self.runs.get(req_id)
+        self._fold()
+        self._keep_one(req_id, position, token, rows, row)
+
+    def _keep_one(self, req_id: str, position: int, token: int, rows: torch.Tensor, row: int) -> None:
+        run = self._runs.get(req_id)
         if run is not None and run.length and run.end == position:
             run.pending.append((token, rows, row))
             run.length += 1
@@ -119,7 +156,7 @@ class SkippedPositions:
         run.truncate(before)
         self.total -= old - run.length
         if run.length == 0:
-            del self.runs[req_id]
+            del self._runs[req_id]
 
     def drop(self, req_id: str) -> None:
         run = self.runs.pop(req_id, None)
@@ -128,7 +165,8 @@ class SkippedPositions:
 
     def retain(self, live: set[str] | dict) -> None:
         """Forget requests that are no longer live (finished or aborted)."""
-        for req_id in [r for r in self.runs if r not in live]:
+        self._fold(live)
+        for req_id in [r for r in self._runs if r not in live]:
             self.drop(req_id)
 
     def take(self, req_id: str, n: int) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -138,7 +176,7 @@ class SkippedPositions:
         out = run.take(n)
         self.total -= n
         if run.length == 0:
-            del self.runs[req_id]
+            del self._runs[req_id]
         return out
 
 
