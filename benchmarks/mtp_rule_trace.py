@@ -7,7 +7,8 @@ before the paired ratios), the paired ratios it uses now, and its table.
 
 One offline `vllm.LLM` (float32, eager, the multiprocess engine as served; MTP cap K = 3, the drafter-skipping
 worker) in a subprocess; each run generates `--tokens` greedy tokens for `--batch1-prompts` prompts one after
-the other (batch 1), or for 16 prompts at once when `--alternate` puts a batch-16 run after each batch-1 run.
+the other (batch 1), or for 16 prompts at once when `--alternate` puts a batch-16 run after each batch-1 run;
+`--batches 4,8` runs those batch sizes in turn instead.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ def _worker(spec_path: str, out_path: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
     rows, last = [], None
     for r in range(spec["runs"]):
-        batch = 16 if spec["alternate"] and r % 2 else 1
-        groups = [[p] for p in PROMPTS[:spec["batch1_prompts"]]] if batch == 1 else [(PROMPTS * 4)[:16]]
+        batches = spec.get("batches") or ([1, 16] if spec["alternate"] else [1])
+        batch = batches[r % len(batches)]
+        groups = ([[p] for p in PROMPTS[:spec["batch1_prompts"]]] if batch == 1
+                  else [(PROMPTS * (batch // len(PROMPTS) + 1))[:batch]])
         for group in groups:
             llm.generate(group, params, use_tqdm=False)
         s = json.loads(stats_path.read_text())
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--batch1-prompts", type=int, default=3)
     p.add_argument("--alternate", action="store_true", help="a batch-16 run after each batch-1 run")
+    p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="batch sizes of the runs in turn, e.g. 4,8 (default 1, or 1,16 with --alternate)")
     args = engine_script_args(p, argv, _worker, 1800.0)
     if args is None:   # a `run_worker` subprocess: its engine ran
         return 0
@@ -77,14 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--view takes one view: v3 or v32")
     if args.runs < 1 or args.tokens < 2 or not 1 <= args.batch1_prompts <= len(PROMPTS):
         p.error(f"--runs >= 1, --tokens >= 2 and --batch1-prompts in [1, {len(PROMPTS)}] are required")
+    if args.batches is not None and (args.alternate or not args.batches or not all(1 <= b <= 16 for b in args.batches)):
+        p.error("--batches takes batch sizes in [1, 16] and replaces --alternate")
     from vllm_frontier.models.embedded import embedded_model_path
 
     report = Report(args.json, meta={"view": view[0], "runs": args.runs, "tokens": args.tokens,
-                                     "batch1_prompts": args.batch1_prompts, "alternate": args.alternate})
+                                     "batch1_prompts": args.batch1_prompts, "alternate": args.alternate,
+                                     "batches": args.batches})
     with report.section(view[0]) as rec, tempfile.TemporaryDirectory() as tmp:
         env = {"FRONTIER_MTP_STATS": f"{tmp}/stats.json"} | ({"FRONTIER_DSA": "1"} if view[0] == "v32" else {})
         spec = {"model": str(embedded_model_path(view[0])), "runs": args.runs, "tokens": args.tokens,
-                "batch1_prompts": args.batch1_prompts, "alternate": args.alternate}
+                "batch1_prompts": args.batch1_prompts, "alternate": args.alternate, "batches": args.batches}
         rows = run_worker(__file__, spec, tmp, env, args.timeout)
         rec["runs"] = rows
         ratios = [v for row in rows for b in row["unpaired_ratios"].values() for v in b.values()]

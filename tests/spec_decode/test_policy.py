@@ -321,14 +321,14 @@ def test_step_times_keep_a_window_and_its_median():
 
 
 def cpu_like_policy() -> DraftLengthPolicy:
-    """A fit that prices a k = 1 step at batch 1 at ~1.9x a plain one (what the pooled fit said on vLLM CPU),
-    acceptance 0.95 at every position."""
+    """A fit that prices a k = 1 step at batch 1 at ~1.45x a plain one (cheaper than the pooled fit on vLLM CPU
+    said, 1.9x, so that the fit alone drafts beyond the rule's 10 % margin), acceptance 0.95 at every position."""
     pol = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.25, drafter_skips=True))
     pol.window.observe(1, [(3, 3)] * 19 + [(3, 0)])
     for b in (1, 2, 4, 8, 16) * 8:
         for k in (0, 1, 2):
             u = pol.units(b, k)
-            pol.cost.observe(u, 1e-3 * (15.7 + 12.8 * k + u), k=k)
+            pol.cost.observe(u, 1e-3 * (15.7 + 6.0 * k + u), k=k)
     return pol
 
 

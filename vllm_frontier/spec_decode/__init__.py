@@ -29,7 +29,7 @@ a larger k before they are verified. Verification stays vLLM's rejection sampler
 model's (greedy: identical token ids).
 
 The rule (details and symbols in `policy`):
-    k*(B) = smallest k in [0, K] with B E(k) / T(B, k) >= 0.97 max_j B E(j) / T(B, j)
+    k*(B) = smallest k in [0, K] with B E(k) / T(B, k) >= 0.90 max_j B E(j) / T(B, j)
     E(k)  = 1 + sum_{j<=k} prod_{i<=j} a_i      a_i: acceptance of position i given 1..i-1 accepted,
                                                  counted over the last 128 engine steps
     T(B,k) = F + k D + B (k+1)(1+rho) + B max(k-1,0) rho   (k > 0);   T(B,0) = F + B (a plain step)

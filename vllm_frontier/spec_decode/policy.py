@@ -67,10 +67,14 @@ quiet (`quiet_until`): nothing it could measure would change its table, so the s
 work (timing, table refreshes, probe checks) until shortly before the next probe, and an adaptive step costs
 what a step pinned at k = 0 costs.
 
-The rule: k*(B) = the smallest k in [0, K] whose throughput B E(k) / T(B, k) is within `tie_margin` (3 %)
+The rule: k*(B) = the smallest k in [0, K] whose throughput B E(k) / T(B, k) is within `tie_margin` (10 %)
 of the best. The margin leans towards fewer drafts: what the model leaves out (the catch-up pass when
-drafting resumes, the probes, the noise of CPU step times) is paid by drafting, so a gain within 3 % is
-not worth it. Larger batches make each extra position cost more (the B terms grow while F does not), so k*
+drafting resumes, the probes, the noise of measured step costs) is paid by drafting, so a gain within the
+margin is not worth it. It was 3 %; on vLLM CPU a bucket's measured k = 1 cost ratio moved 1.74 -> 1.96 within
+two runs at V3.2 batch 4 (`benchmarks/results/mtp/rule_trace_v32_b4_b8.json`), where a k = 1 step gains
+1.75-1.86 tokens, and an engine drafting there at a predicted 3-7 % gain ran at 0.86x of no speculation
+(`mtp_cpu_v19_b4_b8.json`). Where MTP pays (a GPU: a k = 1 step costing ~1.1x a plain one gains 1.8 tokens),
+the gains are tens of percent and the margin changes nothing. Larger batches make each extra position cost more (the B terms grow while F does not), so k*
 falls with B; lower acceptance lowers E(k) and so k*.
 
 Estimates: a_i is counted over the last `window_steps` engine steps. Each position carries a Beta prior of
@@ -97,7 +101,7 @@ class PolicyConfig:
     window_steps: int = 128
     prior_strength: float = 2.0
     first_prior: float = 0.5
-    tie_margin: float = 0.03
+    tie_margin: float = 0.10
     cost_window: int = 512
     min_cost_points: int = 24
     probe_every: int = 64
