@@ -72,10 +72,10 @@ of the best. The margin leans towards fewer drafts: what the model leaves out (t
 drafting resumes, the probes, the noise of measured step costs) is paid by drafting, so a gain within the
 margin is not worth it. It was 3 %; on vLLM CPU a bucket's measured k = 1 cost ratio moved 1.74 -> 1.96 within
 two runs at V3.2 batch 4 (`benchmarks/results/mtp/rule_trace_v32_b4_b8.json`), where a k = 1 step gains
-1.75-1.86 tokens, and an engine drafting there at a predicted 3-7 % gain ran at 0.86x of no speculation
+1.75-1.86 tokens (a predicted gain of 1-7 %), and one engine pair drafting there ran at 0.86x of no speculation
 (`mtp_cpu_v19_b4_b8.json`). Where MTP pays (a GPU: a k = 1 step costing ~1.1x a plain one gains 1.8 tokens),
-the gains are tens of percent and the margin changes nothing. Larger batches make each extra position cost more (the B terms grow while F does not), so k*
-falls with B; lower acceptance lowers E(k) and so k*.
+the gains are tens of percent and the margin changes nothing. Larger batches make each extra position cost
+more (the B terms grow while F does not), so k* falls with B; lower acceptance lowers E(k) and so k*.
 
 Estimates: a_i is counted over the last `window_steps` engine steps. Each position carries a Beta prior of
 `prior_strength` pseudo-observations centred on the estimate of the position before it (position 1: on
