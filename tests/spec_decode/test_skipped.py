@@ -16,6 +16,23 @@ def chunk(first: int, n: int, hidden: int = 3):
     return (pos + 1000).to(torch.int32), pos.float()[:, None].expand(n, hidden).clone()
 
 
+def keep_chunk(stores, pos: dict, rng) -> None:
+    """A chunk kept in every store (a verify step's accepted tokens), sometimes recomputing positions."""
+    r = rng.choice(list(pos))
+    first = max(pos[r] - rng.randint(0, 2), 0)
+    n = rng.randint(1, 4)
+    for store in stores:
+        store.keep(r, first, *chunk(first, n))
+    pos[r] = first + n
+
+
+def take_same(x: SkippedPositions, y: SkippedPositions, r: str, n: int):
+    """Take ``n`` positions of ``r`` from both stores; they must read back the same."""
+    a, b = x.take(r, n), y.take(r, n)
+    assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    return a
+
+
 def test_consecutive_steps_extend_one_run_and_take_returns_them_in_order():
     s = SkippedPositions()
     for first, n in [(10, 1), (11, 4), (15, 1)]:   # a prefill tail, a step with 4 accepted, a plain step
@@ -95,18 +112,11 @@ def test_single_positions_kept_without_tensor_ops_read_back_like_chunks():
                     eager.keep(r, pos[r], *chunk(pos[r], 1))
                     pos[r] += 1
             elif action < 0.8:   # a chunk (a verify step's accepted tokens), sometimes recomputing positions
-                r = rng.choice(list(pos))
-                first = max(pos[r] - rng.randint(0, 2), 0)
-                n = rng.randint(1, 4)
-                lazy.keep(r, first, *chunk(first, n))
-                eager.keep(r, first, *chunk(first, n))
-                pos[r] = first + n
+                keep_chunk((lazy, eager), pos, rng)
             elif action < 0.9:   # part of the run replayed (a catch-up pass)
                 r = rng.choice(list(pos))
                 if r in eager:
-                    n = rng.randint(1, 3)
-                    a, b = lazy.take(r, n), eager.take(r, n)
-                    assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+                    take_same(lazy, eager, r, rng.randint(1, 3))
             else:   # positions being computed again
                 r = rng.choice(list(pos))
                 before = max(pos[r] - rng.randint(0, 3), 0)
@@ -117,8 +127,7 @@ def test_single_positions_kept_without_tensor_ops_read_back_like_chunks():
         for r in pos:
             assert (r in lazy) == (r in eager)
             if r in eager:
-                a, b = lazy.take(r, 1000), eager.take(r, 1000)
-                assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+                a = take_same(lazy, eager, r, 1000)
                 assert a[1].dtype == torch.int32
 
 
@@ -151,18 +160,11 @@ def test_kept_steps_fold_into_the_runs_that_keep_alone_makes():
                     eager.keep(r, pos[r], *chunk(pos[r], 1))
                     pos[r] += 1
             elif action < 0.7:   # a chunk, sometimes recomputing positions
-                r = rng.choice(list(pos))
-                first = max(pos[r] - rng.randint(0, 2), 0)
-                n = rng.randint(1, 4)
-                stepwise.keep(r, first, *chunk(first, n))
-                eager.keep(r, first, *chunk(first, n))
-                pos[r] = first + n
+                keep_chunk((stepwise, eager), pos, rng)
             elif action < 0.8:   # part of a run replayed
                 r = rng.choice(list(pos))
                 if r in eager:
-                    n = rng.randint(1, 3)
-                    a, b = stepwise.take(r, n), eager.take(r, n)
-                    assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+                    take_same(stepwise, eager, r, rng.randint(1, 3))
             elif action < 0.9:   # positions being computed again
                 r = rng.choice(list(pos))
                 before = max(pos[r] - rng.randint(0, 3), 0)
@@ -187,8 +189,7 @@ def test_kept_steps_fold_into_the_runs_that_keep_alone_makes():
         for r in pos:
             assert (r in stepwise) == (r in eager)
             if r in eager:
-                a, b = stepwise.take(r, 1000), eager.take(r, 1000)
-                assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+                take_same(stepwise, eager, r, 1000)
 
 
 def test_a_kept_step_costs_no_work_per_request_until_read(monkeypatch):
