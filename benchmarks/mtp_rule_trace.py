@@ -42,8 +42,8 @@ def _worker(spec_path: str, out_path: str) -> None:
               distributed_executor_backend=executor_backend("mp"))
     params = SamplingParams(temperature=0.0, max_tokens=spec["tokens"], ignore_eos=True)
     rows, last = [], None
+    batches = spec["batches"] or ([1, 16] if spec["alternate"] else [1])
     for r in range(spec["runs"]):
-        batches = spec.get("batches") or ([1, 16] if spec["alternate"] else [1])
         batch = batches[r % len(batches)]
         groups = ([[p] for p in PROMPTS[:spec["batch1_prompts"]]] if batch == 1
                   else [(PROMPTS * (batch // len(PROMPTS) + 1))[:batch]])

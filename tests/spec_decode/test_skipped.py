@@ -97,7 +97,7 @@ def test_plan_passes_one_pass_when_everything_fits():
 
 
 def test_single_positions_kept_without_tensor_ops_read_back_like_chunks():
-    # a plain decode step keeps one position per request from the step's shared rows (keep_one); mixed with
+    # a plain decode step keeps one position per request from the step's shared rows (keep_step); mixed with
     # chunks, truncation and takes, the run reads back exactly what `keep` alone would have kept
     rng = random.Random(3)
     for _ in range(50):
@@ -107,8 +107,8 @@ def test_single_positions_kept_without_tensor_ops_read_back_like_chunks():
             action = rng.random()
             if action < 0.6:   # a decode step over both requests: one shared rows tensor
                 rows = torch.stack([chunk(pos[r], 1)[1][0] for r in pos])
-                for i, r in enumerate(pos):
-                    lazy.keep_one(r, pos[r], 1000 + pos[r], rows, i)
+                lazy.keep_step(tuple(pos), [pos[r] for r in pos], [1000 + pos[r] for r in pos], rows)
+                for r in pos:
                     eager.keep(r, pos[r], *chunk(pos[r], 1))
                     pos[r] += 1
             elif action < 0.8:   # a chunk (a verify step's accepted tokens), sometimes recomputing positions
@@ -131,13 +131,13 @@ def test_single_positions_kept_without_tensor_ops_read_back_like_chunks():
                 assert a[1].dtype == torch.int32
 
 
-def test_keep_one_that_does_not_follow_on_starts_a_new_run():
+def test_a_kept_position_that_does_not_follow_on_starts_a_new_run():
     s = SkippedPositions()
     rows = torch.arange(6.0).reshape(2, 3)
-    s.keep_one("a", 4, 7, rows, 1)       # no run yet
-    s.keep_one("a", 5, 8, rows, 0)       # follows on: pending
-    s.keep_one("a", 9, 9, rows, 0)       # a hole: only the new run is replayable
-    assert s.total == 1 and s.runs["a"].first == 9
+    s.keep_step(("a",), [4], [7], rows[1:])    # no run yet
+    s.keep_step(("a",), [5], [8], rows[:1])    # follows on: pending
+    s.keep_step(("a",), [9], [9], rows[:1])    # a hole: only the new run is replayable
+    assert s.runs["a"].first == 9 and s.total == 1   # read, so folded
     first, ids, hidden = s.take("a", 5)
     assert first == 9 and ids.tolist() == [9] and hidden.tolist() == [[0.0, 1.0, 2.0]]
 

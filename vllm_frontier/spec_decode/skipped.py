@@ -29,7 +29,7 @@ class Run:
 
     ids ``[n]`` int32 (token at position + 1), hidden ``[n, H]`` (target hidden state at the position).
     Each is a list of chunks, concatenated when replayed (one chunk per skipped step). Single positions added
-    by `SkippedPositions.keep_one` (a decode step's) wait in ``pending`` as (token id, step rows, row) until
+    by `SkippedPositions.keep_step` (a decode step's) wait in ``pending`` as (token id, step rows, row) until
     the run is read: a plain decode step then costs no tensor op per request.
     """
 
@@ -97,7 +97,7 @@ class SkippedPositions:
                   rows: torch.Tensor) -> None:
         """Keep a decode step: request ``req_ids[i]`` at position ``positions[i]``, with token id ``tokens[i]``
         and hidden state ``rows[i]`` (``rows`` [n, H]: the caller's copy, shared by the step's requests).
-        Costs no work per request now; folded into the runs (`keep_one` for each) when they are next read."""
+        Costs no work per request now; folded into the runs (`_keep_one` for each) when they are next read."""
         self._steps.append((req_ids, positions, tokens, rows))
         self.total += len(req_ids)
 
@@ -130,14 +130,10 @@ class SkippedPositions:
             self._runs[req_id] = Run(first, [ids], [hidden], n)
         self.total += n
 
-    def keep_one(self, req_id: str, position: int, token: int, rows: torch.Tensor, row: int) -> None:
-        """Keep one position of a request (a decode step's): token id ``token`` and hidden state ``rows[row]``
-        (``rows``: the step's hidden states, owned by the caller's copy and shared by its requests). No tensor op
-        when the position follows the request's run (the common case); `keep` otherwise."""
-        self._fold()
-        self._keep_one(req_id, position, token, rows, row)
-
     def _keep_one(self, req_id: str, position: int, token: int, rows: torch.Tensor, row: int) -> None:
+        """Keep one position of a request (a kept step's, `_fold`): token id ``token`` and hidden state
+        ``rows[row]`` (``rows``: the step's hidden states, shared by its requests). No tensor op when the position
+        follows the request's run (the common case); `keep` otherwise."""
         run = self._runs.get(req_id)
         if run is not None and run.length and run.end == position:
             run.pending.append((token, rows, row))
