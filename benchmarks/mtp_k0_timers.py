@@ -86,12 +86,21 @@ class _SchedulerTimers:
                            "vllm_update": []}
 
     def schedule(self, *args, **kwargs):
-        return _timed(super().schedule, self._k0_timers["scheduler_schedule"])(*args, **kwargs)
+        out = _timed(super().schedule, self._k0_timers["scheduler_schedule"])(*args, **kwargs)
+        if not out.total_num_scheduled_tokens:
+            # a step that runs nothing (the engine core steps once more as a busy period ends) is not a decode
+            # step: its pin read after idle would enter a busy period of one step as that period's median
+            self._k0_timers["scheduler_schedule"].pop()
+            self._k0_timers["vllm_schedule"].pop()
+        return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
         out = _timed(super().update_from_output, self._k0_timers["scheduler_update"])(
             scheduler_output, model_runner_output)
-        if not self.running and not self.waiting and os.environ.get(OUT_ENV):
+        if not scheduler_output.total_num_scheduled_tokens:
+            self._k0_timers["scheduler_update"].pop()
+            self._k0_timers["vllm_update"].pop()
+        if not self.running and not self.waiting and os.environ.get(OUT_ENV) and self._k0_timers["scheduler_update"]:
             with open(os.environ[OUT_ENV], "a") as f:
                 f.write(json.dumps(_medians_us(self._k0_timers)) + "\n")
             for v in self._k0_timers.values():

@@ -293,7 +293,8 @@ def speculation_free_builders(runner) -> list[tuple[object, dict]]:
 class without_speculation:
     """Context manager: a V1 model runner that sees no speculative config, so the step it runs inside takes the
     runner's non-speculative path (`spec_decode.worker`), and the given builders (`speculation_free_builders`)
-    their settings without speculation; everything is put back on exit."""
+    their settings without speculation; everything is put back on exit. One object serves step after step
+    (entered again after each exit, never nested)."""
 
     def __init__(self, runner, builders: list[tuple[object, dict]] = ()) -> None:
         self.runner = runner

@@ -80,3 +80,58 @@ def test_one_token_decode_metadata_fast_path_equals_the_general_rule():
     s2, b2, l2 = run(2, 4)
     assert s2[:8].tolist() == [6, 7, 0, 1, 129, 130, 63, 64]
     assert torch.equal(b2[:8, :9], bt.repeat_interleave(2, 0)) and l2[:8].tolist() == [1] * 8
+
+
+def test_one_object_serves_step_after_step():
+    spec = object()
+    runner = types.SimpleNamespace(speculative_config=spec)
+    builder = types.SimpleNamespace(decode_threshold=4)
+    hidden = compat.without_speculation(runner, [(builder, {"decode_threshold": 1})])
+    for step_spec in (spec, "changed between steps"):
+        runner.speculative_config = step_spec
+        with hidden:
+            assert runner.speculative_config is None and builder.decode_threshold == 1
+        assert runner.speculative_config is step_spec and builder.decode_threshold == 4
+
+
+def _proposer_over(runner, getter=None):
+    from vllm_frontier.spec_decode.proposer import SkippingMTPProposer
+    from vllm_frontier.spec_decode.skipped import SkippedPositions
+
+    p = SkippingMTPProposer.__new__(SkippingMTPProposer)   # no vLLM drafter: only the plain-step path runs
+    p._runner, p.skipped, p._mtp_hidden_getter = runner, SkippedPositions(), getter
+    p.counters = {"skipped_steps": 0, "plain_steps": 0}
+    return p
+
+
+@pytest.mark.parametrize("padded_rows", [0, 3])
+def test_a_plain_decode_step_keeps_a_copy_of_its_rows(padded_rows):
+    positions = torch.arange(100, 116)
+    model = types.SimpleNamespace()
+    runner = types.SimpleNamespace(input_batch=types.SimpleNamespace(req_ids=["a", "b"]), requests={"a": 0, "b": 0},
+                                   get_model=lambda: model, _get_positions=lambda n: positions[:n])
+    p = _proposer_over(runner)
+    for step in range(2):   # the runner writes the next step's hidden states into the same buffer
+        buffer = torch.full((2 + padded_rows, 4), float(step))
+        state = types.SimpleNamespace(hidden_states=buffer, scheduler_output=types.SimpleNamespace(
+            num_scheduled_tokens={"a": 1, "b": 1}, total_num_scheduled_tokens=2))
+        positions[:2] = torch.tensor([10 + step, 50 + step])
+        p.keep_plain_step(state, types.SimpleNamespace(sampled_token_ids=[[7 + step], [9 + step]]))
+        buffer.fill_(-1.0)
+    assert p.counters == {"skipped_steps": 2, "plain_steps": 2} and p.skipped.total == 4
+    first, ids, rows = p.skipped.take("a", 2)
+    assert first == 10 and ids.tolist() == [7, 8] and rows.tolist() == [[0.0] * 4, [1.0] * 4]
+    first, ids, rows = p.skipped.take("b", 2)
+    assert first == 50 and ids.tolist() == [9, 10] and rows.shape == (2, 4)
+
+
+def test_the_models_own_mtp_input_is_kept_where_it_has_one():
+    own = torch.full((1, 4), 3.0)
+    model = types.SimpleNamespace(get_mtp_target_hidden_states=lambda: own)
+    runner = types.SimpleNamespace(input_batch=types.SimpleNamespace(req_ids=["a"]), requests={"a": 0},
+                                   get_model=lambda: model, _get_positions=lambda n: torch.tensor([5])[:n])
+    p = _proposer_over(runner)
+    state = types.SimpleNamespace(hidden_states=torch.zeros(1, 4), scheduler_output=types.SimpleNamespace(
+        num_scheduled_tokens={"a": 1}, total_num_scheduled_tokens=1))
+    p.keep_plain_step(state, types.SimpleNamespace(sampled_token_ids=[[2]]))
+    assert p.skipped.take("a", 1)[2].tolist() == [[3.0] * 4]

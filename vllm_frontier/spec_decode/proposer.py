@@ -50,6 +50,7 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
         self.counters = {"skipped_steps": 0, "drafting_steps": 0, "catch_up_passes": 0, "caught_up_tokens": 0,
                          "dropped_tokens": 0, "drafter_forwards": 0, "plain_steps": 0}
         self._hooked = False
+        self._mtp_hidden_getter = None   # the target model's own MTP input getter (found at the first step)
 
     # -- vLLM hook ----------------------------------------------------------------------------------------
 
@@ -110,25 +111,26 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
         ``output``: its `ModelRunnerOutput` (sampled token ids per batch row, [] for a partial prompt chunk).
         The target token ids and positions are still in the runner's input buffers (the next step rewrites them).
         """
-        self.counters["skipped_steps"] += 1
-        self.counters["plain_steps"] += 1
+        counters = self.counters
+        counters["skipped_steps"] += 1
+        counters["plain_steps"] += 1
         runner = self._runner
         sched = state.scheduler_output.num_scheduled_tokens
         req_ids, live = compat.runner_requests(runner)
-        req_ids = req_ids[: len(sched)]
-        hidden = getattr(runner.get_model(), "get_mtp_target_hidden_states", lambda: None)()
-        if hidden is None:
-            hidden = state.hidden_states
+        hidden = self._target_hidden_states(state)
         sampled = output.sampled_token_ids
         n = state.scheduler_output.total_num_scheduled_tokens
-        if n == len(req_ids) and all(sampled[:n]):
+        if n == len(sched) and len(req_ids) >= n and all(sampled[:n]):
             # one token per request (a decode step, the common case): position p's drafter input is the token
             # sampled after it; one copy of the step's hidden states, kept as one record of the step
-            # (`keep_step`: no work per request now; finished requests are forgotten when the runs are read)
-            rows = hidden[:n].clone()   # the runner reuses its hidden-state buffer next step
-            self.skipped.keep_step(tuple(req_ids), runner._get_positions(n).tolist(), [s[-1] for s in sampled[:n]],
-                                   rows)
+            # (`keep_step`: no work per request now; finished requests are forgotten when the runs are read).
+            # The runner reuses its hidden-state buffer next step, hence the copy (no slice when the runner's
+            # tensor holds exactly the step's rows: each torch call costs microseconds on a CPU host).
+            rows = (hidden if hidden.shape[0] == n else hidden[:n]).clone()
+            self.skipped.keep_step(tuple(req_ids[:n]), runner._get_positions(n).tolist(),
+                                   [s[-1] for s in sampled[:n]], rows)
             return
+        req_ids = req_ids[: len(sched)]
         if self.skipped:
             self.skipped.retain(live)
         req_ids = list(req_ids)
@@ -140,6 +142,16 @@ class SkippingMTPProposer(compat.eagle_proposer_cls()):
         firsts = target_positions[qsl[:-1].to(target_positions.device)].tolist()
         next_token_ids = self.prepare_next_token_ids_cpu(sampled, runner.requests, runner.input_batch, sched)
         self._keep(req_ids, firsts, qsl, runner.input_ids.gpu[:n], hidden, next_token_ids, None)
+
+    def _target_hidden_states(self, state) -> torch.Tensor:
+        """The target hidden states the drafter reads for the runner's step ``state``: the model's own MTP input
+        where it keeps one (`get_mtp_target_hidden_states`, as vLLM's runner asks), else the step's output."""
+        getter = self._mtp_hidden_getter
+        if getter is None:   # the model is loaded before the first step; looked up once, not per step
+            getter = getattr(self._runner.get_model(), "get_mtp_target_hidden_states", None) or (lambda: None)
+            self._mtp_hidden_getter = getter
+        hidden = getter()
+        return state.hidden_states if hidden is None else hidden
 
     # -- skipped steps ------------------------------------------------------------------------------------
 

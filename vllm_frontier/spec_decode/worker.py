@@ -62,14 +62,18 @@ class _MTPWorkerMixin:
                        and drafter.fits_plain_step(scheduler_output.total_num_scheduled_tokens))
         if not self._plain:
             return super().execute_model(scheduler_output)
-        with compat.without_speculation(runner, self._plain_builders()):
+        with self._without_speculation():
             return super().execute_model(scheduler_output)
 
-    def _plain_builders(self):
-        builders = getattr(self, "_builders", None)
-        if builders is None:   # the attention groups exist once the KV cache is set up (before any step)
-            builders = self._builders = compat.speculation_free_builders(self.model_runner)
-        return builders
+    def _without_speculation(self) -> compat.without_speculation:
+        """The context a plain step's two calls run in (one object, made at the first plain step: the attention
+        groups exist once the KV cache is set up, before any step)."""
+        hidden = self.__dict__.get("_no_speculation")
+        if hidden is None:
+            runner = self.model_runner
+            hidden = self._no_speculation = compat.without_speculation(
+                runner, compat.speculation_free_builders(runner))
+        return hidden
 
     def sample_tokens(self, grammar_output):
         if not self._plain:
@@ -77,7 +81,7 @@ class _MTPWorkerMixin:
         self._plain = False
         runner = self.model_runner
         state = runner.execute_model_state
-        with compat.without_speculation(runner, self._plain_builders()):
+        with self._without_speculation():
             output = super().sample_tokens(grammar_output)
         if state is not None:
             runner.drafter.keep_plain_step(state, output)
