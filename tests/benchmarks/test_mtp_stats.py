@@ -108,3 +108,39 @@ def test_adaptive_over_fixed_k_is_paired_per_round_and_rescored_in_place(tmp_pat
     got = json.loads(path.read_text())
     assert got["sections"]["v3"]["results"]["batch_1"]["adaptive"]["speedup_vs_k0_paired"] == pytest.approx(0.97)
     assert got["meta"]["rescored_by"].endswith("--rescore r.json")
+
+
+def _run(pairs_by_cell: dict, rounds: int) -> dict:
+    """A minimal `mtp.py` result: per (view, batch, mode) the rounds of each engine pair in order."""
+    sections = {}
+    for (view, batch, mode), pairs in pairs_by_cell.items():
+        rows = sections.setdefault(view, {"status": "ok", "results": {}})["results"].setdefault(batch, {"none": {}})
+        rows[mode] = {"speedup_per_round": [x for p in pairs for x in p], "lossless": True,
+                      "speedup_vs_none": mtp.geo_mean([x for p in pairs for x in p]),
+                      "speedup_per_engine_pair": [mtp.geo_mean(p) for p in pairs] if len(pairs) > 1 else None}
+    return {"meta": {"rounds": rounds, "commit": "c"}, "sections": sections}
+
+
+def test_pooling_runs_counts_every_pair_of_every_run():
+    import mtp_pool
+
+    a = [[0.96, 0.98, 0.97, 0.95], [1.0, 0.99, 1.01, 0.98]]
+    b = [[0.93, 0.95, 0.96, 0.94], [0.99, 1.0, 0.98, 0.97], [0.97, 0.97, 0.96, 0.98]]
+    pooled = mtp_pool.pool([_run({("v3", "batch_1", "0"): a}, 4), _run({("v3", "batch_1", "0"): b}, 4)])
+    cell = pooled["v3"]["batch_1"]["0"]
+    every = [x for p in a + b for x in p]
+    assert cell["engine_pairs"] == 5 and cell["speedup_vs_none"] == pytest.approx(mtp.geo_mean(every), abs=1e-4)
+    assert cell["speedup_per_engine_pair"] == [round(mtp.geo_mean(p), 4) for p in a + b]
+    lo, hi = cell["speedup_ci95"]
+    assert lo < cell["speedup_vs_none"] < hi and cell["at_least_target"] == (mtp.geo_mean(every) >= mtp.TARGET)
+    # one run alone gives its own means back
+    assert mtp_pool.pool([_run({("v3", "batch_1", "0"): a}, 4)])["v3"]["batch_1"]["0"]["engine_pairs"] == 2
+
+
+def test_pooling_refuses_rounds_that_do_not_split_into_the_reported_pairs():
+    import mtp_pool
+
+    run = _run({("v3", "batch_1", "0"): [[0.9, 0.95], [1.0, 1.05]]}, 2)
+    run["meta"]["rounds"] = 1   # four "pairs" of one round against two reported pair means
+    with pytest.raises(ValueError, match="do not split"):
+        mtp_pool.pool([run])
