@@ -1,8 +1,8 @@
 """Pool several runs of `benchmarks/mtp.py` (same views, batch sizes and modes): the speedups over all their
 engine pairs, as if one run had started them all.
 
-    python benchmarks/mtp_pool.py benchmarks/results/mtp/mtp_cpu_v21.json benchmarks/results/mtp/mtp_cpu_v21_second.json \
-        --json benchmarks/results/mtp/mtp_cpu_v21_pooled.json
+    python benchmarks/mtp_pool.py benchmarks/results/mtp/mtp_cpu_v21.json \
+        benchmarks/results/mtp/mtp_cpu_v21_second.json --json benchmarks/results/mtp/mtp_cpu_v21_pooled.json
 
 Why: an engine's speed depends on its start (the A/A control of `mtp.py --control` puts two identical engines
 0.96-1.03x apart over three pairs), so one run's three pairs leave a target 3 % from 1.0 inside the measure's
