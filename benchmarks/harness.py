@@ -15,9 +15,12 @@ import math
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -165,11 +168,39 @@ def run_worker(script: str | Path, spec: dict, tmp: str | Path, env_extra: dict,
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     here = str(Path(script).resolve().parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, str(script), "--_worker", str(tmp / "spec.json"), str(tmp / "out.json")],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"engine worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    argv = [sys.executable, str(script), "--_worker", str(tmp / "spec.json"), str(tmp / "out.json")]
+    returncode, stderr = run_process_group(argv, env, timeout)
+    if returncode != 0:
+        raise RuntimeError(f"engine worker failed ({returncode}):\n{stderr[-4000:]}")
     return json.loads((tmp / "out.json").read_text())
+
+
+def run_process_group(argv: list[str], env: dict, timeout: float) -> tuple[int, str]:
+    """Run ``argv`` in a session of its own and return (exit code, stderr); whatever it started is killed when it
+    ends, times out, or this process is interrupted or terminated.
+
+    Why: vLLM's engine core and workers are grandchildren of this process (renamed ``VLLM::EngineCore``,
+    ``VLLM::Worker``); killing only the child, as `subprocess.run` does on a timeout or Ctrl-C, or this process
+    alone, leaves them running, and an engine left polling for work loads a CPU the next benchmark times."""
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (e.g. `kill`, a CI timeout) would end this process without the cleanup below
+        restore = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # stderr to a file, not a pipe: processes the child leaves behind hold a pipe open, and reading it to its
+    # end would wait for them; the child's own exit is what ends the run
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if restore is not None:
+                signal.signal(signal.SIGTERM, restore)
+        err.seek(0)
+        return returncode, err.read()
 
 
 def compare(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float = 0.0) -> dict:

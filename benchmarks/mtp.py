@@ -53,6 +53,7 @@ the engine becomes idle, `mtp_step_log`; deltas per run):
 - `acceptance_per_pos`: conditional acceptance a_i (accepted at position i / drafts that reached i);
 - pause cycle: `after_pause` (drafts of the first drafting step after a k = 0 stretch) vs `steady` (drafts
   of the 4th and later consecutive drafting steps), per position, with and without the catch-up;
+- `slowest_step`: per run, [k, ms] of its slowest decode step (from the step log);
 - `drafter`: the proposer's counters (skipped steps, catch-up passes and tokens); `rule_quiet_steps`: engine
   steps where the adaptive rule skipped its per-step work (`DraftLengthPolicy.quiet_until`);
 - `speedup_vs_k<k>_paired` (adaptive, concurrent): geometric mean over rounds of adaptive's ratio to the plain
@@ -198,6 +199,7 @@ def _worker(spec_path: str, out_path: str) -> None:
                 "tokens": sum(len(x) for x in ids), "token_ids": ids, "decode_steps": len(steps),
                 "step_median_s": statistics.median(steps) if steps else None, "step_sum_s": sum(steps),
                 "other_steps": len(other), "other_steps_s": sum(other),
+                "slowest_step": max(((t, k) for _, k, t in logged if k >= 0), default=None),
                 "stats_before": before if is_mtp else None, "stats_after": last_stats[name] if is_mtp else None,
                 "counters_before": c0, "counters_after": counters()}
 
@@ -411,6 +413,9 @@ def mode_row(rs: list[dict], ref: dict) -> dict:
         "step_median_ms": [round(1e3 * r["step_median_s"], 3) if r.get("step_median_s") else None for r in rs],
         "decode_steps_s": [round(r.get("step_sum_s", 0.0), 3) for r in rs],
         "other_steps_s": [round(r.get("other_steps_s", 0.0), 3) for r in rs],
+        # the run's slowest decode step [k, ms]: a drafting step that costs a whole run's time shows here
+        "slowest_step": [[r["slowest_step"][1], round(1e3 * r["slowest_step"][0], 1)] if r.get("slowest_step")
+                         else None for r in rs],
     }
     ds = [_delta(r) for r in rs]
     if all(ds):   # the MTP scheduler's counters (none for the second plain engine of a control run)

@@ -1,10 +1,15 @@
-"""benchmarks/harness.py: the header every result JSON starts with (commit, command, versions)."""
+"""benchmarks/harness.py: the header every result JSON starts with (commit, command, versions), and engine
+subprocesses that leave nothing running behind them."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -41,3 +46,44 @@ def test_dirty_suffix_follows_tracked_changes_only(tmp_path):
     assert harness.git_commit(tmp_path) == head
     (tmp_path / "f").write_text("2")
     assert harness.git_commit(tmp_path) == head + "-dirty"
+
+
+# a child that starts a grandchild in the background (as vLLM starts its engine core), writes its pid, then
+# exits at once or hangs
+_SPAWNER = """
+import subprocess, sys, time
+g = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(sys.argv[1], "w").write(str(g.pid))
+if sys.argv[2] == "hang":
+    time.sleep(120)
+"""
+
+
+def _gone(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:   # killed but not yet reaped (a zombie) counts as gone
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", ["exit", "hang"])
+def test_an_engine_subprocess_leaves_no_process_behind(tmp_path, how):
+    pid_file = tmp_path / "grandchild"
+    argv = [sys.executable, "-c", _SPAWNER, str(pid_file), how]
+    if how == "exit":
+        code, _ = harness.run_process_group(argv, dict(os.environ), timeout=60)
+        assert code == 0
+    else:
+        with pytest.raises(subprocess.TimeoutExpired):
+            harness.run_process_group(argv, dict(os.environ), timeout=3)
+    assert _gone(int(pid_file.read_text()))
