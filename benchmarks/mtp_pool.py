@@ -49,18 +49,18 @@ def pool(runs: list[dict]) -> dict:
                 for mode, row in rows.items():
                     if mode == "none" or "speedup_per_round" not in row:
                         continue
-                    cell = out.setdefault(view, {}).setdefault(batch, {}).setdefault(mode, {"pairs": []})
+                    cell = out.setdefault(view, {}).setdefault(batch, {}).setdefault(
+                        mode, {"pairs": [], "lossless": True})
                     cell["pairs"] += pairs_of(row, rounds)
-                    cell.setdefault("lossless", True)
                     cell["lossless"] = cell["lossless"] and row.get("lossless", False)
     for view in out.values():
         for rows in view.values():
             for cell in rows.values():
                 pairs = cell.pop("pairs")
-                cell.update(speedup_vs_none=round(geo_mean([x for p in pairs for x in p]), 4),
-                            speedup_ci95=pair_cluster_ci(pairs), engine_pairs=len(pairs),
-                            speedup_per_engine_pair=[round(geo_mean(p), 4) for p in pairs],
-                            at_least_target=geo_mean([x for p in pairs for x in p]) >= TARGET)
+                mean = geo_mean([x for p in pairs for x in p])
+                cell.update(speedup_vs_none=round(mean, 4), speedup_ci95=pair_cluster_ci(pairs),
+                            engine_pairs=len(pairs), speedup_per_engine_pair=[round(geo_mean(p), 4) for p in pairs],
+                            at_least_target=mean >= TARGET)
     return out
 
 
