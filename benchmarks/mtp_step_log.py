@@ -93,3 +93,24 @@ def read_log(path) -> tuple[list[tuple[int, int, float]], dict | None]:
         return [], None
     os.remove(path)
     return rows, stats
+
+
+class PeriodPinnedStepLogScheduler(PinnedStepLogScheduler):
+    """`PinnedStepLogScheduler` whose pin cycle restarts at every busy period: entry j is the k of the period's
+    (j + 1)-th step, so a pin puts a drafting step at a chosen step of a run (`benchmarks/mtp_probe_cost.py`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._period_start = 0
+
+    def became_idle(self) -> None:
+        super().became_idle()
+        self._period_start = self._step
+
+    def choose_table(self) -> list[int]:
+        ks = self._pin
+        if ks is None:
+            return super().choose_table()
+        self._is_pinned = True
+        k = ks[(self._step - self._period_start - 1) % len(ks)]
+        return [k] * (self.max_num_running_reqs + 1)

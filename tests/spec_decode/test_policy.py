@@ -163,6 +163,32 @@ def test_no_acceptance_probes_while_drafting_cannot_pay_even_at_full_acceptance(
     assert [s for s in range(1, 200) if pol2.probe(s, 0, batch=4) is not None] == [64, 65, 192, 193]
 
 
+def test_a_due_k1_probe_waits_for_a_short_replay_at_most_half_its_interval():
+    pol = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.5, probe_every=64, probe_min_points=4))
+    for _ in range(4):
+        pol.cost.observe(10.0, 0.01, k=1)
+    asked = []
+
+    def replay_at(step):
+        def replay():
+            asked.append(step)
+            return 40.0 if step < 70 else 3.0   # long-lived requests until step 70, then a new batch
+        return replay
+
+    got = [(s, k) for s in range(1, 72) if (k := pol.probe(s, 0, replay=replay_at(s))) is not None]
+    assert got == [(70, 1), (71, 1)]     # due at 64, run at the first step with a short replay
+    assert asked[0] == 64                    # the replay is read only once a probe is due
+    # replay never short: the probe runs half an interval late (the interval doubled to 128 after the probe)
+    got = [(s, k) for s in range(72, 400) if (k := pol.probe(s, 0, replay=lambda: 99.0)) is not None]
+    assert got == [(70 + 128 + 64, 1), (70 + 128 + 65, 1)]
+    # few measured drafting steps: probes every 8 steps whatever the replay (the rule needs the points)
+    pol2 = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.5, probe_every=64, probe_min_points=4))
+    got = [s for s in range(1, 40) if pol2.probe(s, 0, replay=lambda: 1e9) is not None]
+    assert got == [8, 9, 16, 17, 24, 25, 32, 33]
+    with pytest.raises(ValueError, match="probe_replay_per_request"):
+        PolicyConfig(max_k=3, draft_cost=0.5, probe_replay_per_request=-1.0)
+
+
 def test_table_with_drafting_cost_equals_brute_force():
     pol = DraftLengthPolicy(PolicyConfig(max_k=2, draft_cost=0.0))
     pol.window.observe(1, [(2, 1)] * 200)   # a_1 ~ 1, a_2 ~ 0

@@ -177,7 +177,7 @@ def test_pinned_steps_are_not_the_rules_time():
     def scheduler(pinned_stretch: int) -> list:
         s = PinnedDraftScheduler.__new__(PinnedDraftScheduler)
         s._policy = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.25))
-        s._rule_step, s._is_pinned = 0, False
+        s._rule_step, s._is_pinned, s._skips = 0, False, False
         got = [s.probe_k(0) for _ in range(100)]
         s._is_pinned = True
         assert all(s.probe_k(0) is None for _ in range(pinned_stretch))   # pinned: no exploration
@@ -242,9 +242,11 @@ def test_mtp_pays_says_why_per_device():
     assert isinstance(mtp_pays()[0], bool)   # the current platform
 
 
-def test_a_quiet_rule_skips_its_per_step_work_and_decides_as_before(monkeypatch):
-    """Where drafting cannot pay even at full acceptance, the rule skips timing, table refreshes and probe
-    checks between its probes, and chooses the same k at every step as the rule that does all of it."""
+def quiet_scheduler(monkeypatch, quiet: bool = True):
+    """An `AdaptiveDraftScheduler` without an engine whose rule measured vLLM CPU's shape (F = 10 token units,
+    each drafted position D = 30: drafting cannot pay even at full acceptance), and a step function: 8 decoding
+    requests per step, a drafting step taking 3x a plain one on a fake clock. ``step(running)`` schedules one
+    step with the given running requests (default: 8 requests of 5 computed tokens)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from vllm_frontier.spec_decode import scheduler as sched_mod
@@ -253,38 +255,56 @@ def test_a_quiet_rule_skips_its_per_step_work_and_decides_as_before(monkeypatch)
     clock = [0.0]
     monkeypatch.setattr(sched_mod.time, "perf_counter", lambda: clock[0])
 
-    def fake_schedule(self, *args, **kwargs):   # 8 decoding requests; a drafting step takes 3x a plain one
+    def fake_schedule(self, *args, **kwargs):
         k = self.dynamic_sd_lookup[len(self.running)]
         clock[0] += 0.010 * (3 if k else 1)
-        return types.SimpleNamespace(num_scheduled_tokens={r: 1 for r in self.requests},
+        for r in self.running:
+            r.num_computed_tokens += 1 + k
+        return types.SimpleNamespace(num_scheduled_tokens={r.request_id: 1 for r in self.running},
                                      scheduled_spec_decode_tokens={}, total_num_scheduled_tokens=8,
                                      num_spec_tokens_to_schedule=k)
 
     monkeypatch.setattr(Scheduler, "schedule", fake_schedule)
+    s = sched_mod.AdaptiveDraftScheduler.__new__(sched_mod.AdaptiveDraftScheduler)
+    s.num_spec_tokens, s.max_num_running_reqs, s._skips = 3, 8, True
+    s._policy = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.25, drafter_skips=True))
+    for k in (0, 1):
+        for b in (1, 2, 4, 8) * 8:
+            u = s._policy.units(b, k)
+            s._policy.cost.observe(u, 1e-3 * (10.0 + 30.0 * k + u), k=k)
+    s._table = s._policy.table(8)
+    s.dynamic_sd_lookup = s._table
+    s._step = s._rule_step = s._refreshed_at = s._run = s._verify_run = 0
+    s._may_hold_drafts = True
+    s._stale, s._pending, s._quiet_until, s._drafted_upto = False, None, 0, {}
+    s._counts = {"k_histogram": [0] * 4, "quiet_steps": 0}
+    default = [types.SimpleNamespace(request_id=f"r{i}", num_output_tokens=5, spec_token_ids=[],
+                                     num_computed_tokens=5) for i in range(8)]
+    if not quiet:
+        s.quiet_until = lambda: 0
+
+    def step(running=None) -> int:
+        if running is None:
+            for r in default:
+                r.num_computed_tokens = 5
+        s.running = default if running is None else running
+        s.requests = {r.request_id: r for r in s.running}
+        return s.schedule().num_spec_tokens_to_schedule
+
+    return s, step
+
+
+def test_a_quiet_rule_skips_its_per_step_work_and_decides_as_before(monkeypatch):
+    """Where drafting cannot pay even at full acceptance, the rule skips timing, table refreshes and probe
+    checks between its probes, and chooses the same k at every step as the rule that does all of it."""
 
     def run(quiet: bool, steps: int = 9000):
-        s = sched_mod.AdaptiveDraftScheduler.__new__(sched_mod.AdaptiveDraftScheduler)
-        s.num_spec_tokens, s.max_num_running_reqs, s._skips = 3, 8, True
-        s._policy = DraftLengthPolicy(PolicyConfig(max_k=3, draft_cost=0.25, drafter_skips=True))
-        for k in (0, 1):   # measured: F = 10 token units, each drafted position D = 30 (vLLM CPU's shape)
-            for b in (1, 2, 4, 8) * 8:
-                u = s._policy.units(b, k)
-                s._policy.cost.observe(u, 1e-3 * (10.0 + 30.0 * k + u), k=k)
-        s._table = s._policy.table(8)
-        s.dynamic_sd_lookup = s._table
-        s._step = s._rule_step = s._refreshed_at = s._run = s._verify_run = 0
-        s._may_hold_drafts = True
-        s._stale, s._pending, s._quiet_until = False, None, 0
-        s._counts = {"k_histogram": [0] * 4, "quiet_steps": 0}
-        s.requests = {f"r{i}": types.SimpleNamespace(num_output_tokens=5, spec_token_ids=[]) for i in range(8)}
-        s.running = list(s.requests.values())
-        if not quiet:
-            s.quiet_until = lambda: 0
+        s, step = quiet_scheduler(monkeypatch, quiet)
         timed, refreshes = [0], [0]
         observe, choose = s._policy.observe_step, s.choose_table
         s._policy.observe_step = lambda *a: (timed.__setitem__(0, timed[0] + 1), observe(*a))[1]
         s.choose_table = lambda: (refreshes.__setitem__(0, refreshes[0] + 1), choose())[1]
-        ks = [s.schedule().num_spec_tokens_to_schedule for _ in range(steps)]
+        ks = [step() for _ in range(steps)]
         return ks, timed[0], refreshes[0], s._counts["quiet_steps"]
 
     ks_all, timed_all, refreshes_all, quiet_all = run(quiet=False)
@@ -294,6 +314,63 @@ def test_a_quiet_rule_skips_its_per_step_work_and_decides_as_before(monkeypatch)
     assert quiet_all == 0 and timed_all == 8999 and refreshes_all > 500
     # quiet: timed only from 32 steps before each probe to the refresh after it; a handful of refreshes
     assert quiet_steps > 8500 and timed < 300 and refreshes < 40
+
+
+def batches_of(period: int, prompt: int = 6):
+    """Running requests of a benchmark-like workload: a new batch of 8 requests every ``period`` steps, each
+    with ``prompt`` tokens computed when it starts. Returns running(step) (step from 1)."""
+    made: dict[int, list] = {}
+
+    def running(step: int) -> list:
+        g = (step - 1) // period
+        if g not in made:
+            made.clear()
+            made[g] = [types.SimpleNamespace(request_id=f"g{g}r{i}", num_output_tokens=1, spec_token_ids=[],
+                                             num_computed_tokens=prompt) for i in range(8)]
+        return made[g]
+
+    return running
+
+
+def test_a_due_probe_waits_for_young_requests_and_replays_few_positions(monkeypatch):
+    """The probe's first step replays every position the running requests skipped: a due probe waits for a step
+    where they are few (new requests), at most half its interval."""
+    s, step = quiet_scheduler(monkeypatch)
+    running = batches_of(100)
+    replays = {}
+    ks = []
+    for i in range(1, 9001):
+        batch = running(i)
+        s.running = batch
+        replays[i] = s.replay_per_request()
+        ks.append(step(batch))
+    probes = [i + 1 for i, k in enumerate(ks) if k]
+    # due at 4096 (requests 95 steps old: 101 positions each) -> the next batch's first step, 4101; due again
+    # 4096 steps later, at 8197 (96 steps old) -> 8201
+    assert probes == [4101, 4102, 8201, 8202]
+    assert replays[4096] == 101 and replays[4101] == 6 and replays[8197] == 102 and replays[8201] == 6
+    # the drafter caught up with the probed requests: 6 prompt tokens + 2 per k = 1 step
+    assert s._drafted_upto == {f"g82r{i}": 10 for i in range(8)}
+
+
+def test_a_due_probe_waits_at_most_half_its_interval(monkeypatch):
+    s, step = quiet_scheduler(monkeypatch)
+    old = [types.SimpleNamespace(request_id=f"r{i}", num_output_tokens=9, spec_token_ids=[],
+                                 num_computed_tokens=500) for i in range(8)]   # long-lived requests
+    ks = [step(old) for _ in range(9000)]
+    assert [i + 1 for i, k in enumerate(ks) if k] == [4096 + 2048, 4096 + 2049]
+
+
+def test_replay_per_request_counts_positions_since_the_last_drafting_step():
+    from vllm_frontier.spec_decode.scheduler import AdaptiveDraftScheduler
+
+    s = AdaptiveDraftScheduler.__new__(AdaptiveDraftScheduler)
+    s.running = [types.SimpleNamespace(request_id="a", num_computed_tokens=40),
+                 types.SimpleNamespace(request_id="b", num_computed_tokens=10)]
+    s._drafted_upto = {"a": 30, "gone": 7}
+    assert s.replay_per_request() == (10 + 10) / 2
+    s.running = []
+    assert s.replay_per_request() == 0.0
 
 
 def test_drafts_are_trimmed_after_a_drafting_step_and_not_looked_for_after_a_trim_to_zero(monkeypatch):
@@ -330,7 +407,7 @@ def test_drafts_are_trimmed_after_a_drafting_step_and_not_looked_for_after_a_tri
     s._stale, s._pending, s._quiet_until, s._may_hold_drafts = False, None, 0, True
     s._counts = {"k_histogram": [0] * 4, "quiet_steps": 0}
     s._pin_path, s._after_idle, s._request_pinned, s._is_pinned = None, False, True, False
-    s.running = [Req(), Req()]
+    s.running, s.requests, s._drafted_upto = [Req(), Req()], {}, {}
     seen = []
     for ks in ([3], [1], [0], [0], [0], [2]):
         s._pin = ks

@@ -62,7 +62,13 @@ two drafting steps; on a device where drafting never pays it stays under 1 % of 
 if every draft were accepted, the interval is `probe_hopeless_every` (4096 steps) from the start: such a
 probe can only re-measure the costs, and it also pays the catch-up pass over every position skipped since
 the last one (measured on vLLM CPU, V3 view, batch 16: 7 probes every 1024 steps cost 2.3 % of throughput at
-an unchanged median step, `benchmarks/results/mtp/mtp_cpu_v12_v3_b16.json`). Between such probes the rule is
+an unchanged median step, `benchmarks/results/mtp/mtp_cpu_v12_v3_b16.json`). That pass costs time in
+proportion to the positions it replays (vLLM CPU, V3.2 view, batch 16: 18 ms for 236 positions, 95 ms for 720,
+against an 8 ms plain step; `benchmarks/mtp_probe_cost.py`), and the running requests' skipped positions grow
+with their age: a due k = 1 probe therefore waits for a step where they are few, at most
+`probe_replay_per_request` (16) positions per running request on average (new requests: a batch that has just
+started, a request that arrived at an idle engine), and at most half its interval, after which it runs whatever
+the replay (requests that outlive half an interval pay it as before). Between such probes the rule is
 quiet (`quiet_until`): nothing it could measure would change its table, so the scheduler skips its per-step
 work (timing, table refreshes, probe checks) until shortly before the next probe, and an adaptive step costs
 what a step pinned at k = 0 costs.
@@ -108,6 +114,7 @@ class PolicyConfig:
     probe_min_points: int = 4
     probe_max_every: int = 1024
     probe_hopeless_every: int = 4096
+    probe_replay_per_request: float = 16.0
     drafter_skips: bool = False
     cell_window: int = 32
     cell_min_points: int = 4
@@ -127,6 +134,8 @@ class PolicyConfig:
                              "probe_max_every and probe_min_points >= 1")
         if not 0.0 <= self.first_prior <= 1.0 or self.prior_strength <= 0:
             raise ValueError("first_prior must be in [0, 1] and prior_strength > 0")
+        if not self.probe_replay_per_request >= 0:
+            raise ValueError(f"probe_replay_per_request must be >= 0, got {self.probe_replay_per_request!r}")
         if self.cell_window < 1 or not 1 <= self.cell_min_points <= self.cell_window:
             raise ValueError("cell_window must be >= 1 and cell_min_points in [1, cell_window]")
 
@@ -534,7 +543,7 @@ class DraftLengthPolicy:
         return self._best_k([1.0] * self.config.max_k, batch, self.cost.costs(),
                             self._anchor(batch_bucket(batch), self._measured())) > 0
 
-    def probe(self, step: int, chosen_k: int, batch: int = 1) -> int | None:
+    def probe(self, step: int, chosen_k: int, batch: int = 1, replay=None) -> int | None:
         """The k of an exploration step at engine step ``step``, or None (module docstring, Probing).
 
         chosen_k: what the rule picked for this step, batch: the step's decoding requests. A drafting rule
@@ -542,6 +551,9 @@ class DraftLengthPolicy:
         step and verified in the next), at intervals that double while the rule keeps not drafting, and at
         `probe_hopeless_every` at once while the measured costs say drafting cannot pay even at full acceptance
         (`drafting_can_pay`; a probe, with the catch-up pass it triggers, would only re-measure the costs).
+        replay: None, or a function giving the mean number of positions per running request that the drafter
+        skipped (what the probe's first step would replay); a due k = 1 probe then waits, at most half its
+        interval, for a step where that is at most `probe_replay_per_request` (module docstring, Probing).
         Call once per step.
         """
         c = self.config
@@ -555,11 +567,15 @@ class DraftLengthPolicy:
             self._probe_left -= 1
             return 1
         every = max(c.probe_every // 8, 4) if few else self._idle_every
-        if step - self._last_probe < every:
+        waited = step - self._last_probe
+        if waited < every:
             return None
+        if (not few and replay is not None and waited < every + every // 2
+                and replay() > c.probe_replay_per_request):
+            return None   # a long catch-up pass: wait for newer requests (read only when a probe is due)
         if not few and every < c.probe_hopeless_every and not self.drafting_can_pay(batch):
             self._idle_every = c.probe_hopeless_every   # read only when a probe is due: the fit is not free
-            if step - self._last_probe < self._idle_every:
+            if waited < self._idle_every:
                 return None
         self._last_probe, self._probe_left = step, 1
         if not few:

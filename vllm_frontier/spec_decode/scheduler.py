@@ -98,6 +98,9 @@ class AdaptiveDraftScheduler(Scheduler):
         self._pending: tuple[float, int, float, int] | None = None
         self._run = 0          # consecutive drafting steps up to the last scheduled one
         self._may_hold_drafts = True   # a running request may hold drafts (none since a trim to k = 0)
+        # per request of the last drafting step, its computed tokens after that step: the drafter's KV covers
+        # them (the catch-up pass of a drafting step replays everything before), the rest waits for a replay
+        self._drafted_upto: dict[str, int] = {}
         self._verify_run = 0   # the drafting run of the step whose drafts this step verifies
         self._stats_path = os.environ.get(STATS_ENV) or None
         self._last_write = 0.0
@@ -152,7 +155,16 @@ class AdaptiveDraftScheduler(Scheduler):
         (`DraftLengthPolicy.probe`)."""
         assert self._policy is not None
         self._rule_step += 1
-        return self._policy.probe(self._rule_step, k_now, batch)
+        return self._policy.probe(self._rule_step, k_now, batch, self.replay_per_request if self._skips else None)
+
+    def replay_per_request(self) -> float:
+        """Mean positions per running request that the drafter skipped since it last ran for the request: what
+        the next drafting step's catch-up pass replays, per request (`SkippingMTPProposer`)."""
+        running = self.running
+        if not running:
+            return 0.0
+        seen = self._drafted_upto
+        return sum(r.num_computed_tokens - seen.get(r.request_id, 0) for r in running) / len(running)
 
     # -- vLLM hooks ---------------------------------------------------------------------------------------
 
@@ -197,6 +209,10 @@ class AdaptiveDraftScheduler(Scheduler):
                     req.spec_token_ids = req.spec_token_ids[:k_now]
         out = super().schedule(*args, **kwargs)
         self._may_hold_drafts = k_now > 0 or out.num_spec_tokens_to_schedule > 0
+        if out.num_spec_tokens_to_schedule > 0 and self._skips:   # the drafter catches these requests up
+            requests = self.requests
+            self._drafted_upto = {rid: requests[rid].num_computed_tokens
+                                  for rid in out.num_scheduled_tokens if rid in requests}
         units = self._decode_units(out) if self.learns() and not quiet else None
         if units is not None:
             self._pending = (start, len(out.num_scheduled_tokens), units, out.num_spec_tokens_to_schedule)
