@@ -63,8 +63,8 @@ if every draft were accepted, the interval is `probe_hopeless_every` (4096 steps
 probe can only re-measure the costs, and it also pays the catch-up pass over every position skipped since
 the last one (measured on vLLM CPU, V3 view, batch 16: 7 probes every 1024 steps cost 2.3 % of throughput at
 an unchanged median step, `benchmarks/results/mtp/mtp_cpu_v12_v3_b16.json`). That pass costs time in
-proportion to the positions it replays (vLLM CPU, V3.2 view, batch 16: 18 ms for 236 positions, 95 ms for 720,
-against an 8 ms plain step; `benchmarks/mtp_probe_cost.py`), and the running requests' skipped positions grow
+proportion to the positions it replays (vLLM CPU, V3.2 view, batch 16: 30 ms for 212 positions, 204 ms for 1044,
+against an 8.5 ms plain step; `benchmarks/results/mtp/probe_cost_v32.json`), and the running requests' skipped positions grow
 with their age: a due k = 1 probe therefore waits for a step where they are few, at most
 `probe_replay_per_request` (16) positions per running request on average (new requests: a batch that has just
 started, a request that arrived at an idle engine), and at most half its interval, after which it runs whatever
