@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import Report  # noqa: E402
+from harness import Report, run_process_group  # noqa: E402
 
 # the clock of every range and of the whole step: wall time, or with `--threads 1` this thread's CPU time, which
 # other load on the machine barely moves (set in `_worker`)
@@ -194,7 +194,6 @@ def _worker(spec_path: str, out_path: str) -> None:
 
 
 def run_view(model: str, env: dict, spec: dict, timeout: float) -> dict:
-    import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory() as td:
@@ -205,11 +204,10 @@ def run_view(model: str, env: dict, spec: dict, timeout: float) -> dict:
         e["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
         e.update(env)
-        with open(log, "w") as f:
-            r = subprocess.run([sys.executable, __file__, "--worker", str(sp), str(out)], stdout=f,
-                               stderr=subprocess.STDOUT, env=e, timeout=timeout)
-        if r.returncode != 0:
-            raise RuntimeError(log.read_text()[-3000:])
+        returncode, text = run_process_group([sys.executable, __file__, "--worker", str(sp), str(out)], e, timeout,
+                                             log=log)
+        if returncode != 0:
+            raise RuntimeError(text[-3000:])
         return json.loads(out.read_text())
 
 

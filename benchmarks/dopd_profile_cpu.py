@@ -48,7 +48,6 @@ import platform
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from harness import header  # noqa: E402
+from harness import header, run_process_group  # noqa: E402
 
 from vllm_frontier.schedulers.cost_model import fit_decode, fit_mixed, fit_prefill  # noqa: E402
 
@@ -221,11 +220,9 @@ def main(argv: list[str] | None = None) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRONTIER_")}
         env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                    PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-        with open(log, "w") as f:
-            r = subprocess.run([sys.executable, __file__, "--worker", str(sp), str(out)], stdout=f,
-                               stderr=subprocess.STDOUT, env=env, timeout=args.timeout)
-        text = log.read_text()
-        if r.returncode != 0:
+        returncode, text = run_process_group([sys.executable, __file__, "--worker", str(sp), str(out)], env,
+                                             args.timeout, log=log)
+        if returncode != 0:
             raise RuntimeError(text[-3000:])
         samples = json.loads(out.read_text())["samples"]
         m = re.search(r"KV cache size:\s*([\d,]+)\s*tokens", text)

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import Report  # noqa: E402
+from harness import Report, run_process_group  # noqa: E402
 
 PROMPTS = [
     "def walk(tree, visit):\n    for node in tree.children:\n        visit(node)\n        walk(node, visit)\n\n"
@@ -64,8 +64,6 @@ def main() -> int:
         model, out = args._worker
         Path(out).write_text(json.dumps(run(model, args.tokens)))
         return 0
-    import subprocess
-
     src = ROOT / "vllm_frontier" / "models" / "embedded" / "v32"
     tmp = Path(tempfile.mkdtemp(prefix="dsa-bv-"))
     rep = Report(args.out, meta={"model": str(src), "tokens": args.tokens})
@@ -80,8 +78,10 @@ def main() -> int:
                 (model / "config.json").write_text(json.dumps(cfg))
             out = tmp / f"{name}.json"
             env = {**os.environ, "FRONTIER_DSA": "1"}
-            subprocess.run([sys.executable, __file__, "--tokens", str(args.tokens), "--_worker", str(model), str(out)],
-                           env=env, check=True, timeout=900)
+            returncode, stderr = run_process_group(
+                [sys.executable, __file__, "--tokens", str(args.tokens), "--_worker", str(model), str(out)], env, 900)
+            if returncode != 0:
+                raise RuntimeError(f"engine failed ({returncode}):\n{stderr[-3000:]}")
             rec.update(json.loads(out.read_text()))
             print(name, rec["identical"], flush=True)
     rep.write()

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import Report  # noqa: E402
+from harness import Report, run_process_group  # noqa: E402
 
 # DeepSeek-V3.2: 128 attention heads, 64 index heads of 128, top-k 2048 at a 163840 context. Scaled to what
 # 2 CPU cores serve: 16 heads and 8 index heads (the 2:1 ratio), top-k 256 (1/32 of an 8k context), 4 layers.
@@ -86,11 +85,10 @@ def run_engine(model: str, env: dict, spec: dict) -> dict:
         e.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
         e.update(env)
-        with open(log, "w") as f:
-            r = subprocess.run([sys.executable, __file__, "--worker", str(sp), str(out)], stdout=f,
-                               stderr=subprocess.STDOUT, env=e, timeout=3600)
-        if r.returncode != 0:
-            raise RuntimeError(log.read_text()[-3000:])
+        returncode, text = run_process_group([sys.executable, __file__, "--worker", str(sp), str(out)], e, 3600,
+                                             log=log)
+        if returncode != 0:
+            raise RuntimeError(text[-3000:])
         return json.loads(out.read_text())
 
 

@@ -37,7 +37,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -331,6 +330,8 @@ def _worker(request_path: str, result_path: str) -> None:
 
 
 def _run_engine(model: Path, windows, mode: str | None, timeout: float = 1200.0) -> dict:
+    import harness
+
     with tempfile.TemporaryDirectory(prefix="frontier-fp4-") as td:
         rq, rs, lg = (os.path.join(td, n) for n in ("req.json", "res.json", "engine.log"))
         json.dump({"model": str(model), "windows": windows, "quantization": "frontier_fp4" if mode else None},
@@ -339,12 +340,10 @@ def _run_engine(model: Path, windows, mode: str | None, timeout: float = 1200.0)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if mode:
             env["FRONTIER_FP4"] = mode
-        with open(lg, "w") as log:
-            proc = subprocess.run([sys.executable, __file__, "--worker", rq, rs], stdout=log,
-                                  stderr=subprocess.STDOUT, env=env, timeout=timeout)
-        if proc.returncode != 0 or not os.path.exists(rs):
-            raise RuntimeError(f"engine ({mode or 'bf16'}) failed, exit {proc.returncode}:\n"
-                               + open(lg, errors="replace").read()[-3000:])
+        returncode, logtxt = harness.run_process_group([sys.executable, __file__, "--worker", rq, rs], env, timeout,
+                                                       log=lg)
+        if returncode != 0 or not os.path.exists(rs):
+            raise RuntimeError(f"engine ({mode or 'bf16'}) failed, exit {returncode}:\n" + logtxt[-3000:])
         return json.load(open(rs))
 
 
@@ -525,6 +524,8 @@ def _decode_worker(request_path: str, result_path: str) -> None:
 
 
 def _run_decode_engine(model: Path, mode: str | None, args, timeout: float = 1800.0) -> dict:
+    import harness
+
     with tempfile.TemporaryDirectory(prefix="frontier-fp4-dec-") as td:
         rq, rs, lg = (os.path.join(td, n) for n in ("req.json", "res.json", "engine.log"))
         json.dump({"model": str(model), "quantization": "frontier_fp4" if mode else None, "batches": [1, 8],
@@ -533,12 +534,10 @@ def _run_decode_engine(model: Path, mode: str | None, args, timeout: float = 180
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if mode:
             env["FRONTIER_FP4"] = mode
-        with open(lg, "w") as log:
-            proc = subprocess.run([sys.executable, __file__, "--decode-worker", rq, rs], stdout=log,
-                                  stderr=subprocess.STDOUT, env=env, timeout=timeout)
-        logtxt = open(lg, errors="replace").read()
-        if proc.returncode != 0 or not os.path.exists(rs):
-            raise RuntimeError(f"engine ({mode or 'bf16'}) failed, exit {proc.returncode}:\n" + logtxt[-3000:])
+        returncode, logtxt = harness.run_process_group([sys.executable, __file__, "--decode-worker", rq, rs], env,
+                                                       timeout, log=lg)
+        if returncode != 0 or not os.path.exists(rs):
+            raise RuntimeError(f"engine ({mode or 'bf16'}) failed, exit {returncode}:\n" + logtxt[-3000:])
         r = json.load(open(rs))
         r["kernel_log"] = [ln[-300:] for ln in logtxt.splitlines() if "frontier_fp4:" in ln or "FP4 kernel" in ln][:5]
         return r

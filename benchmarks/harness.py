@@ -175,9 +175,11 @@ def run_worker(script: str | Path, spec: dict, tmp: str | Path, env_extra: dict,
     return json.loads((tmp / "out.json").read_text())
 
 
-def run_process_group(argv: list[str], env: dict, timeout: float) -> tuple[int, str]:
+def run_process_group(argv: list[str], env: dict, timeout: float, log: str | Path | None = None) -> tuple[int, str]:
     """Run ``argv`` in a session of its own and return (exit code, stderr); whatever it started is killed when it
-    ends, times out, or this process is interrupted or terminated.
+    ends, times out (`subprocess.TimeoutExpired`, as `subprocess.run` raises), or this process is interrupted or
+    terminated. ``log``: a file that gets the child's stdout and stderr together (returned instead of stderr; a
+    benchmark reads what the engine printed there, e.g. its KV cache size).
 
     Why: vLLM's engine core and workers are grandchildren of this process (renamed ``VLLM::EngineCore``,
     ``VLLM::Worker``); killing only the child, as `subprocess.run` does on a timeout or Ctrl-C, or this process
@@ -188,9 +190,10 @@ def run_process_group(argv: list[str], env: dict, timeout: float) -> tuple[int, 
         restore = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     # stderr to a file, not a pipe: processes the child leaves behind hold a pipe open, and reading it to its
     # end would wait for them; the child's own exit is what ends the run
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True,
-                                start_new_session=True)
+    with (open(log, "w+", errors="replace") if log is not None
+          else tempfile.TemporaryFile("w+", errors="replace")) as err:
+        proc = subprocess.Popen(argv, env=env, stdout=err if log is not None else subprocess.DEVNULL, stderr=err,
+                                text=True, start_new_session=True)
         try:
             returncode = proc.wait(timeout=timeout)
         finally:

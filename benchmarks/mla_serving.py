@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ def _worker(spec_path: str, out_path: str) -> None:
 
 
 def run(model: str, env: dict, batch: int, tokens: int) -> dict:
+    from harness import run_process_group
+
     with tempfile.TemporaryDirectory() as td:
         spec, out = Path(td) / "spec.json", Path(td) / "out.json"
         spec.write_text(json.dumps({"model": model, "batch": batch, "tokens": tokens}))
@@ -50,11 +51,10 @@ def run(model: str, env: dict, batch: int, tokens: int) -> dict:
         e.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         e.update(env)
         log = Path(td) / "log"
-        with open(log, "w") as f:
-            r = subprocess.run([sys.executable, __file__, "--worker", str(spec), str(out)], stdout=f,
-                               stderr=subprocess.STDOUT, env=e, timeout=1800)
-        if r.returncode != 0:
-            raise RuntimeError(log.read_text()[-3000:])
+        returncode, text = run_process_group([sys.executable, __file__, "--worker", str(spec), str(out)], e, 1800,
+                                             log=log)
+        if returncode != 0:
+            raise RuntimeError(text[-3000:])
         return json.loads(out.read_text())
 
 

@@ -87,3 +87,14 @@ def test_an_engine_subprocess_leaves_no_process_behind(tmp_path, how):
         with pytest.raises(subprocess.TimeoutExpired):
             harness.run_process_group(argv, dict(os.environ), timeout=3)
     assert _gone(int(pid_file.read_text()))
+
+
+def test_a_log_file_gets_stdout_and_stderr_and_is_returned(tmp_path):
+    log = tmp_path / "engine.log"
+    argv = [sys.executable, "-c", "import sys; print('KV cache size: 1,024 tokens'); sys.stderr.write('warn\\n')"]
+    code, text = harness.run_process_group(argv, dict(os.environ), timeout=60, log=log)
+    assert code == 0 and "KV cache size: 1,024 tokens" in text and "warn" in text
+    assert log.read_text() == text
+    code, text = harness.run_process_group([sys.executable, "-c", "print('out'); raise SystemExit(3)"],
+                                           dict(os.environ), timeout=60)
+    assert code == 3 and "out" not in text   # without a log: stderr only
