@@ -242,6 +242,18 @@ def test_mtp_pays_says_why_per_device():
     assert isinstance(mtp_pays()[0], bool)   # the current platform
 
 
+class FakeRequest:
+    """A decoding request for the scheduler without an engine: its last sampled token is not computed yet."""
+
+    def __init__(self, request_id: str, num_computed_tokens: int, num_output_tokens: int = 5):
+        self.request_id, self.num_computed_tokens = request_id, num_computed_tokens
+        self.num_output_tokens, self.spec_token_ids = num_output_tokens, []
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_computed_tokens + 1
+
+
 def quiet_scheduler(monkeypatch, quiet: bool = True):
     """An `AdaptiveDraftScheduler` without an engine whose rule measured vLLM CPU's shape (F = 10 token units,
     each drafted position D = 30: drafting cannot pay even at full acceptance), and a step function: 8 decoding
@@ -278,8 +290,8 @@ def quiet_scheduler(monkeypatch, quiet: bool = True):
     s._may_hold_drafts = True
     s._stale, s._pending, s._quiet_until, s._drafted_upto = False, None, 0, {}
     s._counts = {"k_histogram": [0] * 4, "quiet_steps": 0}
-    default = [types.SimpleNamespace(request_id=f"r{i}", num_output_tokens=5, spec_token_ids=[],
-                                     num_computed_tokens=5) for i in range(8)]
+    s.waiting = []
+    default = [FakeRequest(f"r{i}", 5) for i in range(8)]
     if not quiet:
         s.quiet_until = lambda: 0
 
@@ -325,8 +337,7 @@ def batches_of(period: int, prompt: int = 6):
         g = (step - 1) // period
         if g not in made:
             made.clear()
-            made[g] = [types.SimpleNamespace(request_id=f"g{g}r{i}", num_output_tokens=1, spec_token_ids=[],
-                                             num_computed_tokens=prompt) for i in range(8)]
+            made[g] = [FakeRequest(f"g{g}r{i}", prompt, num_output_tokens=1) for i in range(8)]
         return made[g]
 
     return running
@@ -345,18 +356,17 @@ def test_a_due_probe_waits_for_young_requests_and_replays_few_positions(monkeypa
         replays[i] = s.replay_per_request()
         ks.append(step(batch))
     probes = [i + 1 for i, k in enumerate(ks) if k]
-    # due at 4096 (requests 95 steps old: 101 positions each) -> the next batch's first step, 4101; due again
+    # due at 4096 (requests 95 steps old: 102 positions each) -> the next batch's first step, 4101; due again
     # 4096 steps later, at 8197 (96 steps old) -> 8201
     assert probes == [4101, 4102, 8201, 8202]
-    assert replays[4096] == 101 and replays[4101] == 6 and replays[8197] == 102 and replays[8201] == 6
+    assert replays[4096] == 102 and replays[4101] == 7 and replays[8197] == 103 and replays[8201] == 7
     # the drafter caught up with the probed requests: 6 prompt tokens + 2 per k = 1 step
     assert s._drafted_upto == {f"g82r{i}": 10 for i in range(8)}
 
 
 def test_a_due_probe_waits_at_most_half_its_interval(monkeypatch):
     s, step = quiet_scheduler(monkeypatch)
-    old = [types.SimpleNamespace(request_id=f"r{i}", num_output_tokens=9, spec_token_ids=[],
-                                 num_computed_tokens=500) for i in range(8)]   # long-lived requests
+    old = [FakeRequest(f"r{i}", 500) for i in range(8)]   # long-lived requests
     ks = [step(old) for _ in range(9000)]
     assert [i + 1 for i, k in enumerate(ks) if k] == [4096 + 2048, 4096 + 2049]
 
@@ -365,11 +375,16 @@ def test_replay_per_request_counts_positions_since_the_last_drafting_step():
     from vllm_frontier.spec_decode.scheduler import AdaptiveDraftScheduler
 
     s = AdaptiveDraftScheduler.__new__(AdaptiveDraftScheduler)
-    s.running = [types.SimpleNamespace(request_id="a", num_computed_tokens=40),
-                 types.SimpleNamespace(request_id="b", num_computed_tokens=10)]
+    s.running = [FakeRequest("a", 40), FakeRequest("b", 10)]
+    s.waiting = []
     s._drafted_upto = {"a": 30, "gone": 7}
-    assert s.replay_per_request() == (10 + 10) / 2
+    assert s.replay_per_request() == (11 + 11) / 2    # a: positions 30..40, b: all 11 (never drafted)
+    # a waiting request's prompt counts: the probe's first drafter pass would cover it
+    s.waiting = [types.SimpleNamespace(request_id="c", num_tokens=2000)]
+    assert s.replay_per_request() == (11 + 11 + 2000) / 3
     s.running = []
+    assert s.replay_per_request() == 2000.0
+    s.waiting = []
     assert s.replay_per_request() == 0.0
 
 

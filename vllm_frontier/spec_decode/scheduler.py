@@ -99,7 +99,7 @@ class AdaptiveDraftScheduler(Scheduler):
         self._run = 0          # consecutive drafting steps up to the last scheduled one
         self._may_hold_drafts = True   # a running request may hold drafts (none since a trim to k = 0)
         # per request of the last drafting step, its computed tokens after that step: the drafter's KV covers
-        # them (the catch-up pass of a drafting step replays everything before), the rest waits for a replay
+        # them (the catch-up pass of a drafting step replays everything before); `replay_per_request`
         self._drafted_upto: dict[str, int] = {}
         self._verify_run = 0   # the drafting run of the step whose drafts this step verifies
         self._stats_path = os.environ.get(STATS_ENV) or None
@@ -158,13 +158,17 @@ class AdaptiveDraftScheduler(Scheduler):
         return self._policy.probe(self._rule_step, k_now, batch, self.replay_per_request if self._skips else None)
 
     def replay_per_request(self) -> float:
-        """Mean positions per running request that the drafter skipped since it last ran for the request: what
-        the next drafting step's catch-up pass replays, per request (`SkippingMTPProposer`)."""
-        running = self.running
-        if not running:
-            return 0.0
+        """Mean positions per request, running or waiting, that the drafter has not passed over: what the next
+        drafting step's drafter passes cover per request (`SkippingMTPProposer`: the catch-up pass replays the
+        positions skipped since the drafter last ran for the request, the first pass the step's own tokens, a
+        waiting request's whole prompt included)."""
         seen = self._drafted_upto
-        return sum(r.num_computed_tokens - seen.get(r.request_id, 0) for r in running) / len(running)
+        total, n = 0, 0
+        for queue in (self.running, self.waiting):
+            for r in queue:
+                total += r.num_tokens - seen.get(r.request_id, 0)
+                n += 1
+        return total / n if n else 0.0
 
     # -- vLLM hooks ---------------------------------------------------------------------------------------
 
