@@ -144,3 +144,27 @@ def test_pooling_refuses_rounds_that_do_not_split_into_the_reported_pairs():
     run["meta"]["rounds"] = 1   # four "pairs" of one round against two reported pair means
     with pytest.raises(ValueError, match="do not split"):
         mtp_pool.pool([run])
+
+
+def test_pooled_median_round_ratio_ignores_one_stalled_round():
+    import mtp_pool
+
+    pairs = [[1.0, 0.99, 1.01, 0.35], [1.0, 0.98, 1.02, 1.0]]   # one round where the MTP engine stalled
+    cell = mtp_pool.pool([_run({("v3", "batch_16", "0"): pairs}, 4)])["v3"]["batch_16"]["0"]
+    assert cell["speedup_vs_none"] < 0.9 and cell["median_round_ratio"] == pytest.approx(1.0)
+
+
+def test_stalls_are_counted_per_engine_and_placed_where_the_time_went():
+    import mtp_pool
+
+    run = {"meta": {"rounds": 4}, "sections": {"v3": {"status": "ok", "results": {"batch_16": {
+        # plain engine: one run 1 s over its median, all of it in the prompt step
+        "none": {"seconds": [0.5, 0.52, 1.5, 0.51], "other_steps_s": [0.03, 0.03, 1.03, 0.03],
+                 "decode_steps_s": [0.45, 0.46, 0.45, 0.45]},
+        # MTP engine: one stall in the decode steps, one between steps, one run only 0.3 s slow (not a stall)
+        "0": {"seconds": [0.5, 1.5, 1.45, 0.8, 0.5, 0.5, 0.51], "other_steps_s": [0.03] * 7,
+              "decode_steps_s": [0.45, 1.45, 0.46, 0.75, 0.45, 0.45, 0.46]},
+    }}}}}
+    got = mtp_pool.stalls([run, run])["v3"]["batch_16"]
+    assert got["none"] == {"runs": 8, "stalled": 2, "in_other_steps": 2, "in_decode_steps": 0, "between_steps": 0}
+    assert got["0"] == {"runs": 14, "stalled": 4, "in_other_steps": 0, "in_decode_steps": 2, "between_steps": 2}
