@@ -63,13 +63,13 @@ if every draft were accepted, the interval is `probe_hopeless_every` (4096 steps
 probe can only re-measure the costs, and it also pays the catch-up pass over every position skipped since
 the last one (measured on vLLM CPU, V3 view, batch 16: 7 probes every 1024 steps cost 2.3 % of throughput at
 an unchanged median step, `benchmarks/results/mtp/mtp_cpu_v12_v3_b16.json`). That pass costs time in
-proportion to the positions it replays (vLLM CPU, V3.2 view, batch 16: 30 ms for 212 positions, 204 ms for 1044,
-against an 8.5 ms plain step; `benchmarks/results/mtp/probe_cost_v32.json`), and the running requests' skipped positions grow
-with their age: a due k = 1 probe therefore waits for a step where they are few, at most
-`probe_replay_per_request` (16) positions per request on average, running or waiting (a waiting request's
-prompt counts: the probe's drafter pass covers it; so: new requests with short prompts, e.g. a batch that has
-just started), and at most half its interval, after which it runs whatever the replay (requests that outlive
-half an interval, or long prompts, pay it as before). Between such probes the rule is
+proportion to the positions it replays (vLLM CPU, V3.2 view, batch 16: 30 ms for 212 positions, 204 ms for
+1044, against an 8.5 ms plain step; `benchmarks/results/mtp/probe_cost_v32.json`), and the running requests'
+skipped positions grow with their age: a due k = 1 probe therefore waits for a step where they are few, at
+most `probe_replay_per_request` (16) positions per request on average, running or waiting (a waiting
+request's prompt counts: the probe's drafter pass covers it; so: new requests with short prompts, e.g. a batch
+that has just started), and at most half its interval, after which it runs whatever the replay (requests that
+outlive half an interval, or long prompts, pay it as before). Between such probes the rule is
 quiet (`quiet_until`): nothing it could measure would change its table, so the scheduler skips its per-step
 work (timing, table refreshes, probe checks) until shortly before the next probe, and an adaptive step costs
 what a step pinned at k = 0 costs.
