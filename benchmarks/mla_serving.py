@@ -72,9 +72,11 @@ def main() -> int:
     model = a.model
     if model is None:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from vllm_frontier.cli import default_model_path
+        from vllm_frontier.models.embedded import embedded_model_path
 
-        model = str(default_model_path())
+        # the V3 view, as --help says: the embedded default model is the V3.2 view, which vLLM's CPU_MLA
+        # backend (the first configuration) does not serve
+        model = str(embedded_model_path("v3"))
     configs = {"vllm_cpu_mla": {"VLLM_PLUGINS": "lora_filesystem_resolver"}, "frontier_mla": {"FRONTIER_MLA": "1"}}
     samples: dict[str, list[float]] = {k: [] for k in configs}
     same_tokens = True
