@@ -107,10 +107,5 @@ class PeriodPinnedStepLogScheduler(PinnedStepLogScheduler):
         super().became_idle()
         self._period_start = self._step
 
-    def choose_table(self) -> list[int]:
-        ks = self._pin
-        if ks is None:
-            return super().choose_table()
-        self._is_pinned = True
-        k = ks[(self._step - self._period_start - 1) % len(ks)]
-        return [k] * (self.max_num_running_reqs + 1)
+    def pin_index(self) -> int:
+        return self._step - self._period_start - 1

@@ -552,9 +552,10 @@ class DraftLengthPolicy:
         step and verified in the next), at intervals that double while the rule keeps not drafting, and at
         `probe_hopeless_every` at once while the measured costs say drafting cannot pay even at full acceptance
         (`drafting_can_pay`; a probe, with the catch-up pass it triggers, would only re-measure the costs).
-        replay: None, or a function giving the mean number of positions per running request that the drafter
-        skipped (what the probe's first step would replay); a due k = 1 probe then waits, at most half its
-        interval, for a step where that is at most `probe_replay_per_request` (module docstring, Probing).
+        replay: None, or a function giving the mean number of positions per request, running or waiting, that
+        the drafter has not passed over (what the probe's first step would replay or compute); a due k = 1 probe
+        then waits, at most half its interval, for a step where that is at most `probe_replay_per_request`
+        (module docstring, Probing).
         Call once per step.
         """
         c = self.config

@@ -415,8 +415,13 @@ class PinnedDraftScheduler(AdaptiveDraftScheduler):
         self._is_pinned = ks is not None
         if ks is None:
             return super().choose_table()
-        k = ks[self._step % len(ks)]
+        k = ks[self.pin_index() % len(ks)]
         return [k] * (self.max_num_running_reqs + 1)
+
+    def pin_index(self) -> int:
+        """The entry of a pin cycle this step takes, before the modulo (engine steps so far; a subclass may count
+        otherwise)."""
+        return self._step
 
     def probe_k(self, k_now: int, batch: int = 1) -> int | None:
         return None if self._is_pinned else super().probe_k(k_now, batch)
