@@ -180,7 +180,7 @@ def _worker(spec_path: str, out_path: str) -> None:
         last["engine"] = name
         is_mtp = name == "mtp" and not control
         run_params = params(spec["pins"][mode] if is_mtp else None)
-        counters = (lambda: llm.collective_rpc("frontier_mtp_counters")[0]) if is_mtp else (lambda: None)
+        counters = rpc_of(llm, is_mtp, spec["worker_rpc"])
         c0 = counters()
         last_stats[name] = read_log(logs[name])[1] or last_stats.get(name)
         before = last_stats[name]
@@ -249,6 +249,16 @@ def _worker(spec_path: str, out_path: str) -> None:
                 runs += [r, after]
                 prev = after
     Path(out_path).write_text(json.dumps({"runs": runs, "placement": placement}))
+
+
+def rpc_of(llm, is_mtp: bool, worker_rpc: str):
+    """What a run calls on its engine's worker before and after it (`--worker-rpc`): the MTP proposer's
+    counters (`mtp`, `both`), the same round trip to the plain engine's worker (`both`: vLLM's `check_health`,
+    answered None), or nothing (`off`, or the plain engine under `mtp`)."""
+    if worker_rpc == "off" or not (is_mtp or worker_rpc == "both"):
+        return lambda: None
+    method = "frontier_mtp_counters" if is_mtp else "check_health"
+    return lambda: llm.collective_rpc(method)[0]
 
 
 def _threads(pid: int) -> list[int]:
@@ -331,7 +341,7 @@ def run_engines(model: str, engines: list[str], modes: dict[str, str], args, env
                 "batch1_prompts": args.batch1_prompts, "batches": args.batches, "switch_gap": args.switch_gap,
                 "modes": list(modes), "pins": modes,
                 "step_log": f"{tmp}/steps.jsonl", "pin_cores": args.pin_cores, "concurrent": args.concurrent,
-                "control": args.control, "adaptive_warmup": args.adaptive_warmup}
+                "control": args.control, "adaptive_warmup": args.adaptive_warmup, "worker_rpc": args.worker_rpc}
         # the engine core imports mtp_step_log from this folder (run_worker puts it on PYTHONPATH)
         out = run_worker(__file__, spec, tmp, env_extra, args.timeout)
         placements.append({"engines": engines, "placement": out["placement"]})
@@ -602,6 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", action="store_true",
                    help="A/A control: a second plain engine in the MTP engine's place (mode 'control'; --modes "
                         "ignored): how far apart the measure puts two identical engines")
+    p.add_argument("--worker-rpc", choices=("mtp", "both", "off"), default="mtp",
+                   help="round trips to the engines' workers around each run: mtp (default: the MTP engine's "
+                        "drafter counters), both (the plain engine's worker gets a check_health round trip at "
+                        "the same points), off (none: no drafter counters in the report)")
     p.add_argument("--rescore", metavar="FILE",
                    help="recompute the derived fields of a result file from its recorded rounds, run nothing")
     args = engine_script_args(p, argv, _worker, 3000.0)
@@ -667,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "rounds": args.rounds, "repeats": args.repeats,
                                      "adaptive_warmup": args.adaptive_warmup,
                                      "concurrent": args.concurrent, "control": args.control,
+                                     "worker_rpc": args.worker_rpc,
                                      "batch1_prompts": args.batch1_prompts, "pause_cycle": args.pause_cycle,
                                      "cap_K": CAP_K, "dtype": "float32", "cpus": os.cpu_count(),
                                      "loadavg_start": os.getloadavg()})

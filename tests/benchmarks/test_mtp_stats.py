@@ -168,3 +168,22 @@ def test_stalls_are_counted_per_engine_and_placed_where_the_time_went():
     got = mtp_pool.stalls([run, run])["v3"]["batch_16"]
     assert got["none"] == {"runs": 8, "stalled": 2, "in_other_steps": 2, "in_decode_steps": 0, "between_steps": 0}
     assert got["0"] == {"runs": 14, "stalled": 4, "in_other_steps": 0, "in_decode_steps": 2, "between_steps": 2}
+
+
+def test_worker_round_trips_per_option():
+    """`--worker-rpc`: the MTP engine's counters (mtp), the same round trip to the plain engine (both), none."""
+    class LLM:
+        def __init__(self):
+            self.calls = []
+
+        def collective_rpc(self, method):
+            self.calls.append(method)
+            return [{"skipped_steps": 3} if method == "frontier_mtp_counters" else None]
+
+    got = {}
+    for option in ("mtp", "both", "off"):
+        plain, spec = LLM(), LLM()
+        got[option] = (mtp.rpc_of(plain, False, option)(), mtp.rpc_of(spec, True, option)(), plain.calls, spec.calls)
+    assert got["mtp"] == (None, {"skipped_steps": 3}, [], ["frontier_mtp_counters"])
+    assert got["both"] == (None, {"skipped_steps": 3}, ["check_health"], ["frontier_mtp_counters"])
+    assert got["off"] == (None, None, [], [])

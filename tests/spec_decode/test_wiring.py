@@ -375,6 +375,7 @@ def test_replay_per_request_counts_positions_since_the_last_drafting_step():
     from vllm_frontier.spec_decode.scheduler import AdaptiveDraftScheduler
 
     s = AdaptiveDraftScheduler.__new__(AdaptiveDraftScheduler)
+    s.max_num_running_reqs = 4
     s.running = [FakeRequest("a", 40), FakeRequest("b", 10)]
     s.waiting = []
     s._drafted_upto = {"a": 30, "gone": 7}
@@ -386,6 +387,32 @@ def test_replay_per_request_counts_positions_since_the_last_drafting_step():
     assert s.replay_per_request() == 2000.0
     s.waiting = []
     assert s.replay_per_request() == 0.0
+
+
+def test_replay_per_request_counts_the_waiting_requests_the_next_step_could_admit():
+    """Of a long queue, only as many waiting requests as there are free batch slots count (in queue order):
+    the estimate is what the next drafting step can replay, and costs no more than a full batch to compute."""
+    from vllm_frontier.spec_decode.scheduler import AdaptiveDraftScheduler
+
+    s = AdaptiveDraftScheduler.__new__(AdaptiveDraftScheduler)
+    s.max_num_running_reqs = 4
+    s.running = [FakeRequest("a", 40), FakeRequest("b", 10)]
+    s._drafted_upto = {"a": 41, "b": 11}   # both caught up
+    reads = []
+
+    class Queue(list):   # a waiting queue that records how far it was read
+        def __iter__(self):
+            for i, r in enumerate(list.__iter__(self)):
+                reads.append(i)
+                yield r
+
+    s.waiting = Queue(types.SimpleNamespace(request_id=f"w{i}", num_tokens=100 + i) for i in range(10_000))
+    assert s.replay_per_request() == (0 + 0 + 100 + 101) / 4   # two free slots: w0 and w1
+    assert max(reads) <= 2
+    s.running = [FakeRequest(f"r{i}", 10) for i in range(4)]   # a full batch: no waiting request counts
+    s._drafted_upto = {f"r{i}": 11 for i in range(4)}
+    reads.clear()
+    assert s.replay_per_request() == 0.0 and max(reads, default=0) <= 0
 
 
 def test_drafts_are_trimmed_after_a_drafting_step_and_not_looked_for_after_a_trim_to_zero(monkeypatch):

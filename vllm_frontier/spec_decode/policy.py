@@ -66,10 +66,10 @@ an unchanged median step, `benchmarks/results/mtp/mtp_cpu_v12_v3_b16.json`). Tha
 proportion to the positions it replays (vLLM CPU, V3.2 view, batch 16: 30 ms for 212 positions, 204 ms for
 1044, against an 8.5 ms plain step; `benchmarks/results/mtp/probe_cost_v32.json`), and the running requests'
 skipped positions grow with their age: a due k = 1 probe therefore waits for a step where they are few, at
-most `probe_replay_per_request` (16) positions per request on average, running or waiting (a waiting
-request's prompt counts: the probe's drafter pass covers it; so: new requests with short prompts, e.g. a batch
-that has just started), and at most half its interval, after which it runs whatever the replay (requests that
-outlive half an interval, or long prompts, pay it as before). Between such probes the rule is
+most `probe_replay_per_request` (16) positions per request on average, running or waiting (waiting ones up to
+the free batch slots; a waiting request's prompt counts: the probe's drafter pass covers it; so: new requests
+with short prompts, e.g. a batch that has just started), and at most half its interval, after which it runs
+whatever the replay (requests that outlive half an interval, or long prompts, pay it as before). Between such probes the rule is
 quiet (`quiet_until`): nothing it could measure would change its table, so the scheduler skips its per-step
 work (timing, table refreshes, probe checks) until shortly before the next probe, and an adaptive step costs
 what a step pinned at k = 0 costs.
@@ -552,7 +552,7 @@ class DraftLengthPolicy:
         step and verified in the next), at intervals that double while the rule keeps not drafting, and at
         `probe_hopeless_every` at once while the measured costs say drafting cannot pay even at full acceptance
         (`drafting_can_pay`; a probe, with the catch-up pass it triggers, would only re-measure the costs).
-        replay: None, or a function giving the mean number of positions per request, running or waiting, that
+        replay: None, or a function giving the mean number of positions per request, running or admissible, that
         the drafter has not passed over (what the probe's first step would replay or compute); a due k = 1 probe
         then waits, at most half its interval, for a step where that is at most `probe_replay_per_request`
         (module docstring, Probing).

@@ -25,6 +25,7 @@ the first drafts after a pause (r = 0) can be compared with steady drafting.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -161,13 +162,14 @@ class AdaptiveDraftScheduler(Scheduler):
         """Mean positions per request, running or waiting, that the drafter has not passed over: what the next
         drafting step's drafter passes cover per request (`SkippingMTPProposer`: the catch-up pass replays the
         positions skipped since the drafter last ran for the request, the first pass the step's own tokens, a
-        waiting request's whole prompt included)."""
+        waiting request's whole prompt included). Waiting requests count up to the free batch slots, in queue
+        order: the ones the next step could admit (and a long queue costs no more than a full batch)."""
         seen = self._drafted_upto
         total, n = 0, 0
-        for queue in (self.running, self.waiting):
-            for r in queue:
-                total += r.num_tokens - seen.get(r.request_id, 0)
-                n += 1
+        free = max(0, self.max_num_running_reqs - len(self.running))
+        for r in itertools.chain(self.running, itertools.islice(self.waiting, free)):
+            total += r.num_tokens - seen.get(r.request_id, 0)
+            n += 1
         return total / n if n else 0.0
 
     # -- vLLM hooks ---------------------------------------------------------------------------------------
