@@ -69,10 +69,10 @@ skipped positions grow with their age: a due k = 1 probe therefore waits for a s
 most `probe_replay_per_request` (16) positions per request on average, running or waiting (waiting ones up to
 the free batch slots; a waiting request's prompt counts: the probe's drafter pass covers it; so: new requests
 with short prompts, e.g. a batch that has just started), and at most half its interval, after which it runs
-whatever the replay (requests that outlive half an interval, or long prompts, pay it as before). Between such probes the rule is
-quiet (`quiet_until`): nothing it could measure would change its table, so the scheduler skips its per-step
-work (timing, table refreshes, probe checks) until shortly before the next probe, and an adaptive step costs
-what a step pinned at k = 0 costs.
+whatever the replay (requests that outlive half an interval, or long prompts, pay it as before). Between such
+probes the rule is quiet (`quiet_until`): nothing it could measure would change its table, so the scheduler
+skips its per-step work (timing, table refreshes, probe checks) until shortly before the next probe, and an
+adaptive step costs what a step pinned at k = 0 costs.
 
 The rule: k*(B) = the smallest k in [0, K] whose throughput B E(k) / T(B, k) is within `tie_margin` (10 %)
 of the best. The margin leans towards fewer drafts: what the model leaves out (the catch-up pass when
